@@ -1,0 +1,33 @@
+"""structlog setup shared by every TRACE process: JSON lines when stderr is not a TTY, coloured
+key=value lines when it is. Call `setup_logging()` once, in an entrypoint."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def setup_logging(level: str = "info", json: bool | None = None) -> None:
+    """Configure structlog (and the stdlib root logger, so aiohttp's logs share the format)."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    lvl = getattr(logging, level.upper(), None)
+    if not isinstance(lvl, int):
+        raise ValueError(f"unknown log level {level!r}: use debug, info, warning or error")
+    processors: list = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s", force=True)
