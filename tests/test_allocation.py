@@ -1,0 +1,205 @@
+"""Stage-1 and stage-2 allocation: exactness against brute force, budgets, baselines and the registry."""
+
+import itertools
+import random
+
+import pytest
+
+from trainer.allocation import (
+    ALLOCATORS,
+    AllocationConfig,
+    Anchor,
+    allocate_prefixes,
+    allocate_roots,
+    anchors_from_tree,
+    make_allocator,
+    prefix_value,
+    random_prefixes,
+    root_value,
+    split_rounds,
+    uniform_prefixes,
+    uniform_roots,
+)
+from trainer.tree import FinishStatus, RolloutTree
+
+
+def objective(v, m):
+    return sum(root_value(x, k) for x, k in zip(v, m, strict=True))
+
+
+def brute_roots(v, budget, options):
+    """Largest reachable total <= budget first, then the best objective: (total, objective)."""
+    best = None
+    for m in itertools.product(options, repeat=len(v)):
+        if sum(m) <= budget:
+            key = (sum(m), round(objective(v, m), 12))
+            best = key if best is None or key > best else best
+    return best
+
+
+def test_objectives():
+    assert root_value(0.5, 0) == root_value(0.5, 1) == 0.0
+    assert root_value(0.5, 2) == pytest.approx(0.5) and root_value(0.3, 3) == pytest.approx(1 - 0.027 - 0.343)
+    assert root_value(1.0, 8) == 0.0
+    # observed success (r=1), V=0.8: a continuation matches w.p. 0.8; two of them flip w.p. 1 - 0.64
+    assert prefix_value(1.0, 0.8, 2) == pytest.approx(0.36)
+    assert prefix_value(0.0, 0.8, 1) == pytest.approx(0.8)
+    assert prefix_value(0.5, 0.8, 1) == pytest.approx(0.5)  # fractional r: q = .5*.8 + .5*.2
+
+
+def test_greedy_counterexample_solved_exactly():
+    """Greedy from 0 would give (4, 0) = 0.875; two groups of two are worth 1.0."""
+    assert allocate_roots([0.5, 0.5], 4, m_min=1, m_max=8) == [2, 2]
+    assert allocate_roots([0.5, 0.5], 4, m_min=0, m_max=8) == [2, 2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_roots_dp_matches_brute_force(seed):
+    rng = random.Random(seed)
+    for _ in range(25):
+        n = rng.randint(1, 4)
+        v = [rng.choice([0.0, 1.0, 0.5, rng.random(), rng.random()]) for _ in range(n)]
+        m_min = rng.randint(0, 3)
+        m_max = rng.randint(max(m_min, 1), 5)
+        budget = rng.randint(0, 14)
+        m = allocate_roots(v, budget, m_min, m_max)
+        assert all(k == 0 or m_min <= k <= m_max for k in m), (v, budget, m_min, m_max, m)
+        options = [0, *range(max(m_min, 1), m_max + 1)]
+        total, obj = brute_roots(v, budget, options)
+        assert sum(m) == total and objective(v, m) == pytest.approx(obj, abs=1e-9), (v, budget, m_min, m_max, m)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roots_no_drop_greedy_and_dp_match_brute_force(seed):
+    rng = random.Random(100 + seed)
+    for _ in range(25):
+        n = rng.randint(1, 4)
+        v = [rng.random() for _ in range(n)]
+        m_min = rng.randint(1, 3)
+        m_max = rng.randint(m_min, 5)
+        budget = rng.randint(n * m_min, n * m_max + 3)
+        total, obj = brute_roots(v, budget, range(m_min, m_max + 1))
+        for method in ("greedy", "dp"):
+            m = allocate_roots(v, budget, m_min, m_max, drop=False, method=method)
+            assert all(m_min <= k <= m_max for k in m), (method, m)
+            assert sum(m) == total and objective(v, m) == pytest.approx(obj, abs=1e-9), (method, v, budget, m)
+
+
+def test_roots_rejects_inexact_or_infeasible_requests():
+    with pytest.raises(ValueError, match="exact only"):
+        allocate_roots([0.5, 0.5], 4, 1, 4, method="greedy")
+    with pytest.raises(ValueError, match="budget >= B"):
+        allocate_roots([0.5, 0.5], 3, 2, 4, drop=False)
+    with pytest.raises(AssertionError, match=r"v\[1\]=1.5"):
+        allocate_roots([0.5, 1.5], 4, 1, 4)
+
+
+def test_roots_prefers_uncertain_prompts_and_drops_settled_ones():
+    v = [0.02, 0.5, 0.98, 0.4, 0.999]
+    m = allocate_roots(v, 8, m_min=2, m_max=4)
+    assert m == [0, 4, 0, 4, 0]
+    assert sum(allocate_roots(v, 100, 2, 4)) == 20  # caps bind: everyone at m_max
+
+
+def brute_prefixes(anchors, budget, cap):
+    best = None
+    for k in itertools.product(range(cap + 1), repeat=len(anchors)):
+        if sum(k) <= budget:
+            key = (sum(k), round(sum(prefix_value(a.r, a.v, x) for a, x in zip(anchors, k, strict=True)), 12))
+            best = key if best is None or key > best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prefixes_greedy_matches_brute_force(seed):
+    rng = random.Random(200 + seed)
+    for _ in range(25):
+        n = rng.randint(1, 4)
+        anchors = [Anchor(i, rng.choice([0.0, 1.0, rng.random()]), rng.choice([rng.random(), 1.0])) for i in range(n)]
+        cap = rng.randint(0, 4)
+        budget = rng.randint(0, 12)
+        k = allocate_prefixes(anchors, budget, cap)
+        total, obj = brute_prefixes(anchors, budget, cap)
+        got = sum(prefix_value(a.r, a.v, x) for a, x in zip(anchors, k, strict=True))
+        assert sum(k) == total and got == pytest.approx(obj, abs=1e-9), (anchors, budget, cap, k)
+
+
+def test_prefixes_favour_likely_flips():
+    # a success whose prefix the predictor thinks is hopeless is the best place to look for a failure
+    # gains q^k (1-q): anchor 1 (q=.95): .05, ...; anchor 2 (q=.2): .8, .16, ...; anchor 3 (q=.5): .5, .25, .125
+    anchors = [Anchor(1, 1.0, 0.95), Anchor(2, 1.0, 0.2), Anchor(3, 0.0, 0.5)]
+    assert allocate_prefixes(anchors, 1, 4) == [0, 1, 0]
+    assert allocate_prefixes(anchors, 3, 4) == [0, 1, 2]
+    assert allocate_prefixes(anchors, 5, 4) == [0, 2, 3]
+
+
+def test_uniform_roots_reproduce_grpo_groups():
+    assert uniform_roots(8, 40) == [5] * 8
+    assert uniform_roots(3, 10) == [4, 3, 3]
+    assert uniform_roots(4, 5, m_min=2) == [3, 2, 0, 0]
+    assert uniform_roots(4, 1, m_min=2) == [0, 0, 0, 0]
+    cfg = AllocationConfig(type="uniform", root_budget=16, m_max=4, expansion_factor=1.0)
+    alloc = make_allocator("uniform")
+    budget = alloc.stage1_budget(cfg)
+    assert budget == 32  # no expansion: the roots get the continuations' share too (equal sampling cost)
+    assert alloc.roots([0.0, 0.3, 0.9, 1.0], budget, cfg) == [8, 8, 8, 8]  # m_max does not cap GRPO groups
+    assert alloc.prefixes([Anchor(1, 1.0, 0.5)], 5, random.Random(0), cfg) == [0]
+
+
+def test_uniform_and_random_prefixes():
+    assert uniform_prefixes(3, 7, 4) == [3, 2, 2]
+    assert uniform_prefixes(3, 20, 4) == [4, 4, 4]
+    assert uniform_prefixes(0, 5, 4) == []
+    a = random_prefixes(5, 9, 3, random.Random(7))
+    assert a == random_prefixes(5, 9, 3, random.Random(7)) and sum(a) == 9 and max(a) <= 3
+    assert random_prefixes(2, 10, 3, random.Random(0)) == [3, 3]
+    assert split_rounds(7, 3) == [3, 2, 2]
+
+
+@pytest.mark.parametrize("name", sorted(ALLOCATORS))
+def test_budget_never_exceeded(name):
+    rng = random.Random(1)
+    alloc = make_allocator(name)
+    for _ in range(40):
+        cfg = AllocationConfig(
+            type=name, root_budget=rng.randint(1, 40), m_min=rng.randint(0, 3), max_per_anchor=rng.randint(0, 5)
+        )
+        v = [rng.random() for _ in range(rng.randint(1, 12))]
+        budget = alloc.stage1_budget(cfg)
+        m = alloc.roots(v, budget, cfg)
+        assert len(m) == len(v) and sum(m) <= budget and min(m) >= 0, (name, cfg, m)
+        anchors = [Anchor(i, rng.random(), rng.random()) for i in range(rng.randint(0, 8))]
+        pb = rng.randint(0, 30)
+        k = alloc.prefixes(anchors, pb, rng, cfg)
+        assert len(k) == len(anchors) and sum(k) <= pb and all(0 <= x <= cfg.max_per_anchor for x in k)
+        if alloc.expands:
+            assert sum(k) == min(pb, len(anchors) * cfg.max_per_anchor)
+
+
+def test_make_allocator_per_stage_and_registry():
+    assert make_allocator("trace").name == "active-active"
+    assert make_allocator("root-only").name == "active-none"
+    assert make_allocator("random-node").name == "uniform-random"
+    a = make_allocator(stage1="active", stage2="uniform")
+    assert a.name == "active-uniform" and a.expands
+    with pytest.raises(KeyError, match="unknown allocator"):
+        make_allocator("nope")
+    with pytest.raises(ValueError, match="stage1"):
+        make_allocator(stage1="greedy", stage2="active")
+    with pytest.raises(AssertionError, match="allocation type"):
+        AllocationConfig(type="nope")
+    assert AllocationConfig(root_budget=10, expansion_factor=0.3).leaf_budget == 13
+    assert AllocationConfig(expansion_factor=0.1).continuation_budget(30) == 3
+
+
+def test_anchors_from_tree():
+    t = RolloutTree.new("p", "q", ["a"], [1], "s0")
+    a = t.add_child(0, [5, 6], [1, 0], [-0.1, 0.0], snapshot_id="s1")
+    t.add_child(a.node_id, [7], [1], [-0.2], status=FinishStatus.ANSWERED, reward=1.0)
+    t.add_child(0, [8], [1], [-0.2], status=FinishStatus.ANSWERED, reward=0.0)
+    t.backup()
+    with pytest.raises(AssertionError, match="no predicted"):
+        anchors_from_tree(t)
+    a.predicted = 0.25
+    assert anchors_from_tree(t) == [Anchor(1, 1.0, 0.25)]
+    assert anchors_from_tree(t, max_turns=1) == []

@@ -1,0 +1,408 @@
+"""Where the rollout budget goes: stage 1 (prompt roots) and stage 2 (turn-level prefixes), and the baselines.
+
+Contract:
+- Stage 1, `allocate_roots`: split a root budget M over a candidate pool of B prompts with estimated success
+  probabilities v_i, maximising sum_i V_root(v_i, m_i), V_root(v, m) = 1 - v^m - (1-v)^m (the probability that
+  m rollouts are mixed; V_root(v, 0) := 0). A prompt is either dropped (m_i = 0: it goes back to the pool for a
+  later batch, as DESIGN §1 says) or selected with m_min <= m_i <= m_max.
+- Stage 2, `allocate_prefixes`: split one prompt's continuation budget over its anchors (open non-root nodes
+  of its tree) maximising sum_a V_pref(a, k_a), V_pref = 1 - [r V + (1-r)(1-V)]^k (the probability that at
+  least one of k continuations flips the observed outcome r), with k_a <= max_per_anchor.
+- Both spend the whole budget whenever the caps allow it (equal sampling cost across allocators): the sum of
+  the allocation is min(budget, capacity), never more than the budget. Ties break towards lower indices, so
+  every allocation is a deterministic function of its inputs (and of the rng for "random").
+- `Allocator` (one ABC, two methods) is chosen by name from `ALLOCATORS`, or per stage with `make_allocator`.
+
+Solvers. V_root is concave in m only from m = 1 on: its marginal gains are 0 (0 -> 1; one rollout is never
+mixed), 2v(1-v) (1 -> 2), then v(1-v)(v^(m-1) + (1-v)^(m-1)), decreasing. So greedy marginal gain is exact
+when every prompt must be served (m_i >= max(m_min, 1) for all i: `drop=False`), but not when prompts may be
+dropped, for any m_min (with m_min <= 1 the 0 -> 1 step gains nothing and greedy piles everything on one
+prompt: v = (.5, .5), M = 4 gives greedy (4, 0) = 0.875 < (2, 2) = 1.0). With dropping allowed the problem is
+solved exactly by a dynamic programme over prompts x budget: O(B * M * (m_max - m_min + 2)) numpy work, which
+is milliseconds at B ~ 1k prompts, M ~ 4k rollouts. V_pref is concave in k from k = 0 (gains q^k (1-q), q the
+match probability), so greedy is exact for stage 2.
+
+Fractional outcomes in stage 2 (our generalisation; the paper states r in {0, 1}): an anchor's r is the
+backed-up mean outcome Vhat of the scored leaves below it, and q = r V + (1-r)(1-V) is the probability that a
+new continuation matches an outcome drawn from the observed ones *in a single draw*, raised to k. For r in
+{0, 1} it is exactly the paper's formula; for a node whose subtree is already mixed it still values extra
+continuations, least where V agrees with the observed mean.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from trainer.tree import RolloutTree
+
+# ---- objectives ---------------------------------------------------------------------------------------------
+
+
+def root_value(v: float, m: int) -> float:
+    """V_root(v, m) = P(m rollouts of a prompt with success probability v are mixed); 0 for m <= 1."""
+    if m <= 1:
+        return 0.0
+    return 1.0 - v**m - (1.0 - v) ** m
+
+
+def match_probability(r: float, v: float) -> float:
+    """q = r V + (1-r)(1-V): the probability that one continuation reproduces the observed outcome r."""
+    return r * v + (1.0 - r) * (1.0 - v)
+
+
+def prefix_value(r: float, v: float, k: int) -> float:
+    """V_pref = 1 - q^k: the probability that at least one of k continuations flips the observed outcome."""
+    return 1.0 - match_probability(r, v) ** k
+
+
+def _check_probs(name: str, xs: Sequence[float]) -> None:
+    for i, x in enumerate(xs):
+        assert 0.0 <= x <= 1.0, f"{name}[{i}]={x!r} is not a probability in [0, 1]"
+
+
+# ---- stage 1 -----------------------------------------------------------------------------------------------
+
+
+def allocate_roots(
+    v: Sequence[float], budget: int, m_min: int, m_max: int, *, drop: bool = True, method: str = "auto"
+) -> list[int]:
+    """Rollouts per prompt maximising sum_i V_root(v_i, m_i).
+
+    drop=True (default): m_i = 0 or m_min <= m_i <= m_max; sum m_i is the largest total <= budget that such
+    allocations can reach (= budget unless the caps bind), and the objective is maximised among those.
+    drop=False: every prompt gets m_min <= m_i <= m_max (the paper's literal constraint); needs
+    budget >= B * m_min; sum m_i = min(budget, B * m_max).
+    method: "dp" (exact, both modes), "greedy" (exact only for drop=False with m_min >= 1; refused otherwise),
+    "auto" (greedy where it is exact, else dp).
+    """
+    v = [float(x) for x in v]
+    _check_probs("v", v)
+    n = len(v)
+    assert budget >= 0 and 0 <= m_min <= m_max and m_max >= 1, f"budget={budget} m_min={m_min} m_max={m_max}"
+    if n == 0:
+        return []
+    greedy_exact = not drop and m_min >= 1
+    if method == "auto":
+        method = "greedy" if greedy_exact else "dp"
+    if method == "greedy":
+        if not greedy_exact:
+            raise ValueError(
+                f"greedy is exact only with drop=False and m_min >= 1 (got drop={drop}, m_min={m_min}); use 'dp'"
+            )
+        if budget < n * m_min:
+            raise ValueError(f"drop=False needs budget >= B * m_min = {n} * {m_min}, got {budget}")
+        return _greedy_box(v, budget, m_min, m_max)
+    if method != "dp":
+        raise ValueError(f"unknown method {method!r}; expected 'auto', 'dp' or 'greedy'")
+    if not drop:
+        if budget < n * m_min:
+            raise ValueError(f"drop=False needs budget >= B * m_min = {n} * {m_min}, got {budget}")
+        return _dp(v, budget, range(max(m_min, 0), m_max + 1))
+    options = range(m_max + 1) if m_min <= 1 else [0, *range(m_min, m_max + 1)]
+    return _dp(v, budget, options)
+
+
+def _greedy_box(v: list[float], budget: int, lo: int, hi: int) -> list[int]:
+    """Greedy marginal gain from m_i = lo (>= 1): exact, V_root being concave in m on [1, inf)."""
+    m = [lo] * len(v)
+    left = min(budget, len(v) * hi) - len(v) * lo
+    heap = [(-(root_value(x, lo + 1) - root_value(x, lo)), i) for i, x in enumerate(v) if lo < hi]
+    heapq.heapify(heap)
+    while left > 0:
+        _, i = heapq.heappop(heap)
+        m[i] += 1
+        left -= 1
+        if m[i] < hi:
+            heapq.heappush(heap, (-(root_value(v[i], m[i] + 1) - root_value(v[i], m[i])), i))
+    return m
+
+
+def _dp(v: list[float], budget: int, options: Sequence[int]) -> list[int]:
+    """Exact: best[b] = max objective of the prompts so far using exactly b rollouts (-inf: unreachable)."""
+    options = list(options)
+    cap = min(budget, len(v) * max(options))
+    best = np.full(cap + 1, -np.inf)
+    best[0] = 0.0
+    choice = np.zeros((len(v), cap + 1), dtype=np.int32)
+    for i, x in enumerate(v):
+        new = np.full(cap + 1, -np.inf)
+        pick = np.zeros(cap + 1, dtype=np.int32)
+        for m in options:  # ascending, strict '>' below: ties keep the smaller allocation
+            if m > cap:
+                break
+            cand = np.full(cap + 1, -np.inf)
+            cand[m:] = best[: cap + 1 - m] + root_value(x, m)
+            better = cand > new
+            new[better] = cand[better]
+            pick[better] = m
+        best = new
+        choice[i] = pick
+    reachable = np.flatnonzero(np.isfinite(best))
+    assert reachable.size, f"no feasible allocation for budget={budget} options={options[:3]}..."
+    b = int(reachable[-1])  # the largest total within the budget first, then the best objective at it
+    out = [0] * len(v)
+    for i in range(len(v) - 1, -1, -1):
+        out[i] = int(choice[i, b])
+        b -= out[i]
+    assert b == 0, f"dp backtrack left {b}"
+    return out
+
+
+def uniform_roots(n_prompts: int, budget: int, m_min: int = 1) -> list[int]:
+    """Plain GRPO groups: m = budget // B each, the remainder one by one to the first prompts.
+
+    m_max does not apply (a baseline must spend the same budget). When budget // B < m_min, only the first
+    budget // m_min prompts are served, with the budget spread evenly over them.
+    """
+    assert n_prompts >= 0 and budget >= 0, f"n_prompts={n_prompts} budget={budget}"
+    if n_prompts == 0:
+        return []
+    served = n_prompts if budget >= n_prompts * m_min else budget // max(m_min, 1)
+    out = [0] * n_prompts
+    if served == 0:
+        return out
+    base, extra = divmod(budget, served)
+    for i in range(served):
+        out[i] = base + (1 if i < extra else 0)
+    return out
+
+
+# ---- stage 2 -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A stage-2 candidate branch point of one prompt's tree."""
+
+    node_id: int  # the node in its RolloutTree
+    r: float  # observed outcome through it: the backed-up mean reward Vhat of the scored leaves below, in [0, 1]
+    v: float  # the predictor's V(H) at this prefix, in [0, 1]
+
+
+def anchors_from_tree(tree: RolloutTree, max_turns: int | None = None) -> list[Anchor]:
+    """Anchors of a backed-up tree whose nodes carry `predicted` (set by the trainer from the predictor)."""
+    out = []
+    for node in tree.anchors(max_turns):
+        assert node.predicted is not None, f"prompt {tree.prompt_id!r} node {node.node_id}: no predicted V(H)"
+        out.append(Anchor(node.node_id, float(node.value), float(node.predicted)))
+    return out
+
+
+def allocate_prefixes(anchors: Sequence[Anchor], budget: int, max_per_anchor: int) -> list[int]:
+    """Continuations per anchor maximising sum_a V_pref(a, k_a), k_a <= max_per_anchor, sum = min(budget, cap).
+
+    Greedy marginal gain, exact because every V_pref is concave in k. Anchors whose predicted outcome
+    certainly matches (q = 1, gain 0) are used only once every other anchor is full.
+    """
+    assert budget >= 0 and max_per_anchor >= 0, f"budget={budget} max_per_anchor={max_per_anchor}"
+    _check_probs("r", [a.r for a in anchors])
+    _check_probs("v", [a.v for a in anchors])
+    k = [0] * len(anchors)
+    if max_per_anchor == 0:
+        return k
+    q = [match_probability(a.r, a.v) for a in anchors]
+    heap = [(-(1.0 - qi), i) for i, qi in enumerate(q)]  # gain of the first continuation: q^0 (1 - q)
+    heapq.heapify(heap)
+    left = min(budget, len(anchors) * max_per_anchor)
+    while left > 0:
+        _, i = heapq.heappop(heap)
+        k[i] += 1
+        left -= 1
+        if k[i] < max_per_anchor:
+            heapq.heappush(heap, (-(q[i] ** k[i]) * (1.0 - q[i]), i))
+    return k
+
+
+def uniform_prefixes(n_anchors: int, budget: int, max_per_anchor: int) -> list[int]:
+    """Spread evenly: budget // n each, the remainder one by one to the first anchors; capped per anchor."""
+    assert n_anchors >= 0 and budget >= 0 and max_per_anchor >= 0, f"{n_anchors=} {budget=} {max_per_anchor=}"
+    if n_anchors == 0:
+        return []
+    total = min(budget, n_anchors * max_per_anchor)
+    base, extra = divmod(total, n_anchors)
+    return [base + (1 if i < extra else 0) for i in range(n_anchors)]
+
+
+def random_prefixes(n_anchors: int, budget: int, max_per_anchor: int, rng: random.Random) -> list[int]:
+    """Each continuation goes to an anchor drawn uniformly among those below the cap (TreePO-style)."""
+    assert n_anchors >= 0 and budget >= 0 and max_per_anchor >= 0, f"{n_anchors=} {budget=} {max_per_anchor=}"
+    k = [0] * n_anchors
+    open_ = list(range(n_anchors)) if max_per_anchor > 0 else []
+    for _ in range(min(budget, n_anchors * max_per_anchor)):
+        j = rng.randrange(len(open_))
+        i = open_[j]
+        k[i] += 1
+        if k[i] == max_per_anchor:
+            open_[j] = open_[-1]
+            open_.pop()
+    return k
+
+
+def split_rounds(total: int, rounds: int) -> list[int]:
+    """A budget split over expansion rounds: evenly, the remainder to the earliest rounds."""
+    assert total >= 0 and rounds >= 1, f"total={total} rounds={rounds}"
+    base, extra = divmod(total, rounds)
+    return [base + (1 if i < extra else 0) for i in range(rounds)]
+
+
+# ---- config and interface ------------------------------------------------------------------------------------
+
+
+@dataclass
+class AllocationConfig:
+    type: str = "trace"
+    """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node"."""
+    root_budget: int = 64
+    """M: root rollouts per step over the candidate pool (stage 1)."""
+    m_min: int = 2
+    """Fewest rollouts of a selected prompt (a prompt gets 0 or m_min..m_max); 2 is the fewest that can be mixed."""
+    m_max: int = 8
+    """Most rollouts of one prompt at stage 1."""
+    expansion_factor: float = 1.0
+    """N: a prompt with m_i root rollouts gets floor(m_i * N) continuations at stage 2 (over all rounds)."""
+    rounds: int = 1
+    """Expansion rounds (expand, observe, back up, re-score); each prompt's continuations are split evenly."""
+    max_per_anchor: int = 4
+    """Most continuations from one anchor per round."""
+
+    def __post_init__(self) -> None:
+        assert self.type in ALLOCATORS, f"allocation type {self.type!r} not in {sorted(ALLOCATORS)}"
+        assert self.root_budget >= 1, f"root_budget={self.root_budget}"
+        assert 0 <= self.m_min <= self.m_max and self.m_max >= 1, f"m_min={self.m_min} m_max={self.m_max}"
+        assert self.expansion_factor >= 0, f"expansion_factor={self.expansion_factor}"
+        assert self.rounds >= 1 and self.max_per_anchor >= 0, (
+            f"rounds={self.rounds} max_per_anchor={self.max_per_anchor}"
+        )
+
+    def continuation_budget(self, m: int) -> int:
+        """floor(m * N), robust to float error (m * N = 2.9999999 for an intended 3 counts as 3)."""
+        return math.floor(m * self.expansion_factor + 1e-9)
+
+    @property
+    def leaf_budget(self) -> int:
+        """Leaves per step when every prompt's continuation budget is spent: M + floor(M * N)."""
+        return self.root_budget + self.continuation_budget(self.root_budget)
+
+
+STAGE1 = ("active", "uniform")
+STAGE2 = ("active", "uniform", "random", "none")
+
+
+class Allocator(ABC):
+    """The allocator seam: how many root rollouts each prompt gets, and how many continuations each anchor gets."""
+
+    @property
+    def expands(self) -> bool:
+        """Whether `prefixes` ever allocates continuations."""
+        return True
+
+    def stage1_budget(self, cfg: AllocationConfig) -> int:
+        """Roots to allocate: M when stage 2 spends the continuations, else all the leaves M + floor(M N), so
+        that every allocator generates the same number of leaves per step (equal sampling cost)."""
+        return cfg.root_budget if self.expands else cfg.leaf_budget
+
+    @abstractmethod
+    def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
+        """Rollouts per prompt of the pool (0 = back to the pool); sums to at most `budget`."""
+
+    @abstractmethod
+    def prefixes(
+        self,
+        tree_anchors: Sequence[Anchor],
+        budget: int,
+        rng: random.Random,
+        cfg: AllocationConfig | None = None,
+    ) -> list[int]:
+        """Continuations per anchor of one prompt's tree (one round); sums to at most `budget`;
+        at most cfg.max_per_anchor each (AllocationConfig's default when cfg is None)."""
+
+
+class StagedAllocator(Allocator):
+    """Stage 1 in STAGE1 ("active" = allocate_roots, "uniform" = uniform_roots) and stage 2 in STAGE2
+    ("active" = allocate_prefixes, "uniform", "random", "none"), fixed per subclass."""
+
+    stage1: ClassVar[str] = "active"
+    stage2: ClassVar[str] = "active"
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage1}-{self.stage2}"
+
+    @property
+    def expands(self) -> bool:
+        return self.stage2 != "none"
+
+    def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
+        if self.stage1 == "uniform":
+            return uniform_roots(len(prompts_v), budget, cfg.m_min)
+        return allocate_roots(prompts_v, budget, cfg.m_min, cfg.m_max)
+
+    def prefixes(
+        self,
+        tree_anchors: Sequence[Anchor],
+        budget: int,
+        rng: random.Random,
+        cfg: AllocationConfig | None = None,
+    ) -> list[int]:
+        cap = (cfg or AllocationConfig()).max_per_anchor
+        if self.stage2 == "none":
+            return [0] * len(tree_anchors)
+        if self.stage2 == "uniform":
+            return uniform_prefixes(len(tree_anchors), budget, cap)
+        if self.stage2 == "random":
+            return random_prefixes(len(tree_anchors), budget, cap, rng)
+        return allocate_prefixes(tree_anchors, budget, cap)
+
+
+class TraceAllocator(StagedAllocator):
+    """TRACE: active roots (stage 1) and active prefixes (stage 2)."""
+
+    stage1, stage2 = "active", "active"
+
+
+class UniformAllocator(StagedAllocator):
+    """Uniform GRPO: m = M/B rollouts per prompt, no expansion."""
+
+    stage1, stage2 = "uniform", "none"
+
+
+class RootOnlyAllocator(StagedAllocator):
+    """Prompt-only allocation: stage 1 active, no expansion."""
+
+    stage1, stage2 = "active", "none"
+
+
+class RandomNodeAllocator(StagedAllocator):
+    """TreePO / Tree-GRPO style: uniform roots (no prompt selection), continuations from random anchors."""
+
+    stage1, stage2 = "uniform", "random"
+
+
+ALLOCATORS: dict[str, type[StagedAllocator]] = {
+    "trace": TraceAllocator,
+    "uniform": UniformAllocator,
+    "root-only": RootOnlyAllocator,
+    "random-node": RandomNodeAllocator,
+}
+
+
+def make_allocator(name: str | None = None, *, stage1: str | None = None, stage2: str | None = None) -> StagedAllocator:
+    """`make_allocator("trace")`, or per stage as in the paper's ablation: `make_allocator(stage1="active",
+    stage2="uniform")` (stage1 in STAGE1, stage2 in STAGE2)."""
+    if name is not None:
+        assert stage1 is None and stage2 is None, "give either a name or the two stages, not both"
+        if name not in ALLOCATORS:
+            raise KeyError(f"unknown allocator {name!r}; known: {sorted(ALLOCATORS)}")
+        return ALLOCATORS[name]()
+    if stage1 not in STAGE1 or stage2 not in STAGE2:
+        raise ValueError(f"stage1={stage1!r} must be in {STAGE1}, stage2={stage2!r} in {STAGE2}")
+    cls = type(f"Allocator_{stage1}_{stage2}", (StagedAllocator,), {"stage1": stage1, "stage2": stage2})
+    return cls()
