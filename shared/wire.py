@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Error codes and the HTTP status each answers with."""
 
     MALFORMED = "malformed_request"  # 400: body is not valid JSON/MessagePack or has the wrong shape

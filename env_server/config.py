@@ -1,0 +1,137 @@
+"""The env server's one typed config.
+
+Sources, later wins: field defaults < a TOML file (`--config FILE`, keys = field names, optionally
+under a `[server]` table) < command-line flags < `TRACE_AUTH_TOKEN` for the token when no flag
+gave one. `validate()` holds every cross-field check, so a bad combination fails at start-up with
+a message that says how to fix it, never mid-episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REWARD_METRICS = ("em", "f1", "cover_em")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Interface to bind. 127.0.0.1 by default; 0.0.0.0 in the container."""
+    port: int = 8000
+    """TCP port (0 = pick a free one; the chosen port is logged)."""
+    data: dict[str, str] = field(default_factory=dict)
+    """Question sets: name -> jsonl file or folder of `<split>.jsonl` (FlashRAG `{id, question, golden_answers}`).
+    A key `name:split` names the split of a single file; a bare `name` takes the split from the file
+    stem (train/dev/test/...) or else calls it `test`. Empty + no corpus = the built-in synthetic world."""
+    corpus: str | None = None
+    """Corpus jsonl (`{id, contents: "\\"Title\\"\\ntext"}`) to search; indexed into `index_dir` if needed."""
+    index_dir: str | None = None
+    """Where the on-disk search index lives (default: `<corpus>.index`, or the synthetic world's cache)."""
+    retriever_url: str | None = None
+    """Use an external Search-R1-style `/retrieve` server instead of the local index."""
+    auth_token: str | None = None
+    """Bearer token required on every route but /health (env TRACE_AUTH_TOKEN). None = open."""
+    max_episodes: int = 10_000
+    """Live episodes cap; creating or forking past it answers 429."""
+    max_snapshots: int = 500_000
+    """Live snapshot (state node) cap, counting the automatic one of every create/step; past it: 429."""
+    episode_ttl_s: float = 1800.0
+    """Idle episodes and snapshots are reaped after this many seconds without use."""
+    max_turns: int = 8
+    """Turns per episode (each action counts, valid or not); past it the episode ends `truncated`."""
+    topk: int = 3
+    """Passages per search when the action does not say (Search-R1 uses 3)."""
+    max_topk: int = 20
+    """Largest topk an action or /retrieve may ask for."""
+    max_batch_ops: int = 1024
+    """Ops per /v1/batch call; more answers 429."""
+    max_fork_n: int = 256
+    """Largest n for one fork call."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Request body cap; a larger body answers 413 without being read past the cap."""
+    max_action_chars: int = 32_768
+    """Longest action text a step accepts (422 past it): a model's turn, not a document."""
+    reward_metric: str = "em"
+    """Reward of an `answer`: em (default, as Search-R1), f1 or cover_em. All three are in `info`."""
+    prompt_template: str | None = None
+    """Override of the user prompt; must contain `{question}`. None = the built-in Search-R1-style prompt."""
+    synthetic_seed: int = 0
+    """Seed of the built-in synthetic world."""
+    synthetic_size: int = 300
+    """Size knob of the built-in synthetic world (about the number of core entities)."""
+    cache_dir: str | None = None
+    """Where generated data and indexes are cached (default $TRACE_CACHE_DIR or ~/.cache/trace)."""
+    search_threads: int = 4
+    """Threads running local searches off the event loop."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT: new work gets 503 and in-flight requests get this long to finish."""
+    log_level: str = "info"
+    """debug, info, warning or error. Logs are JSON lines when stderr is not a TTY."""
+
+    def validate(self) -> ServerConfig:
+        """Check every cross-field rule; raise ValueError saying what to change."""
+        positive = ("max_episodes", "max_snapshots", "max_turns", "topk", "max_topk", "max_batch_ops", "max_fork_n")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.topk > self.max_topk:
+            raise ValueError(f"topk ({self.topk}) must be <= max_topk ({self.max_topk})")
+        if self.episode_ttl_s <= 0:
+            raise ValueError(f"episode_ttl_s must be > 0, got {self.episode_ttl_s}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.reward_metric not in REWARD_METRICS:
+            raise ValueError(f"reward_metric must be one of {REWARD_METRICS}, got {self.reward_metric!r}")
+        if self.prompt_template is not None and "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain the placeholder {question}")
+        if self.retriever_url and self.corpus:
+            raise ValueError("give either --corpus (local index) or --retriever-url (external search), not both")
+        if self.data and not (self.corpus or self.retriever_url or self.index_dir):
+            raise ValueError(
+                "--data needs something to search: --corpus FILE (indexed locally), --index-dir DIR "
+                "(an index built by `trace-env index`) or --retriever-url URL"
+            )
+        for name, path in self.data.items():
+            if not Path(path).exists():
+                raise ValueError(f"--data {name}={path}: no such file or folder")
+        if self.corpus and not Path(self.corpus).is_file():
+            raise ValueError(f"--corpus {self.corpus}: no such file")
+        if self.search_threads < 1:
+            raise ValueError(f"search_threads must be >= 1, got {self.search_threads}")
+        return self
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return not self.data and not self.corpus and not self.retriever_url and not self.index_dir
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir or os.environ.get("TRACE_CACHE_DIR") or Path.home() / ".cache" / "trace")
+
+
+def load_config(toml_path: str | Path | None = None, **overrides: Any) -> ServerConfig:
+    """Defaults < TOML file < overrides (None values are ignored) < TRACE_AUTH_TOKEN when no token was given."""
+    values: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    if toml_path is not None:
+        with open(toml_path, "rb") as f:
+            raw = tomllib.load(f)
+        raw = raw.get("server", raw)
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"{toml_path}: unknown config keys {unknown}; known: {sorted(names)}")
+        values.update(raw)
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {key!r}")
+        if value is not None and not (key == "data" and not value):
+            values[key] = value
+    if not values.get("auth_token") and os.environ.get("TRACE_AUTH_TOKEN"):
+        values["auth_token"] = os.environ["TRACE_AUTH_TOKEN"]
+    return ServerConfig(**values).validate()

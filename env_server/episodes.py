@@ -1,0 +1,220 @@
+"""Episode state: immutable nodes with parent pointers, and the store of live handles on them.
+
+What always holds:
+- A `StateNode` never changes once made. A step makes a new node whose parent is the old one; the
+  task (question, gold answers) is shared by reference from the root. So fork = new handles on the
+  same node and snapshot = a name for a node: both O(1) in history length, and no branch can see
+  or disturb another.
+- An episode (`Handle` in `episodes`) is the only mutable thing: it points at its current node.
+  Steps on one episode are serialised by its lock, so concurrent calls apply in arrival order.
+- Every node made by create/step is registered as a snapshot (its id goes back in the answer), so
+  a client can branch at any turn later without an extra call. Episodes and snapshots unused for
+  `ttl_s` are reaped; both are capped, and going past a cap raises 429 before anything changes.
+- Export walks the parent chain once (O(turns)) into a self-contained `SnapshotBlob`; import
+  rebuilds the chain, so another server continues with the same observations and rewards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from shared.version import SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSION, __version__
+from shared.wire import EnvError, ErrorCode, SnapshotBlob, TaskRecord, TurnRecord
+
+
+@dataclass(frozen=True, slots=True)
+class StateNode:
+    """One state of an episode: the root (turn 0) or the state after a turn."""
+
+    parent: StateNode | None
+    task: TaskRecord
+    turn: int  # turns taken so far
+    record: TurnRecord | None  # the turn that produced this node; None at the root
+
+    @property
+    def done(self) -> bool:
+        return self.record is not None and self.record.done
+
+
+@dataclass(slots=True)
+class Handle:
+    node: StateNode
+    last_used: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class EpisodeStore:
+    """Live episodes and snapshots, with caps and idle expiry. All methods run on the event loop."""
+
+    def __init__(self, *, max_episodes: int, max_snapshots: int, ttl_s: float) -> None:
+        self.max_episodes = max_episodes
+        self.max_snapshots = max_snapshots
+        self.ttl_s = ttl_s
+        self.episodes: dict[str, Handle] = {}
+        self.snapshots: dict[str, Handle] = {}
+
+    # ------------------------------------------------------------------ lookup
+    def episode(self, episode_id: str) -> Handle:
+        h = self.episodes.get(episode_id)
+        if h is None:
+            raise EnvError(ErrorCode.NOT_FOUND, f"no episode {episode_id!r}: it never existed, was deleted or expired")
+        h.last_used = time.monotonic()
+        return h
+
+    def snapshot(self, snapshot_id: str) -> Handle:
+        h = self.snapshots.get(snapshot_id)
+        if h is None:
+            raise EnvError(
+                ErrorCode.NOT_FOUND, f"no snapshot {snapshot_id!r}: it never existed, was deleted or expired"
+            )
+        h.last_used = time.monotonic()
+        return h
+
+    # ------------------------------------------------------------------ capacity
+    def check_capacity(self, new_episodes: int, new_snapshots: int) -> None:
+        if len(self.episodes) + new_episodes > self.max_episodes:
+            raise EnvError(
+                ErrorCode.CAPACITY,
+                f"live episodes would exceed the cap ({len(self.episodes)} live + {new_episodes} new > "
+                f"{self.max_episodes}); delete finished episodes or wait for idle ones to expire "
+                f"({self.ttl_s:.0f}s TTL)",
+            )
+        if len(self.snapshots) + new_snapshots > self.max_snapshots:
+            raise EnvError(
+                ErrorCode.CAPACITY,
+                f"live snapshots would exceed the cap ({len(self.snapshots)} live + {new_snapshots} new > "
+                f"{self.max_snapshots}); delete snapshots you no longer need",
+            )
+
+    # ------------------------------------------------------------------ mutations
+    def add_snapshot(self, node: StateNode) -> str:
+        sid = _new_id("snp")
+        self.snapshots[sid] = Handle(node, time.monotonic())
+        return sid
+
+    def create(self, task: TaskRecord) -> tuple[str, str, StateNode]:
+        """A new episode at turn 0; returns (episode_id, snapshot_id, root)."""
+        self.check_capacity(1, 1)
+        root = StateNode(parent=None, task=task, turn=0, record=None)
+        eid = _new_id("ep")
+        self.episodes[eid] = Handle(root, time.monotonic())
+        return eid, self.add_snapshot(root), root
+
+    def spawn(self, node: StateNode, n: int) -> list[str]:
+        """n new episodes on `node` (fork, or start from a snapshot)."""
+        self.check_capacity(n, 0)
+        now = time.monotonic()
+        ids = [_new_id("ep") for _ in range(n)]
+        for eid in ids:
+            self.episodes[eid] = Handle(node, now)
+        return ids
+
+    def advance(self, handle: Handle, record: TurnRecord) -> tuple[StateNode, str]:
+        """Move an episode to the child of its node made by `record`; returns (node, snapshot_id)."""
+        self.check_capacity(0, 1)
+        node = StateNode(parent=handle.node, task=handle.node.task, turn=handle.node.turn + 1, record=record)
+        handle.node = node
+        handle.last_used = time.monotonic()
+        return node, self.add_snapshot(node)
+
+    def delete_episode(self, episode_id: str) -> None:
+        if self.episodes.pop(episode_id, None) is None:
+            raise EnvError(ErrorCode.NOT_FOUND, f"no episode {episode_id!r}")
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        if self.snapshots.pop(snapshot_id, None) is None:
+            raise EnvError(ErrorCode.NOT_FOUND, f"no snapshot {snapshot_id!r}")
+
+    def reap(self, now: float | None = None) -> tuple[int, int]:
+        """Drop episodes and snapshots idle longer than the TTL; returns how many of each. Busy ones stay."""
+        now = time.monotonic() if now is None else now
+        cutoff = now - self.ttl_s
+        dead_e = [k for k, h in self.episodes.items() if h.last_used < cutoff and not h.lock.locked()]
+        dead_s = [k for k, h in self.snapshots.items() if h.last_used < cutoff]
+        for k in dead_e:
+            del self.episodes[k]
+        for k in dead_s:
+            del self.snapshots[k]
+        return len(dead_e), len(dead_s)
+
+
+# ---------------------------------------------------------------------------------------------- export/import
+_blob_encoder = msgspec.msgpack.Encoder()
+_blob_decoder = msgspec.msgpack.Decoder(SnapshotBlob)
+
+
+def export_blob(node: StateNode, *, corpus_id: str, reward_metric: str) -> bytes:
+    """A self-contained MessagePack blob of the state at `node` (walks its parent chain once)."""
+    turns: list[TurnRecord] = []
+    cur: StateNode | None = node
+    while cur is not None and cur.record is not None:
+        turns.append(cur.record)
+        cur = cur.parent
+    turns.reverse()
+    blob = SnapshotBlob(
+        format=SNAPSHOT_FORMAT,
+        version=SNAPSHOT_FORMAT_VERSION,
+        task=node.task,
+        turns=turns,
+        corpus_id=corpus_id,
+        reward_metric=reward_metric,
+        server_version=__version__,
+    )
+    return _blob_encoder.encode(blob)
+
+
+def import_blob(data: bytes, *, corpus_id: str, reward_metric: str) -> StateNode:
+    """Rebuild the node chain of a blob from `export_blob`; raise EnvError (400/422) on a bad or foreign blob."""
+    try:
+        blob = _blob_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise EnvError(
+            ErrorCode.MALFORMED, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}"
+        ) from None
+    if blob.version != SNAPSHOT_FORMAT_VERSION:
+        raise EnvError(
+            ErrorCode.INVALID_VALUE,
+            f"snapshot format version {blob.version} is not supported (this server reads {SNAPSHOT_FORMAT_VERSION})",
+        )
+    if blob.corpus_id != corpus_id:
+        raise EnvError(
+            ErrorCode.INVALID_VALUE,
+            f"snapshot was made against corpus {blob.corpus_id!r} but this server searches {corpus_id!r}; "
+            "continuations would not match: import it on a server with the same corpus",
+        )
+    if blob.reward_metric != reward_metric:
+        raise EnvError(
+            ErrorCode.INVALID_VALUE,
+            f"snapshot was judged with reward_metric={blob.reward_metric!r}, this server uses {reward_metric!r}",
+        )
+    if len(blob.turns) > blob.task.max_turns:
+        raise EnvError(
+            ErrorCode.INVALID_VALUE, f"snapshot has {len(blob.turns)} turns > max_turns {blob.task.max_turns}"
+        )
+    if any(t.done for t in blob.turns[:-1]):
+        raise EnvError(ErrorCode.INVALID_VALUE, "snapshot has a finished turn before its last one")
+    node = StateNode(parent=None, task=blob.task, turn=0, record=None)
+    for i, rec in enumerate(blob.turns, start=1):
+        node = StateNode(parent=node, task=blob.task, turn=i, record=rec)
+    return node
+
+
+def history(node: StateNode) -> list[dict[str, Any]]:
+    """The turns leading to `node`, oldest first, as plain dicts (for debugging endpoints and tests)."""
+    out: list[dict[str, Any]] = []
+    cur: StateNode | None = node
+    while cur is not None and cur.record is not None:
+        r = cur.record
+        out.append({"action": r.action, "observation": r.observation, "reward": r.reward, "done": r.done})
+        cur = cur.parent
+    return out[::-1]

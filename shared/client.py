@@ -1,0 +1,189 @@
+"""The async Python client of the env server (and a sync wrapper), for the trainer, `trace-eval` and
+anyone else's framework.
+
+    async with EnvClient("http://127.0.0.1:8000") as env:
+        ep = await env.create(dataset="synthetic", split="dev", index=0)
+        res = await env.step(ep.episode_id, action="<search> Kelmar Works </search>")
+        a, b = (await env.fork(ep.episode_id, 2)).episode_ids      # two branches from this state
+        blob = await env.export_snapshot(res.snapshot_id)          # move the state to another server
+
+Every call answers a wire struct from `shared.wire`; an error answer raises `EnvError` with the
+server's code, status and message. Connection failures are retried (with backoff) only for calls
+that change nothing or that failed before the request was sent; a step is never sent twice.
+MessagePack is the default encoding (smaller and faster than JSON for the same structs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+
+from shared import codec
+from shared.wire import (
+    BatchRequest,
+    BatchResult,
+    CreateEpisode,
+    Deleted,
+    EnvError,
+    EpisodeCreated,
+    ErrorBody,
+    ForkResult,
+    Info,
+    SnapshotCreated,
+    StepResult,
+    ToolCall,
+)
+
+T = TypeVar("T")
+
+
+class EnvClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        msgpack: bool = True,
+        timeout_s: float = 60.0,
+        max_connections: int = 256,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.fmt = codec.MSGPACK if msgpack else codec.JSON
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._headers = {"Content-Type": self.fmt, "Accept": self.fmt}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> EnvClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=self._max_connections)
+            )
+        return self._session
+
+    async def _call(
+        self, method: str, path: str, typ: type[T] | None, body: Any = None, *, raw: bytes | None = None, safe: bool
+    ) -> Any:
+        data = raw if raw is not None else (codec.encode(body, self.fmt) if body is not None else None)
+        headers = dict(self._headers)
+        if raw is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        for attempt in range(self.retries + 1):
+            try:
+                async with self._sess().request(method, self.base_url + path, data=data, headers=headers) as resp:
+                    payload = await resp.read()
+                    if resp.status >= 400:
+                        raise _error_from(resp.status, payload, resp.headers.get("Content-Type"))
+                    if typ is None:
+                        return payload
+                    return codec.decode(payload, typ, codec.media_type(resp.headers.get("Content-Type")))
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+                # A refused connection never reached the server; a disconnect may have: retry only safe calls.
+                retryable = isinstance(e, aiohttp.ClientConnectorError) or safe
+                if not retryable or attempt == self.retries:
+                    raise ConnectionError(f"env server {self.base_url} unreachable ({method} {path}): {e}") from e
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ calls
+    async def health(self) -> dict[str, Any]:
+        return await self._call("GET", "/health", dict, safe=True)
+
+    async def info(self) -> Info:
+        return await self._call("GET", "/v1/info", Info, safe=True)
+
+    async def create(self, **fields: Any) -> EpisodeCreated:
+        """`dataset, split, index` or `question, answers`; optional `max_turns`, `seed`, `include_oracle`."""
+        return await self._call("POST", "/v1/episodes", EpisodeCreated, CreateEpisode(**fields), safe=False)
+
+    async def step(
+        self, episode_id: str, action: str | None = None, tool_call: dict[str, Any] | ToolCall | None = None
+    ) -> StepResult:
+        if isinstance(tool_call, dict):
+            tool_call = ToolCall(**tool_call)
+        body = {"action": action} if action is not None else {"tool_call": tool_call}
+        return await self._call("POST", f"/v1/episodes/{episode_id}/step", StepResult, body, safe=False)
+
+    async def fork(self, episode_id: str, n: int = 1) -> ForkResult:
+        return await self._call("POST", f"/v1/episodes/{episode_id}/fork", ForkResult, {"n": n}, safe=False)
+
+    async def snapshot(self, episode_id: str) -> SnapshotCreated:
+        return await self._call("POST", f"/v1/episodes/{episode_id}/snapshot", SnapshotCreated, {}, safe=False)
+
+    async def episodes_from_snapshot(self, snapshot_id: str, n: int = 1) -> ForkResult:
+        return await self._call("POST", f"/v1/snapshots/{snapshot_id}/episodes", ForkResult, {"n": n}, safe=False)
+
+    async def export_snapshot(self, snapshot_id: str) -> bytes:
+        return await self._call("GET", f"/v1/snapshots/{snapshot_id}", None, safe=True)
+
+    async def import_snapshot(self, blob: bytes) -> SnapshotCreated:
+        return await self._call("POST", "/v1/snapshots", SnapshotCreated, raw=blob, safe=False)
+
+    async def delete(self, episode_id: str) -> Deleted:
+        return await self._call("DELETE", f"/v1/episodes/{episode_id}", Deleted, safe=True)
+
+    async def delete_snapshot(self, snapshot_id: str) -> Deleted:
+        return await self._call("DELETE", f"/v1/snapshots/{snapshot_id}", Deleted, safe=True)
+
+    async def batch(self, ops: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Ops as dicts (`{"op": "step", "episode_id": ..., "action": ...}`); answers `{"ok": ...}` dicts in order."""
+        req = msgspec.convert({"ops": list(ops)}, BatchRequest)
+        res: BatchResult = await self._call("POST", "/v1/batch", BatchResult, req, safe=False)
+        return res.results
+
+    async def retrieve(self, queries: list[str], topk: int = 3) -> list[list[dict[str, Any]]]:
+        body = {"queries": queries, "topk": topk, "return_scores": True}
+        return (await self._call("POST", "/retrieve", dict, body, safe=True))["result"]
+
+
+def _error_from(status: int, payload: bytes, content_type: str | None) -> EnvError:
+    try:
+        body = codec.decode(payload, ErrorBody, codec.media_type(content_type))
+        return EnvError(body.error.code, body.error.message, status=status)
+    except EnvError:
+        return EnvError("http_error", f"HTTP {status}: {payload[:300]!r}", status=status)
+
+
+class SyncEnvClient:
+    """Blocking wrapper for scripts and notebooks: the same methods, run on a private event loop."""
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = EnvClient(base_url, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(fn):
+            return fn
+        return lambda *a, **k: self._loop.run_until_complete(fn(*a, **k))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+    def __enter__(self) -> SyncEnvClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
