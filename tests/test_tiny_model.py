@@ -1,0 +1,83 @@
+"""The tiny Qwen3 model folder: loads with the Auto classes, ChatML template, single-token tags, short names,
+deterministic from its seed (trainer/tiny_model.py)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from env_server.synthetic import generate_world
+from trainer.tiny_model import ACTION_TAGS, IM_END, IM_START, PAD_TOKEN, build_tiny_model, main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+
+
+def test_reloads_with_auto_classes(model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.model_type == "qwen3" and model.config.tie_word_embeddings
+    assert model.config.vocab_size == len(tok) == 2048
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 2_000_000 < n_params < 6_000_000, n_params
+    assert tok.eos_token == IM_END and tok.pad_token == PAD_TOKEN
+    assert model.config.eos_token_id == tok.eos_token_id
+    assert model.generation_config.eos_token_id == [tok.eos_token_id]
+    ids = tok("hello world", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 2048) and torch.isfinite(logits).all()
+
+
+def test_chat_template_is_chatml(model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who?"}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n"
+    no_gen = tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+    assert not no_gen.endswith("assistant\n")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids[0] == tok.convert_tokens_to_ids(IM_START) and ids.count(tok.eos_token_id) == 2
+
+
+def test_tags_are_single_tokens_and_survive_decoding(model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for i, tag in enumerate(ACTION_TAGS):
+        assert tok.encode(tag, add_special_tokens=False) == [3 + i], tag
+    text = "<think>go</think>\n<search> Makre Molha </search>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.convert_tokens_to_ids("</search>") == ids[-1]
+    assert tok.decode(ids, skip_special_tokens=True) == text  # tags are not "special": text keeps them
+    chat = tok.decode(tok.encode(f"{IM_START}user\nhi{IM_END}", add_special_tokens=False), skip_special_tokens=True)
+    assert chat == "user\nhi"
+
+
+def test_entity_names_are_short_in_tokens(model_dir: Path) -> None:
+    """DESIGN's feasibility lesson: names of one or two tokens are copied reliably, longer ones are not."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    world = generate_world(seed=0, size=300)
+    lens = [len(tok.encode(" " + p.title, add_special_tokens=False)) for p in world.passages]
+    mean = statistics.mean(lens)
+    share_short = sum(n <= 2 for n in lens) / len(lens)
+    assert mean <= 2.2, f"mean tokens per entity name {mean:.2f}"
+    assert share_short >= 0.9, f"only {share_short:.0%} of names are 1-2 tokens"
+
+
+def test_deterministic_from_seed(model_dir: Path, tmp_path: Path) -> None:
+    again = build_tiny_model(tmp_path / "again", seed=0)
+    for name in ("tokenizer.json", "model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (model_dir / name).read_bytes(), name
+    other = build_tiny_model(tmp_path / "other", seed=1, texts=["tiny text about Makre Molha"] * 4, vocab_size=300)
+    assert (other / "model.safetensors").read_bytes() != (model_dir / "model.safetensors").read_bytes()
+
+
+def test_cli_main(tmp_path: Path) -> None:
+    assert main(["--out", str(tmp_path / "cli"), "--seed", "3", "--vocab-size", "512"]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "cli")
+    assert len(tok) == 512
