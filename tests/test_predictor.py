@@ -1,0 +1,143 @@
+"""Success predictor: calibration by hand, Beta prior, structural features, learning a planted signal."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from trainer.predictor import (
+    STRUCTURAL_FEATURES,
+    BetaPrior,
+    SuccessPredictor,
+    calibration,
+    collect_training_set,
+    normalize_answer,
+    structural_features,
+)
+from trainer.tree import FinishStatus, RolloutTree
+
+
+def test_calibration_by_hand():
+    # positives (outcome 1) scored .35 and .8, negatives .1 and .4: pairs won (.35>.1), (.8>.1), (.8>.4) -> 3/4
+    c = calibration([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    assert c["auc"] == pytest.approx(0.75)
+    assert c["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    assert c["n"] == 4 and c["mean_outcome"] == 0.5
+    # ties count 1/2: the positive .5 beats .2 and ties two .5 negatives -> (1 + .5 + .5) / 3
+    assert calibration([0.5, 0.5, 0.5, 0.2], [1, 0, 0, 0])["auc"] == pytest.approx(2 / 3)
+    assert calibration([0.9, 0.1], [1, 0])["auc"] == 1.0
+    assert math.isnan(calibration([0.3, 0.6], [1, 1])["auc"])
+    assert math.isnan(calibration([], [])["brier"])
+    # fractional outcomes: Brier on the values, AUC on outcome >= 0.5
+    c = calibration([0.2, 0.7], [0.25, 0.75])
+    assert c["brier"] == pytest.approx(0.0025) and c["auc"] == 1.0
+
+
+def test_beta_prior():
+    b = BetaPrior(a0=1.0, b0=3.0)
+    assert b.mean("new") == 0.25 and "new" not in b
+    assert b.mean("new", prior_mean=0.6) == pytest.approx(0.6)
+    b.update("p", [1, 1, 0, 1])
+    assert b.mean("p") == pytest.approx((1 + 3) / (4 + 4)) and "p" in b
+    assert b.mean("p", prior_mean=0.5) == pytest.approx((0.5 * 4 + 3) / 8)
+    d = BetaPrior(decay=0.5)
+    d.update("p", [1, 1])
+    d.update("p", [0])  # s = 0.5 * 2 = 1, f = 1
+    assert d.mean("p") == pytest.approx((1 + 1) / (2 + 2))
+    e = BetaPrior()
+    e.load_state_dict(b.state_dict())
+    assert e.mean("p") == b.mean("p") and e.a0 == 1.0
+    with pytest.raises(AssertionError, match="outside"):
+        b.update("p", [2.0])
+
+
+def test_structural_features():
+    t = RolloutTree.new("p", "Who?", ["The Eiffel Tower"], [1, 2, 3, 4], None)
+    a = t.add_child(
+        0,
+        [10, 11, 12],
+        [1, 1, 0],
+        [-0.5, -1.5, 0.0],
+        action_text="<think>x</think><search>tower</search>",
+        observation="<information>Doc 1(Title: T) the eiffel tower, in Paris.</information>",
+    )
+    b = t.add_child(a.node_id, [13, 14], [1, 0], [-1.0, 0.0], action_text="hmm", observation="Invalid action.")
+    assert len(STRUCTURAL_FEATURES) == len(structural_features(t.root, t)) == 8
+    assert structural_features(t.root, t) == [0, 0, 0, 0, 0, 0.004, 0, 0]
+    assert structural_features(a, t) == pytest.approx([1, 1, 0, 1, 1, 0.007, 0.002, -1.0])
+    assert structural_features(b, t) == pytest.approx([2, 1, 1, 1, 0, 0.009, 0.003, -1.0])
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+
+
+def planted(n, d, rng):
+    """Raw 'hidden states' (mean 50, std 20 per dim) whose success probability depends on two dims."""
+    z = torch.randn(n, d, generator=rng)
+    x = 50.0 + 20.0 * z
+    p = torch.sigmoid(3.0 * z[:, 0] - 2.0 * z[:, 1])
+    return x, p
+
+
+def test_learns_planted_signal():
+    rng = torch.Generator().manual_seed(0)
+    x, p = planted(2000, 16, rng)
+    xt, pt = planted(1000, 16, rng)
+    yt = torch.bernoulli(pt, generator=rng)
+    pred = SuccessPredictor(16, hidden=32, lr=3e-3, seed=0)
+    before = calibration(pred.predict(xt).tolist(), yt.tolist())
+    loss = pred.fit(x, p, epochs=30)
+    after = calibration(pred.predict(xt).tolist(), yt.tolist())
+    oracle = calibration(pt.tolist(), yt.tolist())
+    assert after["auc"] > 0.8 and after["auc"] > oracle["auc"] - 0.03, (after, oracle)
+    assert after["brier"] < before["brier"] - 0.05, (before, after)
+    assert math.isfinite(loss)
+    out = pred.predict(xt[:5])
+    assert out.shape == (5,) and not out.requires_grad and ((out > 0) & (out < 1)).all()
+
+
+def test_state_dict_round_trip():
+    rng = torch.Generator().manual_seed(1)
+    x, p = planted(300, 4, rng)
+    a = SuccessPredictor(4, hidden=8, seed=1)
+    a.fit(x, p, epochs=2)
+    b = SuccessPredictor(4, hidden=8, seed=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.predict(x), b.predict(x))
+    a.fit(x, p, epochs=1)
+    b.fit(x, p, epochs=1)  # same optimiser state and sampling generator: same trajectory
+    assert torch.allclose(a.predict(x), b.predict(x))
+    with pytest.raises(AssertionError, match="checkpoint predictor"):
+        SuccessPredictor(5, hidden=8).load_state_dict(a.state_dict())
+
+
+def synthetic_tree(i: int, rng: random.Random) -> RolloutTree:
+    """A prompt whose difficulty s is written in its features; each of 4 chains succeeds w.p. s."""
+    s = rng.random()
+    t = RolloutTree.new(f"p{i}", "q", ["a"], [1], None)
+    t.root.features = [s, rng.random()]
+    for _ in range(4):
+        node = t.add_child(0, [2, 3], [1, 0], [-0.1, 0.0])
+        node.features = [s, rng.random()]
+        t.add_child(
+            node.node_id, [4], [1], [-0.1], status=FinishStatus.ANSWERED, reward=float(rng.random() < s)
+        )  # the leaf has no features: skipped
+    t.backup()
+    return t
+
+
+def test_collect_training_set_and_fit_on_trees():
+    rng = random.Random(0)
+    trees = [synthetic_tree(i, rng) for i in range(300)]
+    x, y, w = collect_training_set(trees)
+    assert x.shape == (300 * 5, 2) and y.shape == w.shape == (1500,)
+    assert w[:5].tolist() == [4.0, 1.0, 1.0, 1.0, 1.0]  # root backed by 4 leaves, each chain node by 1
+    assert y[0] == pytest.approx(sum(y[1:5].tolist()) / 4)
+    _, _, wu = collect_training_set(trees, weighting="uniform")
+    assert (wu == 1).all()
+    pred = SuccessPredictor(2, hidden=16, lr=3e-3, seed=0)
+    pred.fit(x, y, w, epochs=20)
+    roots = torch.tensor([t.root.features for t in trees])
+    c = calibration(pred.predict(roots).tolist(), [t.root.features[0] for t in trees])
+    assert c["auc"] > 0.9 and c["brier"] < 0.02, c
+    empty = collect_training_set([RolloutTree.new("e", "q", ["a"], [1], None)])
+    assert empty[0].shape[0] == 0 and math.isnan(pred.fit(*empty))

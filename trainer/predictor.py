@@ -1,0 +1,358 @@
+"""The shared success predictor V(H): one small model for all prompts and depths, plus its calibration.
+
+Contract:
+- Inputs are ours to choose (DESIGN §1): the trainer stores on each node, as `TurnNode.features`, the policy's
+  last hidden state at the prefix end concatenated with `structural_features(node, tree)`. Any fixed width D
+  works; `SuccessPredictor` standardises its inputs with running statistics, so raw hidden states are fine.
+- Targets are the backed-up values Vhat (`RolloutTree.backup`), in [0, 1]. `collect_training_set` gathers
+  (features, Vhat, weight) from finished trees; `SuccessPredictor.fit` is called every trainer step *before* the
+  policy update, continues from the previous step's weights (warm start), takes at most `max_steps` gradient
+  steps, and never touches the policy: it sees detached CPU tensors only.
+- Roots never seen before get their stage-1 estimate from `BetaPrior`, a per-prompt Beta posterior of past
+  outcomes, optionally centred on the predictor's own root estimate (`mean(prompt_id, prior_mean=...)`).
+- `calibration` (Brier, rank AUC) is what the trainer logs each step, on the step's nodes, using the
+  `predicted` values written at allocation time against the outcomes that followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import string
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from trainer.tree import SUCCESS_THRESHOLD, RolloutTree, TurnNode
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run a block with n torch intra-op threads, then restore. A 64-wide MLP gains nothing from threads, and on a
+    loaded host their synchronisation makes each step ~10x slower (measured: 8 s -> 0.6 s for 240 steps on 2 busy
+    cores). torch's setting is process-wide: do not fit while another thread runs torch work."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---- the model ----------------------------------------------------------------------------------------------
+
+
+class SuccessPredictor:
+    """A small MLP with a sigmoid output: V(H) = P(success | prefix features)."""
+
+    # Standardised inputs are clipped to +-CLIP: a feature that was constant so far (a binary flag never yet
+    # seen set) would otherwise reach the MLP as a value of thousands the first time it changes.
+    CLIP = 10.0
+    # The running statistics count at most STATS_HORIZON samples, so that they keep following the policy's
+    # hidden states as training moves them (an exponential forgetting with this horizon).
+    STATS_HORIZON = 100_000
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: int = 64,
+        lr: float = 1e-3,
+        seed: int = 0,
+        *,
+        loss: str = "bce",
+        weight_decay: float = 1e-4,
+        batch_size: int = 256,
+        max_steps: int = 300,
+        threads: int | None = 1,
+    ) -> None:
+        assert input_dim >= 1 and hidden >= 1, f"input_dim={input_dim} hidden={hidden}"
+        assert loss in ("bce", "mse"), f"loss={loss!r}, expected 'bce' or 'mse'"
+        self.input_dim, self.hidden, self.loss = input_dim, hidden, loss
+        self.batch_size, self.max_steps, self.threads = batch_size, max_steps, threads
+        self.gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Linear(input_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)
+            )
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=weight_decay)
+        self.count = 0.0
+        self.mean = torch.zeros(input_dim, dtype=torch.float64)
+        self.m2 = torch.zeros(input_dim, dtype=torch.float64)
+
+    # -- standardisation --
+
+    def _update_stats(self, x: Tensor) -> None:
+        """Chan et al.'s parallel merge of (count, mean, M2) with the batch's."""
+        x = x.to(torch.float64)
+        n_b = x.shape[0]
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        if self.count > self.STATS_HORIZON:  # forget: keep the mean, shrink the weight of the past
+            self.m2 *= self.STATS_HORIZON / self.count
+            self.count = float(self.STATS_HORIZON)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.count * n_b / n)
+        self.count = n
+
+    def _standardise(self, x: Tensor) -> Tensor:
+        if self.count < 2:
+            return x.to(torch.float32).clamp(-self.CLIP, self.CLIP)
+        std = (self.m2 / self.count).sqrt().clamp_min(1e-3)
+        return ((x.to(torch.float64) - self.mean) / std).clamp(-self.CLIP, self.CLIP).to(torch.float32)
+
+    def _check(self, features: Tensor) -> Tensor:
+        features = torch.as_tensor(features).detach().cpu()
+        assert features.ndim == 2 and features.shape[1] == self.input_dim, (
+            f"features shape {tuple(features.shape)}, expected (N, {self.input_dim})"
+        )
+        assert torch.isfinite(features).all(), "features hold NaN or inf"
+        return features
+
+    # -- public API --
+
+    @torch.no_grad()
+    def predict(self, features: Tensor) -> Tensor:
+        """V(H) in (0, 1) for each row of features [N, D] -> [N] (float32, CPU, no grad)."""
+        x = self._standardise(self._check(features))
+        if x.shape[0] == 0:
+            return torch.zeros(0)
+        self.net.eval()
+        with _intra_op_threads(self.threads):
+            return torch.sigmoid(self.net(x).squeeze(-1))
+
+    def fit(self, features: Tensor, targets: Tensor, weights: Tensor | None = None, epochs: int = 20) -> float:
+        """Train on (features [N, D], targets [N] in [0, 1], weights [N] >= 0) for min(epochs passes,
+        max_steps) minibatch steps, continuing from the current weights. Returns the final weighted loss on the
+        whole set (BCE or MSE, as configured); nan, without training, when the set is empty."""
+        with _intra_op_threads(self.threads):
+            return self._fit(features, targets, weights, epochs)
+
+    def _fit(self, features: Tensor, targets: Tensor, weights: Tensor | None, epochs: int) -> float:
+        if len(features) == 0:
+            return math.nan
+        features = self._check(features)
+        targets = torch.as_tensor(targets, dtype=torch.float32).detach().cpu().reshape(-1)
+        n = features.shape[0]
+        assert targets.shape[0] == n, f"targets {targets.shape[0]} != features {n}"
+        assert ((targets >= 0) & (targets <= 1)).all(), f"targets outside [0, 1]: {targets.min()}..{targets.max()}"
+        w = torch.ones(n) if weights is None else torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
+        assert w.shape == (n,) and (w >= 0).all() and w.sum() > 0, f"bad weights {w}"
+        w = w * (n / w.sum())  # mean 1: the learning rate does not depend on the weighting's scale
+        self._update_stats(features)
+        x = self._standardise(features)
+        bs = min(self.batch_size, n)
+        steps = min(self.max_steps, epochs * math.ceil(n / bs))
+        self.net.train()
+        for _ in range(steps):
+            idx = torch.randint(0, n, (bs,), generator=self.gen)
+            loss = self._loss(self.net(x[idx]).squeeze(-1), targets[idx], w[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        self.net.eval()
+        with torch.no_grad():
+            return float(self._loss(self.net(x).squeeze(-1), targets, w))
+
+    def _loss(self, logits: Tensor, targets: Tensor, w: Tensor) -> Tensor:
+        if self.loss == "bce":
+            per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        else:
+            per = (torch.sigmoid(logits) - targets) ** 2
+        return (per * w).sum() / w.sum()
+
+    def state_dict(self) -> dict[str, Any]:
+        """A deep copy: later fits do not change a saved state (torch's optimiser state_dict shares tensors)."""
+        return copy.deepcopy(
+            {
+                "config": {"input_dim": self.input_dim, "hidden": self.hidden, "loss": self.loss},
+                "net": self.net.state_dict(),
+                "opt": self.opt.state_dict(),
+                "stats": {"count": self.count, "mean": self.mean.clone(), "m2": self.m2.clone()},
+                "gen": self.gen.get_state(),
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cfg = state["config"]
+        assert (cfg["input_dim"], cfg["hidden"], cfg["loss"]) == (self.input_dim, self.hidden, self.loss), (
+            f"checkpoint predictor {cfg} != this one {self.input_dim=} {self.hidden=} {self.loss=}"
+        )
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.count = float(state["stats"]["count"])
+        self.mean = state["stats"]["mean"].clone().to(torch.float64)
+        self.m2 = state["stats"]["m2"].clone().to(torch.float64)
+        self.gen.set_state(state["gen"])
+
+
+# ---- structural features ------------------------------------------------------------------------------------
+
+STRUCTURAL_FEATURES = (
+    "depth",  # turns taken so far (the root, i.e. the bare prompt, is 0)
+    "searches",  # turns on the path whose action holds a <search> call
+    "invalid_actions",  # turns on the path whose action is neither a <search> nor an <answer>
+    "answer_seen",  # 1 if a gold answer (SQuAD-normalised, whole words) occurs in any observation on the path
+    "answer_in_last_obs",  # 1 if it occurs in this node's own observation
+    "tokens_k",  # history length in tokens / 1000 (prompt + actions + observations)
+    "generated_k",  # policy-generated tokens on the path / 1000
+    "mean_logprob",  # mean engine logprob of the generated tokens on the path (0 at the root): policy confidence
+)
+_SEARCH = re.compile(r"<search>", re.IGNORECASE)
+_ANSWER = re.compile(r"<answer>", re.IGNORECASE)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, squeeze whitespace."""
+    return " ".join(_ARTICLES.sub(" ", s.lower().translate(_PUNCT)).split())
+
+
+def _contains_answer(text: str, answers: Sequence[str]) -> bool:
+    hay = f" {normalize_answer(text)} "
+    return any(a and f" {a} " in hay for a in answers)
+
+
+def structural_features(node: TurnNode, tree: RolloutTree) -> list[float]:
+    """Cheap features of the prefix ending at `node`, in the order of STRUCTURAL_FEATURES."""
+    answers = [normalize_answer(a) for a in tree.golden_answers]
+    path = [tree.nodes[i] for i in tree.path(node.node_id)]
+    turns = path[1:]
+    searches = sum(1 for n in turns if _SEARCH.search(n.action_text))
+    invalid = sum(1 for n in turns if not _SEARCH.search(n.action_text) and not _ANSWER.search(n.action_text))
+    seen = any(_contains_answer(n.observation, answers) for n in turns)
+    last = bool(turns) and _contains_answer(node.observation, answers)
+    tokens = sum(len(n.token_ids) for n in path)
+    gen_lp = [lp for n in turns for lp, m in zip(n.logprobs, n.loss_mask, strict=True) if m]
+    return [
+        float(node.depth),
+        float(searches),
+        float(invalid),
+        float(seen),
+        float(last),
+        tokens / 1000.0,
+        len(gen_lp) / 1000.0,
+        float(np.mean(gen_lp)) if gen_lp else 0.0,
+    ]
+
+
+# ---- per-prompt prior -----------------------------------------------------------------------------------------
+
+
+class BetaPrior:
+    """Per-prompt Beta(a0 + s, b0 + f) posterior of past outcomes (s, f: summed rewards and 1 - rewards).
+
+    decay in (0, 1] multiplies a prompt's past counts before each update, so that old outcomes (from an older
+    policy) fade; 1.0 keeps them all.
+    """
+
+    def __init__(self, a0: float = 1.0, b0: float = 1.0, decay: float = 1.0) -> None:
+        assert a0 > 0 and b0 > 0 and 0 < decay <= 1, f"a0={a0} b0={b0} decay={decay}"
+        self.a0, self.b0, self.decay = a0, b0, decay
+        self.counts: dict[str, tuple[float, float]] = {}
+
+    def update(self, prompt_id: str, rewards: Iterable[float]) -> None:
+        rewards = [float(r) for r in rewards]
+        assert all(0.0 <= r <= 1.0 for r in rewards), f"prompt {prompt_id!r}: rewards outside [0, 1]: {rewards}"
+        s, f = self.counts.get(prompt_id, (0.0, 0.0))
+        self.counts[prompt_id] = (self.decay * s + sum(rewards), self.decay * f + sum(1.0 - r for r in rewards))
+
+    def mean(self, prompt_id: str, prior_mean: float | None = None) -> float:
+        """Posterior mean; unseen prompts get the prior mean a0 / (a0 + b0), or `prior_mean` (e.g. the
+        predictor's V(root)) with the same prior strength a0 + b0 when given."""
+        s, f = self.counts.get(prompt_id, (0.0, 0.0))
+        strength = self.a0 + self.b0
+        p = self.a0 / strength if prior_mean is None else float(prior_mean)
+        assert 0.0 <= p <= 1.0, f"prior_mean={prior_mean}"
+        return (p * strength + s) / (strength + s + f)
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self.counts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a0": self.a0, "b0": self.b0, "decay": self.decay, "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.a0, self.b0, self.decay = state["a0"], state["b0"], state["decay"]
+        self.counts = {k: (float(v[0]), float(v[1])) for k, v in state["counts"].items()}
+
+
+# ---- calibration and training data ----------------------------------------------------------------------------
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their positions."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x))
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def calibration(pred: Sequence[float], outcomes: Sequence[float]) -> dict[str, float]:
+    """Brier score (mean squared error against the outcomes as given, fractional or not) and ROC AUC by rank
+    (Mann-Whitney U, ties counted 1/2) with successes = outcome >= SUCCESS_THRESHOLD; auc is nan when only
+    one class is present. Also n, mean_pred, mean_outcome."""
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    y = np.asarray(outcomes, dtype=np.float64).reshape(-1)
+    assert p.shape == y.shape, f"pred {p.shape} vs outcomes {y.shape}"
+    if p.size == 0:
+        return {"brier": math.nan, "auc": math.nan, "n": 0, "mean_pred": math.nan, "mean_outcome": math.nan}
+    pos = y >= SUCCESS_THRESHOLD
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        auc = math.nan
+    else:
+        ranks = _average_ranks(p)
+        auc = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return {
+        "brier": float(np.mean((p - y) ** 2)),
+        "auc": float(auc),
+        "n": int(p.size),
+        "mean_pred": float(p.mean()),
+        "mean_outcome": float(y.mean()),
+    }
+
+
+def collect_training_set(trees: Iterable[RolloutTree], weighting: str = "leaves") -> tuple[Tensor, Tensor, Tensor]:
+    """(features [N, D], targets [N], weights [N]) from every node of backed-up trees that has `features` and a
+    value Vhat. weighting="leaves" (default): weight = n_leaves, the inverse variance of a mean of n Bernoulli
+    outcomes, so a root backed by 16 leaves counts more than a leaf's single draw; "uniform": weight 1."""
+    assert weighting in ("leaves", "uniform"), f"weighting={weighting!r}"
+    feats, targets, weights = [], [], []
+    for tree in trees:
+        for node in tree.nodes:
+            if node.features is None or node.value is None or node.n_leaves == 0:
+                continue
+            assert not feats or len(node.features) == len(feats[0]), (
+                f"prompt {tree.prompt_id!r} node {node.node_id}: {len(node.features)} features, "
+                f"others have {len(feats[0])}"
+            )
+            feats.append(node.features)
+            targets.append(node.value)
+            weights.append(float(node.n_leaves) if weighting == "leaves" else 1.0)
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0), torch.zeros(0)
+    return (
+        torch.tensor(feats, dtype=torch.float32),
+        torch.tensor(targets, dtype=torch.float32),
+        torch.tensor(weights, dtype=torch.float32),
+    )
