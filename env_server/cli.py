@@ -137,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "data":
         from env_server.synthetic import generate_world, write_world
 
-        world = generate_world(seed=args.seed, size=args.size)
-        write_world(world, Path(args.out))
+        try:
+            world = generate_world(seed=args.seed, size=args.size)
+            write_world(world, Path(args.out))
+        except (ValueError, FileExistsError) as e:
+            print(f"trace-env data: {e}", file=sys.stderr)
+            return 2
         counts = {k: len(v) for k, v in world.splits.items()}
         print(f"wrote {len(world.passages)} passages and questions {counts} to {args.out}")
         return 0
