@@ -1,0 +1,146 @@
+"""Tree-aware advantages: hand-computed trees, GRPO equivalence on chains, sample layout and metrics."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from trainer.advantages import (
+    AdvantageConfig,
+    build_training_samples,
+    effective_ratio,
+    node_advantages,
+    node_terms,
+    nonzero_adv_token_frac,
+)
+from trainer.tree import FinishStatus, RolloutTree
+
+DONE = FinishStatus.ANSWERED
+
+
+def turn(tree, parent, n_gen=2, n_obs=1, **attrs):
+    base = 100 + 10 * len(tree.nodes)
+    ids = list(range(base, base + n_gen + n_obs))
+    lps = [-0.1 * (k + 1) for k in range(n_gen)] + [0.0] * n_obs
+    return tree.add_child(parent, ids, [1] * n_gen + [0] * n_obs, lps, **attrs)
+
+
+def hand_tree():
+    """root(0) -> 1 -> {2: r=1, 3 -> {4: r=0, 5: r=0}}; root -> 6: r=1."""
+    t = RolloutTree.new("p", "q", ["a"], [1, 2, 3], "s")
+    turn(t, 0)
+    turn(t, 1, status=DONE, reward=1.0)
+    turn(t, 1)
+    turn(t, 3, status=DONE, reward=0.0)
+    turn(t, 3, n_obs=0, status=FinishStatus.TRUNCATED, reward=0.0)
+    turn(t, 0, status=DONE, reward=1.0)
+    t.backup()
+    return t
+
+
+# Hand computation with population std (ddof 0) and eps 0: rewards (1, 0, 0, 1): mu = .5, sigma = .5.
+# Vhat: root .5, n1 1/3, n2 1, n3 0, n4 0, n5 0, n6 1.
+# outcome (V - .5) / .5:  n1 -1/3, n2 1, n3 -1, n4 -1, n5 -1, n6 1
+# process V - V(parent):  n1 -1/6, n2 2/3, n3 -1/3, n4 0, n5 0, n6 1/2
+HAND = AdvantageConfig(w_outcome=1.0, w_process=1.0, eps=0.0, std_ddof=0)
+EXPECTED_TERMS = {1: (-1 / 3, -1 / 6), 2: (1, 2 / 3), 3: (-1, -1 / 3), 4: (-1, 0), 5: (-1, 0), 6: (1, 1 / 2)}
+EXPECTED_ADV = {1: -0.5, 2: 5 / 3, 3: -4 / 3, 4: -1.0, 5: -1.0, 6: 1.5}
+
+
+def test_hand_computed_terms_and_advantages():
+    t = hand_tree()
+    terms = node_terms(t, HAND)
+    assert terms.keys() == EXPECTED_TERMS.keys()
+    for i, (o, p) in EXPECTED_TERMS.items():
+        assert terms[i] == pytest.approx((o, p)), i
+    assert node_advantages(t, HAND) == pytest.approx(EXPECTED_ADV)
+    # weights: outcome only, process only
+    assert node_advantages(t, AdvantageConfig(w_process=0.0, eps=0.0, std_ddof=0))[3] == pytest.approx(-1.0)
+    assert node_advantages(t, AdvantageConfig(w_outcome=0.0))[2] == pytest.approx(2 / 3)
+    # Dr. GRPO: no std scaling -> outcome = V - mu
+    assert node_terms(t, AdvantageConfig(scale_by_std=False))[6][0] == pytest.approx(0.5)
+
+
+def test_samples_layout_and_shared_prefix_trained_once():
+    t = hand_tree()
+    samples = build_training_samples([t], HAND)
+    assert [s.leaf_id for s in samples] == [2, 4, 5, 6]
+    s = samples[1]  # path 0 -> 1 -> 3 -> 4
+    assert s.input_ids == t.history_ids(4) and len(s) == 3 + 3 * 3
+    assert s.segments == [(0, 0, 3), (1, 3, 6), (3, 6, 9), (4, 9, 12)]
+    assert s.loss_mask == [0, 0, 0] + [1, 1, 0] * 3
+    assert s.advantages == pytest.approx([0, 0, 0, -0.5, -0.5, 0, -4 / 3, -4 / 3, 0, -1, -1, 0])
+    assert s.weights == pytest.approx([0, 0, 0, 1 / 3, 1 / 3, 0, 1 / 2, 1 / 2, 0, 1, 1, 0])
+    assert s.engine_logprobs == pytest.approx([0, 0, 0, -0.1, -0.2, 0, -0.1, -0.2, 0, -0.1, -0.2, 0])
+    assert samples[2].loss_mask[-2:] == [1, 1]  # leaf 5 has no observation tokens
+    # every node's tokens carry total weight 1 over all samples: each node is trained once
+    per_node: dict[int, float] = {}
+    for s in samples:
+        for node_id, a, _end in s.segments[1:]:
+            per_node[node_id] = per_node.get(node_id, 0.0) + s.weights[a]
+    assert per_node == pytest.approx({i: 1.0 for i in range(1, 7)})
+
+
+def grpo(rewards):
+    r = torch.tensor(rewards)
+    return ((r - r.mean()) / (r.std() + 1e-6)).tolist()  # verl's compute_grpo_outcome_advantage
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chain_trees_reproduce_grpo(seed):
+    rng = random.Random(seed)
+    trees, expected = [], []
+    for p in range(4):
+        t = RolloutTree.new(f"p{p}", "q", ["a"], [1, 2], None)
+        rewards = [float(rng.random() < 0.5) for _ in range(5)]
+        for r in rewards:
+            node = t.root
+            for _ in range(rng.randint(0, 3)):
+                node = turn(t, node.node_id)
+            turn(t, node.node_id, status=DONE, reward=r)
+        t.backup()
+        trees.append(t)
+        expected.extend(grpo(rewards))
+    samples = build_training_samples(trees, AdvantageConfig(w_process=0.0))
+    assert len(samples) == len(expected) == 20
+    for s, a in zip(samples, expected, strict=True):
+        trained = [x for x, m in zip(s.advantages, s.loss_mask, strict=True) if m]
+        assert trained == pytest.approx([a] * len(trained), abs=1e-6)
+        assert all(w == 1.0 for w, m in zip(s.weights, s.loss_mask, strict=True) if m)
+
+
+def test_unscored_paths_and_flat_trees():
+    t = RolloutTree.new("p", "q", ["a"], [1], None)
+    a = turn(t, 0)
+    turn(t, a.node_id, status=FinishStatus.ERROR)  # no reward: no sample, no statistics
+    turn(t, a.node_id, status=DONE, reward=1.0)
+    turn(t, 0, status=DONE, reward=1.0)
+    turn(t, 0)  # open, abandoned
+    t.backup()
+    samples = build_training_samples([t], AdvantageConfig())
+    assert [s.leaf_id for s in samples] == [3, 4]
+    assert all(x == 0.0 for s in samples for x in s.advantages)  # all rewards equal: no signal at all
+    assert nonzero_adv_token_frac(samples) == 0.0
+    assert effective_ratio([t]) == 0.0
+
+
+def test_metrics():
+    mixed = hand_tree()
+    assert nonzero_adv_token_frac(build_training_samples([mixed], HAND)) == 1.0
+    # the chain below node 3 gives zero process terms; with w_outcome 0 nodes 4, 5 (weight 1 each, 2 tokens)
+    # are zero; nodes 1, 2, 3, 6 are not: nonzero weight = 2 * (1 + 1 + 1 + 1) = 8 of 12 tokens' weight
+    frac = nonzero_adv_token_frac(build_training_samples([mixed], AdvantageConfig(w_outcome=0.0)))
+    assert frac == pytest.approx(8 / 12)
+    flat = RolloutTree.new("f", "q", ["a"], [1], None)
+    turn(flat, 0, status=DONE, reward=0.0)
+    flat.backup()
+    assert effective_ratio([mixed, flat]) == 0.5
+    assert math.isnan(effective_ratio([])) and math.isnan(nonzero_adv_token_frac([]))
+
+
+def test_requires_backup():
+    t = hand_tree()
+    t.add_child(0, [9], [1], [-0.1], status=DONE, reward=0.0)  # new leaf, not backed up yet
+    with pytest.raises(AssertionError, match="backup"):
+        node_terms(t, AdvantageConfig())
