@@ -1,0 +1,226 @@
+"""The trainer's one typed config: sections of documented fields, loaded from TOML, overridden from
+the command line.
+
+Sources, later wins: field defaults (= the embedded CPU demo) < `--config FILE.toml` (one table per
+section: `[run]`, `[model]`, `[engine]`, `[env]`, `[rollout]`, `[allocation]`, `[predictor]`,
+`[advantage]`, `[optim]`, `[sft]`) < `--set section.field=value` < the named flags (`--steps`,
+`--output-dir`, `--allocator`, `--model`, `--engine`, `--engine-url`, `--env-url`). Unknown keys are
+errors. `TrainConfig.validate()` holds the cross-section checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from trainer.advantages import AdvantageConfig
+from trainer.allocation import ALLOCATORS, AllocationConfig
+from trainer.rollout import RolloutConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "cpu-demo"
+    """Run name; outputs go to `output_dir` (default runs/<name>)."""
+    output_dir: str | None = None
+    """Where metrics.jsonl, checkpoints, trees and plots go."""
+    steps: int = 40
+    """RL steps."""
+    seed: int = 0
+    """Seeds data order, sampling rngs, the predictor and the tiny model."""
+    prompts_per_step: int = 16
+    """B: the candidate pool of prompts drawn each step (stage 1 picks among them)."""
+    max_staleness: int = 0
+    """Rollouts for step t+1 may start while step t trains when >= 1 (0 = fully on-policy)."""
+    eval_every: int = 10
+    """Evaluate on the eval split every this many steps (0 = never; always once at the end when > 0)."""
+    eval_size: int = 64
+    """Questions of the eval split per evaluation."""
+    save_every: int = 10
+    """Checkpoint every this many steps (and at the end)."""
+    save_trees: bool = False
+    """Write every step's rollout trees to trees/step_XXXX.jsonl for inspection and replay."""
+    plot: bool = True
+    """Write PNG plots of the metrics at the end."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """A Hugging Face model folder (e.g. a Qwen3 checkpoint). None = the tiny model, built if missing."""
+    tiny_dir: str | None = None
+    """Where the tiny model is built/cached (default $TRACE_CACHE_DIR/tiny-model-s<seed>)."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
+    mixed_precision: str = "auto"
+    """accelerate's mixed precision: "auto" (bf16 on CUDA, no on CPU), "no", "bf16", "fp16"."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EngineConfig:
+    type: str = "cpu"
+    """"cpu": launch our CPU engine (`trace-engine serve`); "sglang": launch SGLang; "url": attach to `urls`."""
+    urls: list[str] = field(default_factory=list)
+    """Engine base URLs to attach to (type "url"); several = trees spread by load, sticky per tree."""
+    num_servers: int = 1
+    """Engines to launch (types cpu/sglang), on consecutive ports from `port`."""
+    port: int = 0
+    """First port for launched engines (0 = free ports)."""
+    extra_args: list[str] = field(default_factory=list)
+    """Extra command-line arguments for launched engines (e.g. ["--mem-fraction-static", "0.7"])."""
+    max_batch: int = 64
+    """CPU engine: sequences decoded together."""
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class EnvConfig:
+    url: str | None = None
+    """Env server URL. None = start `trace-env serve` as a child process on the synthetic world."""
+    token: str | None = None
+    """Bearer token for the env server (or env TRACE_AUTH_TOKEN)."""
+    dataset: str = "synthetic"
+    train_split: str = "train"
+    eval_split: str = "dev"
+    max_turns: int = 4
+    """Turns per episode asked of the env server (capped by its own --max-turns)."""
+    synthetic_size: int = 300
+    """Size of the synthetic world when the env server is started here."""
+
+
+@dataclass
+class PredictorConfig:
+    hidden: int = 64
+    """Width of the predictor MLP."""
+    lr: float = 3e-3
+    epochs: int = 30
+    """Full-batch epochs per refit (every step, before the policy update)."""
+    use_hidden_state: bool = True
+    """Input = the policy's last hidden state at the prefix end + structural features (else structural only)."""
+    prior_a: float = 1.0
+    prior_b: float = 1.0
+    """Beta(a, b) prior of a prompt's success rate, for roots never seen before."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; gradients accumulate over the step's samples."""
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = 0.28
+    """Asymmetric upper clip (DAPO's clip-higher); None = clip_eps."""
+    tis_cap: float = 2.0
+    """Truncated importance sampling cap for engine/trainer logprob mismatch."""
+    kl_coef: float = 0.0
+    """k3 KL to the initial policy (0 = no reference model kept)."""
+    ppo_epochs: int = 1
+    """Passes over each step's samples (1 = on-policy, the PPO ratio is 1 and clipping is idle)."""
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    """Warm-start the tiny model by SFT on oracle trajectories (cached), so the action format is known."""
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 16
+    max_examples: int = 2000
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or Path("runs") / self.run.name)
+
+    def validate(self) -> TrainConfig:
+        """Cross-section checks; raise ValueError saying what to change."""
+        if self.allocation.type not in ALLOCATORS:
+            raise ValueError(f"allocation.type {self.allocation.type!r} not in {sorted(ALLOCATORS)}")
+        if self.engine.type not in ("cpu", "sglang", "url"):
+            raise ValueError(f"engine.type must be cpu, sglang or url, got {self.engine.type!r}")
+        if self.engine.type == "url" and not self.engine.urls:
+            raise ValueError("engine.type 'url' needs engine.urls (or --engine-url URL)")
+        if self.run.steps < 0 or self.run.prompts_per_step < 1:
+            raise ValueError(f"run.steps={self.run.steps} must be >= 0 and prompts_per_step >= 1")
+        if self.allocation.m_max * self.run.prompts_per_step < self.allocation.root_budget:
+            raise ValueError(
+                f"allocation.root_budget {self.allocation.root_budget} cannot be spent: prompts_per_step "
+                f"{self.run.prompts_per_step} x m_max {self.allocation.m_max} is smaller"
+            )
+        if self.run.max_staleness < 0:
+            raise ValueError(f"run.max_staleness must be >= 0, got {self.run.max_staleness}")
+        if self.rollout.max_new_tokens + self.rollout.min_turn_tokens > self.rollout.max_context_tokens:
+            raise ValueError("rollout.max_context_tokens must exceed max_new_tokens + min_turn_tokens")
+        return self
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _coerce(value: str, typ: Any) -> Any:
+    """A command-line string as the field's type (TOML syntax for lists/bools/numbers)."""
+    if typ is str or typ == "str":
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value  # a bare string for an Optional[str] field
+
+
+def apply_section(obj: Any, values: dict[str, Any], where: str) -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{where}: unknown key {key!r}; known: {sorted(names)}")
+        setattr(obj, key, value)
+
+
+def load_train_config(path: str | Path | None = None, sets: list[str] | None = None) -> TrainConfig:
+    """Defaults < TOML file < `section.field=value` overrides. Re-runs each section's own checks."""
+    cfg = TrainConfig()
+    if path is not None:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        for section, values in raw.items():
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise ValueError(f"{path}: unknown section [{section}]; sections: {list(SECTIONS)}")
+            apply_section(getattr(cfg, section), values, f"{path} [{section}]")
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in SECTIONS:
+            raise ValueError(f"--set {item!r}: expected section.field=value with section in {list(SECTIONS)}")
+        obj = getattr(cfg, section)
+        hints = get_type_hints(type(obj))
+        if name not in hints:
+            raise ValueError(f"--set {item!r}: [{section}] has no field {name!r}; fields: {sorted(hints)}")
+        setattr(obj, name, _coerce(value, hints[name]))
+    for section in SECTIONS:  # re-run __post_init__ checks after overrides
+        obj = getattr(cfg, section)
+        if hasattr(obj, "__post_init__"):
+            obj.__post_init__()
+    return cfg.validate()
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

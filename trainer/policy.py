@@ -1,0 +1,188 @@
+"""The policy being trained: model + optimizer prepared by accelerate, and the three things the loop
+asks of it — prefix features for the predictor, an RL update on tree samples, an SFT update — plus
+weight export for the engine.
+
+accelerate owns device placement, mixed precision, DDP/FSDP and gradient accumulation, so the same
+code runs on a laptop CPU (fp32) and under `accelerate launch` on GPUs (bf16). Gradients are
+accumulated over the whole step's samples (micro-batches of `micro_batch_size` sequences) and the
+loss of each micro-batch is scaled by its share of the step's weighted tokens, so one optimizer
+step sees the token-mean loss over everything sampled, whatever the batching.
+
+A `threading.Lock` guards the weights: the loop may run the update in a worker thread while rollout
+features for the next step are computed, and neither may see half-updated weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.advantages import TrainSample
+from trainer.config import ModelConfig, OptimConfig
+from trainer.loss import policy_loss, sequence_logprobs
+
+
+def _pad(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(list(s), dtype=dtype)
+    return out.to(device)
+
+
+class Policy:
+    def __init__(
+        self, model_path: str | Path, mcfg: ModelConfig, ocfg: OptimConfig, *, seed: int = 0, temperature: float = 1.0
+    ) -> None:
+        cpu = mcfg.device == "cpu" or (mcfg.device == "auto" and not torch.cuda.is_available())
+        mp = mcfg.mixed_precision
+        if mp == "auto":
+            mp = "no" if cpu else "bf16"
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+        torch.manual_seed(seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        if mcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.ocfg = ocfg
+        opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, weight_decay=ocfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, opt)
+        self.lock = threading.Lock()
+        # Logprobs are taken under the sampling temperature, the distribution the engine sampled from.
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.ref_model = None
+        if ocfg.kl_coef > 0:  # a frozen copy of the starting policy for the KL term
+            ref = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+            self.ref_model = ref.requires_grad_(False)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    # ------------------------------------------------------------------ predictor features
+    @torch.no_grad()
+    def hidden_at(
+        self, seqs: Sequence[list[int]], positions: Sequence[list[int]], batch: int = 16
+    ) -> list[torch.Tensor]:
+        """Last-layer hidden state at each given position of each sequence: one [len(pos_i), H] float32
+        tensor per sequence (CPU). One forward per sequence, batched; no gradient."""
+        out: list[torch.Tensor] = []
+        with self.lock:
+            self.model.eval()
+            for i in range(0, len(seqs), batch):
+                chunk = seqs[i : i + batch]
+                ids = _pad(chunk, self.pad_id, torch.long, self.device)
+                att = _pad([[1] * len(s) for s in chunk], 0, torch.long, self.device)
+                with self.accelerator.autocast():
+                    h = self.model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
+                for j, pos in enumerate(positions[i : i + batch]):
+                    out.append(h[j, torch.tensor(pos, device=h.device)].float().cpu())
+            self.model.train()
+        return out
+
+    # ------------------------------------------------------------------ RL update
+    def rl_update(self, samples: Sequence[TrainSample]) -> dict[str, float]:
+        """One optimizer step per PPO epoch over all samples; returns averaged loss metrics."""
+        if not samples:
+            return {"loss": 0.0, "trained_tokens": 0.0}
+        total_w = sum(sum(s.weights) for s in samples)
+        assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
+        mb = self.ocfg.micro_batch_size
+        agg: dict[str, float] = {}
+        with self.lock:
+            self.model.train()
+            old: list[torch.Tensor | None] = [None] * len(samples)
+            for epoch in range(self.ocfg.ppo_epochs):
+                self.optimizer.zero_grad(set_to_none=True)
+                for i in range(0, len(samples), mb):
+                    chunk = samples[i : i + mb]
+                    ids = _pad([s.input_ids for s in chunk], self.pad_id, torch.long, self.device)
+                    att = _pad([[1] * len(s) for s in chunk], 0, torch.long, self.device)
+                    # sequence_logprobs()[b, t] is the logprob of token t, so per-token tensors align as they are.
+                    mask = _pad([s.loss_mask for s in chunk], 0, torch.float32, self.device)
+                    adv = _pad([s.advantages for s in chunk], 0.0, torch.float32, self.device)
+                    w = _pad([s.weights for s in chunk], 0.0, torch.float32, self.device)
+                    eng = _pad([s.engine_logprobs for s in chunk], 0.0, torch.float32, self.device)
+                    with self.accelerator.autocast():
+                        logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature)
+                    logp = logp.float()
+                    if epoch == 0:
+                        for j in range(len(chunk)):
+                            old[i + j] = logp[j].detach()
+                    old_lp = torch.stack([old[i + j] for j in range(len(chunk))])  # type: ignore[misc]
+                    ref_lp = None
+                    if self.ref_model is not None:
+                        with torch.no_grad(), self.accelerator.autocast():
+                            ref_lp = sequence_logprobs(self.ref_model, ids, att, temperature=self.temperature).float()
+                    loss, m = policy_loss(
+                        logp,
+                        old_lp,
+                        eng,
+                        adv,
+                        w,
+                        mask,
+                        clip_eps=self.ocfg.clip_eps,
+                        clip_eps_high=self.ocfg.clip_eps_high,
+                        tis_cap=self.ocfg.tis_cap,
+                        kl_coef=self.ocfg.kl_coef,
+                        ref_logp=ref_lp,
+                    )
+                    share = float((w * mask).sum()) / total_w
+                    self.accelerator.backward(loss * share)
+                    for k, v in m.items():
+                        agg[k] = agg.get(k, 0.0) + float(v) * share / self.ocfg.ppo_epochs
+                    agg["loss"] = agg.get("loss", 0.0) + float(loss) * share / self.ocfg.ppo_epochs
+                gn = self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
+                agg["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
+                self.optimizer.step()
+        agg["trained_tokens"] = float(sum(sum(s.loss_mask) for s in samples))
+        return agg
+
+    # ------------------------------------------------------------------ SFT
+    def sft_update(self, input_ids: Sequence[list[int]], loss_mask: Sequence[list[int]]) -> float:
+        """One optimizer step of next-token cross-entropy on the mask-1 tokens; returns the loss."""
+        with self.lock:
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            ids = _pad(input_ids, self.pad_id, torch.long, self.device)
+            att = _pad([[1] * len(s) for s in input_ids], 0, torch.long, self.device)
+            mask = _pad(loss_mask, 0, torch.float32, self.device)
+            with self.accelerator.autocast():
+                logp = sequence_logprobs(self.model, ids, att)
+            loss = -(logp.float() * mask).sum() / mask.sum().clamp(min=1)
+            self.accelerator.backward(loss)
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
+            self.optimizer.step()
+        return float(loss)
+
+    # ------------------------------------------------------------------ weights
+    def save(self, out_dir: str | Path) -> Path:
+        """save_pretrained (safetensors) + tokenizer: a folder an engine can load."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            self.accelerator.wait_for_everyone()
+            model = self.accelerator.unwrap_model(self.model)
+            if self.accelerator.is_main_process:
+                model.save_pretrained(out, safe_serialization=True)
+                self.tokenizer.save_pretrained(out)
+        return out
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)

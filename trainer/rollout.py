@@ -1,0 +1,194 @@
+"""The token-level ReAct agent loop that grows rollout trees (DESIGN §3 "Token-in/token-out").
+
+Contract:
+- The prompt is chat-templated ONCE (the root's ids). Each turn the policy generates from the exact
+  token ids of its history until a stop token/string (`</search>`, `</answer>`, EOS) or its token
+  cap; the env server is stepped with the text of exactly those tokens; the observation is
+  tokenized on its own and appended with loss mask 0. No history is ever detokenized and
+  re-tokenized, so the ids trained on are the ids sampled.
+- Branching from any node = `POST /v1/snapshots/{node.snapshot_id}/episodes {n: k}` on the env
+  server + generation from `tree.history_ids(node)`; every request of one tree carries the tree's
+  route key, so one engine serves it and its radix/prefix cache holds the shared prefixes.
+- Limits end an episode cleanly: the env's max turns -> TRUNCATED; a history that cannot fit
+  another turn in `max_context_tokens` -> TRUNCATED (reward 0). Engine aborts (a weight update
+  with pause mode "abort") are retried from the same prefix; engine/env failures raise.
+- Every tree's `Ledger` counts leaves, generated tokens, prefill tokens, cached prefill tokens
+  and env calls, so allocators are compared at equal, measured cost.
+- Concurrency is bounded by one semaphore over branches in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from shared.client import EnvClient
+from shared.engine_protocol import SamplingParams
+from shared.wire import EnvError
+from trainer.engine_client import EngineClient, Generation
+from trainer.tree import FinishStatus, RolloutTree
+
+STOP_TAGS = ("</search>", "</answer>")
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 160
+    """Token cap of one turn's generation (Search-R1 uses 500 on 7B models)."""
+    max_context_tokens: int = 2048
+    """A history that cannot fit another `min_turn_tokens` ends the episode as truncated."""
+    min_turn_tokens: int = 32
+    """Smallest room a turn needs (its action plus the start of an observation)."""
+    temperature: float = 1.0
+    """Sampling temperature; the logprobs the engine returns are of this distribution."""
+    top_p: float = 1.0
+    top_k: int = -1
+    max_concurrency: int = 64
+    """Branches (episodes) generating at once over all trees."""
+    abort_retries: int = 3
+    """Times a generation aborted by a weight update is re-sent before the branch is marked ERROR."""
+
+
+class StopSpec:
+    """How generation stops at the end of an action: single-token tags -> stop_token_ids (works on an
+    SGLang server without a tokenizer); multi-token tags (e.g. Qwen3's) -> stop strings."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TAGS]
+        single = all(isinstance(i, int) and i != tokenizer.unk_token_id and i is not None for i in ids) and all(
+            tokenizer.encode(t, add_special_tokens=False) == [i] for t, i in zip(STOP_TAGS, ids, strict=True)
+        )
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.stop_token_ids = (ids if single else []) + eos
+        self.stop = None if single else list(STOP_TAGS)
+
+
+class RolloutRunner:
+    """Grows rollout trees against one env server and one engine client."""
+
+    def __init__(self, env: EnvClient, engine: EngineClient, tokenizer: Any, cfg: RolloutConfig) -> None:
+        self.env = env
+        self.engine = engine
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.stop = StopSpec(tokenizer)
+        self._sem = asyncio.Semaphore(cfg.max_concurrency)
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        c = self.cfg
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            stop=self.stop.stop,
+            stop_token_ids=self.stop.stop_token_ids,
+            skip_special_tokens=False,
+            no_stop_trim=True,
+        )
+
+    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict):  # transformers 5 may answer a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    async def new_tree(self, dataset: str, split: str, index: int, **meta: Any) -> RolloutTree:
+        """Create the env episode for a prompt and a tree holding its root (no rollouts yet)."""
+        ep = await self.env.create(dataset=dataset, split=split, index=index)
+        messages = [{"role": m.role, "content": m.content} for m in ep.messages]
+        tree = RolloutTree.new(
+            prompt_id=ep.question_id or f"{dataset}/{split}/{index}",
+            question=ep.prompt,
+            golden_answers=[],
+            prompt_ids=self.encode_prompt(messages),
+            snapshot_id=ep.snapshot_id,
+            dataset=dataset,
+            split=split,
+            index=index,
+            **ep.metadata,
+            **meta,
+        )
+        tree.ledger.env_calls += 2
+        await self.env.delete(ep.episode_id)  # every rollout starts from the root snapshot instead
+        return tree
+
+    async def expand(self, tree: RolloutTree, node_id: int, k: int) -> list[int]:
+        """Run k continuations from `node_id` to their ends; returns the new leaves' ids."""
+        if k <= 0:
+            return []
+        node = tree.nodes[node_id]
+        assert node.snapshot_id is not None, f"node {node_id} of {tree.prompt_id} has no env snapshot to fork"
+        assert node.status == FinishStatus.OPEN, f"node {node_id} of {tree.prompt_id} is finished ({node.status})"
+        eids = (await self.env.episodes_from_snapshot(node.snapshot_id, k)).episode_ids
+        tree.ledger.env_calls += 1
+        return list(await asyncio.gather(*(self._branch(tree, node_id, eid) for eid in eids)))
+
+    async def _generate(self, tree: RolloutTree, ids: list[int], max_new: int) -> Generation:
+        for _ in range(self.cfg.abort_retries + 1):
+            gen = await self.engine.generate(ids, self.sampling(max_new), route_key=tree.prompt_id)
+            tree.ledger.prefill_tokens += gen.prompt_tokens
+            tree.ledger.cached_prefill_tokens += gen.cached_tokens
+            tree.ledger.generated_tokens += len(gen.output_ids)
+            if not gen.aborted:
+                return gen
+        return gen
+
+    async def _branch(self, tree: RolloutTree, start: int, episode_id: str) -> int:
+        """One episode from node `start` to its end; every turn becomes a node. Returns the leaf id."""
+        cur = start
+        async with self._sem:
+            try:
+                while True:
+                    hist = tree.history_ids(cur)
+                    room = self.cfg.max_context_tokens - len(hist)
+                    gen = await self._generate(tree, hist, min(self.cfg.max_new_tokens, room))
+                    out = gen.output_ids
+                    if gen.aborted:
+                        node = tree.add_child(cur, out, [1] * len(out), list(gen.logprobs), status=FinishStatus.ERROR)
+                        node.info["error"] = f"generation aborted {self.cfg.abort_retries + 1} times"
+                        tree.ledger.leaves += 1
+                        return node.node_id
+                    action = self.tok.decode(out, skip_special_tokens=True)
+                    res = await self.env.step(episode_id, action=action)
+                    tree.ledger.env_calls += 1
+                    obs_ids = self.tok.encode(res.observation, add_special_tokens=False) if res.observation else []
+                    status = FinishStatus.OPEN
+                    if res.done:
+                        status = FinishStatus.TRUNCATED if res.truncated else FinishStatus.ANSWERED
+                    elif len(hist) + len(out) + len(obs_ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:
+                        status = FinishStatus.TRUNCATED  # no room for another turn: end cleanly, reward 0
+                    reward = res.reward if status == FinishStatus.ANSWERED else 0.0
+                    node = tree.add_child(
+                        cur,
+                        out + obs_ids,
+                        [1] * len(out) + [0] * len(obs_ids),
+                        list(gen.logprobs) + [0.0] * len(obs_ids),
+                        snapshot_id=res.snapshot_id,
+                        status=status,
+                        reward=None if status == FinishStatus.OPEN else reward,
+                        info={**res.info, "finish_reason": gen.finish_type},
+                        action_text=action,
+                        observation=res.observation,
+                        weight_version=_version(gen.weight_version),
+                    )
+                    if res.done and "golden_answers" in res.info and not tree.golden_answers:
+                        tree.golden_answers = list(res.info["golden_answers"])
+                    if status != FinishStatus.OPEN:
+                        tree.ledger.leaves += 1
+                        return node.node_id
+                    cur = node.node_id
+            finally:
+                # Release the episode; a failure here must not hide the error that ended the branch.
+                with contextlib.suppress(EnvError, ConnectionError):
+                    await self.env.delete(episode_id)
+                    tree.ledger.env_calls += 1
+
+
+def _version(v: str | None) -> int:
+    try:
+        return int(v) if v is not None else 0
+    except ValueError:
+        return 0

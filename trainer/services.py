@@ -1,0 +1,92 @@
+"""The processes a training run needs besides itself: the env server and the engine(s), each either
+attached by URL or launched here as a child process that is stopped on exit (Ctrl-C included), and
+the model folder (the tiny model is built once and cached; the SFT warm start too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+
+from trainer.config import TrainConfig
+from trainer.sglang_launcher import SGLangServer, free_port, launch_engine, url_for
+
+log = structlog.get_logger("trainer")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRACE_CACHE_DIR") or Path.home() / ".cache" / "trace")
+
+
+@contextlib.asynccontextmanager
+async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
+    """Yield the env server URL: cfg.env.url, or a `trace-env serve` child on the synthetic world."""
+    if cfg.env.url:
+        yield cfg.env.url
+        return
+    port = free_port()
+    cmd = [sys.executable, "-m", "env_server", "serve", "--port", str(port), "--max-turns", str(cfg.env.max_turns)]
+    cmd += ["--synthetic-size", str(cfg.env.synthetic_size), "--log-level", "warning"]
+    proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_dir / "env_server.log", ready_path="/health")
+    async with proc:
+        log.info("env server started", url=proc.url, log=str(log_dir / "env_server.log"))
+        yield proc.url
+
+
+@contextlib.asynccontextmanager
+async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIterator[list[str]]:
+    """Yield engine URLs: attached (type url), or launched CPU engines / SGLang servers serving `model_dir`."""
+    e = cfg.engine
+    if e.type == "url":
+        yield list(e.urls)
+        return
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for i in range(e.num_servers):
+            port = e.port + i if e.port else free_port()
+            log_path = log_dir / f"engine_{i}.log"
+            if e.type == "sglang":
+                proc = SGLangServer(model_dir, port=port, extra_args=e.extra_args, log_path=log_path)
+            else:
+                cmd = [sys.executable, "-m", "trainer.engine_server.cli", "serve", "--model", str(model_dir)]
+                cmd += ["--port", str(port), "--max-batch", str(e.max_batch), *e.extra_args]
+                proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_path)
+            proc.startup_timeout_s = e.startup_timeout_s
+            await stack.enter_async_context(proc)
+            log.info("engine started", type=e.type, url=proc.url, log=str(log_path))
+            urls.append(proc.url)
+        yield urls
+
+
+def tiny_model_dir(cfg: TrainConfig) -> Path:
+    """The tiny model's folder, built (seconds, no download) when missing."""
+    from trainer.tiny_model import build_tiny_model
+
+    d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / f"tiny-model-s{cfg.run.seed}"
+    if not (d / "config.json").exists():
+        log.info("building the tiny model", dir=str(d))
+        build_tiny_model(d, seed=cfg.run.seed)
+    return d
+
+
+def sft_dir(cfg: TrainConfig, base: Path) -> Path:
+    """Cache folder of the SFT warm start of `base`, keyed by everything that changes its result."""
+    key = json.dumps(
+        {
+            "base": str(base.resolve()),
+            "sft": vars(cfg.sft),
+            "max_turns": cfg.env.max_turns,
+            "size": cfg.env.synthetic_size,
+            "ctx": cfg.rollout.max_context_tokens,
+            "seed": cfg.run.seed,
+        },
+        sort_keys=True,
+    )
+    return cache_dir() / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
