@@ -1,0 +1,144 @@
+"""Token-level policy loss (PPO-clip with truncated importance sampling) and per-token logprobs.
+
+Alignment convention, used by every per-token tensor here and in `trainer.advantages.TrainSample`: position t
+holds the quantity *of token input_ids[t]* (its logprob given input_ids[:t], its advantage, its weight, its
+loss mask). `sequence_logprobs` returns [B, T] in that layout, with 0.0 at t = 0 (no context predicts the first
+token) and at padding. Batches are right-padded (the model derives position ids 0..T-1); one row holds one
+sequence (no packing).
+
+Which logprobs go where:
+- `logp`: the policy being trained, with grad (`sequence_logprobs` on the current weights);
+- `old_logp`: the trainer's logprobs of the weights that generated the rollout (PPO's pi_old), recomputed by
+  the trainer; equal to `logp.detach()` on the first minibatch of a fully on-policy step. A trainer that skips
+  the recomputation may pass the engine's logprobs here: the ratio is then taken against the engine and the
+  TIS weight is 1;
+- `engine_logp`: the engine's sampling logprobs (SGLang `output_token_logprobs`), from `TrainSample`.
+The engine and the trainer compute the same distribution with different kernels and precision, so
+pi_old != pi_engine; the truncated importance sampling weight min(pi_old / pi_engine, tis_cap), detached,
+corrects the policy gradient for sampling from pi_engine (Yao et al., 2025, "Your efficient RL framework
+secretly brings you off-policy RL training"). It multiplies the PPO term only, not the KL term.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# log-ratios are clamped to +-LOG_RATIO_CLAMP before exp, so that a broken token (e.g. a padding id the engine
+# never sampled) yields a large but finite ratio instead of inf * 0 = nan.
+LOG_RATIO_CLAMP = 20.0
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    engine_logp: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    tis_cap: float | None = 2.0,
+    kl_coef: float = 0.0,
+    ref_logp: Tensor | None = None,
+    denom: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clip loss, token-mean over the weighted trained tokens: sum(w * m * l) / sum(w * m) with
+    l = TIS * max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_eps_high)) + kl_coef * k3(ref || pi).
+
+    All inputs are [B, T] (or any equal shape). clip_eps_high defaults to clip_eps (set it higher for DAPO's
+    clip-higher). tis_cap=None disables TIS. k3(ref || pi) = exp(ref - logp) - (ref - logp) - 1 (Schulman's
+    unbiased, non-negative estimator). Returns (loss, metrics): clip_frac (share of trained tokens whose
+    clipped term is active), tis_mean, tis_clip_frac (share where pi_old / pi_engine > tis_cap), approx_kl
+    (k3 between pi_old and pi), logprob_diff (mean |old_logp - engine_logp|), kl_ref (when ref_logp is given),
+    tokens (the summed weight). With no trained token the loss is a zero that still has a graph.
+
+    denom: the summed weight of trained tokens over the whole optimiser step (all micro-batches of gradient
+    accumulation, all ranks), so that the step's gradient is one token mean rather than a mean of per-batch
+    means; default: this call's own sum(w * m). Metrics always use this call's own sum."""
+    shape = logp.shape
+    for name, x in (
+        ("old_logp", old_logp),
+        ("engine_logp", engine_logp),
+        ("advantages", advantages),
+        ("weights", weights),
+        ("mask", mask),
+    ):
+        assert x.shape == shape, f"{name} has shape {tuple(x.shape)}, logp has {tuple(shape)}"
+    assert clip_eps >= 0 and (tis_cap is None or tis_cap > 0), f"clip_eps={clip_eps} tis_cap={tis_cap}"
+    on = mask.bool() & (weights > 0)
+    w = torch.where(on, weights.to(logp.dtype), torch.zeros_like(logp))
+    w_sum = w.sum()
+    zero = torch.zeros_like(logp)
+    old = old_logp.detach().to(logp.dtype)
+    adv = torch.where(on, advantages.to(logp.dtype), zero)
+
+    log_ratio = torch.where(on, logp - old, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + hi)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+
+    with torch.no_grad():
+        log_tis = torch.where(on, old - engine_logp.to(logp.dtype), zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        raw_tis = torch.exp(log_tis)
+        tis = raw_tis if tis_cap is None else raw_tis.clamp(max=tis_cap)
+    per_token = tis * pg
+
+    kl_ref = None
+    if kl_coef != 0.0 or ref_logp is not None:
+        assert ref_logp is not None, "kl_coef != 0 needs ref_logp"
+        assert ref_logp.shape == shape, f"ref_logp has shape {tuple(ref_logp.shape)}, logp has {tuple(shape)}"
+        d = torch.where(on, ref_logp.detach().to(logp.dtype) - logp, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl_ref = torch.exp(d) - d - 1.0
+        per_token = per_token + kl_coef * kl_ref
+
+    own = w_sum.clamp_min(1e-12)  # this call's token-mean denominator
+    if denom is not None:
+        assert float(denom) > 0, f"denom={denom}"
+        loss = (per_token * w).sum() / denom
+    else:
+        loss = (per_token * w).sum() / own
+
+    with torch.no_grad():
+        stats = [
+            ((pg_clipped > pg_unclipped).to(w.dtype) * w).sum() / own,
+            (tis * w).sum() / own,
+            ((raw_tis > tis_cap).to(w.dtype) * w).sum() / own if tis_cap is not None else zero.sum(),
+            (((ratio - 1.0) - log_ratio) * w).sum() / own,
+            ((old - engine_logp.to(logp.dtype)).abs() * w).sum() / own,
+            (kl_ref.detach() * w).sum() / own if kl_ref is not None else zero.sum(),
+            w_sum,
+        ]
+        values = torch.stack([s.float() for s in stats]).tolist()
+    names = ["clip_frac", "tis_mean", "tis_clip_frac", "approx_kl", "logprob_diff", "kl_ref", "tokens"]
+    metrics = dict(zip(names, values, strict=True))
+    if kl_ref is None:
+        del metrics["kl_ref"]
+    return loss, metrics
+
+
+def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """out[b, t] = log p(input_ids[b, t] | input_ids[b, :t]) under `model` (logits / temperature), for t >= 1;
+    0.0 at t = 0 and at padding. [B, T] float32, with grad when the model has it. Rows must be right-padded.
+
+    The log-softmax is taken one row at a time in float32, so at most one row's [T, V] float32 logits exist
+    besides the model's own output."""
+    assert input_ids.shape == attention_mask.shape and input_ids.ndim == 2, (
+        f"input_ids {tuple(input_ids.shape)} vs attention_mask {tuple(attention_mask.shape)}"
+    )
+    assert temperature > 0, f"temperature={temperature}"
+    am = attention_mask.long()
+    assert (am[:, 1:] <= am[:, :-1]).all(), "attention_mask is not right-padded (a 0 precedes a 1 in some row)"
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+    rows = []
+    for b in range(input_ids.shape[0]):
+        lg = logits[b, :-1].float()
+        if temperature != 1.0:
+            lg = lg / temperature
+        tgt = input_ids[b, 1:].unsqueeze(-1)
+        rows.append(lg.gather(-1, tgt).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    lp = torch.stack(rows) if rows else logits.new_zeros(0, max(input_ids.shape[1] - 1, 0)).float()
+    lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
+    return lp * am.to(lp.dtype)
