@@ -36,7 +36,8 @@ from trainer.tree import SUCCESS_THRESHOLD, RolloutTree, TurnNode
 def _intra_op_threads(n: int | None) -> Iterator[None]:
     """Run a block with n torch intra-op threads, then restore. A 64-wide MLP gains nothing from threads, and on a
     loaded host their synchronisation makes each step ~10x slower (measured: 8 s -> 0.6 s for 240 steps on 2 busy
-    cores). torch's setting is process-wide: do not fit while another thread runs torch work."""
+    cores). With torch's default OpenMP backend the setting belongs to the calling thread (checked: a worker
+    thread's set_num_threads leaves the main thread's count alone); other backends make it process-wide."""
     before = torch.get_num_threads()
     if n is None or n == before:
         yield
