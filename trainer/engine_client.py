@@ -407,14 +407,16 @@ class EngineClient:
     async def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.5) -> None:
         """Wait until every server passes `/health_generate`; raise `EngineUnavailable` naming the others."""
         deadline = time.monotonic() + timeout_s
+        polls = 0
         while True:
+            polls += 1
             remaining = deadline - time.monotonic()
             status = await self.health(timeout_s=max(1.0, min(30.0, remaining)))
             down = [u for u, ok in status.items() if not ok]
             if not down:
                 return
             if time.monotonic() + poll_s > deadline:
-                raise EngineUnavailable(", ".join(down), 0, f"/health_generate not OK within {timeout_s:g}s")
+                raise EngineUnavailable(", ".join(down), polls, f"/health_generate not OK within {timeout_s:g}s")
             await asyncio.sleep(poll_s)
 
     async def flush_cache(self, timeout_s: float = 60.0, poll_s: float = 0.5) -> None:
