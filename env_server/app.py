@@ -386,7 +386,7 @@ METRICS = web.AppKey("metrics", ServerMetrics)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 RESOURCES = web.AppKey("resources", Resources)
 
-_OPEN_ROUTES = ("/health",)
+_OPEN_ROUTES = ("/health", "/openapi.json")  # liveness and API discovery need no token
 
 
 def _fmt(request: web.Request) -> str:
@@ -541,6 +541,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/v1/batch", batch)
     r.add_post("/retrieve", retrieve)
     r.add_get("/metrics", metrics)
+    from env_server.openapi import openapi_json  # imported here: env_server.openapi imports this module
+
+    r.add_get("/openapi.json", openapi_json)
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle

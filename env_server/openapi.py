@@ -1,0 +1,373 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 description of the env server, generated from the wire structs.
+
+What always holds (`tests/test_openapi.py` checks it against the live app):
+- Every route `setup_routes` registers has exactly one entry in `OPERATIONS`, and every entry is a route (HEAD,
+  which aiohttp adds to every GET, is implied and not listed).
+- Request and answer schemas are `msgspec.json.schema_components` of the structs in `shared.wire`, the same
+  structs the server decodes and encodes with, so the description cannot drift from the code. Only shapes the
+  handlers build by hand (`/health`, `/retrieve` without scores, the empty snapshot body, a batch result item)
+  are written out here, and real answers are validated against them.
+- Each operation lists the error statuses it can answer, each with the one error shape
+  `{"error": {"code", "message"}}` (`ErrorBody`). JSON and MessagePack carry the same schema; the answer uses
+  the request's format unless `Accept` says otherwise (DESIGN §2).
+- `/openapi.json` and `/health` need no token (a client must be able to discover the API and probe liveness);
+  the document says whether this server requires the bearer token on the other routes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from env_server.app import CONFIG
+from shared.version import API_VERSION, __version__
+from shared.wire import (
+    BatchRequest,
+    BatchResult,
+    CreateEpisode,
+    Deleted,
+    EpisodeCreated,
+    ErrorBody,
+    ForkRequest,
+    ForkResult,
+    Info,
+    RetrieveRequest,
+    RetrieveResult,
+    SnapshotBlob,
+    SnapshotCreated,
+    StepRequest,
+    StepResult,
+)
+
+REF = "#/components/schemas/{name}"
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+BINARY = "binary"  # an application/octet-stream body (a snapshot blob)
+TEXT = "text"  # Prometheus text exposition
+
+STRUCTS: tuple[type, ...] = (
+    CreateEpisode,
+    StepRequest,
+    ForkRequest,
+    BatchRequest,
+    RetrieveRequest,
+    EpisodeCreated,
+    StepResult,
+    ForkResult,
+    SnapshotCreated,
+    Deleted,
+    BatchResult,
+    RetrieveResult,
+    Info,
+    SnapshotBlob,
+    ErrorBody,
+)
+"""Wire structs whose schemas become components (with everything they reference)."""
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(name=name)}
+
+
+HAND_WRITTEN: dict[str, dict[str, Any]] = {
+    "Health": {
+        "title": "Health",
+        "description": "Liveness and load. 200 `ok`; 503 `starting` (resources still loading: only status and "
+        "version) or `shutting_down` (draining: send new work elsewhere).",
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["ok", "starting", "shutting_down"]},
+            "version": {"type": "string"},
+            "api_version": {"type": "integer"},
+            "episodes": {"type": "integer", "description": "live episodes"},
+            "snapshots": {"type": "integer", "description": "live snapshots"},
+            "uptime_s": {"type": "number"},
+            "corpus_id": {"type": "string"},
+            "num_docs": {"type": "integer"},
+        },
+        "required": ["status", "version"],
+    },
+    "RetrieveAnswer": {
+        "title": "RetrieveAnswer",
+        "description": "Search-R1's retriever answer: per query, hits with scores (`return_scores: true`, the "
+        "default) or bare documents (`return_scores: false`).",
+        "anyOf": [
+            _ref("RetrieveResult"),
+            {
+                "type": "object",
+                "properties": {"result": {"type": "array", "items": {"type": "array", "items": _ref("RetrievedDoc")}}},
+                "required": ["result"],
+            },
+        ],
+    },
+    "EmptyBody": {
+        "title": "EmptyBody",
+        "description": "No fields: send no body or `{}`.",
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    },
+    "BatchOpResult": {
+        "title": "BatchOpResult",
+        "description": "One op's outcome, in the order of `ops`: `ok: true` plus the fields of that call's answer, "
+        "or `ok: false` plus `error` (the error that call alone would have answered).",
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "if": {"properties": {"ok": {"const": False}}},
+        "then": {"properties": {"error": _ref("ErrorDetail")}, "required": ["error"]},
+        "else": {
+            "anyOf": [_ref(n) for n in ("EpisodeCreated", "StepResult", "ForkResult", "SnapshotCreated", "Deleted")]
+        },
+    },
+}
+"""Shapes built by handlers rather than wire structs (see the module docstring)."""
+
+ERROR_MEANING: dict[int, str] = {
+    400: "malformed body: not JSON/MessagePack, or a field of the wrong type or unknown (the message names it)",
+    401: "missing or wrong bearer token (only when the server runs with --auth-token)",
+    404: "unknown (deleted, expired) episode or snapshot",
+    409: "the episode is done; fork one of its snapshots to continue from an earlier turn",
+    413: "body over the server's limit (`limits.max_body_bytes`)",
+    415: "unsupported Content-Type: send application/json or application/msgpack",
+    422: "well-formed but invalid value (out of range, inconsistent, unknown dataset or split, foreign blob)",
+    429: "capacity: live episodes/snapshots or ops per call over the limits in `/v1/info`",
+    500: "a server bug (logged with its traceback); never caused by what a client sent",
+    502: "the external search backend failed; nothing was applied, retry",
+    503: "the server is shutting down; send new work to another replica",
+}
+
+_BODY_ERRORS = (400, 413, 415)
+_ALWAYS = (401, 500, 503)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route of the contract."""
+
+    method: str
+    path: str  # aiohttp's canonical path = OpenAPI path template
+    op_id: str
+    summary: str
+    request: type | str | None  # a wire struct, a HAND_WRITTEN name, BINARY, or None (no body)
+    response: type | str  # a wire struct, a HAND_WRITTEN name, BINARY or TEXT
+    errors: tuple[int, ...] = ()  # besides 401/500/503 (and 400/413/415 with a decoded body)
+    body_required: bool = True
+    open: bool = False  # no token needed, and never 503 for shutting down
+    tag: str = "episodes"
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("GET", "/health", "health", "Liveness, version and load", None, "Health", open=True, tag="server"),
+    Operation("GET", "/openapi.json", "openapi", "This document", None, "OpenAPI", open=True, tag="server"),
+    Operation(
+        "GET",
+        "/v1/info",
+        "info",
+        "Tools (OpenAI function schemas), datasets, action format, limits",
+        None,
+        Info,
+        tag="server",
+    ),
+    Operation(
+        "POST",
+        "/v1/episodes",
+        "create_episode",
+        "Create an episode from {dataset, split, index} or {question, answers}",
+        CreateEpisode,
+        EpisodeCreated,
+        (404, 422, 429),
+    ),
+    Operation(
+        "POST",
+        "/v1/episodes/{episode_id}/step",
+        "step_episode",
+        "Take one turn: a text `action` (Search-R1 tags) or an OpenAI-style `tool_call`",
+        StepRequest,
+        StepResult,
+        (404, 409, 422, 429, 502),
+    ),
+    Operation(
+        "POST",
+        "/v1/episodes/{episode_id}/fork",
+        "fork_episode",
+        "n new episodes continuing from this episode's exact state (O(1))",
+        ForkRequest,
+        ForkResult,
+        (404, 422, 429),
+        body_required=False,
+    ),
+    Operation(
+        "POST",
+        "/v1/episodes/{episode_id}/snapshot",
+        "snapshot_episode",
+        "Name the episode's current state (immutable)",
+        "EmptyBody",
+        SnapshotCreated,
+        (404, 429),
+        body_required=False,
+    ),
+    Operation("DELETE", "/v1/episodes/{episode_id}", "delete_episode", "Release an episode", None, Deleted, (404,)),
+    Operation(
+        "GET",
+        "/v1/snapshots/{snapshot_id}",
+        "export_snapshot",
+        "Export a snapshot as a self-contained MessagePack blob (`SnapshotBlob`)",
+        None,
+        BINARY,
+        (404,),
+        tag="snapshots",
+    ),
+    Operation(
+        "POST",
+        "/v1/snapshots",
+        "import_snapshot",
+        "Import a blob from GET /v1/snapshots/{snapshot_id} (any server with the same corpus)",
+        BINARY,
+        SnapshotCreated,
+        (400, 413, 415, 422, 429),
+        tag="snapshots",
+    ),
+    Operation(
+        "POST",
+        "/v1/snapshots/{snapshot_id}/episodes",
+        "episodes_from_snapshot",
+        "n new episodes starting at a snapshot",
+        ForkRequest,
+        ForkResult,
+        (404, 422, 429),
+        body_required=False,
+        tag="snapshots",
+    ),
+    Operation(
+        "DELETE",
+        "/v1/snapshots/{snapshot_id}",
+        "delete_snapshot",
+        "Release a snapshot",
+        None,
+        Deleted,
+        (404,),
+        tag="snapshots",
+    ),
+    Operation(
+        "POST",
+        "/v1/batch",
+        "batch",
+        "Several create/step/fork/snapshot/delete ops in one call, answered in order",
+        BatchRequest,
+        BatchResult,
+        (429,),
+    ),
+    Operation(
+        "POST",
+        "/retrieve",
+        "retrieve",
+        "Search-R1-compatible retrieval",
+        RetrieveRequest,
+        "RetrieveAnswer",
+        (422, 429, 502),
+        tag="search",
+    ),
+    Operation("GET", "/metrics", "metrics", "Prometheus metrics", None, TEXT, tag="server"),
+)
+
+
+def _name(t: type | str) -> str:
+    return t if isinstance(t, str) else t.__name__
+
+
+def _media(schema: dict[str, Any]) -> dict[str, Any]:
+    return {JSON: {"schema": schema}, MSGPACK: {"schema": schema}}
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    out: dict[str, Any] = {"operationId": op.op_id, "summary": op.summary, "tags": [op.tag]}
+    params = [seg[1:-1] for seg in op.path.split("/") if seg.startswith("{")]
+    if params:
+        out["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
+    if op.request == BINARY:
+        out["requestBody"] = {
+            "required": True,
+            "description": "The blob exactly as exported (application/octet-stream or a MessagePack type).",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": MSGPACK}}},
+        }
+    elif op.request is not None:
+        out["requestBody"] = {"required": op.body_required, "content": _media(_ref(_name(op.request)))}
+    responses: dict[str, Any] = {}
+    if op.response == BINARY:
+        responses["200"] = {
+            "description": "MessagePack encoding of `SnapshotBlob` (components), sent as application/octet-stream",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": MSGPACK}}},
+        }
+    elif op.response == TEXT:
+        responses["200"] = {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    elif op.response == "OpenAPI":
+        responses["200"] = {"description": "OpenAPI 3.1 document", "content": {JSON: {"schema": {"type": "object"}}}}
+    else:
+        responses["200"] = {"description": _name(op.response), "content": _media(_ref(_name(op.response)))}
+    if op.op_id == "health":
+        responses["503"] = {"description": "starting or shutting down", "content": _media(_ref("Health"))}
+    errors: set[int] = set(op.errors)
+    if not op.open:
+        errors |= set(_ALWAYS)
+        if op.request is not None and op.request != BINARY:
+            errors |= set(_BODY_ERRORS)
+    for status in sorted(errors):
+        responses[str(status)] = {"description": ERROR_MEANING[status], "content": _media(_ref("ErrorBody"))}
+    out["responses"] = responses
+    if op.open:
+        out["security"] = []
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _document_bytes(auth_required: bool) -> bytes:
+    return json.dumps(build_openapi(auth_required=auth_required)).encode()
+
+
+def build_openapi(*, auth_required: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document; `auth_required` = the server runs with a bearer token."""
+    _, components = msgspec.json.schema_components(STRUCTS, ref_template=REF)
+    clash = sorted(set(components) & set(HAND_WRITTEN))
+    assert not clash, f"hand-written schema names clash with wire structs: {clash}"
+    components.update(HAND_WRITTEN)
+    components["BatchResult"]["properties"]["results"]["items"] = _ref("BatchOpResult")
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "TRACE env server",
+            "version": __version__,
+            "summary": "Forkable ReAct search/answer episodes for agentic RL and agent evaluation",
+            "description": (
+                f"HTTP contract version {API_VERSION}. Bodies are JSON (application/json) or MessagePack "
+                "(application/msgpack), same schemas; the answer uses the request's format unless `Accept` says "
+                "otherwise. Every error is `ErrorBody` with the status listed on its operation; 404 (no such "
+                "route) and 405 (wrong method, with `Allow`) come in the same shape. Episode state is immutable: "
+                "a step makes a new state, create/step answers carry its `snapshot_id`, fork is O(1)."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}] if auth_required else [{}],
+    }
+    return doc
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """`GET /openapi.json` handler."""
+    body = _document_bytes(bool(request.app[CONFIG].auth_token))
+    return web.Response(body=body, content_type=JSON)

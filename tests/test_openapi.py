@@ -1,0 +1,201 @@
+"""`GET /openapi.json` against the live app: the document lists exactly the app's routes, its schemas are valid
+JSON Schema, and REAL answers of a running server (successes and every error status we can provoke, JSON and
+MessagePack) validate against the schema documented for their operation and status.
+
+Guards against drift: a route added to `setup_routes` without an `OPERATIONS` entry, an answer whose shape or
+status the document does not describe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import jsonschema
+import msgpack
+import pytest
+from conftest import JSON, MSGPACK, LiveServer, RawHTTP, Reply
+
+from env_server.openapi import OPERATIONS
+
+pytestmark = pytest.mark.timeout(60)
+
+Make = Callable[..., Awaitable[LiveServer]]
+
+
+class Spec:
+    """The served document plus a checker of real answers against it."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.checked: set[tuple[str, str, int]] = set()
+
+    def validate(self, body: Any, schema: dict[str, Any]) -> None:
+        # Refs are "#/components/schemas/X": validate with the components at the schema's root.
+        jsonschema.Draft202012Validator({**schema, "components": self.doc["components"]}).validate(body)
+
+    def component(self, name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    async def call(
+        self, http: RawHTTP, method: str, template: str, path: str | None = None, body: Any = None, **kw: Any
+    ) -> Reply:
+        """Make the call and check its status, content type and body against the operation's documentation."""
+        r = await http.call(method, path or template, body, **kw)
+        op = self.doc["paths"][template][method.lower()]
+        assert str(r.status) in op["responses"], f"{method} {template} answered undocumented {r.status}: {r.body}"
+        content = op["responses"][str(r.status)]["content"]
+        assert r.content_type in content, f"{method} {template} {r.status}: {r.content_type} not in {list(content)}"
+        if r.content_type in (JSON, MSGPACK):
+            self.validate(r.body, content[r.content_type]["schema"])
+        self.checked.add((method, template, r.status))
+        return r
+
+
+async def _spec(http: RawHTTP) -> Spec:
+    r = await http.call("GET", "/openapi.json")
+    assert r.status == 200 and r.content_type == JSON
+    return Spec(r.body)
+
+
+async def test_every_route_is_documented_and_vice_versa(env_server: LiveServer, http: RawHTTP) -> None:
+    spec = await _spec(http)
+    doc = spec.doc
+    assert doc["openapi"] == "3.1.0" and doc["info"]["version"]
+    # HEAD is added by aiohttp to every GET route and is implied by it.
+    routes = {(r.method, r.resource.canonical) for r in env_server.app.router.routes() if r.method != "HEAD"}
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert routes == documented, f"undocumented: {routes - documented}; not routes: {documented - routes}"
+    assert len(OPERATIONS) == len(documented)
+    assert len({op["operationId"] for ops in doc["paths"].values() for op in ops.values()}) == len(documented)
+    for schema in doc["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+    # every $ref resolves
+    text = json.dumps(doc)
+    for name in {part.split('"')[0] for part in text.split('"#/components/schemas/')[1:]}:
+        assert name in doc["components"]["schemas"], name
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            params = {p["name"] for p in op.get("parameters", [])}
+            assert params == {seg[1:-1] for seg in path.split("/") if seg.startswith("{")}, (method, path)
+            for status, resp in op["responses"].items():
+                if int(status) >= 400 and path != "/health":
+                    assert resp["content"][JSON]["schema"] == spec.component("ErrorBody"), (method, path, status)
+
+
+async def test_real_answers_validate_against_the_document(http: RawHTTP) -> None:
+    spec = await _spec(http)
+    c = spec.call
+    await c(http, "GET", "/health")
+    info = (await c(http, "GET", "/v1/info")).body
+    assert {t["function"]["name"] for t in info["tools"]} == {"search", "answer"}
+    await c(http, "GET", "/v1/info", fmt=MSGPACK)
+    await c(http, "GET", "/openapi.json")
+    await c(http, "GET", "/metrics")
+
+    ep = (await c(http, "POST", "/v1/episodes", body={"dataset": "synthetic", "split": "dev", "index": 3})).body
+    eid, step = ep["episode_id"], "/v1/episodes/{episode_id}/step"
+    await c(http, "POST", "/v1/episodes", body={"question": "Who?", "answers": ["Nobody"], "include_oracle": True})
+    s1 = (await c(http, "POST", step, f"/v1/episodes/{eid}/step", {"action": "<search> Kelmar </search>"})).body
+    await c(http, "POST", step, f"/v1/episodes/{eid}/step", {"tool_call": {"name": "search", "arguments": "{}"}})
+    await c(http, "POST", step, f"/v1/episodes/{eid}/step", {"action": "no tags"}, fmt=MSGPACK)
+    forks = (await c(http, "POST", "/v1/episodes/{episode_id}/fork", f"/v1/episodes/{eid}/fork", {"n": 2})).body
+    await c(http, "POST", "/v1/episodes/{episode_id}/fork", f"/v1/episodes/{eid}/fork")  # no body: n = 1
+    snap = (await c(http, "POST", "/v1/episodes/{episode_id}/snapshot", f"/v1/episodes/{eid}/snapshot")).body
+    blob = await c(http, "GET", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{s1['snapshot_id']}")
+    assert blob.content_type == "application/octet-stream"
+    spec.validate(msgpack.unpackb(blob.body), spec.component("SnapshotBlob"))
+    octet = {"Content-Type": "application/octet-stream"}
+    imported = (await c(http, "POST", "/v1/snapshots", raw=blob.body, headers=octet)).body
+    sid_path = f"/v1/snapshots/{imported['snapshot_id']}/episodes"
+    await c(http, "POST", "/v1/snapshots/{snapshot_id}/episodes", sid_path, {"n": 3})
+    done = await c(
+        http,
+        "POST",
+        step,
+        f"/v1/episodes/{forks['episode_ids'][0]}/step",
+        {"tool_call": {"name": "answer", "arguments": {"answer": "x"}}},
+    )
+    assert done.body["done"]
+    batch = await c(
+        http,
+        "POST",
+        "/v1/batch",
+        body={
+            "ops": [
+                {"op": "create", "question": "q", "answers": ["a"]},
+                {"op": "step", "episode_id": eid, "action": "<answer> a </answer>"},
+                {"op": "fork", "episode_id": eid, "n": 1},
+                {"op": "snapshot", "episode_id": eid},
+                {"op": "step", "episode_id": "ep_nope", "action": "x"},
+                {"op": "delete", "episode_id": forks["episode_ids"][1]},
+            ]
+        },
+    )
+    assert [r["ok"] for r in batch.body["results"]] == [True, True, True, True, False, True]
+    await c(http, "POST", "/retrieve", body={"queries": ["Kelmar", "Orlan"], "topk": 2})
+    await c(http, "POST", "/retrieve", body={"queries": ["Kelmar"], "return_scores": False})
+    await c(http, "DELETE", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{snap['snapshot_id']}")
+    await c(http, "DELETE", "/v1/episodes/{episode_id}", f"/v1/episodes/{eid}")
+
+    # errors
+    def expect(r: Reply, status: int) -> None:
+        assert r.status == status, r.body
+
+    expect(await c(http, "POST", "/v1/episodes", raw=b"{not json"), 400)
+    expect(await c(http, "POST", "/v1/episodes", body={"dataset": "synthetic", "bogus": 1}), 400)
+    expect(await c(http, "POST", "/v1/episodes", body={"dataset": "synthetic", "split": "dev", "index": 10**6}), 422)
+    expect(await c(http, "POST", "/v1/episodes", body={}, headers={"Content-Type": "text/xml"}), 415)
+    expect(await c(http, "POST", step, f"/v1/episodes/{eid}/step", {"action": "x"}), 404)
+    finished = forks["episode_ids"][0]
+    expect(await c(http, "POST", step, f"/v1/episodes/{finished}/step", {"action": "x"}), 409)
+    expect(await c(http, "POST", step, f"/v1/episodes/{finished}/step", {"action": "x"}, fmt=MSGPACK), 409)
+    fork = "/v1/episodes/{episode_id}/fork"
+    expect(await c(http, "POST", fork, f"/v1/episodes/{eid}/fork", {"n": 1}), 404)
+    expect(await c(http, "POST", fork, f"/v1/episodes/{finished}/fork", {"n": 0}), 422)
+    expect(await c(http, "GET", "/v1/snapshots/{snapshot_id}", "/v1/snapshots/snp_nope"), 404)
+    expect(await c(http, "POST", "/v1/snapshots", raw=b"\x93garbage", headers=octet), 422)
+    expect(await c(http, "POST", "/retrieve", body={"queries": ["x"], "topk": 0}), 422)
+    expect(await c(http, "DELETE", "/v1/snapshots/{snapshot_id}", "/v1/snapshots/snp_nope"), 404)
+    # No route / wrong method: not operations, but the same documented error shape.
+    for method, path in (("GET", "/v2/nothing"), ("PUT", "/v1/episodes")):
+        r = await http.call(method, path, {})
+        assert r.status in (404, 405)
+        spec.validate(r.body, spec.component("ErrorBody"))
+    answered = {(m, p) for m, p, status in spec.checked if status == 200}
+    assert answered == {(op.method, op.path) for op in OPERATIONS}, "every operation's success answer was checked"
+
+
+async def test_auth_capacity_size_upstream_and_shutdown_errors_are_documented(make_env_server: Make) -> None:
+    """401, 413, 429, 502 and 503 need servers configured for them; /openapi.json itself stays open."""
+    srv = await make_env_server(auth_token="s3cret", max_episodes=1, max_body_bytes=1024)
+    anon, http = RawHTTP(srv.url), RawHTTP(srv.url, token="s3cret")
+    broken = await make_env_server(resources=None, retriever_url="http://127.0.0.1:9")  # discard port: refused
+    to_broken = RawHTTP(broken.url)
+    try:
+        spec = await _spec(anon)  # no token needed
+        assert spec.doc["security"] == [{"bearer": []}]
+        assert spec.doc["paths"]["/openapi.json"]["get"]["security"] == []
+        assert (await spec.call(anon, "GET", "/v1/info")).status == 401
+        assert (await spec.call(anon, "POST", "/v1/episodes", body={"question": "q", "answers": ["a"]})).status == 401
+        assert (await spec.call(http, "POST", "/v1/episodes", body={"question": "q", "answers": ["a"]})).status == 200
+        assert (await spec.call(http, "POST", "/v1/episodes", body={"question": "q", "answers": ["a"]})).status == 429
+        big = {"question": "q" * 4000, "answers": ["a"]}
+        assert (await spec.call(http, "POST", "/v1/episodes", body=big)).status == 413
+
+        ep = (await to_broken.call("POST", "/v1/episodes", {"question": "q", "answers": ["a"]})).body
+        tmpl = "/v1/episodes/{episode_id}/step"
+        r = await spec.call(
+            to_broken, "POST", tmpl, f"/v1/episodes/{ep['episode_id']}/step", {"action": "<search> x </search>"}
+        )
+        assert r.status == 502
+        assert (await spec.call(to_broken, "POST", "/retrieve", body={"queries": ["x"]})).status == 502
+
+        await srv.app.shutdown()
+        assert (await spec.call(http, "GET", "/health")).status == 503
+        assert (await spec.call(http, "POST", "/v1/episodes", body={"question": "q", "answers": ["a"]})).status == 503
+        assert (await spec.call(anon, "GET", "/openapi.json")).status == 200
+    finally:
+        for client in (anon, http, to_broken):
+            await client.aclose()
