@@ -51,6 +51,18 @@ class RolloutConfig:
     """Times a generation aborted by a weight update is re-sent before the branch is marked ERROR."""
 
 
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat-templated prompt as token ids (the only time a chat template is applied to an episode)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 answers a BatchEncoding
+        ids = ids["input_ids"]
+    ids = list(ids)
+    assert ids and all(isinstance(i, int) for i in ids), (
+        f"chat template gave {type(ids[0]).__name__ if ids else 'nothing'}"
+    )
+    return ids
+
+
 class StopSpec:
     """How generation stops at the end of an action: single-token tags -> stop_token_ids (works on an
     SGLang server without a tokenizer); multi-token tags (e.g. Qwen3's) -> stop strings."""
@@ -90,10 +102,7 @@ class RolloutRunner:
         )
 
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):  # transformers 5 may answer a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return prompt_ids(self.tok, messages)
 
     async def new_tree(self, dataset: str, split: str, index: int, **meta: Any) -> RolloutTree:
         """Create the env episode for a prompt and a tree holding its root (no rollouts yet)."""

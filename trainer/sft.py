@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.client import EnvClient
+from trainer.rollout import prompt_ids
 
 
 @dataclass
@@ -59,9 +60,7 @@ async def oracle_examples(
             if not oracle:
                 raise ValueError(f"{dataset}/{split}[{index}] has no oracle trajectory: SFT warm start needs one")
             messages = [{"role": m.role, "content": m.content} for m in ep.messages]
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(prompt, dict):
-                prompt = prompt["input_ids"]
+            prompt = prompt_ids(tokenizer, messages)
             ids, mask = list(prompt), [0] * len(prompt)
             try:
                 for st in oracle:
