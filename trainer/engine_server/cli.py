@@ -1,0 +1,65 @@
+"""`trace-engine serve --model DIR ...`: run the CPU development engine (SGLang's /generate subset) over HTTP.
+
+Thin by design: flags -> `EngineConfig`/`ServerConfig` -> `init_app` -> `web.run_app`. The defaults serve the tiny
+model on a 2-core machine; `--device cuda --dtype bfloat16` runs the same engine on a GPU when SGLang is not at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aiohttp import web
+
+from shared.logging import setup_logging
+from trainer.engine_server.app import ServerConfig, init_app
+from trainer.engine_server.engine import DTYPES, EngineConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="trace-engine", description="TRACE's CPU development engine (not SGLang)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve a save_pretrained model folder over SGLang's /generate API subset")
+    s.add_argument("--model", type=Path, required=True, help="model folder (config.json + safetensors + tokenizer)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=30000, help="SGLang's default port")
+    s.add_argument("--max-batch", type=int, default=32, help="most sequences decoding at once")
+    s.add_argument("--cache-tokens", type=int, default=131_072, help="prefix-cache capacity in tokens")
+    s.add_argument("--no-cache", action="store_true", help="disable the prefix cache (benchmarks)")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    s.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    s.add_argument("--seed", type=int, default=0, help="sampling generator seed")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    s.add_argument("--batch-window-ms", type=float, default=3.0, help="idle engine: wait this long to batch arrivals")
+    s.add_argument("--queue-size", type=int, default=1024, help="bound of the pending-request queue")
+    s.add_argument(
+        "--return-original-logprob",
+        action="store_true",
+        help="logprobs of the untempered distribution (SGLANG_RETURN_ORIGINAL_LOGPROB=1)",
+    )
+    s.add_argument("--log-level", default="info")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    engine = EngineConfig(
+        model_path=args.model,
+        device=args.device,
+        dtype=dtype,
+        max_batch=args.max_batch,
+        cache_tokens=args.cache_tokens,
+        enable_prefix_cache=not args.no_cache,
+        seed=args.seed,
+        return_original_logprob=args.return_original_logprob,
+        threads=args.threads,
+    )
+    cfg = ServerConfig(engine=engine, queue_size=args.queue_size, batch_window_ms=args.batch_window_ms)
+    web.run_app(init_app(cfg), host=args.host, port=args.port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
