@@ -108,11 +108,18 @@ class RolloutRunner:
         """Create the env episode for a prompt and a tree holding its root (no rollouts yet)."""
         ep = await self.env.create(dataset=dataset, split=split, index=index)
         messages = [{"role": m.role, "content": m.content} for m in ep.messages]
+        ids = self.encode_prompt(messages)
+        if len(ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:
+            await self.env.delete(ep.episode_id)
+            raise ValueError(
+                f"{dataset}/{split}[{index}]: the prompt is {len(ids)} tokens, leaving no room for a turn in "
+                f"max_context_tokens={self.cfg.max_context_tokens}; raise rollout.max_context_tokens"
+            )
         tree = RolloutTree.new(
             prompt_id=ep.question_id or f"{dataset}/{split}/{index}",
             question=ep.prompt,
             golden_answers=[],
-            prompt_ids=self.encode_prompt(messages),
+            prompt_ids=ids,
             snapshot_id=ep.snapshot_id,
             dataset=dataset,
             split=split,
@@ -169,6 +176,8 @@ class RolloutRunner:
                         status = FinishStatus.TRUNCATED if res.truncated else FinishStatus.ANSWERED
                     elif len(hist) + len(out) + len(obs_ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:
                         status = FinishStatus.TRUNCATED  # no room for another turn: end cleanly, reward 0
+                    if status != FinishStatus.OPEN:
+                        obs_ids = []  # nothing is generated after a final observation: it would be dead weight
                     reward = res.reward if status == FinishStatus.ANSWERED else 0.0
                     node = tree.add_child(
                         cur,
