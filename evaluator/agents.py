@@ -68,7 +68,8 @@ class AgentOutcome:
     """What an agent reports besides the episode itself (which the runner reads from the server)."""
 
     final: StepResult
-    """The step answer that ended the episode (`done` is true)."""
+    """The step answer that ended the episode (`done` is true). For callers that use agents directly; the runner
+    scores from the server's own record of the episode."""
     prompt_tokens: int | None = None
     """Prompt tokens summed over the model calls, when the endpoint reported usage on every call."""
     completion_tokens: int | None = None

@@ -16,7 +16,7 @@ What always holds:
   leave one incomplete last line; it is cut off (with a note on stderr) before resuming. `retry_errors`
   rewrites the file without the error rows of this dataset/split so those questions run again. One file holds
   one agent+model (mixing them would make the summary meaningless): a different one is a usage error, and an
-  exclusive lock on the file stops two runs from appending to it at once.
+  exclusive lock (on `FILE.lock`, left in place) stops two runs from appending to one file at once.
 - Retries live at the transport layer: the env client retries what it safely can (`env_retries`), the agents'
   openai client retries connection errors, 408/409/429 and 5xx (`AgentConfig.retries`). A question is never
   replayed from scratch, so a retried run cannot double-count.
@@ -312,8 +312,11 @@ class _Run:
 
     async def _check_oracle(self) -> None:
         cfg = self.cfg
-        ep = await self.env.create(dataset=cfg.dataset, split=cfg.split, index=0, include_oracle=True)
-        await self.env.delete(ep.episode_id)
+        try:
+            ep = await self.env.create(dataset=cfg.dataset, split=cfg.split, index=0, include_oracle=True)
+            await self.env.delete(ep.episode_id)
+        except (ConnectionError, EnvError, TimeoutError) as e:
+            raise EnvUnavailable(f"the env server at {cfg.env_url} failed the oracle check: {_describe(e)}") from e
         if "oracle" not in ep.metadata:
             raise UsageError(
                 f"dataset {cfg.dataset!r} carries no oracle trajectories (metadata['oracle']), so --agent "

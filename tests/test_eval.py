@@ -29,6 +29,7 @@ from conftest import REPO, LiveServer
 
 from env_server.app import Resources
 from env_server.synthetic import load_or_build_world
+from evaluator.agents import NO_TOOL_CALL_HINT, close_action, first_title
 from evaluator.cli import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,6 +116,8 @@ class ScriptedLLM:
             return web.json_response({"error": {"message": f"expected the env's tools, got {tools}"}}, status=400)
         msgs = body["messages"]
         question = next(m["content"] for m in msgs if m["role"] == "user")
+        if self.mode == "chatty" and not any(m["role"] == "assistant" for m in msgs):
+            return self._chat_answer(body, {"role": "assistant", "content": "Let me think about that first."})
         tool_msgs = [m for m in msgs if m["role"] == "tool"]
         if not tool_msgs:
             name, args = "search", {"query": question}
@@ -123,24 +126,26 @@ class ScriptedLLM:
             if tool_msgs[-1]["tool_call_id"] != asked[-1] or "Doc 1(Title:" not in tool_msgs[-1]["content"]:
                 return web.json_response({"error": {"message": f"bad tool message {tool_msgs[-1]}"}}, status=400)
             name, args = "answer", {"answer": self.gold[question]}
+        if self.mode == "chatty" and msgs[2:4] != [
+            {"role": "assistant", "content": "Let me think about that first."},
+            {"role": "user", "content": NO_TOOL_CALL_HINT},
+        ]:
+            return web.json_response({"error": {"message": f"expected the no-tool-call hint: {msgs}"}}, status=400)
         call = {
             "id": f"call_{len(tool_msgs)}",
             "type": "function",
             "function": {"name": name, "arguments": json.dumps(args)},
         }
+        return self._chat_answer(body, {"role": "assistant", "content": None, "tool_calls": [call]})
+
+    def _chat_answer(self, body: dict[str, Any], message: dict[str, Any]) -> web.Response:
         return web.json_response(
             {
                 "id": "chatcmpl-scripted",
                 "object": "chat.completion",
                 "created": 0,
                 "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "tool_calls",
-                        "message": {"role": "assistant", "content": None, "tool_calls": [call]},
-                    }
-                ],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
                 "usage": self._usage(),
             }
         )
@@ -193,6 +198,21 @@ async def make_llm(gold: dict[str, str]) -> AsyncIterator[Callable[..., Awaitabl
         await runner.cleanup()
 
 
+# ---------------------------------------------------------------------------------------------- parsing helpers
+def test_close_action_restores_the_stripped_stop_string() -> None:
+    assert close_action("<think>x</think>\n<search> Kelmar ") == "<think>x</think>\n<search> Kelmar </search>"
+    assert close_action("<think>x</think><answer> Orlan") == "<think>x</think><answer> Orlan</answer>"
+    assert close_action("<search> a </search>") == "<search> a </search>"  # servers that keep the stop string
+    assert close_action("<search> a </search> then <answer> b") == "<search> a </search> then <answer> b</answer>"
+    assert close_action("no tags at all") == "no tags at all"
+
+
+def test_first_title_reads_the_top_passage_title() -> None:
+    assert first_title('Doc 1(Title: "Foo (band)") Foo is a band.\nDoc 2(Title: "B") b\n') == "Foo (band)"
+    assert first_title("Doc 1(Title: Plain) text\n") == "Plain"
+    assert first_title("No results found.") is None
+
+
 # ---------------------------------------------------------------------------------------------- reference agents
 async def test_oracle_scores_em_1_and_writes_rows_and_summaries(
     env_server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -232,20 +252,31 @@ async def test_first_hit_is_deterministic_and_scores_below_the_oracle(env_server
 
 
 # ---------------------------------------------------------------------------------------------- model-backed agents
-@pytest.mark.parametrize("agent", ["openai-tools", "react-text"])
+@pytest.mark.parametrize(
+    ("agent", "mode", "calls"),
+    [("openai-tools", "ok", 2), ("react-text", "ok", 2), ("openai-tools", "chatty", 3)],
+    ids=["openai-tools", "react-text", "openai-tools-text-reply-first"],
+)
 async def test_model_agents_play_a_scripted_endpoint(
-    env_server: LiveServer, make_llm: Callable[..., Awaitable[ScriptedLLM]], tmp_path: Path, api_key: None, agent: str
+    env_server: LiveServer,
+    make_llm: Callable[..., Awaitable[ScriptedLLM]],
+    tmp_path: Path,
+    api_key: None,
+    agent: str,
+    mode: str,
+    calls: int,
 ) -> None:
-    llm = await make_llm()
+    """`chatty`: the model first replies in plain text; that is an (invalid) turn and the model is told to use a tool."""
+    llm = await make_llm(mode)
     out = tmp_path / "run.jsonl"
     args = ("--agent", agent, "--base-url", llm.url, "--model", "scripted", "--limit", "5", "--concurrency", "3")
     assert await trace_eval("--env-url", env_server.url, *args, *DEV, "--out", str(out)) == 0
     rows = read_rows(out)
-    assert len(rows) == 5 and len(llm.requests) == 10
+    assert len(rows) == 5 and len(llm.requests) == 5 * calls
     for r in rows:
         assert r["error"] is None and r["em"] == 1.0, r
-        assert (r["turns"], r["searches"], r["agent"], r["model"]) == (2, 1, agent, "scripted")
-        assert (r["prompt_tokens"], r["completion_tokens"], r["tokens"]) == (200, 20, 220)
+        assert (r["turns"], r["searches"], r["agent"], r["model"]) == (calls, 1, agent, "scripted")
+        assert (r["prompt_tokens"], r["completion_tokens"], r["tokens"]) == (100 * calls, 10 * calls, 110 * calls)
     if agent == "openai-tools":
         assert all(req["temperature"] == 0.0 and req["max_tokens"] == 512 for req in llm.requests)
 
