@@ -19,6 +19,7 @@ import os
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -463,6 +464,102 @@ def test_constructor_checks_urls() -> None:
         EngineClient(["localhost:30000"])
     with pytest.raises(ValueError, match="distinct"):
         EngineClient(["http://a:1", "http://a:1/"])
+
+
+# ---- the real peer: the project's CPU engine (trainer.engine_server) -----------------------
+
+TINY_TEXTS = [
+    f"Doc {i} (Title: City {i}) The city of Varnholt was founded by Ada {i} in {1000 + i}." for i in range(200)
+]
+TINY_SIZES = {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "max_position": 1024}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny models with the same tokenizer and shapes but different weights (seeds 0 and 1)."""
+    from trainer.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("engine-client")
+    return tuple(  # type: ignore[return-value]
+        build_tiny_model(root / f"seed{seed}", seed=seed, texts=TINY_TEXTS, **TINY_SIZES) for seed in (0, 1)
+    )
+
+
+@pytest.fixture
+async def cpu_engines(tiny_models: tuple[Path, Path]) -> AsyncIterator[list[str]]:
+    """Two CPU engine servers on loopback, each with its own engine (own prefix cache), serving model seed 0."""
+    from trainer.engine_server.app import ServerConfig, init_app
+    from trainer.engine_server.engine import Engine, EngineConfig
+
+    servers = []
+    for _ in range(2):
+        engine = Engine(EngineConfig(model_path=tiny_models[0], max_batch=8, cache_tokens=8192))
+        app = init_app(ServerConfig(engine=engine.cfg, batch_window_ms=1.0), engine=engine)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+    yield [str(s.make_url("")).rstrip("/") for s in servers]
+    for server in servers:
+        await server.close()
+
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+PROMPT = list(range(20, 60))
+
+
+async def test_cpu_engine_round_trip(cpu_engines: list[str]) -> None:
+    async with EngineClient(cpu_engines[:1], **FAST) as engine:
+        await engine.wait_ready(timeout_s=30)
+        gen = await engine.generate(PROMPT, GREEDY, route_key="A")
+        again = await engine.generate(PROMPT, GREEDY, route_key="A")
+        stop = await engine.generate(
+            PROMPT, SamplingParams(max_new_tokens=6, stop_token_ids=list(range(512))), route_key="A"
+        )
+        batch = await engine.generate_many([PROMPT, PROMPT[:30]], GREEDY, route_key="A")
+    assert gen.finish_type == "length" and len(gen.output_ids) == 6 and len(gen.logprobs) == 6
+    assert all(lp <= 0 for lp in gen.logprobs) and gen.prompt_tokens == len(PROMPT)
+    assert again.output_ids == gen.output_ids  # greedy is deterministic, cached prefix or not
+    assert again.cached_tokens == len(PROMPT) - 1  # SGLang's cap: the last prompt token is recomputed
+    assert stop.finish_type == "stop" and len(stop.output_ids) == 1 and stop.finish_matched == stop.output_ids[0]
+    assert batch[0].output_ids == gen.output_ids and len(batch[1].output_ids) == 6
+    assert engine.stats.sequences == 5 and engine.stats.cached_tokens >= len(PROMPT) - 1
+
+
+async def test_cpu_engines_sticky_routing_reuses_the_prefix_cache(cpu_engines: list[str]) -> None:
+    async with EngineClient(cpu_engines, **FAST) as engine:
+        t1 = await engine.generate(PROMPT, GREEDY, route_key="A")
+        turn2 = [*PROMPT, *t1.output_ids, 7, 8, 9]  # history + an observation
+        t2 = await engine.generate(turn2, GREEDY, route_key="A")
+        # the same history on the other server (tree B) finds nothing cached there
+        other = await engine.generate(turn2, GREEDY, route_key="B")
+    assert t1.server == t2.server == cpu_engines[0] and other.server == cpu_engines[1]
+    assert t1.cached_tokens == 0 and t2.cached_tokens >= len(PROMPT) + len(t1.output_ids) - 1
+    assert other.cached_tokens == 0 and other.output_ids == t2.output_ids
+
+
+async def test_cpu_engines_weight_update_and_flush(cpu_engines: list[str], tiny_models: tuple[Path, Path]) -> None:
+    async with EngineClient(cpu_engines, **FAST) as engine:
+        before = {key: await engine.generate(PROMPT, GREEDY, route_key=key) for key in ("A", "B")}
+        assert {g.server for g in before.values()} == set(cpu_engines)
+        await engine.flush_cache(timeout_s=10)
+        assert (await engine.generate(PROMPT, GREEDY, route_key="A")).cached_tokens == 0
+
+        # a long generation in flight is returned as aborted when the update pauses with mode "abort"
+        long = asyncio.ensure_future(
+            engine.generate(PROMPT, SamplingParams(max_new_tokens=900, ignore_eos=True), route_key="A")
+        )
+        await asyncio.sleep(0.1)  # on the server and decoding (900 tokens take seconds on this CPU model)
+        results = await engine.update_weights_from_disk(str(tiny_models[1]), "1")
+        cut = await asyncio.wait_for(long, 30)
+        assert cut.aborted and len(cut.output_ids) < 900 and len(cut.logprobs) == len(cut.output_ids)
+        assert set(results) == set(cpu_engines) and all(r.success for r in results.values())
+        after = {key: await engine.generate(PROMPT, GREEDY, route_key=key) for key in ("A", "B")}
+        for key in ("A", "B"):
+            assert after[key].weight_version == "1" and after[key].cached_tokens == 0
+            # the new weights are in use (random-init greedy often repeats a token, so compare logprobs)
+            diff = max(abs(x - y) for x, y in zip(after[key].logprobs, before[key].logprobs, strict=True))
+            assert diff > 1e-3, (after[key].logprobs, before[key].logprobs)
+        assert engine.stats.aborts == 1
 
 
 # ---- launcher -------------------------------------------------------------------------------
