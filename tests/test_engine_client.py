@@ -5,11 +5,12 @@ Two peers:
   shapes of SGLang 0.5.23's `/generate`, `/flush_cache`, `/pause_generation`, ...). It is here
   for fault injection only: 5xx then OK, abort finish reasons, malformed answers, logprob/id
   mismatches, 4xx, slow answers, a busy `/flush_cache`.
-- The project's CPU engine (`trainer.engine_server`), the real peer: round trip, sticky routing
-  over two servers with the prefix cache, weight update and cache flush. Those tests skip until
-  the engine server exists.
+- The project's CPU engine (`trainer.engine_server`, in-process on loopback, on a 130k-parameter
+  tiny model), the real peer: round trip, sticky routing over two servers with the prefix cache,
+  cache flush, weight update (pause -> update -> continue) with an in-flight generation aborted.
 
-Backoffs are milliseconds, so the whole file runs in a few seconds.
+Backoffs are milliseconds. The file takes ~20 s on 2 cores, most of it importing torch and
+transformers for the CPU engine; the scripted-engine and launcher tests alone take ~5 s.
 """
 
 from __future__ import annotations
