@@ -61,6 +61,15 @@ async def gen(client: TestClient, ids: Any, status: int = 200, **body: Any) -> A
     return data
 
 
+async def wait_running(client: TestClient) -> None:
+    """Until the engine is decoding something (polls the server, up to ~10 s on a loaded machine)."""
+    for _ in range(1000):
+        if (await (await client.get("/get_server_info")).json())["running"]:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no request started running")
+
+
 @torch.no_grad()
 def greedy_reference(model: Any, ids: list[int], n: int) -> tuple[list[int], list[float]]:
     """Argmax loop recomputing the whole sequence each step (no KV cache), and log_softmax at each token."""
@@ -218,11 +227,7 @@ async def test_abort_and_flush_refused_while_running(client: TestClient) -> None
     task = asyncio.create_task(
         gen(client, prompt(10, 8), sampling_params={**GREEDY, "max_new_tokens": 2000}, rid="long")
     )
-    for _ in range(200):
-        info = await (await client.get("/get_server_info")).json()
-        if info["running"]:
-            break
-        await asyncio.sleep(0.01)
+    await wait_running(client)
     resp = await client.post("/flush_cache")
     assert resp.status == 400 and "pending" in await resp.text()
     assert (await client.post("/abort_request", json={"rid": "long"})).status == 200
@@ -233,15 +238,29 @@ async def test_abort_and_flush_refused_while_running(client: TestClient) -> None
 
 async def test_pause_retract_continue_gives_the_same_tokens(client: TestClient, engine: Engine) -> None:
     p = prompt(15, 9)
-    sp = {**GREEDY, "max_new_tokens": 40}
+    sp = {**GREEDY, "max_new_tokens": 60}
     plain = await gen(client, p, sampling_params=sp)
     task = asyncio.create_task(gen(client, p, sampling_params=sp))
-    await asyncio.sleep(0.05)
+    await wait_running(client)
     assert (await client.post("/pause_generation", json={"mode": "retract"})).status == 200
     assert not engine.running and any(s.output_ids for s in engine.waiting), "nothing was retracted mid-generation"
     assert (await client.post("/flush_cache")).status == 200  # nothing runs while retracted
     assert (await client.post("/continue_generation", json={})).status == 200
     assert (await task)["output_ids"] == plain["output_ids"]
+
+
+async def test_pause_abort_then_continue(client: TestClient) -> None:
+    running = asyncio.create_task(gen(client, prompt(10, 12), sampling_params={**GREEDY, "max_new_tokens": 2000}))
+    await wait_running(client)
+    assert (await client.post("/pause_generation", json={"mode": "abort"})).status == 200
+    r = await running
+    assert r["meta_info"]["finish_reason"]["type"] == "abort" and len(r["output_ids"]) < 2000
+    assert (await client.get("/health_generate")).status == 503
+    waiting = asyncio.create_task(gen(client, prompt(5, 13), sampling_params={**GREEDY, "max_new_tokens": 3}))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # new requests wait while paused
+    assert (await client.post("/continue_generation", json={})).status == 200
+    assert len((await waiting)["output_ids"]) == 3
 
 
 async def test_update_weights_from_disk(client: TestClient, model_dir: Path, tmp_path: Path) -> None:
@@ -342,14 +361,16 @@ def test_radix_cache_split_match_evict() -> None:
     c.insert([1, 2, 3, 4, 5], kv_for([1, 2, 3, 4, 5]))
     c.insert([1, 2, 3, 9, 9, 9], kv_for([1, 2, 3, 9, 9, 9]))  # splits after [1, 2, 3]
     assert c.total_tokens == 8 and c.node_count() == 3
-    n, kv = c.match([1, 2, 3, 9, 9, 7], limit=6)
-    assert n == 5 and kv is not None and kv[0][0].flatten().tolist() == [1, 2, 3, 9, 9]
+    n, segments = c.match([1, 2, 3, 9, 9, 7], limit=6)
+    assert n == 5 and len(segments) == 2  # [1, 2, 3] then [9, 9] of the [9, 9, 9] node
+    kv = RadixKVCache.concat(segments)
+    assert kv[0][0].flatten().tolist() == [1, 2, 3, 9, 9]
     assert kv[0][1].flatten().tolist() == [-1, -2, -3, -9, -9]
     assert c.match([1, 2, 3, 4, 5], limit=4)[0] == 4
-    assert c.match([7], limit=1) == (0, None)
+    assert c.match([7], limit=1) == (0, [])
     c.match([1, 2, 3, 9], limit=4)  # touch the 9-branch: the 4-branch is now least recently used
     c.insert([5, 5, 5, 5, 5, 5], kv_for([5, 5, 5, 5, 5, 5]))  # 14 tokens > 12: evict LRU leaf [4, 5]
     assert c.total_tokens == 12
     assert c.match([1, 2, 3, 4, 5], limit=5)[0] == 3 and c.match([1, 2, 3, 9, 9, 9], limit=6)[0] == 6
     c.flush()
-    assert c.total_tokens == 0 and c.match([1, 2], limit=2) == (0, None)
+    assert c.total_tokens == 0 and c.match([1, 2], limit=2) == (0, [])

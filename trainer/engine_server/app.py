@@ -179,7 +179,7 @@ class EngineService:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._run(_drain_engine, self.engine)  # the engine may outlive this app (tests share one)
+        await self._run(self.engine.reset)  # the engine may outlive this app (tests share one)
         for req in list(self.inflight.values()):
             req.abort_message = "server shutting down"
             self._resolve(req, _abort_response(req))
@@ -256,7 +256,7 @@ class EngineService:
                 finished = await self._run(eng.step, new)
             except Exception as e:  # engine bug or OOM: fail this batch loudly, keep serving
                 log.exception("engine step failed", error=repr(e))
-                victims = await self._run(_drain_engine, eng)
+                victims = await self._run(eng.reset)
                 for req in {id(r): r for r in [*new, *victims]}.values():
                     self._fail(req, RuntimeError(f"engine step failed: {e!r}"))
                 continue
@@ -293,7 +293,7 @@ class EngineService:
         self.resumed.clear()
         if mode == "abort":
             self.abort(abort_all=True, message="aborted by pause_generation")
-            for req, resp in await self._run(_take_aborted, self.engine):
+            for req, resp in await self._run(self.engine.collect_aborted):
                 self._resolve(req, resp)
         elif mode == "retract":
             await self._run(self.engine.retract_all)
@@ -347,28 +347,6 @@ class EngineService:
             input_ids=[0], params=SamplingParams(max_new_tokens=1, temperature=0.0), rid=f"health-{time.time_ns()}"
         )
         return (await self.generate([req]))[0]
-
-
-def _take_aborted(engine: Engine) -> list[tuple[EngineRequest, GenerateResponse]]:
-    """Run one engine step with no decode to answer flagged requests (used while paused)."""
-    done = []
-    for seq in [s for s in engine.waiting if s.req.aborted]:
-        engine.waiting.remove(seq)
-        done.append((seq.req, _abort_response(seq.req)))
-    if any(s.req.aborted for s in engine.running):
-        for s in engine.running:
-            if s.req.aborted:
-                s.finish = FinishReason(type="abort", message=s.req.abort_message)
-        done += [(s.req, engine._response(s)) for s in engine._retire()]
-    return done
-
-
-def _drain_engine(engine: Engine) -> list[EngineRequest]:
-    """After a failed step: forget the batch and the queue, return their requests."""
-    reqs = [s.req for s in [*engine.running, *engine.waiting]]
-    engine.running, engine.batch, engine.mask = [], None, None
-    engine.waiting.clear()
-    return reqs
 
 
 # ---------------------------------------------------------------------------------------------- HTTP layer
@@ -439,6 +417,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def health_generate(request: web.Request) -> web.Response:
+    if request.app[SERVICE].paused:
+        return _error("generation is paused (/continue_generation resumes it)", 503)
     resp = await request.app[SERVICE].health_generate()
     if resp.meta_info.finish_reason is None or resp.meta_info.finish_reason.type == "abort":
         return _error("health generation did not complete", 503)

@@ -138,7 +138,7 @@ class RadixKVCache:
 
     Invariants: a node's `kv` tensors have exactly `len(tokens)` columns; children are keyed by the first token
     of their segment; `total_tokens` is the sum of segment lengths and stays <= `capacity` after every insert.
-    Tensors handed out by `match` are fresh copies, so eviction never invalidates a running sequence.
+    `match` hands out views that the caller copies at once, so eviction never invalidates a running sequence.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -171,20 +171,24 @@ class RadixKVCache:
             node = child
         return i, path
 
-    def match(self, ids: Sequence[int], limit: int) -> tuple[int, KV | None]:
-        """Longest cached prefix of `ids`, at most `limit` tokens, and a copy of its KV ([kv_heads, n, head_dim])."""
+    def match(self, ids: Sequence[int], limit: int) -> tuple[int, list[KV]]:
+        """Longest cached prefix of `ids`, at most `limit` tokens: (length, its KV as consecutive segments).
+
+        Each segment is a per-layer list of (keys, values) views [kv_heads, n_i, head_dim] into the tree; the views
+        stay valid until the next `insert` or `flush`, so copy them before either (`Engine._prefill` does)."""
         n, path = self._walk(ids[:limit])
-        if n == 0:
-            return 0, None
         now = next(self._clock)
         for node, _ in path:
             node.last_used = now
-        n_layers = len(path[0][0].kv)
-        kv = [
-            tuple(torch.cat([node.kv[layer][j][:, :used] for node, used in path], dim=1) for j in (0, 1))
-            for layer in range(n_layers)
+        return n, [[(k[:, :used], v[:, :used]) for k, v in node.kv] for node, used in path if used]
+
+    @staticmethod
+    def concat(segments: list[KV]) -> KV:
+        """Join `match`'s segments into one KV (a copy)."""
+        return [
+            (torch.cat([seg[i][0] for seg in segments], dim=1), torch.cat([seg[i][1] for seg in segments], dim=1))
+            for i in range(len(segments[0]))
         ]
-        return n, kv  # type: ignore[return-value]
 
     def insert(self, ids: Sequence[int], kv_of: Callable[[int, int], KV]) -> None:
         """Cache `ids`; `kv_of(start, end)` gives the KV of ids[start:end] (called only for the uncached part)."""
@@ -308,9 +312,23 @@ class _KVLayer(DynamicLayer):
         self._views()
 
 
-def _new_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> Cache:
-    """A transformers Cache over `_KVLayer`s; `kv` is per layer [batch, kv_heads, n, head_dim]."""
-    return Cache(layers=[_KVLayer.of(k, v, capacity) for k, v in kv])
+def _cache_from_segments(segments: list[KV], n: int, capacity: int) -> Cache:
+    """A one-row transformers Cache over `_KVLayer`s holding the `n` tokens of `segments` (from
+    `RadixKVCache.match`), copied once into buffers with room for `capacity` tokens."""
+    layers = []
+    for li in range(len(segments[0])):
+        h, _, d = segments[0][li][0].shape
+        kbuf = segments[0][li][0].new_zeros((1, h, max(capacity, n), d))
+        vbuf = torch.zeros_like(kbuf)
+        col = 0
+        for seg in segments:
+            k, v = seg[li]
+            kbuf[0, :, col : col + k.shape[1]] = k
+            vbuf[0, :, col : col + k.shape[1]] = v
+            col += k.shape[1]
+        assert col == n, f"segments hold {col} tokens, expected {n}"
+        layers.append(_KVLayer(kbuf, vbuf, n))
+    return Cache(layers=layers)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -499,16 +517,7 @@ class Engine:
         """Admit `new` (and earlier waiting requests) up to max_batch, run one decode step; return the finished."""
         for req in new:
             self.add(req)
-        done: list[_Seq] = []
-        # aborts first: waiting ones never run, running ones leave the batch
-        for seq in [s for s in self.waiting if s.req.aborted]:
-            self.waiting.remove(seq)
-            seq.finish = FinishReason(type="abort", message=seq.req.abort_message)
-            done.append(seq)
-        for seq in self.running:
-            if seq.req.aborted and seq.finish is None:
-                seq.finish = FinishReason(type="abort", message=seq.req.abort_message)
-        done += self._retire()
+        done = self._take_aborted()
         admitted: list[tuple[_Seq, KV]] = []
         while self.waiting and len(self.running) + len(admitted) < self.cfg.max_batch:
             seq = self.waiting.popleft()
@@ -544,6 +553,30 @@ class Engine:
             seq.req.abort_message = message
             seq.req.aborted = True
 
+    def _take_aborted(self) -> list[_Seq]:
+        """Finish flagged requests: waiting ones never run, running ones leave the batch (their KV is not cached)."""
+        done = []
+        for seq in [s for s in self.waiting if s.req.aborted]:
+            self.waiting.remove(seq)
+            seq.finish = FinishReason(type="abort", message=seq.req.abort_message)
+            done.append(seq)
+        for seq in self.running:
+            if seq.req.aborted and seq.finish is None:
+                seq.finish = FinishReason(type="abort", message=seq.req.abort_message)
+        return done + self._retire()
+
+    def collect_aborted(self) -> list[tuple[EngineRequest, GenerateResponse]]:
+        """Answer flagged requests without running the model (used while generation is paused)."""
+        return [(s.req, self._response(s)) for s in self._take_aborted()]
+
+    def reset(self) -> list[EngineRequest]:
+        """Forget the running batch and the waiting queue (after a failed step, or at shutdown); returns their
+        requests, unanswered. The prefix cache is kept: its entries were complete when inserted."""
+        reqs = [s.req for s in [*self.running, *self.waiting]]
+        self.running, self.batch, self.mask = [], None, None
+        self.waiting.clear()
+        return reqs
+
     def retract_all(self) -> int:
         """Move running sequences back to the front of the queue (KV dropped; recomputed on re-admission from
         prompt + output so far, under whatever weights are loaded then). Returns how many."""
@@ -562,17 +595,14 @@ class Engine:
         sample its next token; returns its KV as [1, kv_heads, n, head_dim] per layer."""
         ids = seq.all_ids
         first = not seq.output_ids
-        n_cached, prefix = self.cache.match(ids, len(ids) - 1) if self.cfg.enable_prefix_cache else (0, None)
+        n_cached, segments = self.cache.match(ids, len(ids) - 1) if self.cfg.enable_prefix_cache else (0, [])
         if first:
             seq.cached_tokens = n_cached
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += len(ids)
             self.stats["cached_tokens"] += n_cached
         dev = self.device
-        if prefix is None:
-            cache = None
-        else:
-            cache = _new_cache([(k[None].to(dev), v[None].to(dev)) for k, v in prefix], len(ids) + _KV_HEADROOM)
+        cache = _cache_from_segments(segments, n_cached, len(ids) + _KV_HEADROOM) if n_cached else None
         suffix = torch.tensor([ids[n_cached:]], device=dev)
         if cache is None:
             out = self.model(input_ids=suffix, use_cache=True, logits_to_keep=1)
