@@ -38,11 +38,11 @@ log = structlog.get_logger("trainer")
 async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    start = latest_checkpoint(out) if resume else None
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, default=str))
     async with contextlib.AsyncExitStack() as stack:
         env_url = await stack.enter_async_context(services.env_server(cfg, out))
         env = await stack.enter_async_context(EnvClient(env_url, token=cfg.env.token))
-        start = latest_checkpoint(out) if resume else None
         policy = await _initial_policy(cfg, env, out, start)
         weights = policy.save(out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))

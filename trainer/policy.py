@@ -166,7 +166,7 @@ class Policy:
             self.accelerator.backward(loss)
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
             self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     # ------------------------------------------------------------------ weights
     def save(self, out_dir: str | Path) -> Path:

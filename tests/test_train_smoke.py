@@ -1,0 +1,89 @@
+"""The whole loop on the debug config: a real env server and a real CPU engine as child processes, the
+tiny model built and SFT-warm-started, TRACE steps through accelerate, metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.cli import main as train_main
+from trainer.config import load_train_config
+from trainer.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = (
+    "step",
+    "reward_mean",
+    "effective_ratio",
+    "nonzero_adv_token_frac",
+    "leaves",
+    "generated_tokens",
+    "prefill_tokens",
+    "cached_prefill_tokens",
+    "predictor_brier",
+    "predictor_auc",
+    "step_time_s",
+    "env_calls",
+)
+SMALL = [
+    "run.prompts_per_step=3",
+    "run.eval_size=4",
+    "sft.max_examples=24",
+    "sft.batch_size=12",
+    "allocation.root_budget=6",
+    "allocation.m_max=3",
+    "rollout.max_new_tokens=32",
+]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_debug_config_runs_resumes_and_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2"]
+    cfg = load_train_config(REPO / "configs" / "debug.toml", sets)
+    asyncio.run(train(cfg))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, f"metrics row lacks {missing}"
+        assert r["leaves"] > 0 and r["generated_tokens"] > 0
+        assert 0 < r["cached_prefill_tokens"] <= r["prefill_tokens"], "branches re-send prefixes the cache serves"
+        assert 0.0 <= r["effective_ratio"] <= 1.0
+    assert "eval_em" in rows[-1]
+    assert (out / "checkpoints" / "step_00002" / "model" / "config.json").exists()
+    assert any((tmp_path / "cache").glob("sft-*/model.safetensors")), "the SFT warm start is cached"
+
+    # Resume through the command line: continues at step 2, keeps the first rows as they were.
+    code = train_main(["--config", str(REPO / "configs" / "debug.toml"), "--steps", "3", "--output-dir", str(out),
+                       "--resume", *[x for s in SMALL for x in ("--set", s)]])  # fmt: skip
+    assert code == 0
+    again = _rows(out)
+    assert [r["step"] for r in again] == [0, 1, 2]
+    assert again[:2] == rows
+    assert again[2]["weight_version"] == 3
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["--set", "allocation.type=nope"]) == 2
+    assert "allocation type 'nope'" in capsys.readouterr().err
+    assert train_main(["--set", "run.nosuchfield=1"]) == 2
+    assert "no field 'nosuchfield'" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[runn]\nsteps = 1\n")
+    assert train_main(["--config", str(bad)]) == 2
+    assert "unknown section [runn]" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_fails_loudly(tmp_path: Path) -> None:
+    cfg = load_train_config(REPO / "configs" / "debug.toml", [f'run.output_dir="{tmp_path}"'])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        asyncio.run(train(cfg, resume=True))
