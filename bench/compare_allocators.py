@@ -1,0 +1,139 @@
+"""TRACE vs its baselines at equal leaf budget (DESIGN §1 "Baselines", "Budget accounting").
+
+    python bench/compare_allocators.py --steps K --seeds S --out FILE.json [--config configs/compare.toml]
+        [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
+
+Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
+warm start is cached per seed, so every allocator of a seed starts from identical weights), with the
+same leaf budget per step (allocators without stage 2 spend the whole budget at the roots). FILE.json
+maps each allocator to its mean figures over steps and seeds: effective ratio, share of trained
+tokens with non-zero advantage, reward, leaves, tokens generated / prefilled / served from cache,
+predictor AUC, and dev EM after K steps; per-seed rows go to FILE.runs.json. A markdown table is
+printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.config import load_train_config
+from trainer.loop import train
+
+ALL = ("trace", "uniform", "root-only", "random-node")
+FIGURES = (
+    "effective_ratio",
+    "nonzero_adv_token_frac",
+    "reward_mean",
+    "leaves",
+    "generated_tokens",
+    "prefill_tokens",
+    "cached_prefill_tokens",
+    "predictor_auc",
+)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def run_one(config: str | None, sets: list[str], allocator: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
+    run_dir = out / f"{allocator}-s{seed}"
+    cfg = load_train_config(
+        config,
+        [
+            *sets,
+            f'allocation.type="{allocator}"',
+            f"run.seed={seed}",
+            f"run.steps={steps}",
+            f'run.output_dir="{run_dir}"',
+            f"run.eval_every={steps}",
+            "run.save_every=0",
+            "run.plot=false",
+        ],
+    )
+    t0 = time.perf_counter()
+    asyncio.run(train(cfg))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    res: dict[str, Any] = {k: _mean([r.get(k) for r in rows]) for k in FIGURES}
+    res["dev_em"] = rows[-1].get("eval_em")
+    res["wall_s"] = time.perf_counter() - t0
+    res["allocator"], res["seed"] = allocator, seed
+    return res
+
+
+def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for a in allocators:
+        mine = [r for r in runs if r["allocator"] == a]
+        out[a] = {k: _mean([r[k] for r in mine]) for k in (*FIGURES, "dev_em", "wall_s")}
+        out[a]["seeds"] = len(mine)
+    return out
+
+
+def table(summary: dict[str, dict[str, float]]) -> str:
+    cols = ("effective_ratio", "nonzero_adv_token_frac", "reward_mean", "dev_em", "leaves", "generated_tokens")
+    lines = ["| allocator | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for a, s in summary.items():
+        lines.append(f"| {a} | " + " | ".join(f"{s[c]:.3f}" if s[c] < 100 else f"{s[c]:.0f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("effective_ratio", "nonzero_adv_token_frac", "reward_mean", "dev_em")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    names = list(summary)
+    for ax, k in zip(axes, keys, strict=True):
+        ax.bar(names, [summary[n][k] for n in names])
+        ax.set_title(k)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--out", default="runs/compare_allocators.json")
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "compare.toml"))
+    p.add_argument("--allocators", default=",".join(ALL))
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args(argv)
+    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    out = Path(args.out)
+    work = out.with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in range(args.seeds):
+        for a in allocators:
+            r = run_one(args.config, args.set, a, seed, args.steps, work)
+            print(f"{a:12s} seed {seed}: " + ", ".join(f"{k}={r[k]:.3f}" for k in ("effective_ratio", "dev_em")))
+            runs.append(r)
+    summary = summarise(runs, allocators)
+    md = table(summary)
+    print(md)
+    out.write_text(json.dumps(summary, indent=2))
+    out.with_suffix(".runs.json").write_text(
+        json.dumps({"steps": args.steps, "seeds": args.seeds, "runs": runs}, indent=2)
+    )
+    out.with_suffix(".md").write_text(md + "\n")
+    plot(summary, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
