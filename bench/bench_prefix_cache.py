@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per branch")
     ap.add_argument("--repeats", type=int, default=1, help="runs per case; the fastest is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--batch-sizes", default="1,16", help="also report decode tok/s at these batch sizes ('' = skip)")
     args = ap.parse_args(argv)
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             n_cached = sum(o.meta_info.cached_tokens for o in out_c)
             print(f"{k:>3} {length:>5} {t_c:>8.2f} {t_p:>10.2f} {t_p / t_c:>6.1f}x {n_cached:>10} {dlp:>9.1e}")
+        for bsz in [int(b) for b in args.batch_sizes.split(",") if b]:
+            # batched decode: bsz distinct 64-token prompts, 64 new tokens each, all decoding together
+            sp = SamplingParams(max_new_tokens=64, temperature=1.0, ignore_eos=True)
+            reqs = [
+                EngineRequest(torch.randint(11, plain.vocab_size, (64,), generator=gen).tolist(), sp)
+                for _ in range(bsz)
+            ]
+            t0 = time.perf_counter()
+            plain.generate(reqs)
+            dt = time.perf_counter() - t0
+            print(f"decode batch {bsz:>3}: {bsz * 64 / dt:>7.0f} tok/s ({bsz} x 64 new tokens after 64-token prompts)")
     return 0
 
 

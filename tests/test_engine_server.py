@@ -151,6 +151,11 @@ async def test_stop_strings(client: TestClient, ref_model: Any, model_dir: Path)
     assert r["text"] == text
 
 
+async def test_neutral_sglang_sampling_keys_are_accepted(client: TestClient) -> None:
+    sp = {**GREEDY, "max_new_tokens": 2, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "regex": None}
+    assert len((await gen(client, [5, 6], sampling_params=sp))["output_ids"]) == 2
+
+
 async def test_batch_answers_in_order_and_matches_singles(client: TestClient) -> None:
     prompts = [prompt(n, 10 + n) for n in (7, 40, 19, 3)]
     sp = {**GREEDY, "max_new_tokens": 8}
@@ -305,6 +310,9 @@ async def test_update_weights_from_disk(client: TestClient, model_dir: Path, tmp
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": "x"}}, "max_new_tokens"),
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": 5000}}, "context length"),
         ({"input_ids": [[1], [2]], "sampling_params": [{}]}, "batch of 2"),
+        ({"input_ids": [1], "sampling_params": {"repetition_penalty": 1.2}}, "not supported"),
+        ({"input_ids": [1], "sampling_params": {"bogus": 1}}, "unknown sampling parameter"),
+        ({"input_ids": [1], "sampling_params": [1]}, "$.sampling_params[0]"),
         ({"input_ids": [1], "stream": True}, "stream"),
         ({"input_ids": [1], "logprob_start_len": 0}, "logprob_start_len"),
     ],

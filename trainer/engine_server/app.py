@@ -73,10 +73,12 @@ def _make_body_type() -> type:
     """/generate's body as decoded on the server. msgspec cannot decode `GenerateRequest.input_ids`'s declared
     type (`list[int] | list[list[int]]`: a union of two array types), so that field is taken as `list[Any]` and its
     shape is checked in `parse_generate`; every other field is GenerateRequest's own, so fields added there are
-    picked up here."""
+    picked up here. `sampling_params` is taken raw too, so that keys this engine would ignore are refused
+    (`sampling_params_of`) rather than silently dropped."""
     fields: list[Any] = []
+    raw = {"input_ids": list[Any], "sampling_params": dict[str, Any] | list[dict[str, Any]] | None}
     for f in msgspec.structs.fields(GenerateRequest):
-        typ = list[Any] if f.name == "input_ids" else f.type
+        typ = raw.get(f.name, f.type)
         if f.required:
             fields.append((f.name, typ))
         elif f.default_factory is not msgspec.NODEFAULT:
@@ -87,6 +89,48 @@ def _make_body_type() -> type:
 
 
 GenerateBody = _make_body_type()
+
+# Sampling parameters SGLang accepts that this engine does not implement, with the value that means "off": any
+# other value is refused (400) instead of being ignored. Keys SGLang does not know are refused as SGLang does.
+_NEUTRAL_SAMPLING = {
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "stop_regex": None,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "logit_bias": None,
+    "custom_params": None,
+    "sampling_seed": None,
+}
+_TEXT_ONLY_SAMPLING = {"spaces_between_special_tokens", "stream_interval"}  # affect streaming/text only
+_SAMPLING_FIELDS = {f.name for f in msgspec.structs.fields(SamplingParams)}
+
+
+def sampling_params_of(raw: Any) -> SamplingParams:
+    """One request's `sampling_params` dict -> SamplingParams; refuses what this engine would not honour."""
+    if raw is None:
+        return SamplingParams()
+    if isinstance(raw, SamplingParams):  # the field's default when the body has no sampling_params
+        return raw
+    if not isinstance(raw, dict):
+        raise BadRequest(f"sampling_params must be an object, got {type(raw).__name__}")
+    for key, value in raw.items():
+        if key in _SAMPLING_FIELDS or key in _TEXT_ONLY_SAMPLING:
+            continue
+        if key not in _NEUTRAL_SAMPLING:
+            raise BadRequest(f"unknown sampling parameter {key!r}")
+        if value not in (_NEUTRAL_SAMPLING[key], None, [], {}):
+            raise BadRequest(f"sampling parameter {key}={value!r} is not supported by {ENGINE_NAME}")
+    try:
+        return msgspec.convert({k: v for k, v in raw.items() if k in _SAMPLING_FIELDS}, SamplingParams)
+    except msgspec.ValidationError as e:
+        raise BadRequest(f"invalid sampling_params: {e}") from e
+
+
 _decoders: dict[type, msgspec.json.Decoder] = {}
 
 
@@ -127,7 +171,7 @@ def parse_generate(body: Any) -> tuple[list[EngineRequest], bool]:
     if body.top_logprobs_num:
         raise BadRequest(f"top_logprobs_num={body.top_logprobs_num}: not supported by {ENGINE_NAME} (send 0)")
     n = len(prompts)
-    params = _per_item(body.sampling_params, n, "sampling_params")
+    params = [sampling_params_of(sp) for sp in _per_item(body.sampling_params, n, "sampling_params")]
     want_lp = _per_item(body.return_logprob, n, "return_logprob")
     starts = _per_item(body.logprob_start_len, n, "logprob_start_len")
     if any(s != -1 for s in starts if s is not None):

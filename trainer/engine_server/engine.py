@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 
 from shared.engine_protocol import FinishReason, GenerateResponse, MetaInfo, SamplingParams
@@ -418,15 +418,15 @@ class Engine:
         self.vocab_size: int = conf.vocab_size
         self.context_len: int = conf.max_position_embeddings
         self.tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-        self.eos_ids = frozenset(self._eos_ids(path))
+        self.eos_ids = frozenset(self._eos_ids())
         self.model_path = str(path)
         self.weight_version = "default"
         self.cache = RadixKVCache(cfg.cache_tokens if cfg.enable_prefix_cache else 0)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
-        self.batch: Cache | None = None  # KV of `running`, left-padded, all rows end at column batch_len
-        self.mask: torch.Tensor | None = None  # [B, capacity] 1 = real token
+        self.batch: Cache | None = None  # KV of `running`, left-padded: every row ends at its layers' column `n`
+        self.mask: torch.Tensor | None = None  # [B, >= n + 1] 1 = real token, 0 = left padding
         # counters since start: prefill work saved by the cache, and how full decode batches were
         self.stats = {
             "requests": 0,
@@ -437,15 +437,12 @@ class Engine:
             "decode_rows": 0,
         }
 
-    def _eos_ids(self, path: Path) -> set[int]:
+    def _eos_ids(self) -> set[int]:
+        """SGLang's EOS set: config.json's and generation_config.json's eos_token_id, plus the tokenizer's."""
         ids: set[int] = set()
         for src in (self.model.config.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
             if src is not None:
                 ids.update([src] if isinstance(src, int) else src)
-        if (path / "generation_config.json").exists():
-            eos = GenerationConfig.from_pretrained(path).eos_token_id
-            if eos is not None:
-                ids.update([eos] if isinstance(eos, int) else eos)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
