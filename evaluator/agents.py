@@ -305,19 +305,49 @@ class ReactTextAgent(_OpenAIAgent):
 
 
 class PolicyAgent(Agent):
-    """A TRACE checkpoint played through the trainer's agent loop and engine client (token-in/token-out)."""
+    """A TRACE checkpoint played through the trainer's own agent loop and engine client (token-in/token-out):
+    `--base-url` is an engine speaking SGLang's native API (real SGLang or `trace-engine serve`, no /v1), and
+    `--model` the checkpoint folder, whose tokenizer and chat template lay out the prompt exactly as in training."""
 
     name = "policy"
 
     def __init__(self, cfg: AgentConfig, info: Info) -> None:
-        raise AgentUnavailable(
-            "not available yet: the `policy` agent will play a TRACE checkpoint through the trainer's agent loop "
-            "and engine client, which are still being built. Meanwhile, serve the checkpoint behind an "
-            "OpenAI-compatible /v1/completions endpoint and use --agent react-text."
-        )
+        try:
+            from transformers import AutoTokenizer
+
+            from trainer.engine_client import EngineClient
+            from trainer.rollout import RolloutConfig, RolloutRunner
+        except ImportError as e:
+            raise AgentUnavailable(
+                f"the policy agent needs the train extra (pip install 'trace-rl[train]'): {e}"
+            ) from e
+        if not cfg.base_url or not cfg.model:
+            raise AgentConfigError("--agent policy needs --base-url ENGINE_URL (SGLang native API) and --model DIR")
+        self.model = cfg.model
+        self._tok = AutoTokenizer.from_pretrained(cfg.model)
+        self._engine = EngineClient([cfg.base_url.rstrip("/")], timeout_s=cfg.request_timeout_s, retries=cfg.retries)
+        rollout = RolloutConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_tokens, max_context_tokens=32768)
+        self._runner_cls, self._rollout = RolloutRunner, rollout
 
     async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
-        raise AssertionError("PolicyAgent cannot be built")
+        from trainer.rollout import prompt_ids
+        from trainer.tree import RolloutTree
+
+        runner = self._runner_cls(env, self._engine, self._tok, self._rollout)
+        messages = [{"role": m.role, "content": m.content} for m in episode.messages]
+        tree = RolloutTree.new(episode.episode_id, question, [], prompt_ids(self._tok, messages), episode.snapshot_id)
+        try:
+            _, final = await runner.play(tree, 0, episode.episode_id, release=False)
+        finally:
+            self._engine.release(tree.prompt_id)
+        if final is None or not final.done:
+            raise AgentError(
+                f"the policy stopped before the episode ended (context limit at turn {tree.nodes[-1].depth})"
+            )
+        return AgentOutcome(final, tree.ledger.prefill_tokens, tree.ledger.generated_tokens)
+
+    async def aclose(self) -> None:
+        await self._engine.aclose()
 
 
 # ---------------------------------------------------------------------------------------------- references

@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true", help="run again the questions whose rows have an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    a = p.add_argument_group("model-backed agents (openai-tools, react-text)")
-    a.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:30000/v1")
-    a.add_argument("--model", help="model name the endpoint serves")
+    a = p.add_argument_group("model-backed agents (openai-tools, react-text, policy)")
+    a.add_argument(
+        "--base-url",
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:30000/v1; for policy: an engine's native URL",
+    )
+    a.add_argument("--model", help="model name the endpoint serves; for policy: the checkpoint folder")
     a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="variable holding the API key (OPENAI_API_KEY)")
     a.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     a.add_argument("--max-tokens", type=int, default=512, help="tokens per model call (default 512)")

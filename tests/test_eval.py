@@ -410,7 +410,7 @@ async def test_bad_arguments_exit_2_and_an_unreachable_env_server_exits_3(
     await expect(3, "--env-token", "--agent", "oracle", *DEV, url=secured.url)
     await expect(2, "no dataset 'nq'", "--agent", "oracle", "--dataset", "nq", "--split", "dev")
     await expect(2, "no split 'validation'", "--agent", "oracle", "--dataset", "synthetic", "--split", "validation")
-    await expect(2, "not available yet", "--agent", "policy", *DEV)
+    await expect(2, "needs --base-url", "--agent", "policy", *DEV)
     await expect(2, "needs --model", "--agent", "openai-tools", *DEV)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     await expect(2, "$OPENAI_API_KEY", "--agent", "react-text", "--model", "m", *DEV)
@@ -491,3 +491,33 @@ async def test_docs_shell_snippets_run(env_server: LiveServer, tmp_path: Path) -
     code, out, err = await _run(["bash", "-euo", "pipefail", "-c", eval_snippet], {**env, "TMPDIR": str(tmp_path)})
     assert code == 0, err
     assert "synthetic,dev,all,20,1.0,1.0,1.0,0,0" in out
+
+
+async def test_policy_agent_plays_a_checkpoint_through_the_engine(env_server: LiveServer, tmp_path: Path) -> None:
+    """`--agent policy`: our tiny checkpoint through the trainer's agent loop and the real CPU engine."""
+    from aiohttp.test_utils import TestServer
+
+    from trainer.engine_server.app import ServerConfig as EngineServerConfig
+    from trainer.engine_server.app import init_app as init_engine_app
+    from trainer.engine_server.engine import EngineConfig
+    from trainer.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny", seed=0)
+    engine = TestServer(init_engine_app(EngineServerConfig(engine=EngineConfig(model_path=model))), host="127.0.0.1")
+    await engine.start_server()
+    try:
+        out = tmp_path / "policy.jsonl"
+        code = await trace_eval(
+            "--env-url", env_server.url, "--agent", "policy", *DEV, "--limit", "3", "--out", str(out),
+            "--base-url", str(engine.make_url("")), "--model", str(model), "--max-tokens", "24", "--no-progress",
+        )  # fmt: skip
+    finally:
+        await engine.close()
+    assert code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["model"] == str(model)
+        assert r["error"] is None, r["error"]
+        assert r["em"] in (0.0, 1.0) and r["turns"] >= 1
+        assert r["tokens"] is None or r["tokens"] > 0

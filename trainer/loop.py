@@ -47,6 +47,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         weights = policy.save(out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
+        await engine.wait_ready(cfg.engine.startup_timeout_s)  # attached engines may still be loading
         runner = RolloutRunner(env, engine, policy.tokenizer, cfg.rollout)
         n_train = _split_size(await env.info(), cfg.env.dataset, cfg.env.train_split)
         trace = TraceStep(cfg, policy, runner, n_train)

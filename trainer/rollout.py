@@ -26,7 +26,7 @@ from typing import Any
 
 from shared.client import EnvClient
 from shared.engine_protocol import SamplingParams
-from shared.wire import EnvError
+from shared.wire import EnvError, StepResult
 from trainer.engine_client import EngineClient, Generation
 from trainer.tree import FinishStatus, RolloutTree
 
@@ -140,7 +140,7 @@ class RolloutRunner:
         assert node.status == FinishStatus.OPEN, f"node {node_id} of {tree.prompt_id} is finished ({node.status})"
         eids = (await self.env.episodes_from_snapshot(node.snapshot_id, k)).episode_ids
         tree.ledger.env_calls += 1
-        return list(await asyncio.gather(*(self._branch(tree, node_id, eid) for eid in eids)))
+        return [leaf for leaf, _ in await asyncio.gather(*(self.play(tree, node_id, eid) for eid in eids))]
 
     async def _generate(self, tree: RolloutTree, ids: list[int], max_new: int) -> Generation:
         for _ in range(self.cfg.abort_retries + 1):
@@ -152,9 +152,13 @@ class RolloutRunner:
                 return gen
         return gen
 
-    async def _branch(self, tree: RolloutTree, start: int, episode_id: str) -> int:
-        """One episode from node `start` to its end; every turn becomes a node. Returns the leaf id."""
+    async def play(
+        self, tree: RolloutTree, start: int, episode_id: str, *, release: bool = True
+    ) -> tuple[int, StepResult | None]:
+        """Play env episode `episode_id`, which is in node `start`'s state, to its end; every turn becomes a
+        node. Returns (leaf id, the last step's answer). `release` deletes the episode afterwards."""
         cur = start
+        res: StepResult | None = None
         async with self._sem:
             try:
                 while True:
@@ -166,7 +170,7 @@ class RolloutRunner:
                         node = tree.add_child(cur, out, [1] * len(out), list(gen.logprobs), status=FinishStatus.ERROR)
                         node.info["error"] = f"generation aborted {self.cfg.abort_retries + 1} times"
                         tree.ledger.leaves += 1
-                        return node.node_id
+                        return node.node_id, res
                     action = self.tok.decode(out, skip_special_tokens=True)
                     res = await self.env.step(episode_id, action=action)
                     tree.ledger.env_calls += 1
@@ -196,13 +200,14 @@ class RolloutRunner:
                         tree.golden_answers = list(res.info["golden_answers"])
                     if status != FinishStatus.OPEN:
                         tree.ledger.leaves += 1
-                        return node.node_id
+                        return node.node_id, res
                     cur = node.node_id
             finally:
                 # Release the episode; a failure here must not hide the error that ended the branch.
-                with contextlib.suppress(EnvError, ConnectionError):
-                    await self.env.delete(episode_id)
-                    tree.ledger.env_calls += 1
+                if release:
+                    with contextlib.suppress(EnvError, ConnectionError):
+                        await self.env.delete(episode_id)
+                        tree.ledger.env_calls += 1
 
 
 def _version(v: str | None) -> int:
