@@ -18,6 +18,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,30 +83,38 @@ log = structlog.get_logger("env_server")
 class Resources:
     retriever: Retriever
     datasets: DatasetRegistry
+    executor: ThreadPoolExecutor | None = None  # the local index's `search_threads` pool; shut down by aclose()
+
+    async def aclose(self) -> None:
+        """Close the retriever, then its thread pool."""
+        await self.retriever.aclose()
+        if self.executor is not None:
+            await asyncio.to_thread(self.executor.shutdown, wait=True)
 
 
 def build_resources(cfg: ServerConfig) -> Resources:
     """Open (building if needed) the search backend and load the question sets. Blocking: run in an executor."""
     datasets = DatasetRegistry()
     retriever: Retriever
+    executor = None if cfg.retriever_url else ThreadPoolExecutor(cfg.search_threads, thread_name_prefix="search")
     if cfg.uses_synthetic:
         from env_server.synthetic import load_or_build_world
 
         world_dir = load_or_build_world(cfg.resolved_cache_dir(), seed=cfg.synthetic_seed, size=cfg.synthetic_size)
         for split in ("train", "dev", "test"):
             datasets.add("synthetic", split, read_questions(world_dir / f"{split}.jsonl"))
-        retriever = TantivyRetriever.open_or_build(world_dir / "corpus.jsonl", world_dir / "index")
+        retriever = TantivyRetriever.open_or_build(world_dir / "corpus.jsonl", world_dir / "index", executor=executor)
     elif cfg.retriever_url:
         retriever = RemoteRetriever(cfg.retriever_url)
     elif cfg.corpus:
         index_dir = Path(cfg.index_dir) if cfg.index_dir else Path(cfg.corpus + ".index")
-        retriever = TantivyRetriever.open_or_build(Path(cfg.corpus), index_dir)
+        retriever = TantivyRetriever.open_or_build(Path(cfg.corpus), index_dir, executor=executor)
     else:
         assert cfg.index_dir is not None, "validate() guarantees a search backend"
-        retriever = TantivyRetriever(Path(cfg.index_dir))
+        retriever = TantivyRetriever(Path(cfg.index_dir), executor=executor)
     for key, path in cfg.data.items():
         datasets.add_spec(key, path)
-    return Resources(retriever, datasets)
+    return Resources(retriever, datasets, executor)
 
 
 # ---------------------------------------------------------------------------------------------- the service
@@ -188,6 +197,8 @@ class EnvService:
             )
         h = self.store.episode(episode_id)
         async with h.lock:
+            if self.store.episodes.get(episode_id) is not h:  # deleted (or reaped) while this step waited
+                raise EnvError(ErrorCode.NOT_FOUND, f"episode {episode_id!r} was deleted before this step ran")
             node = h.node
             if node.done:
                 raise EnvError(
@@ -279,20 +290,24 @@ class EnvService:
                     ans: Any = self.create(op)
                 elif isinstance(op, StepOp):
                     ans = await self.step(op.episode_id, op)
-                elif isinstance(op, ForkOp):
-                    ans = self.fork(op.episode_id, op.n)
-                elif isinstance(op, SnapshotOp):
-                    ans = self.snapshot(op.episode_id)
                 else:
-                    assert isinstance(op, DeleteOp), op
-                    ans = self.delete(op.episode_id)
+                    assert isinstance(op, ForkOp | SnapshotOp | DeleteOp), op
+                    # Wait behind any earlier op of this batch on the same episode (a step in flight holds
+                    # the lock): [step e, fork e] must fork the state after the step, as the order says.
+                    async with self.store.episode(op.episode_id).lock:
+                        if isinstance(op, ForkOp):
+                            ans = self.fork(op.episode_id, op.n)
+                        elif isinstance(op, SnapshotOp):
+                            ans = self.snapshot(op.episode_id)
+                        else:
+                            ans = self.delete(op.episode_id)
             except EnvError as e:
                 self.metrics.errors.labels(e.code.value if isinstance(e.code, ErrorCode) else str(e.code)).inc()
                 return {"ok": False, **msgspec.to_builtins(e.to_body())}
             return {"ok": True, **msgspec.to_builtins(ans)}
 
-        # Tasks start in order and a step takes its episode's lock before its first real await, so ops on
-        # one episode apply in the order given while independent ops (searches) overlap.
+        # Tasks start in order and every op on an existing episode takes its lock (FIFO) before its first real
+        # await, so ops on one episode apply in the order given while independent ops (searches) overlap.
         return BatchResult(list(await asyncio.gather(*(run(op) for op in req.ops))))
 
     async def retrieve(self, req: RetrieveRequest) -> dict[str, Any]:
@@ -387,6 +402,13 @@ SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 RESOURCES = web.AppKey("resources", Resources)
 
 _OPEN_ROUTES = ("/health", "/openapi.json")  # liveness and API discovery need no token
+_BLOB_TYPES = (  # a snapshot blob is MessagePack
+    "",
+    "application/octet-stream",
+    "application/msgpack",
+    "application/x-msgpack",
+    "application/vnd.msgpack",
+)
 
 
 def _fmt(request: web.Request) -> str:
@@ -400,15 +422,21 @@ def _answer(request: web.Request, obj: Any, status: int = 200) -> web.Response:
 
 def _error(request: web.Request, err: EnvError) -> web.Response:
     request.app[METRICS].errors.labels(getattr(err.code, "value", str(err.code))).inc()
-    return _answer(request, err.to_body(), status=err.status)
+    resp = _answer(request, err.to_body(), status=err.status)
+    if err.code == ErrorCode.TOO_LARGE:
+        # The rest of the body is never read into memory (aiohttp discards it for at most its 10 s lingering
+        # time, as nginx does); `Connection: close` tells the client to stop sending and not reuse the socket.
+        resp.force_close()
+    return resp
 
 
 async def _body(request: web.Request, typ: type[Any]) -> Any:
     limit = request.app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise EnvError(ErrorCode.TOO_LARGE, f"body is {request.content_length} bytes; the limit is {limit}")
+    fmt = codec.media_type(request.headers.get("Content-Type"))  # 415 before reading a body we cannot decode
     data = await request.read()  # aiohttp stops at client_max_size (= limit) and raises 413
-    return codec.decode(data, typ, codec.media_type(request.headers.get("Content-Type")))
+    return codec.decode(data, typ, fmt)
 
 
 @web.middleware
@@ -454,7 +482,9 @@ async def health(request: web.Request) -> web.Response:
     svc = request.app.get(SERVICE)
     if svc is None:
         return web.json_response({"status": "starting", "version": __version__}, status=503)
-    return _answer(request, svc.health(request.app[SHUTTING_DOWN].is_set()))
+    shutting_down = request.app[SHUTTING_DOWN].is_set()
+    # 503 while draining, so load balancers and container health checks stop sending new work here.
+    return _answer(request, svc.health(shutting_down), status=503 if shutting_down else 200)
 
 
 async def info(request: web.Request) -> web.Response:
@@ -493,6 +523,9 @@ async def import_snapshot(request: web.Request) -> web.Response:
     limit = request.app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise EnvError(ErrorCode.TOO_LARGE, f"body is {request.content_length} bytes; the limit is {limit}")
+    ct = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if ct not in _BLOB_TYPES:
+        raise EnvError(ErrorCode.UNSUPPORTED_MEDIA, f"send the blob as application/octet-stream, got {ct!r}")
     return _answer(request, _svc(request).import_snapshot(await request.read()))
 
 
@@ -563,7 +596,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         reaper.cancel()
         await asyncio.gather(reaper, return_exceptions=True)
         if RESOURCES not in app:  # resources we opened, we close
-            await res.retriever.aclose()
+            await res.aclose()
 
 
 async def _reap_forever(svc: EnvService) -> None:

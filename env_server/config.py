@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 REWARD_METRICS = ("em", "f1", "cover_em")
 
 
@@ -121,7 +123,10 @@ def load_config(toml_path: str | Path | None = None, **overrides: Any) -> Server
     names = {f.name for f in dataclasses.fields(ServerConfig)}
     if toml_path is not None:
         with open(toml_path, "rb") as f:
-            raw = tomllib.load(f)
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{toml_path}: not valid TOML: {e}") from None
         raw = raw.get("server", raw)
         unknown = sorted(set(raw) - names)
         if unknown:
@@ -134,4 +139,8 @@ def load_config(toml_path: str | Path | None = None, **overrides: Any) -> Server
             values[key] = value
     if not values.get("auth_token") and os.environ.get("TRACE_AUTH_TOKEN"):
         values["auth_token"] = os.environ["TRACE_AUTH_TOKEN"]
-    return ServerConfig(**values).validate()
+    try:  # type-checks every value (a TOML `max_turns = "3"` or `port = 80.5` is an error, not a crash later)
+        cfg = msgspec.convert(values, ServerConfig)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"{toml_path or 'config'}: {e}") from None
+    return cfg.validate()

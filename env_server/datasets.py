@@ -85,10 +85,13 @@ class DatasetRegistry:
 
     def get(self, name: str, split: str, index: int) -> QuestionRow:
         if name not in self.sets:
-            raise EnvError(ErrorCode.NOT_FOUND, f"no dataset {name!r}; available: {sorted(self.sets)}")
+            # 422, not 404: the URL exists; a value in the body names nothing this server serves.
+            raise EnvError(ErrorCode.INVALID_VALUE, f"no dataset {name!r}; available: {sorted(self.sets)}")
         splits = self.sets[name]
         if split not in splits:
-            raise EnvError(ErrorCode.NOT_FOUND, f"dataset {name!r} has no split {split!r}; available: {sorted(splits)}")
+            raise EnvError(
+                ErrorCode.INVALID_VALUE, f"dataset {name!r} has no split {split!r}; available: {sorted(splits)}"
+            )
         rows = splits[split]
         if not 0 <= index < len(rows):
             raise EnvError(

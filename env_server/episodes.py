@@ -174,12 +174,12 @@ def export_blob(node: StateNode, *, corpus_id: str, reward_metric: str) -> bytes
 
 
 def import_blob(data: bytes, *, corpus_id: str, reward_metric: str) -> StateNode:
-    """Rebuild the node chain of a blob from `export_blob`; raise EnvError (400/422) on a bad or foreign blob."""
+    """Rebuild the node chain of a blob from `export_blob`; raise EnvError (422) on a corrupt or foreign blob."""
     try:
         blob = _blob_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise EnvError(
-            ErrorCode.MALFORMED, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}"
+            ErrorCode.INVALID_VALUE, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}"
         ) from None
     if blob.version != SNAPSHOT_FORMAT_VERSION:
         raise EnvError(

@@ -26,10 +26,10 @@ class ErrorCode(enum.StrEnum):
     MALFORMED = "malformed_request"  # 400: body is not valid JSON/MessagePack or has the wrong shape
     UNSUPPORTED_MEDIA = "unsupported_media_type"  # 415
     UNAUTHORIZED = "unauthorized"  # 401
-    NOT_FOUND = "not_found"  # 404: unknown episode, snapshot, dataset or route
+    NOT_FOUND = "not_found"  # 404: unknown episode, snapshot or route
     EPISODE_DONE = "episode_done"  # 409: step on a finished episode
     TOO_LARGE = "request_too_large"  # 413
-    INVALID_VALUE = "invalid_value"  # 422: well-formed but out of range / inconsistent
+    INVALID_VALUE = "invalid_value"  # 422: well-formed but out of range / inconsistent / unknown dataset / bad blob
     CAPACITY = "capacity_exceeded"  # 429: live episodes or batch size over the limit
     SHUTTING_DOWN = "shutting_down"  # 503
     UPSTREAM = "upstream_error"  # 502: the external retriever failed
