@@ -77,6 +77,8 @@ from shared.wire import (
 
 log = structlog.get_logger("env_server")
 
+_ORACLE_KEYS = ("oracle", "supporting_ids")
+
 
 # ---------------------------------------------------------------------------------------------- resources
 @dataclass
@@ -153,7 +155,8 @@ class EnvService:
                 raise EnvError(ErrorCode.INVALID_VALUE, "dataset, split and index must all be given")
             row = self.datasets.get(req.dataset, req.split, req.index)
             question, golds, qid = row.question, row.golden_answers, row.id
-            metadata = {k: v for k, v in row.metadata.items() if k != "oracle" or req.include_oracle}
+            # What would give the answer away (the oracle trajectory, the gold passage ids) only on request.
+            metadata = {k: v for k, v in row.metadata.items() if k not in _ORACLE_KEYS or req.include_oracle}
         else:
             if not req.question or not req.question.strip():
                 raise EnvError(ErrorCode.INVALID_VALUE, "question must be a non-empty string")
