@@ -358,9 +358,9 @@ def sample_tokens(
     else:
         probs = logp.exp()
         top_k = [vocab if (g or p.top_k < 0) else min(p.top_k, vocab) for g, p in zip(greedy, params, strict=True)]
-        top_p = [1.0 if g else p.top_p for g, p in zip(greedy, params, strict=True)]
+        top_p = [math.inf if (g or p.top_p >= 1.0) else p.top_p for g, p in zip(greedy, params, strict=True)]
         min_p = [0.0 if g else p.min_p for g, p in zip(greedy, params, strict=True)]
-        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p):
+        if any(k < vocab for k in top_k) or any(p < math.inf for p in top_p) or any(m > 0.0 for m in min_p):
             sp, idx = probs.sort(dim=-1, descending=True)
             dev = logits.device
             ranks = torch.arange(vocab, device=dev)[None, :]
