@@ -8,6 +8,19 @@ token ids at once (what branching a tree node does) and times `Engine.generate` 
 flushed first, so the first branch pays the full prefill and the other k-1 reuse its KV. Sampling is greedy so the
 two engines' outputs can be compared: the tokens must match and the logprobs agree to float rounding.
 Without --model it builds the tiny model (trainer/tiny_model.py) in a temporary folder.
+
+Measured (2026-11-28, the 2-core dev machine while other jobs ran: load average ~4, so expect +-30% run to run;
+tiny model, fp32, `--threads 1 --repeats 3`, seconds for all k branches; outputs identical, max |dlogprob| 5e-7):
+
+    new tokens/branch   k x L        cache   no cache   speedup
+    16                  8 x 1024     0.53    1.60       3.0x
+    16                  16 x 2048    1.46    9.07       6.2x
+    1                   8 x 1024     0.58    2.37       4.1x
+    1                   16 x 2048    0.97    9.57       9.9x
+    decode, 64-token prompts, 64 new tokens: batch 1 117 tok/s, batch 16 731 tok/s
+
+With one new token the cache saves nearly all the (k-1) prefills, as in DESIGN's 3.8x-9x measurement of prefix-KV
+reuse; with 16 the batched decode over k x L context, the same in both engines, dilutes the ratio.
 """
 
 from __future__ import annotations
