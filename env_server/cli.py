@@ -117,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trace-env serve: {e}", file=sys.stderr)
             return 2
         setup_logging(cfg.log_level)
-        asyncio.run(serve(cfg))
+        from env_server.retrieval.base import RetrieverError
+
+        try:
+            asyncio.run(serve(cfg))
+        except (ValueError, OSError, RetrieverError) as e:  # at start-up: a bad data/corpus file or index, a busy port
+            print(f"trace-env serve: {e}", file=sys.stderr)
+            return 2
         return 0
     setup_logging("warning" if args.cmd == "demo" else "info")
     if args.cmd == "index":

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -143,11 +144,26 @@ def test_bad_flags_exit_2_with_a_clear_message(
 
 
 def test_bad_input_through_the_real_entry_point_exits_2(tmp_path: Path) -> None:
-    """Subprocesses: `index` sets up process-wide logging (bound to the current stderr), which must not leak into
-    the other tests of this process."""
+    """Regression: a bad question file, corpus or index, or a busy port, found at start-up, ended `serve` with a
+    traceback and exit 1 (cli.py main). Subprocesses, also because `index` sets up process-wide logging bound to
+    the current stderr, which must not leak into the other tests of this process."""
     bad_corpus = tmp_path / "bad.jsonl"
     bad_corpus.write_text('{"id": "a", "contents": "x"}\nnot json\n')
+    good_corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    good_questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    bad_questions = tmp_path / "badq.jsonl"
+    bad_questions.write_text('{"question": "q", "golden_answers": ["a"]}\n{"question": "q2"}\n')
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = str(busy.getsockname()[1])
+    serve = ["serve", "--log-level", "warning", "--port"]
     cases = [
+        # found only at start-up, while loading data and opening the index: still exit 2 and a message
+        ([*serve, "0", "--data", f"x={bad_questions}", "--corpus", str(good_corpus)], "badq.jsonl:2: 'golden_answers'"),
+        ([*serve, "0", "--data", f"x={good_questions}", "--corpus", str(bad_corpus)], "bad.jsonl:2: not valid JSON"),
+        ([*serve, "0", "--data", f"x={good_questions}", "--index-dir", str(tmp_path)], "trace_index.json"),
+        ([*serve, port, "--data", f"x={good_questions}", "--corpus", str(good_corpus)], "address already in use"),
         (["index", "--corpus", str(tmp_path / "missing.jsonl"), "--index-dir", str(tmp_path / "i")], "no such"),
         (["index", "--corpus", str(bad_corpus), "--index-dir", str(tmp_path / "i")], "bad.jsonl:2: not valid JSON"),
         (["serve", "--max-episodes", "-1"], "max_episodes must be >= 1"),
@@ -156,6 +172,7 @@ def test_bad_input_through_the_real_entry_point_exits_2(tmp_path: Path) -> None:
         done = subprocess.run([PYTHON, "-m", "env_server", *argv], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and needle in done.stderr, (argv, done.returncode, done.stderr[-2000:])
         assert "Traceback" not in done.stderr
+    busy.close()
     assert not (tmp_path / "i").exists()
 
 
