@@ -9,7 +9,7 @@ and that malformed input answers 400 without hurting the server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(model_dir: Path) -> Engine:
-    return Engine(EngineConfig(model_path=model_dir, max_batch=8, cache_tokens=4096))
+def engine(model_dir: Path) -> Iterator[Engine]:
+    """One engine for the session. Single-threaded torch (as `trace-engine serve` on 2 cores): with 2 threads on a
+    loaded 2-core machine the tests ran 5-10x slower. The process-wide setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    yield Engine(EngineConfig(model_path=model_dir, max_batch=8, cache_tokens=4096, threads=1))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -170,9 +174,10 @@ async def test_batch_answers_in_order_and_matches_singles(client: TestClient) ->
 
 
 async def test_concurrent_requests_decode_together_with_identical_results(client: TestClient, engine: Engine) -> None:
-    """Rows of different lengths share one left-padded batch; each must equal its run alone."""
-    prompts = [prompt(n, 20 + n) for n in (5, 64, 21, 33, 2, 50)]
-    lengths = [12, 4, 9, 12, 7, 1]
+    """Rows of different lengths share one left-padded batch, join and leave it at different steps, and wait for a
+    slot when more than max_batch (8) arrive; each must equal its run alone."""
+    prompts = [prompt(n, 20 + n) for n in (5, 64, 21, 33, 2, 50, 9, 17, 40, 3, 26, 12)]
+    lengths = [12, 4, 9, 12, 7, 1, 10, 3, 6, 12, 2, 8]
     alone = [
         await gen(client, p, sampling_params={**GREEDY, "max_new_tokens": m}, return_logprob=True)
         for p, m in zip(prompts, lengths, strict=True)
