@@ -142,6 +142,8 @@ class EnvService:
         max_turns = self.cfg.max_turns if req.max_turns is None else req.max_turns
         if not 1 <= max_turns <= self.cfg.max_turns:
             raise EnvError(ErrorCode.INVALID_VALUE, f"max_turns must be in [1, {self.cfg.max_turns}], got {max_turns}")
+        if req.seed is not None and not -(2**63) <= req.seed < 2**63:  # JSON ints are unbounded; blobs are msgpack
+            raise EnvError(ErrorCode.INVALID_VALUE, f"seed must fit in a signed 64-bit integer, got {req.seed}")
         by_ref = req.dataset is not None or req.split is not None or req.index is not None
         by_text = req.question is not None or req.answers is not None
         if by_ref == by_text:

@@ -69,3 +69,5 @@ def decode(data: bytes, typ: type[T], fmt: str = JSON) -> T:
     except msgspec.DecodeError as e:
         kind = "MessagePack" if fmt == MSGPACK else "JSON"
         raise EnvError(ErrorCode.MALFORMED, f"body is not valid {kind}: {e}") from None
+    except RecursionError:  # e.g. 50k nested arrays inside tool_call.arguments
+        raise EnvError(ErrorCode.MALFORMED, "body is nested too deeply") from None

@@ -284,6 +284,30 @@ async def test_400_malformed_bodies(http: RawHTTP, fmt: str) -> None:
         assert r.status in (400, 422) and r.error_code() in ("malformed_request", "invalid_value")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_deep_nesting_and_huge_ints_are_client_errors(http: RawHTTP, fmt: str) -> None:
+    """Regression: 50k nested arrays in tool_call.arguments made the decoder raise RecursionError (500, codec.py);
+    a seed past int64 (JSON ints are unbounded) was accepted and then GET /v1/snapshots/{sid} failed with 500
+    because the blob is MessagePack (app.py EnvService.create)."""
+    eid = (await create(http, fmt))["episode_id"]
+    depth = 50_000
+    if fmt == JSON:
+        raw = b'{"tool_call": {"name": "search", "arguments": {"query": ' + b"[" * depth + b"]" * depth + b"}}}"
+    else:
+        head = b"\x81" + msgpack.packb("tool_call") + b"\x82" + msgpack.packb("name") + msgpack.packb("search")
+        raw = head + msgpack.packb("arguments") + b"\x81" + msgpack.packb("query") + b"\x91" * depth + b"\x90"
+    r = await http.call("POST", f"/v1/episodes/{eid}/step", raw=raw, fmt=fmt)
+    assert r.status == 400 and r.error_code() == "malformed_request"
+    for seed in (2**63, -(2**63) - 1, 10**30):
+        if fmt == MSGPACK and not -(2**63) <= seed < 2**64:
+            continue  # not representable in MessagePack at all
+        r = await http.call("POST", "/v1/episodes", {"question": "q", "answers": ["a"], "seed": seed}, fmt=fmt)
+        assert r.status == 422 and "seed" in r.body["error"]["message"], (seed, r.body)
+    ok = await create(http, fmt, question="q", answers=["a"], seed=2**63 - 1)
+    assert (await http.call("GET", f"/v1/snapshots/{ok['snapshot_id']}", fmt=fmt)).status == 200
+    assert (await step(http, eid, {"action": "<answer> a </answer>"}, fmt))["turn"] == 1
+
+
 async def test_401_auth(make_env_server: Make) -> None:
     srv = await make_env_server(auth_token="s3cret")
     anon, wrong, right = RawHTTP(srv.url), RawHTTP(srv.url, token="nope"), RawHTTP(srv.url, token="s3cret")
