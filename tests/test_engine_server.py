@@ -273,6 +273,21 @@ async def test_pause_abort_then_continue(client: TestClient) -> None:
     assert len((await waiting)["output_ids"]) == 3
 
 
+async def test_pause_in_place_keeps_requests_and_abort_answers_while_paused(client: TestClient) -> None:
+    task = asyncio.create_task(
+        gen(client, prompt(10, 14), sampling_params={**GREEDY, "max_new_tokens": 2000}, rid="held")
+    )
+    await wait_running(client)
+    assert (await client.post("/pause_generation", json={"mode": "in_place"})).status == 200
+    assert (await client.post("/flush_cache")).status == 400  # a request still holds its place
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    assert (await client.post("/abort_request", json={"rid": "held"})).status == 200
+    r = await asyncio.wait_for(task, 5)  # answered while still paused
+    assert r["meta_info"]["finish_reason"]["type"] == "abort"
+    assert (await client.post("/continue_generation", json={})).status == 200
+
+
 async def test_update_weights_from_disk(client: TestClient, model_dir: Path, tmp_path: Path) -> None:
     p = prompt(20, 11)
     sp = {**GREEDY, "max_new_tokens": 8}

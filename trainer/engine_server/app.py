@@ -252,9 +252,10 @@ class EngineService:
                 await self.queue.put(r)
             return list(await asyncio.gather(*(r.future for r in reqs)))
         finally:
-            for r in reqs:  # a cancelled HTTP handler aborts its requests
+            for r in reqs:  # a cancelled handler aborts its requests and stops counting them as in flight
                 if not r.future.done():
                     r.aborted = True
+                    self._resolve(r, _abort_response(r))
 
     def _resolve(self, req: EngineRequest, resp: GenerateResponse) -> None:
         if self.inflight.get(req.rid) is req:
@@ -307,26 +308,26 @@ class EngineService:
             for req, resp in finished:
                 self._resolve(req, resp)
 
-    def abort(self, rid: str = "", abort_all: bool = False, message: str = "aborted by request") -> int:
-        """Flag requests for abort; the engine answers them at its next step. Returns how many were flagged."""
+    async def abort(self, rid: str = "", abort_all: bool = False, message: str = "aborted by request") -> int:
+        """Flag requests for abort (one rid, or all). Running, the engine answers them at its next step; paused,
+        they are answered here. Returns how many were flagged."""
         targets = list(self.inflight.values()) if abort_all else [r for r in self.inflight.values() if r.rid == rid]
         for r in targets:
             r.abort_message = message
             r.aborted = True
-        if self.paused:  # no step will run: answer queued and engine-held aborted requests now
-            self._answer_aborted_queued()
+        if self.paused and targets:
+            keep = []
+            while not self.queue.empty():
+                r = self.queue.get_nowait()
+                if r.aborted:
+                    self._resolve(r, _abort_response(r))
+                else:
+                    keep.append(r)
+            for r in keep:
+                self.queue.put_nowait(r)
+            for req, resp in await self._run(self.engine.collect_aborted):
+                self._resolve(req, resp)
         return len(targets)
-
-    def _answer_aborted_queued(self) -> None:
-        keep = []
-        while not self.queue.empty():
-            r = self.queue.get_nowait()
-            if r.aborted:
-                self._resolve(r, _abort_response(r))
-            else:
-                keep.append(r)
-        for r in keep:
-            self.queue.put_nowait(r)
 
     # ------------------------------------------------------------------------------------------ control
 
@@ -336,9 +337,7 @@ class EngineService:
         self.paused = True
         self.resumed.clear()
         if mode == "abort":
-            self.abort(abort_all=True, message="aborted by pause_generation")
-            for req, resp in await self._run(self.engine.collect_aborted):
-                self._resolve(req, resp)
+            await self.abort(abort_all=True, message="aborted by pause_generation")
         elif mode == "retract":
             await self._run(self.engine.retract_all)
 
@@ -365,7 +364,7 @@ class EngineService:
             self.resumed.clear()
             try:
                 if body.abort_all_requests:
-                    self.abort(abort_all=True, message="aborted for a weight update")
+                    await self.abort(abort_all=True, message="aborted for a weight update")
                 if not was_paused:
                     await self.idle.wait()  # in-flight requests finish on the old weights (or abort)
                 try:
@@ -494,7 +493,7 @@ async def get_model_info(request: web.Request) -> web.Response:
 
 async def abort_request(request: web.Request) -> web.Response:
     body = decode(await request.read(), AbortRequest)
-    request.app[SERVICE].abort(body.rid, body.abort_all)
+    await request.app[SERVICE].abort(body.rid, body.abort_all)
     return web.Response(text="")
 
 
