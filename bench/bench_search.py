@@ -17,35 +17,39 @@ words from random passages.
     .venv/bin/python bench/bench_search.py                       # 50k synthetic passages
     .venv/bin/python bench/bench_search.py --corpus random --docs 200000 --queries 1000 --out runs/bench.json
 
-Measured 2026-11-28 on 2 CPU cores shared with other jobs (load average 3.5-5.3, so this process often had under
-one core; wall times are inflated, CPU times less so); tantivy 0.27.0; bm25s 0.3.16 with its numpy backend (no
-numba, no stemmer) and English stopwords; topk 3. Figures are tantivy / bm25s (ratio).
+Measured 2026-11-28 on 2 CPU cores shared with other jobs (load average 4.1 / 5.3 / 7.4 during the three runs, so
+this process often had well under one core; wall times are inflated, CPU times less so); tantivy 0.27.0 with the
+deterministic tie-break (index format 2); bm25s 0.3.16 with its numpy backend (no numba, no stemmer) and English
+stopwords; topk 3. Figures are tantivy / bm25s (ratio).
 
                            synthetic 50k (23 w)    random 50k (104 w)      random 200k (104 w)
-    index time (s)         1.17 / 5.91  (0.20)     4.30 / 11.3  (0.38)     28.1 / 57.6  (0.49)
-    build peak RSS (MB)      36 / 65    (0.55)       73 / 211   (0.35)      128 / 773   (0.17)
-    open time (ms)          1.0 / 27.3  (0.04)      1.2 / 56.1  (0.02)      1.2 / 66.6  (0.02)
-    RSS after open (MB)     3.2 / 7.8   (0.42)      3.2 / 11.2  (0.28)      3.3 / 16.1  (0.21)
-    peak RSS serving (MB)  23.8 / 25.6  (0.93)     85.9 / 72.9  (1.18)      257 / 233   (1.10)
-    p50 latency (ms)      0.168 / 2.50  (0.07)    0.193 / 2.83  (0.07)    0.757 / 10.7  (0.07)
-    p95 latency (ms)      0.576 / 7.00  (0.08)    0.511 / 6.92  (0.07)     5.21 / 24.6  (0.21)
-    p99 latency (ms)      0.682 / 8.02  (0.09)     4.34 / 9.29  (0.47)     6.04 / 30.8  (0.20)
-    CPU per query (ms)    0.260 / 1.87  (0.14)    0.214 / 2.21  (0.10)    0.834 / 7.89  (0.11)
-    queries/s, 1 thread    3935 / 296   (13.3)     3201 / 349   (9.2)       807 / 86    (9.4)
-    queries/s, 4 threads   3292 / 425   (7.7)      3277 / 509   (6.4)       741 / 60    (12.3)
+    index time (s)         1.36 / 3.62  (0.37)     5.62 / 17.4  (0.32)     21.5 / 84.3  (0.26)
+    build peak RSS (MB)      35 / 65    (0.54)       73 / 211   (0.35)      130 / 773   (0.17)
+    open time (ms)          0.9 / 36.9  (0.02)      1.0 / 72.7  (0.01)      1.4 / 175   (0.01)
+    RSS after open (MB)     3.2 / 7.8   (0.42)      3.2 / 11.2  (0.29)      3.5 / 16.0  (0.22)
+    peak RSS serving (MB)  24.4 / 25.6  (0.95)     85.8 / 73.6  (1.17)      258 / 233   (1.11)
+    p50 latency (ms)      0.250 / 1.97  (0.13)    0.283 / 6.06  (0.05)    0.586 / 20.3  (0.03)
+    p95 latency (ms)       2.28 / 6.78  (0.34)    0.753 / 8.74  (0.09)     2.75 / 31.4  (0.09)
+    p99 latency (ms)       5.21 / 7.08  (0.74)     4.61 / 12.3  (0.37)     5.47 / 34.9  (0.16)
+    CPU per query (ms)    0.373 / 1.65  (0.23)    0.318 / 2.44  (0.13)    0.652 / 8.43  (0.08)
+    queries/s, 1 thread    1310 / 510   (2.6)      1605 / 243   (6.6)       627 / 70    (8.9)
+    queries/s, 4 threads   2820 / 584   (4.8)      1851 / 472   (3.9)       640 / 60    (10.7)
 
-Reading: tantivy is the engine. Per query it costs ~10x less CPU than bm25s's numpy backend; it builds 2-5x faster
-in 2-6x less memory (bm25s's build peak grows with the corpus: 773 MB at 200k passages, which extrapolates to tens of GB
-at wiki-18's 21M), and opens in about a millisecond at any size. bm25s scores every query into a dense array of one float per
-document and selects the top k from it (`np.zeros(num_docs)` in `bm25s/scoring.py`), an O(N) pass per query on
-top of the posting lists; tantivy walks only the query terms' posting lists with block-max WAND. Both grew ~4x in
-CPU per query from 50k to 200k random passages (whose Zipf query words have document frequencies that grow with
-N). Serving RSS is about equal: both memory-map their index and touch the same order of pages. Thread scaling could
-not be measured here: with the load above, 1 and 4 threads got the same share of the two cores (a sha256
-control did not scale either at the time); the searcher releases the GIL (tantivy-py `py.detach` around `Searcher.search`), which
-on a free multi-core machine is what lets the executor's threads search in parallel. The DESIGN appendix's earlier
-figures (bm25s p50 0.35 ms at 50k) came from another setup (load, backend and what was timed unknown); the O(N)
-dense pass per query and the build memory are what decide at wiki scale, and neither depends on the setup.
+Reading: tantivy is the engine. Per query it costs 4-13x less CPU than bm25s's numpy backend, and the gap widens
+with the corpus (50k -> 200k random passages: tantivy 0.32 -> 0.65 ms, bm25s 2.4 -> 8.4 ms); it builds 3-4x faster
+in 2-6x less memory (bm25s's build peak grows with the corpus: 773 MB at 200k passages, which extrapolates to tens
+of GB at wiki-18's 21M), and opens in about a millisecond at any size (bm25s: 37-175 ms, growing). bm25s scores
+every query into a dense array of one float per document and selects the top k from it (`np.zeros(num_docs)` in
+`bm25s/scoring.py`), an O(N) pass per query on top of the posting lists; tantivy walks only the query terms'
+posting lists with block-max WAND. Serving RSS is about equal: both memory-map their index and touch the same order
+of pages. tantivy's tail on the synthetic world is the tie-break: its templated passages make 46% of queries tie
+at the k-th score and 11% tie with over 150 passages, which costs refetches (CPU per query 0.22 ms without the
+tie-break, 0.37 ms with it). Thread scaling could not be measured here: with the load above, 1 and 4 threads got
+about the same share of the two cores (a sha256 control did not scale either at the time); the searcher releases
+the GIL (tantivy-py `py.detach` around `Searcher.search`), which on a free multi-core machine is what lets the
+executor's threads search in parallel. The DESIGN appendix's earlier figures (bm25s p50 0.35 ms at 50k) came from
+another setup (load, backend and what was timed unknown); the O(N) dense pass per query and the build memory are
+what decide at wiki scale, and neither depends on the setup.
 """
 
 from __future__ import annotations

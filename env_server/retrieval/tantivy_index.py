@@ -1,12 +1,13 @@
 """BM25 search over an on-disk tantivy index: the env server's built-in search backend.
 
-Why tantivy, not bm25s (measured by `bench/bench_search.py`; full table in its docstring; 2 shared cores): on 50k
-synthetic-world passages tantivy answers a query in 0.26 ms of CPU vs 1.87 ms (p50 0.17 vs 2.5 ms), on 200k
-wiki-like passages 0.83 vs 7.9 ms; it indexes 2-5x faster in 2-6x less memory (bm25s's build peak: 773 MB at 200k
-passages, growing with the corpus) and opens in ~1 ms at any size (bm25s: 27-67 ms, growing), because the index
-is memory-mapped and costs RAM only for the pages queries touch. bm25s scores each query into a dense array of one
-float per document (an O(N) pass on top of the posting lists); tantivy walks only the query terms' posting lists
-with block-max WAND. Its searcher releases the GIL, so searches run in a bounded thread pool beside the event loop.
+Why tantivy, not bm25s (measured by `bench/bench_search.py`; full table in its docstring; 2 shared cores): per
+query tantivy costs 4-13x less CPU (50k synthetic-world passages: 0.37 vs 1.65 ms; 200k wiki-like passages: 0.65
+vs 8.4 ms, the gap widening with the corpus), indexes 3-4x faster in 2-6x less memory (bm25s's build peak: 773 MB
+at 200k passages, growing with the corpus) and opens in ~1 ms at any size (bm25s: 37-175 ms, growing), because the
+index is memory-mapped and costs RAM only for the pages queries touch. bm25s scores each query into a dense array
+of one float per document (an O(N) pass on top of the posting lists); tantivy walks only the query terms' posting
+lists with block-max WAND. Its searcher releases the GIL, so searches run in a bounded thread pool beside the event
+loop.
 
 Index layout (`index_dir/`): tantivy's files plus `trace_index.json` = {format, corpus_id, num_docs, built_at,
 analyzer, tantivy, source}. Fields: `id` (stored; raw-indexed, so a document can be found by id), `title` and `body` (analysed, not
@@ -31,6 +32,7 @@ import asyncio
 import concurrent.futures
 import datetime
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -50,7 +52,7 @@ FORMAT_VERSION = 2
 2: the `ord` fast field (deterministic tie-breaks)."""
 
 TIE_FETCH_CAP = 4096
-"""Most candidates one search fetches to order a tie at the k-th place (see `search_sync`). A tie group that runs
+"""Most candidates one search fetches to order a tie at the k-th place (see `TantivyRetriever._top`). A tie group that runs
 past it (thousands of documents with bit-identical scores at the cut) is ordered by tantivy's doc address, which is
 not stable across rebuilds."""
 
@@ -62,7 +64,8 @@ size 1000: 3,120 passages, 5,667 train+dev questions): with the title weighted 0
 queries find the entity at rank 1 96.1% of the time and raw question texts have the first-hop passage in the top 3
 98.3%; with weights 1, 1.5, 2 or 3: 100% and 99.95%, and raw question -> first-hop at rank 1 92.2-92.3% for all four.
 So 1: the least departure from plain BM25 (Search-R1's pyserini index scores title+text as one field), and no
-BoostQuery. A BoostQuery costs no measurable CPU (0.68 vs 0.84 ms a query, noise), so raising it later is free."""
+BoostQuery. A BoostQuery costs no measurable CPU (weight 2: 0.68 ms of CPU a query, weight 1: 0.84 ms, on 50k
+wiki-like passages: noise), so raising it later is free."""
 
 TITLE_ANALYZER = "trace_en_v1"
 """Title field: simple tokenizer, long tokens dropped, lowercase, ASCII folding; NOT stemmed. Stemmed titles
@@ -379,9 +382,9 @@ class TantivyRetriever(Retriever):
         terms = self.query_terms(query)
         if not terms:
             return []
-        searcher, query = self._searcher, self._query(terms)
+        searcher = self._searcher
         try:
-            top = self._top(query, topk)
+            top = self._top(self._query(terms), topk)
             hits = []
             for score, address in top:
                 doc = searcher.doc(address)
@@ -405,12 +408,16 @@ class TantivyRetriever(Retriever):
             if hits[-1][0] < hits[topk - 1][0]:
                 break
             limit = min(8 * limit, n, TIE_FETCH_CAP)  # few, wide refetches: each one re-runs the whole search
-        if len(hits) > topk:
+        if len(hits) > topk:  # keep the hits above the k-th score, plus the earliest of those tied with it
             cut = hits[topk - 1][0]
-            hits = [h for h in hits if h[0] >= cut]
+            above = [h for h in hits if h[0] > cut]
+            tied = [h for h in hits[len(above) :] if h[0] == cut]
+            tied_ords = self._searcher.fast_field_values("ord", [address for _, address in tied])
+            earliest = heapq.nsmallest(topk - len(above), zip(tied_ords, range(len(tied)), strict=True))
+            hits = above + [tied[i] for _, i in earliest]
         ords = self._searcher.fast_field_values("ord", [address for _, address in hits])
         ranked = sorted(zip(hits, ords, strict=True), key=lambda h: (-h[0][0], h[1]))
-        return [h for h, _ in ranked[:topk]]
+        return [h for h, _ in ranked]
 
     async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         """Runs the queries in the executor, in chunks of up to SEARCH_CHUNK (a thread hand-off costs about as much
