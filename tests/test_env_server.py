@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import string
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -445,3 +446,35 @@ async def test_client_errors_and_sync_client(env_server: LiveServer) -> None:
     async with EnvClient("http://127.0.0.1:9", retries=1, backoff_s=0.01) as dead:
         with pytest.raises(ConnectionError):
             await dead.health()
+
+
+# ---------------------------------------------------------------------------------------------- failures that are not the model's
+async def test_search_backend_down_is_a_502_and_the_step_is_not_applied(make_env_server: Make) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    srv = await make_env_server(resources=None, retriever_url=dead)
+    async with EnvClient(srv.url) as env:
+        ep = await env.create(question="q", answers=["a"])
+        with pytest.raises(EnvError) as e:
+            await env.step(ep.episode_id, action="<search> anything </search>")
+        assert e.value.status == 502 and e.value.code == "upstream_error" and "retry" in e.value.message
+        with pytest.raises(EnvError) as e:
+            await env.retrieve(["anything"])
+        assert e.value.status == 502
+        r = await env.step(ep.episode_id, action="<answer> a </answer>")  # the failed search took no turn
+        assert r.turn == 1 and r.reward == 1.0
+
+
+async def test_snapshot_cap_refuses_a_step_without_applying_it(make_env_server: Make) -> None:
+    srv = await make_env_server(max_snapshots=3)
+    async with EnvClient(srv.url) as env:
+        ep = await env.create(question="q", answers=["a"])  # snapshot 1
+        await env.step(ep.episode_id, action="junk")  # 2
+        second = await env.step(ep.episode_id, action="junk")  # 3
+        with pytest.raises(EnvError) as e:
+            await env.step(ep.episode_id, action="<answer> a </answer>")
+        assert e.value.status == 429 and "snapshots" in e.value.message
+        await env.delete_snapshot(second.snapshot_id)
+        r = await env.step(ep.episode_id, action="<answer> a </answer>")
+        assert r.turn == 3 and r.reward == 1.0
