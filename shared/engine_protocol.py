@@ -57,7 +57,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=F
 class GenerateRequest(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     """`POST /generate`. A single `input_ids` list answers one object; a list of lists answers a list."""
 
-    input_ids: list[int] | list[list[int]]
+    input_ids: list[Any]  # list[int], or list[list[int]] for a batch (msgspec cannot decode a union of two lists)
     sampling_params: SamplingParams | list[SamplingParams] = msgspec.field(default_factory=SamplingParams)
     return_logprob: bool | list[bool] = False
     logprob_start_len: int | list[int] = -1  # -1 = logprobs of output tokens only

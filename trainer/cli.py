@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def _config(args: argparse.Namespace):  # -> TrainConfig
     return load_train_config(args.config, sets)
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "make-tiny-model":
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.loop import train
 
+    signal.signal(signal.SIGTERM, _sigterm)  # clean up child processes on SIGTERM as on Ctrl-C
     try:
         out = asyncio.run(train(cfg, resume=args.resume))
     except KeyboardInterrupt:

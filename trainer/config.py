@@ -88,6 +88,9 @@ class EnvConfig:
     eval_split: str = "dev"
     max_turns: int = 4
     """Turns per episode asked of the env server (capped by its own --max-turns)."""
+    topk: int = 2
+    """Passages per search when the env server is started here (the synthetic world's retrieval is precise,
+    and two passages instead of Search-R1's three keep the tiny demo's contexts short)."""
     synthetic_size: int = 300
     """Size of the synthetic world when the env server is started here."""
 
@@ -131,7 +134,7 @@ class SFTConfig:
     epochs: int = 2
     lr: float = 2e-3
     batch_size: int = 16
-    max_examples: int = 2000
+    max_examples: int = 1000
     warmup_steps: int = 20
 
 
@@ -142,7 +145,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(root_budget=32, m_max=6))
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

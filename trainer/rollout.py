@@ -35,9 +35,9 @@ STOP_TAGS = ("</search>", "</answer>")
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = 160
-    """Token cap of one turn's generation (Search-R1 uses 500 on 7B models)."""
-    max_context_tokens: int = 2048
+    max_new_tokens: int = 64
+    """Token cap of one turn's generation (the tiny demo's actions are ~20 tokens; Search-R1 uses 500 on 7B)."""
+    max_context_tokens: int = 1024
     """A history that cannot fit another `min_turn_tokens` ends the episode as truncated."""
     min_turn_tokens: int = 32
     """Smallest room a turn needs (its action plus the start of an observation)."""

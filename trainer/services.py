@@ -33,7 +33,7 @@ async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
         return
     port = free_port()
     cmd = [sys.executable, "-m", "env_server", "serve", "--port", str(port), "--max-turns", str(cfg.env.max_turns)]
-    cmd += ["--synthetic-size", str(cfg.env.synthetic_size), "--log-level", "warning"]
+    cmd += ["--synthetic-size", str(cfg.env.synthetic_size), "--topk", str(cfg.env.topk), "--log-level", "warning"]
     proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_dir / "env_server.log", ready_path="/health")
     async with proc:
         log.info("env server started", url=proc.url, log=str(log_dir / "env_server.log"))
@@ -84,6 +84,7 @@ def sft_dir(cfg: TrainConfig, base: Path) -> Path:
             "sft": vars(cfg.sft),
             "max_turns": cfg.env.max_turns,
             "size": cfg.env.synthetic_size,
+            "topk": cfg.env.topk,
             "ctx": cfg.rollout.max_context_tokens,
             "seed": cfg.run.seed,
         },
