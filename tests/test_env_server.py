@@ -339,20 +339,16 @@ async def test_idle_state_is_reaped_busy_state_kept(
         )
         await asyncio.sleep(0.7)  # nobody calls reap(): the server's own reaper must do it
         assert not in_flight.done()
+        assert busy["episode_id"] in srv.service.store.episodes  # in use (its step holds the lock): kept
         r = await http.call("POST", f"/v1/episodes/{idle['episode_id']}/step", {"action": "<answer> a </answer>"})
         assert r.status == 404 and r.error_code() == "not_found"
         assert (await http.call("GET", f"/v1/snapshots/{idle['snapshot_id']}")).status == 404
         assert (await http.call("POST", f"/v1/snapshots/{busy['snapshot_id']}/episodes", {"n": 1})).status == 404
         done = await in_flight
         assert done.status == 200 and done.body["turn"] == 1 and "slow one" in done.body["observation"]
-        # The busy episode survived the reaper and its new state is fresh.
-        r = await http.call("POST", f"/v1/episodes/{busy['episode_id']}/step", {"action": "<answer> a </answer>"})
-        assert r.status == 200 and r.body["reward"] == 1.0
         text = (await http.call("GET", "/metrics")).body.decode()
         assert metric_value(text, "trace_env_reaped_total", {"kind": "episode"}) >= 1
         assert metric_value(text, "trace_env_reaped_total", {"kind": "snapshot"}) >= 2
-        health = (await http.call("GET", "/health")).body
-        assert health["episodes"] == 1
     finally:
         await http.aclose()
 
@@ -362,14 +358,17 @@ async def test_step_waiting_behind_a_delete_is_refused(
 ) -> None:
     """Regression: a step queued on an episode's lock ran after the episode was deleted and answered 200 on a
     deleted episode (app.py EnvService.step re-checks the episode after taking the lock)."""
-    slow = await make_slow_retriever(0.3)
+    slow = await make_slow_retriever(0.6)
     srv = await make_env_server(resources=None, retriever_url=slow.url)
     async with EnvClient(srv.url) as env:
         ep = await env.create(question="q", answers=["a"])
         first = asyncio.create_task(env.step(ep.episode_id, action="<search> one </search>"))
-        await asyncio.sleep(0.05)
+        for _ in range(300):  # until the first step holds the lock and waits on the retriever
+            if slow.calls:
+                break
+            await asyncio.sleep(0.01)
         second = asyncio.create_task(env.step(ep.episode_id, action="<search> two </search>"))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.15)  # the second step is now queued on the episode's lock
         await env.delete(ep.episode_id)
         assert (await first).turn == 1
         with pytest.raises(EnvError) as e:
