@@ -84,9 +84,10 @@ async def test_create_by_dataset_ref_and_by_question(http: RawHTTP, fmt: str) ->
     assert ep["turn"] == 0 and ep["done"] is False and ep["max_turns"] == 8
     assert ep["dataset"] == "synthetic" and ep["split"] == "dev" and ep["question_id"]
     assert ep["messages"] == [{"role": "user", "content": ep["prompt"]}]
-    assert "oracle" not in ep["metadata"] and ep["metadata"]["hops"] >= 1
+    assert ep["metadata"]["hops"] >= 1
+    assert "oracle" not in ep["metadata"] and "supporting_ids" not in ep["metadata"]  # privileged: only when asked
     with_oracle = await create(http, fmt, dataset="synthetic", split="dev", index=3, include_oracle=True)
-    assert with_oracle["metadata"]["oracle"][-1]["kind"] == "answer"
+    assert with_oracle["metadata"]["oracle"][-1]["kind"] == "answer" and with_oracle["metadata"]["supporting_ids"]
 
     ep2 = await create(http, fmt, question="Who founded Kelmar Press?", answers=["Varo Tessin"], max_turns=2, seed=7)
     assert "Question: Who founded Kelmar Press?" in ep2["prompt"] and ep2["max_turns"] == 2
