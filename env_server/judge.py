@@ -10,22 +10,12 @@ The reward of an episode is one of them (config `reward_metric`, EM by default);
 
 from __future__ import annotations
 
-import re
-import string
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
+from shared.text import normalize_answer
 
-
-def normalize_answer(s: str) -> str:
-    """SQuAD normalisation, extended to Unicode punctuation (category P*) so curly quotes don't count."""
-    s = unicodedata.normalize("NFKC", s).lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT and not unicodedata.category(ch).startswith("P"))
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
+__all__ = ["cover_exact_match", "exact_match", "f1_score", "judge", "normalize_answer"]
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:

@@ -67,7 +67,7 @@ def test_structural_features():
     assert structural_features(t.root, t) == [0, 0, 0, 0, 0, 0.004, 0, 0]
     assert structural_features(a, t) == pytest.approx([1, 1, 0, 1, 1, 0.007, 0.002, -1.0])
     assert structural_features(b, t) == pytest.approx([2, 1, 1, 1, 0, 0.009, 0.003, -1.0])
-    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"  # the judge's normalisation, shared
 
 
 def planted(n, d, rng):

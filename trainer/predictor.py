@@ -20,7 +20,6 @@ import contextlib
 import copy
 import math
 import re
-import string
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from shared.text import normalize_answer
 from trainer.tree import SUCCESS_THRESHOLD, RolloutTree, TurnNode
 
 
@@ -212,13 +212,6 @@ STRUCTURAL_FEATURES = (
 )
 _SEARCH = re.compile(r"<search>", re.IGNORECASE)
 _ANSWER = re.compile(r"<answer>", re.IGNORECASE)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD normalisation: lowercase, drop punctuation and articles, squeeze whitespace."""
-    return " ".join(_ARTICLES.sub(" ", s.lower().translate(_PUNCT)).split())
 
 
 def _contains_answer(text: str, answers: Sequence[str]) -> bool:
