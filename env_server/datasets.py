@@ -7,11 +7,11 @@ kind and oracle trajectory). A bad line fails start-up with its file and line nu
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from env_server.jsonl import iter_objects
 from shared.wire import EnvError, ErrorCode
 
 KNOWN_SPLITS = ("train", "dev", "validation", "val", "test")
@@ -27,29 +27,19 @@ class QuestionRow:
 
 def read_questions(path: Path) -> list[QuestionRow]:
     rows: list[QuestionRow] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            question = obj.get("question")
-            golds = obj.get("golden_answers", obj.get("answers"))
-            if isinstance(golds, str):
-                golds = [golds]
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: 'question' must be a non-empty string")
-            if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-                raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
-            meta = obj.get("metadata") or {}
-            if not isinstance(meta, dict):
-                raise ValueError(f"{where}: 'metadata' must be an object when present")
-            rows.append(QuestionRow(str(obj.get("id", f"{path.stem}-{len(rows)}")), question, golds, meta))
+    for where, obj in iter_objects(path):
+        question = obj.get("question")
+        golds = obj.get("golden_answers", obj.get("answers"))
+        if isinstance(golds, str):
+            golds = [golds]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: 'question' must be a non-empty string")
+        if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+            raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+        meta = obj.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: 'metadata' must be an object when present")
+        rows.append(QuestionRow(str(obj.get("id", f"{path.stem}-{len(rows)}")), question, golds, meta))
     if not rows:
         raise ValueError(f"{path}: no questions")
     return rows

@@ -41,9 +41,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import tantivy
 
+from env_server.jsonl import iter_objects
 from env_server.retrieval.base import Hit, Retriever, RetrieverError, check_topk
 
 INDEX_META = "trace_index.json"
@@ -237,35 +237,23 @@ def read_corpus_jsonl(path: Path) -> Iterator[tuple[str, str]]:
     """Streams (id, contents) from a FlashRAG corpus jsonl: one {"id", "contents"} object per line, or {"id",
     "title", "text"} (then contents = '"title"\\ntext'). An int id becomes its str. Blank lines are skipped. A bad line
     raises ValueError naming the file, the line number and what is wrong."""
-    path = Path(path)
-    decoder = msgspec.json.Decoder()
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = decoder.decode(line)
-            except msgspec.DecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e}): {line[:120]!r}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            doc_id = obj.get("id")
-            if isinstance(doc_id, int) and not isinstance(doc_id, bool):
-                doc_id = str(doc_id)
-            if not isinstance(doc_id, str) or not doc_id:
-                raise ValueError(f"{where}: 'id' must be a non-empty string or int, got {doc_id!r:.80}")
-            contents = obj.get("contents")
-            if contents is None:
-                title, text = obj.get("title"), obj.get("text")
-                if not isinstance(title, str) or not isinstance(text, str):
-                    raise ValueError(
-                        f"{where}: needs a string 'contents', or string 'title' and 'text'; has keys {sorted(obj)}"
-                    )
-                contents = f'"{title}"\n{text}'
-            elif not isinstance(contents, str):
-                raise ValueError(f"{where}: 'contents' must be a string, got {type(contents).__name__}")
-            yield doc_id, contents
+    for where, obj in iter_objects(path):
+        doc_id = obj.get("id")
+        if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+            doc_id = str(doc_id)
+        if not isinstance(doc_id, str) or not doc_id:
+            raise ValueError(f"{where}: 'id' must be a non-empty string or int, got {doc_id!r:.80}")
+        contents = obj.get("contents")
+        if contents is None:
+            title, text = obj.get("title"), obj.get("text")
+            if not isinstance(title, str) or not isinstance(text, str):
+                raise ValueError(
+                    f"{where}: needs a string 'contents', or string 'title' and 'text'; has keys {sorted(obj)}"
+                )
+            contents = f'"{title}"\n{text}'
+        elif not isinstance(contents, str):
+            raise ValueError(f"{where}: 'contents' must be a string, got {type(contents).__name__}")
+        yield doc_id, contents
 
 
 class TantivyRetriever(Retriever):
