@@ -382,6 +382,7 @@ class EnvService:
     def refresh_gauges(self) -> None:
         self.metrics.episodes_live.set(len(self.store.episodes))
         self.metrics.snapshots_live.set(len(self.store.snapshots))
+        self.metrics.snapshots_evicted.set(self.store.evicted)
 
 
 class _TimedRetriever:

@@ -9,7 +9,9 @@ What always holds:
   Steps on one episode are serialised by its lock, so concurrent calls apply in arrival order.
 - Every node made by create/step is registered as a snapshot (its id goes back in the answer), so
   a client can branch at any turn later without an extra call. Episodes and snapshots unused for
-  `ttl_s` are reaped; both are capped, and going past a cap raises 429 before anything changes.
+  `ttl_s` are reaped; both are capped. At the snapshot cap the least recently used automatic
+  snapshots give way (they are a cache of branch points: `POST .../snapshot` pins one); past the
+  episode cap, or when explicit snapshots alone fill theirs, 429 before anything changes.
 - Export walks the parent chain once (O(turns)) into a self-contained `SnapshotBlob`; import
   rebuilds the chain, so another server continues with the same observations and rewards.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +65,10 @@ class EpisodeStore:
         self.ttl_s = ttl_s
         self.episodes: dict[str, Handle] = {}
         self.snapshots: dict[str, Handle] = {}
+        # Automatic snapshots (one per create/step), least recently used first: a cache of branch points that
+        # gives way, oldest first, when the snapshot cap is reached. Explicit ones are never evicted.
+        self.auto: OrderedDict[str, None] = OrderedDict()
+        self.evicted = 0
 
     # ------------------------------------------------------------------ lookup
     def episode(self, episode_id: str) -> Handle:
@@ -78,6 +85,8 @@ class EpisodeStore:
                 ErrorCode.NOT_FOUND, f"no snapshot {snapshot_id!r}: it never existed, was deleted or expired"
             )
         h.last_used = time.monotonic()
+        if snapshot_id in self.auto:
+            self.auto.move_to_end(snapshot_id)
         return h
 
     # ------------------------------------------------------------------ capacity
@@ -89,17 +98,26 @@ class EpisodeStore:
                 f"{self.max_episodes}); delete finished episodes or wait for idle ones to expire "
                 f"({self.ttl_s:.0f}s TTL)",
             )
-        if len(self.snapshots) + new_snapshots > self.max_snapshots:
+        over = len(self.snapshots) + new_snapshots - self.max_snapshots
+        if over > 0 and over > len(self.auto):
             raise EnvError(
                 ErrorCode.CAPACITY,
                 f"live snapshots would exceed the cap ({len(self.snapshots)} live + {new_snapshots} new > "
-                f"{self.max_snapshots}); delete snapshots you no longer need",
+                f"{self.max_snapshots}, of which {len(self.snapshots) - len(self.auto)} explicit); delete snapshots "
+                "you no longer need",
             )
+        for _ in range(max(over, 0)):
+            sid, _ = self.auto.popitem(last=False)
+            del self.snapshots[sid]
+            self.evicted += 1
 
     # ------------------------------------------------------------------ mutations
-    def add_snapshot(self, node: StateNode) -> str:
+    def add_snapshot(self, node: StateNode, *, auto: bool = False) -> str:
+        """Name `node`; `auto` marks the automatic snapshot of a create/step (evictable, see `auto`)."""
         sid = _new_id("snp")
         self.snapshots[sid] = Handle(node, time.monotonic())
+        if auto:
+            self.auto[sid] = None
         return sid
 
     def create(self, task: TaskRecord) -> tuple[str, str, StateNode]:
@@ -108,7 +126,7 @@ class EpisodeStore:
         root = StateNode(parent=None, task=task, turn=0, record=None)
         eid = _new_id("ep")
         self.episodes[eid] = Handle(root, time.monotonic())
-        return eid, self.add_snapshot(root), root
+        return eid, self.add_snapshot(root, auto=True), root
 
     def spawn(self, node: StateNode, n: int) -> list[str]:
         """n new episodes on `node` (fork, or start from a snapshot)."""
@@ -125,13 +143,14 @@ class EpisodeStore:
         node = StateNode(parent=handle.node, task=handle.node.task, turn=handle.node.turn + 1, record=record)
         handle.node = node
         handle.last_used = time.monotonic()
-        return node, self.add_snapshot(node)
+        return node, self.add_snapshot(node, auto=True)
 
     def delete_episode(self, episode_id: str) -> None:
         if self.episodes.pop(episode_id, None) is None:
             raise EnvError(ErrorCode.NOT_FOUND, f"no episode {episode_id!r}")
 
     def delete_snapshot(self, snapshot_id: str) -> None:
+        self.auto.pop(snapshot_id, None)
         if self.snapshots.pop(snapshot_id, None) is None:
             raise EnvError(ErrorCode.NOT_FOUND, f"no snapshot {snapshot_id!r}")
 
@@ -145,6 +164,7 @@ class EpisodeStore:
             del self.episodes[k]
         for k in dead_s:
             del self.snapshots[k]
+            self.auto.pop(k, None)
         return len(dead_e), len(dead_s)
 
 

@@ -15,6 +15,9 @@ class ServerMetrics:
         r = self.registry
         self.episodes_live = Gauge("trace_env_episodes_live", "Live episodes", registry=r)
         self.snapshots_live = Gauge("trace_env_snapshots_live", "Live snapshots (state nodes held by id)", registry=r)
+        self.snapshots_evicted = Gauge(
+            "trace_env_snapshots_evicted", "Automatic snapshots evicted at the snapshot cap (total)", registry=r
+        )
         self.episodes_created = Counter("trace_env_episodes_created", "Episodes created", registry=r)
         self.steps = Counter("trace_env_steps", "Steps applied", ["tool"], registry=r)
         self.forks = Counter("trace_env_forks", "Episodes made by fork or from a snapshot", registry=r)

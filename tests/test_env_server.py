@@ -465,15 +465,27 @@ async def test_search_backend_down_is_a_502_and_the_step_is_not_applied(make_env
         assert r.turn == 1 and r.reward == 1.0
 
 
-async def test_snapshot_cap_refuses_a_step_without_applying_it(make_env_server: Make) -> None:
+async def test_snapshot_cap_evicts_oldest_automatic_snapshots_first(make_env_server: Make) -> None:
+    """At the cap, the least recently used automatic snapshots give way so steps keep working (a sustained
+    stepping load once got 429 until the TTL passed); explicit snapshots are never evicted, and when they
+    alone fill the cap a step is refused with 429 without being applied."""
     srv = await make_env_server(max_snapshots=3)
     async with EnvClient(srv.url) as env:
-        ep = await env.create(question="q", answers=["a"])  # snapshot 1
-        await env.step(ep.episode_id, action="junk")  # 2
-        second = await env.step(ep.episode_id, action="junk")  # 3
+        ep = await env.create(question="q", answers=["a"])  # auto 1
+        first = await env.step(ep.episode_id, action="junk")  # auto 2
+        await env.episodes_from_snapshot(ep.snapshot_id, 1)  # touching auto 1 makes auto 2 the oldest
+        await env.step(ep.episode_id, action="junk")  # auto 3
+        third = await env.step(ep.episode_id, action="junk")  # auto 4 evicts auto 2
+        with pytest.raises(EnvError) as e:
+            await env.episodes_from_snapshot(first.snapshot_id, 1)
+        assert e.value.status == 404
+        assert (await env.episodes_from_snapshot(ep.snapshot_id, 1)).episode_ids  # still there
+        assert srv.service.store.evicted == 1
+
+        pinned = [(await env.snapshot(ep.episode_id)).snapshot_id for _ in range(3)]  # explicit: evict all autos
         with pytest.raises(EnvError) as e:
             await env.step(ep.episode_id, action="<answer> a </answer>")
-        assert e.value.status == 429 and "snapshots" in e.value.message
-        await env.delete_snapshot(second.snapshot_id)
+        assert e.value.status == 429 and "explicit" in e.value.message
+        await env.delete_snapshot(pinned[0])
         r = await env.step(ep.episode_id, action="<answer> a </answer>")
-        assert r.turn == 3 and r.reward == 1.0
+        assert r.turn == third.turn + 1 and r.reward == 1.0
