@@ -352,6 +352,8 @@ class EnvService:
             },
             limits=Limits(
                 max_episodes=c.max_episodes,
+                max_snapshots=c.max_snapshots,
+                max_action_chars=c.max_action_chars,
                 max_batch_ops=c.max_batch_ops,
                 max_body_bytes=c.max_body_bytes,
                 max_turns=c.max_turns,

@@ -98,12 +98,16 @@ class EnvClient:
                     if typ is None:
                         return payload
                     return codec.decode(payload, typ, codec.media_type(resp.headers.get("Content-Type")))
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
                 # A refused connection never reached the server; a disconnect may have: retry only safe calls.
                 retryable = isinstance(e, aiohttp.ClientConnectorError) or safe
                 if not retryable or attempt == self.retries:
                     raise ConnectionError(f"env server {self.base_url} unreachable ({method} {path}): {e}") from e
                 await asyncio.sleep(self.backoff_s * 2**attempt)
+            except TimeoutError as e:  # not retried: the server may still be working on it
+                raise TimeoutError(
+                    f"env server {self.base_url} did not answer {method} {path} within {self._timeout.total}s"
+                ) from e
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ calls
@@ -140,11 +144,12 @@ class EnvClient:
     async def import_snapshot(self, blob: bytes) -> SnapshotCreated:
         return await self._call("POST", "/v1/snapshots", SnapshotCreated, raw=blob, safe=False)
 
+    # Deletes are not re-sent after a dropped connection: one that already succeeded would answer 404.
     async def delete(self, episode_id: str) -> Deleted:
-        return await self._call("DELETE", f"/v1/episodes/{episode_id}", Deleted, safe=True)
+        return await self._call("DELETE", f"/v1/episodes/{episode_id}", Deleted, safe=False)
 
     async def delete_snapshot(self, snapshot_id: str) -> Deleted:
-        return await self._call("DELETE", f"/v1/snapshots/{snapshot_id}", Deleted, safe=True)
+        return await self._call("DELETE", f"/v1/snapshots/{snapshot_id}", Deleted, safe=False)
 
     async def batch(self, ops: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Ops as dicts (`{"op": "step", "episode_id": ..., "action": ...}`); answers `{"ok": ...}` dicts in order."""

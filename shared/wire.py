@@ -263,6 +263,8 @@ class DatasetInfo(_Ans):
 
 class Limits(_Ans):
     max_episodes: int
+    max_snapshots: int
+    max_action_chars: int
     max_batch_ops: int
     max_body_bytes: int
     max_turns: int
