@@ -87,3 +87,16 @@ def test_resume_without_checkpoint_fails_loudly(tmp_path: Path) -> None:
     cfg = load_train_config(REPO / "configs" / "debug.toml", [f'run.output_dir="{tmp_path}"'])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         asyncio.run(train(cfg, resume=True))
+
+
+def test_overrides_are_typed_and_unquoted() -> None:
+    """Regression: `--name x` once produced a run folder literally named '"x"'."""
+    from trainer.cli import _config, _parser
+
+    cfg = _config(
+        _parser(False).parse_args(["--name", "x", "--steps", "3", "--set", "optim.lr=1", "--allocator", "uniform"])
+    )
+    assert (cfg.run.name, cfg.run.steps, cfg.optim.lr, cfg.allocation.type) == ("x", 3, 1.0, "uniform")
+    assert isinstance(cfg.optim.lr, float)
+    with pytest.raises(ValueError, match="Expected `int`"):
+        load_train_config(None, ["run.steps=abc"])

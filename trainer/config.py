@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import msgspec
+
 from trainer.advantages import AdvantageConfig
 from trainer.allocation import ALLOCATORS, AllocationConfig
 from trainer.rollout import RolloutConfig
@@ -181,21 +183,27 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def _coerce(value: str, typ: Any) -> Any:
-    """A command-line string as the field's type (TOML syntax for lists/bools/numbers)."""
-    if typ is str or typ == "str":
-        return value
+    """A command-line string as the field's type: TOML syntax (numbers, booleans, lists, quoted strings);
+    a bare word is a string; a str field keeps the text as given unless it was quoted."""
     try:
-        return tomllib.loads(f"v = {value}")["v"]
+        parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
-        return value  # a bare string for an Optional[str] field
+        return value
+    if typ is str and not isinstance(parsed, str):
+        return value  # e.g. run.name=2024 stays the string "2024"
+    return parsed
 
 
 def apply_section(obj: Any, values: dict[str, Any], where: str) -> None:
-    names = {f.name for f in dataclasses.fields(obj)}
+    """Set fields of one section, each checked against its annotated type (ints stay ints, lists lists)."""
+    hints = get_type_hints(type(obj))
     for key, value in values.items():
-        if key not in names:
-            raise ValueError(f"{where}: unknown key {key!r}; known: {sorted(names)}")
-        setattr(obj, key, value)
+        if key not in hints:
+            raise ValueError(f"{where}: unknown key {key!r}; known: {sorted(hints)}")
+        try:
+            setattr(obj, key, msgspec.convert(value, hints[key], strict=False))
+        except msgspec.ValidationError as e:
+            raise ValueError(f"{where}: {key}={value!r}: {e}") from None
 
 
 def load_train_config(path: str | Path | None = None, sets: list[str] | None = None) -> TrainConfig:
@@ -217,7 +225,7 @@ def load_train_config(path: str | Path | None = None, sets: list[str] | None = N
         hints = get_type_hints(type(obj))
         if name not in hints:
             raise ValueError(f"--set {item!r}: [{section}] has no field {name!r}; fields: {sorted(hints)}")
-        setattr(obj, name, _coerce(value, hints[name]))
+        apply_section(obj, {name: _coerce(value, hints[name])}, f"--set {item!r}")
     for section in SECTIONS:  # re-run __post_init__ checks after overrides
         obj = getattr(cfg, section)
         if hasattr(obj, "__post_init__"):
