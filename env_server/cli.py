@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-ops", type=int)
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--reward-metric", choices=["em", "f1", "cover_em"])
+    s.add_argument("--prompt-template", help="user prompt with a {question} placeholder (default: Search-R1 style)")
     s.add_argument("--synthetic-seed", type=int)
     s.add_argument("--synthetic-size", type=int)
     s.add_argument("--cache-dir")

@@ -95,6 +95,12 @@ class EnvConfig:
     and two passages instead of Search-R1's three keep the tiny demo's contexts short)."""
     synthetic_size: int = 300
     """Size of the synthetic world when the env server is started here."""
+    prompt_template: str | None = (
+        "Answer the question. Look things up with <search> query </search>; give the answer as "
+        "<answer> answer </answer>.\nQuestion: {question}"
+    )
+    """User prompt of an env server started here (None = its Search-R1-style default). The default is short:
+    ~30 tokens instead of ~130, a third of the tiny demo's sequence length."""
 
 
 @dataclass
@@ -133,6 +139,8 @@ class OptimConfig:
 class SFTConfig:
     enabled: bool = True
     """Warm-start the tiny model by SFT on oracle trajectories (cached), so the action format is known."""
+    think: bool = False
+    """Oracle actions carry a short <think> text (False: bare <search>/<answer>, fewer tokens to learn)."""
     epochs: int = 2
     lr: float = 2e-3
     batch_size: int = 16

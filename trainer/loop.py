@@ -120,6 +120,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
         count=s.max_examples,
         max_context_tokens=cfg.rollout.max_context_tokens,
         seed=cfg.run.seed,
+        think=s.think,
     )
     rng = random.Random(cfg.run.seed)
     steps = s.epochs * math.ceil(len(examples) / s.batch_size)

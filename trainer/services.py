@@ -34,6 +34,8 @@ async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "env_server", "serve", "--port", str(port), "--max-turns", str(cfg.env.max_turns)]
     cmd += ["--synthetic-size", str(cfg.env.synthetic_size), "--topk", str(cfg.env.topk), "--log-level", "warning"]
+    if cfg.env.prompt_template is not None:
+        cmd += ["--prompt-template", cfg.env.prompt_template]
     proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_dir / "env_server.log", ready_path="/health")
     async with proc:
         log.info("env server started", url=proc.url, log=str(log_dir / "env_server.log"))
@@ -85,6 +87,7 @@ def sft_dir(cfg: TrainConfig, base: Path) -> Path:
             "max_turns": cfg.env.max_turns,
             "size": cfg.env.synthetic_size,
             "topk": cfg.env.topk,
+            "prompt": cfg.env.prompt_template,
             "ctx": cfg.rollout.max_context_tokens,
             "seed": cfg.run.seed,
         },

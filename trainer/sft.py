@@ -26,11 +26,13 @@ class SFTExample:
     loss_mask: list[int]
 
 
-def oracle_action(step: dict[str, str]) -> str:
-    """The text of one oracle turn in the Search-R1 tag format (think kept short: tiny models copy it)."""
+def oracle_action(step: dict[str, str], think: bool = False) -> str:
+    """The text of one oracle turn in the Search-R1 tag format, with or without a short <think>."""
     if step["kind"] == "search":
-        return f"<think> I need to look up {step['text']}. </think><search> {step['text']} </search>"
-    return f"<think> I know the answer. </think><answer> {step['text']} </answer>"
+        act = f"<search> {step['text']} </search>"
+        return f"<think> I need to look up {step['text']}. </think>{act}" if think else act
+    act = f"<answer> {step['text']} </answer>"
+    return f"<think> I know the answer. </think>{act}" if think else act
 
 
 async def oracle_examples(
@@ -42,6 +44,7 @@ async def oracle_examples(
     count: int,
     max_context_tokens: int,
     seed: int = 0,
+    think: bool = False,
     concurrency: int = 32,
 ) -> list[SFTExample]:
     """Play `count` oracle episodes of `dataset/split` through the env server; examples in index order."""
@@ -64,8 +67,9 @@ async def oracle_examples(
             ids, mask = list(prompt), [0] * len(prompt)
             try:
                 for st in oracle:
-                    act = tokenizer.encode(oracle_action(st), add_special_tokens=False)
-                    res = await env.step(ep.episode_id, action=oracle_action(st))
+                    text = oracle_action(st, think)
+                    act = tokenizer.encode(text, add_special_tokens=False)
+                    res = await env.step(ep.episode_id, action=text)
                     obs = tokenizer.encode(res.observation, add_special_tokens=False) if res.observation else []
                     ids += act + obs
                     mask += [1] * len(act) + [0] * len(obs)
