@@ -54,7 +54,10 @@ class ModelConfig:
     path: str | None = None
     """A Hugging Face model folder (e.g. a Qwen3 checkpoint). None = the tiny model, built if missing."""
     tiny_dir: str | None = None
-    """Where the tiny model is built/cached (default $TRACE_CACHE_DIR/tiny-model-s<seed>)."""
+    """Where the tiny model is built/cached (default $TRACE_CACHE_DIR/tiny-model-s<tiny_seed>)."""
+    tiny_seed: int = 0
+    """Seed of the tiny model and of its SFT warm start. Kept apart from run.seed, so runs of several seeds
+    (and every allocator of a comparison) start from one and the same warm-started checkpoint."""
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
     mixed_precision: str = "auto"

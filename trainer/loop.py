@@ -119,10 +119,10 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
         split=cfg.env.train_split,
         count=s.max_examples,
         max_context_tokens=cfg.rollout.max_context_tokens,
-        seed=cfg.run.seed,
+        seed=cfg.model.tiny_seed,
         think=s.think,
     )
-    rng = random.Random(cfg.run.seed)
+    rng = random.Random(cfg.model.tiny_seed)
     steps = s.epochs * math.ceil(len(examples) / s.batch_size)
     bar = tqdm(total=steps, desc="sft warm start", dynamic_ncols=True)
     k = 0

@@ -71,10 +71,10 @@ def tiny_model_dir(cfg: TrainConfig) -> Path:
     """The tiny model's folder, built (seconds, no download) when missing."""
     from trainer.tiny_model import build_tiny_model
 
-    d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / f"tiny-model-s{cfg.run.seed}"
+    d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / f"tiny-model-s{cfg.model.tiny_seed}"
     if not (d / "config.json").exists():
         log.info("building the tiny model", dir=str(d))
-        build_tiny_model(d, seed=cfg.run.seed)
+        build_tiny_model(d, seed=cfg.model.tiny_seed)
     return d
 
 
@@ -89,7 +89,7 @@ def sft_dir(cfg: TrainConfig, base: Path) -> Path:
             "topk": cfg.env.topk,
             "prompt": cfg.env.prompt_template,
             "ctx": cfg.rollout.max_context_tokens,
-            "seed": cfg.run.seed,
+            "seed": cfg.model.tiny_seed,
         },
         sort_keys=True,
     )
