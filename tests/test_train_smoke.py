@@ -100,3 +100,9 @@ def test_overrides_are_typed_and_unquoted() -> None:
     assert isinstance(cfg.optim.lr, float)
     with pytest.raises(ValueError, match="Expected `int`"):
         load_train_config(None, ["run.steps=abc"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_train_config(path)
+    assert cfg.run.steps >= 1
