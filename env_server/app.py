@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -638,8 +637,3 @@ def init_app(cfg: ServerConfig, resources: Resources | None = None) -> web.Appli
     app.cleanup_ctx.append(_service_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Wire struct -> plain JSON-able data (for logs and the demo)."""
-    return json.loads(msgspec.json.encode(obj))

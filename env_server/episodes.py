@@ -23,7 +23,6 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 
@@ -227,14 +226,3 @@ def import_blob(data: bytes, *, corpus_id: str, reward_metric: str) -> StateNode
     for i, rec in enumerate(blob.turns, start=1):
         node = StateNode(parent=node, task=blob.task, turn=i, record=rec)
     return node
-
-
-def history(node: StateNode) -> list[dict[str, Any]]:
-    """The turns leading to `node`, oldest first, as plain dicts (for debugging endpoints and tests)."""
-    out: list[dict[str, Any]] = []
-    cur: StateNode | None = node
-    while cur is not None and cur.record is not None:
-        r = cur.record
-        out.append({"action": r.action, "observation": r.observation, "reward": r.reward, "done": r.done})
-        cur = cur.parent
-    return out[::-1]
