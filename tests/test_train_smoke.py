@@ -47,7 +47,8 @@ def _rows(out: Path) -> list[dict]:
 def test_debug_config_runs_resumes_and_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRACE_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2"]
+    # max_staleness=1: step 1's rollouts run while step 0 trains, and its weight push pauses them mid-flight.
+    sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2", "run.max_staleness=1"]
     cfg = load_train_config(REPO / "configs" / "debug.toml", sets)
     asyncio.run(train(cfg))
     rows = _rows(out)

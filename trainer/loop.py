@@ -128,9 +128,10 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     k = 0
     for _ in range(s.epochs):
         for chunk in _length_buckets(examples, s.batch_size, rng):
-            # linear warmup, then cosine decay to 10%
-            frac = k / max(steps - 1, 1)
-            lr = s.lr * min(1.0, (k + 1) / s.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            # linear warmup, constant, then a linear decay to 10% over the last tenth: copying names (what
+            # success hinges on) is learned late, and an early cosine decay measurably starved it
+            tail = max(0.0, (k - 0.9 * steps) / (0.1 * steps))
+            lr = s.lr * min(1.0, (k + 1) / s.warmup_steps) * (1.0 - 0.9 * min(tail, 1.0))
             policy.set_lr(lr)
             loss = await asyncio.to_thread(
                 policy.sft_update, [e.input_ids for e in chunk], [e.loss_mask for e in chunk]
