@@ -129,7 +129,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     for _ in range(s.epochs):
         for chunk in _length_buckets(examples, s.batch_size, rng):
             # linear warmup, constant, then a linear decay to 10% over the last tenth: copying names (what
-            # success hinges on) is learned late, and an early cosine decay measurably starved it
+            # success hinges on) is learned late (~300 steps), so the rate must stay up until then
             tail = max(0.0, (k - 0.9 * steps) / (0.1 * steps))
             lr = s.lr * min(1.0, (k + 1) / s.warmup_steps) * (1.0 - 0.9 * min(tail, 1.0))
             policy.set_lr(lr)
