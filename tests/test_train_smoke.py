@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +48,17 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One TRACE cache for the module: the tiny model and its SFT warm start are built once."""
+    return tmp_path_factory.mktemp("trace-cache")
+
+
 @pytest.mark.slow
-def test_debug_config_runs_resumes_and_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRACE_CACHE_DIR", str(tmp_path / "cache"))
+def test_debug_config_runs_resumes_and_continues(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACE_CACHE_DIR", str(cache_dir))
     out = tmp_path / "run"
     # max_staleness=1: step 1's rollouts run while step 0 trains, and its weight push pauses them mid-flight.
     sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2", "run.max_staleness=1"]
@@ -61,7 +74,7 @@ def test_debug_config_runs_resumes_and_continues(tmp_path: Path, monkeypatch: py
         assert 0.0 <= r["effective_ratio"] <= 1.0
     assert "eval_em" in rows[-1]
     assert (out / "checkpoints" / "step_00002" / "model" / "config.json").exists()
-    assert any((tmp_path / "cache").glob("sft-*/model.safetensors")), "the SFT warm start is cached"
+    assert any(cache_dir.glob("sft-*/model.safetensors")), "the SFT warm start is cached"
 
     # Resume through the command line: continues at step 2, keeps the first rows as they were.
     code = train_main(["--config", str(REPO / "configs" / "debug.toml"), "--steps", "3", "--output-dir", str(out),
@@ -107,3 +120,45 @@ def test_overrides_are_typed_and_unquoted() -> None:
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_train_config(path)
     assert cfg.run.steps >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_every_child_process(tmp_path: Path, cache_dir: Path, sig: signal.Signals) -> None:
+    """Ctrl-C (or SIGTERM) mid-run: the trainer exits promptly and leaves no env server or engine behind."""
+    env = {**os.environ, "TRACE_CACHE_DIR": str(cache_dir)}
+    cmd = [sys.executable, "-m", "trainer.cli", "--config", str(REPO / "configs" / "debug.toml"), "--steps", "50",
+           "--output-dir", str(tmp_path / "run"), *[x for s in SMALL for x in ("--set", s)]]  # fmt: skip
+    # a shell's background job starts with SIGINT ignored; a terminal's foreground job does not
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
+        assert time.monotonic() < deadline, "no training step within 400 s"
+        time.sleep(1)
+    children = _children(proc.pid)
+    assert children, "the trainer runs its env server and engine as child processes"
+    proc.send_signal(sig)
+    try:
+        code = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the trainer did not exit within 90 s of the signal") from None
+    assert code != 0
+    time.sleep(1)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+    assert not alive, f"child processes left running: {alive}"
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(x) for x in out]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

@@ -127,7 +127,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     bar = tqdm(total=steps, desc="sft warm start", dynamic_ncols=True)
     k = 0
     for _ in range(s.epochs):
-        for chunk in _length_buckets(examples, s.batch_size, rng):
+        for chunk in _shuffled_batches(examples, s.batch_size, rng):
             # linear warmup, constant, then a linear decay to 10% over the last tenth: copying names (what
             # success hinges on) is learned late (~300 steps), so the rate must stay up until then
             tail = max(0.0, (k - 0.9 * steps) / (0.1 * steps))
@@ -147,17 +147,13 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     log.info("sft warm start saved", dir=str(dest), examples=len(examples), steps=steps)
 
 
-def _length_buckets(examples: list[Any], batch_size: int, rng: random.Random) -> list[list[Any]]:
-    """Shuffled batches of similar length (sorted within windows of 8 batches): far less padding."""
+def _shuffled_batches(examples: list[Any], batch_size: int, rng: random.Random) -> list[list[Any]]:
+    """Plain shuffled batches. Length-bucketed batches padded less (1.6 vs 2.2 s a step) but left the tiny
+    model's SFT far behind (sampled success ~2% vs ~7% after the same steps): a bucket is mostly one
+    question type, and at this learning rate the steps pull in turns."""
     order = list(range(len(examples)))
     rng.shuffle(order)
-    window = batch_size * 8
-    batches = []
-    for w in range(0, len(order), window):
-        part = sorted(order[w : w + window], key=lambda j: len(examples[j].input_ids))
-        batches += [[examples[j] for j in part[i : i + batch_size]] for i in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    return [[examples[j] for j in order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
 
 
 async def evaluate(
