@@ -144,7 +144,7 @@ class Policy:
                     self.accelerator.backward(loss * share)
                     for k, v in m.items():
                         agg[k] = agg.get(k, 0.0) + float(v) * share / self.ocfg.ppo_epochs
-                    agg["loss"] = agg.get("loss", 0.0) + float(loss) * share / self.ocfg.ppo_epochs
+                    agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * share / self.ocfg.ppo_epochs
                 gn = self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
                 agg["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
                 self.optimizer.step()
