@@ -8,6 +8,17 @@ independent: each prompt gets `leaves` rollouts from its root (GRPO-style groups
              from open turn-level nodes of those rollouts (they share whole turns). Same model, same
              engine, same leaf count; the engine's cache is flushed between the two. Also run once each
              on an engine with the prefix cache disabled, as the recompute-everything baseline.
+
+Measured 2026-11-28 (2 cores, otherwise idle; the untrained tiny model, 8 prompts x 8 leaves, 48 tokens a turn):
+
+    mode                  wall s  prefill  from cache  computed  generated
+    independent            13.6    89,295     73,802    15,493     11,910
+    tree                   10.5    70,948     60,985     9,963      8,617
+    independent, no cache  16.3    89,370          0    89,370     11,978
+    tree, no cache         16.7    72,186          0    72,186      8,699
+
+The tree computes 0.64x the prefill of independent rollouts (86% vs 83% served from the cache) and the cache
+brings the tree's wall time to 0.63x of recomputing everything.
 """
 
 from __future__ import annotations
