@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import aiohttp
 import structlog
@@ -217,27 +217,10 @@ class EngineProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def launch_engine(
-    cmd: Sequence[str],
-    url: str,
-    *,
-    env: Mapping[str, str] | None = None,
-    log_path: str | os.PathLike[str] | None = None,
-    ready_path: str = "/health_generate",
-    startup_timeout_s: float = 600.0,
-    stop_timeout_s: float = 30.0,
-) -> EngineProcess:
-    """An `EngineProcess` for any engine command, e.g. our CPU engine:
+def launch_engine(cmd: Sequence[str], url: str, **kwargs: Any) -> EngineProcess:
+    """An `EngineProcess` for any engine command (keyword arguments as EngineProcess's), e.g. our CPU engine:
     `async with launch_engine(["trace-engine", "serve", "--model", d, "--port", p], url) as engine: ...`"""
-    return EngineProcess(
-        cmd,
-        url,
-        env=env,
-        log_path=log_path,
-        ready_path=ready_path,
-        startup_timeout_s=startup_timeout_s,
-        stop_timeout_s=stop_timeout_s,
-    )
+    return EngineProcess(cmd, url, **kwargs)
 
 
 def sglang_available() -> bool:
