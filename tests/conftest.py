@@ -19,6 +19,9 @@ Fixtures
   Search-R1-style `POST /retrieve` server on loopback that waits `delay_s` per request and answers deterministic
   hits made from the query text; `.url`, `.calls`.
 
+- `tiny_model` (session) -> Path: the tiny Qwen3 model folder (built from a config, no download).
+- `engine_url` (function) -> str: a real CPU engine server (`trainer.engine_server`) on loopback serving `tiny_model`.
+
 Helpers: `LiveServer`, `RawHTTP`, `Reply`, `SlowRetriever`, `start_server_process` (a `python -m env_server serve`
 subprocess; waits for its "listening on" line), `stop_process`, `metric_value` (one sample of /metrics text).
 """
@@ -285,3 +288,24 @@ def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout
         proc.kill()
         out, err = proc.communicate()
         return out, err + "\n[killed after timeout]"
+
+
+# ---------------------------------------------------------------------------------------------- the CPU engine
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture
+async def engine_url(tiny_model: Path) -> AsyncIterator[str]:
+    from trainer.engine_server.app import ServerConfig as EngineServerConfig
+    from trainer.engine_server.app import init_app as init_engine_app
+    from trainer.engine_server.engine import EngineConfig
+
+    app = init_engine_app(EngineServerConfig(engine=EngineConfig(model_path=tiny_model, seed=0)))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()

@@ -493,31 +493,20 @@ async def test_docs_shell_snippets_run(env_server: LiveServer, tmp_path: Path) -
     assert "synthetic,dev,all,20,1.0,1.0,1.0,0,0" in out
 
 
-async def test_policy_agent_plays_a_checkpoint_through_the_engine(env_server: LiveServer, tmp_path: Path) -> None:
+async def test_policy_agent_plays_a_checkpoint_through_the_engine(
+    env_server: LiveServer, engine_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
     """`--agent policy`: our tiny checkpoint through the trainer's agent loop and the real CPU engine."""
-    from aiohttp.test_utils import TestServer
-
-    from trainer.engine_server.app import ServerConfig as EngineServerConfig
-    from trainer.engine_server.app import init_app as init_engine_app
-    from trainer.engine_server.engine import EngineConfig
-    from trainer.tiny_model import build_tiny_model
-
-    model = build_tiny_model(tmp_path / "tiny", seed=0)
-    engine = TestServer(init_engine_app(EngineServerConfig(engine=EngineConfig(model_path=model))), host="127.0.0.1")
-    await engine.start_server()
-    try:
-        out = tmp_path / "policy.jsonl"
-        code = await trace_eval(
-            "--env-url", env_server.url, "--agent", "policy", *DEV, "--limit", "3", "--out", str(out),
-            "--base-url", str(engine.make_url("")), "--model", str(model), "--max-tokens", "24", "--no-progress",
-        )  # fmt: skip
-    finally:
-        await engine.close()
+    out = tmp_path / "policy.jsonl"
+    code = await trace_eval(
+        "--env-url", env_server.url, "--agent", "policy", *DEV, "--limit", "3", "--out", str(out),
+        "--base-url", engine_url, "--model", str(tiny_model), "--max-tokens", "24", "--no-progress",
+    )  # fmt: skip
     assert code == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 3
     for r in rows:
-        assert r["model"] == str(model)
+        assert r["model"] == str(tiny_model)
         assert r["error"] is None, r["error"]
         assert r["em"] in (0.0, 1.0) and r["turns"] >= 1
         assert r["tokens"] is None or r["tokens"] > 0

@@ -1,5 +1,5 @@
 """The token-level agent loop against the REAL CPU engine server and the REAL env server on loopback,
-on the tiny model (built from a config, no download)."""
+on the tiny model (built from a config, no download). `tiny_model` and `engine_url` come from conftest."""
 
 from __future__ import annotations
 
@@ -8,32 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from aiohttp.test_utils import TestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.client import EnvClient
 from trainer.engine_client import EngineClient
-from trainer.engine_server.app import ServerConfig as EngineServerConfig
-from trainer.engine_server.app import init_app as init_engine_app
-from trainer.engine_server.engine import EngineConfig
 from trainer.loss import sequence_logprobs
 from trainer.rollout import RolloutConfig, RolloutRunner, StopSpec
-from trainer.tiny_model import build_tiny_model
 from trainer.tree import FinishStatus, RolloutTree
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture
-async def engine_url(tiny_model: Path) -> AsyncIterator[str]:
-    app = init_engine_app(EngineServerConfig(engine=EngineConfig(model_path=tiny_model, seed=0)))
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
 
 
 @pytest.fixture
