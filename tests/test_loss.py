@@ -107,6 +107,30 @@ def test_sequence_logprobs_alignment_and_padding(tiny_config):
         sequence_logprobs(model, ids, left)
 
 
+def test_sequence_logprobs_needed_matches_full_and_keeps_gradients(tiny_config):
+    """Logits only where a token is needed: equal values (and gradients) there, 0.0 elsewhere."""
+    model = tiny_model(tiny_config)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 64, (3, 11))
+    am = torch.ones_like(ids)
+    am[2, 7:] = 0
+    needed = torch.zeros(3, 11)
+    needed[0, 3:5] = 1
+    needed[1, 8:11] = 1
+    needed[2, 6] = 1
+    needed[2, 8] = 1  # padding: never needed
+    full = sequence_logprobs(model, ids, am, temperature=0.7)
+    part = sequence_logprobs(model, ids, am, temperature=0.7, needed=needed)
+    on = needed.bool() & am.bool()
+    assert torch.allclose(part[on], full[on], atol=1e-5)
+    assert (part[~on] == 0).all()
+    (g_full,) = torch.autograd.grad((full * on).sum(), model.model.embed_tokens.weight)
+    (g_part,) = torch.autograd.grad(part.sum(), model.model.embed_tokens.weight)
+    assert torch.allclose(g_full, g_part, atol=1e-5)
+    nothing = sequence_logprobs(model, ids, am, needed=torch.zeros(3, 11))
+    assert (nothing == 0).all() and nothing.requires_grad
+
+
 def one_step(config, ids, mask, adv_value, adv_masked=0.0):
     model = tiny_model(config)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -119,9 +119,20 @@ def policy_loss(
     return loss, metrics
 
 
-def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    temperature: float = 1.0,
+    needed: Tensor | None = None,
+) -> Tensor:
     """out[b, t] = log p(input_ids[b, t] | input_ids[b, :t]) under `model` (logits / temperature), for t >= 1;
     0.0 at t = 0 and at padding. [B, T] float32, with grad when the model has it. Rows must be right-padded.
+
+    needed: optional [B, T] mask of the tokens whose logprob the caller uses (the loss mask). The vocabulary
+    projection is then computed only at the positions some row needs (`logits_to_keep`, the union over rows),
+    and out is 0.0 at the other positions: the same values where needed, at a fraction of the cost when the
+    trained tokens are a small share of the sequence (agent turns between long observations).
 
     The log-softmax is taken one row at a time in float32, so at most one row's [T, V] float32 logits exist
     besides the model's own output."""
@@ -131,14 +142,32 @@ def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     assert temperature > 0, f"temperature={temperature}"
     am = attention_mask.long()
     assert (am[:, 1:] <= am[:, :-1]).all(), "attention_mask is not right-padded (a 0 precedes a 1 in some row)"
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+    B, T = input_ids.shape
+    if needed is not None:
+        assert needed.shape == input_ids.shape, f"needed {tuple(needed.shape)} vs input_ids {tuple(input_ids.shape)}"
+        # Position p's logits predict token p + 1: keep p where any row needs token p + 1 (at least one, so the
+        # output keeps a graph even when nothing is needed).
+        keep = (needed[:, 1:].bool() & am[:, 1:].bool()).any(0).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # [B, K, V]
+        targets = input_ids[:, keep + 1]
+        cols = keep + 1
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, T-1, V]
+        targets = input_ids[:, 1:]
+        cols = None
     rows = []
-    for b in range(input_ids.shape[0]):
-        lg = logits[b, :-1].float()
+    for b in range(B):
+        lg = logits[b].float()
         if temperature != 1.0:
             lg = lg / temperature
-        tgt = input_ids[b, 1:].unsqueeze(-1)
-        rows.append(lg.gather(-1, tgt).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    lp = torch.stack(rows) if rows else logits.new_zeros(0, max(input_ids.shape[1] - 1, 0)).float()
-    lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
-    return lp * am.to(lp.dtype)
+        rows.append(lg.gather(-1, targets[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    lp = torch.stack(rows) if rows else logits.new_zeros(0, logits.shape[1]).float()
+    if cols is None:
+        lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
+    else:
+        full = lp.new_zeros(B, T)
+        lp = full.index_copy(1, cols, lp)
+    out = lp * am.to(lp.dtype)
+    return out if needed is None else out * needed.to(out.dtype)

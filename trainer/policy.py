@@ -101,6 +101,7 @@ class Policy:
         total_w = sum(sum(s.weights) for s in samples)
         assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
         mb = self.ocfg.micro_batch_size
+        samples = sorted(samples, key=lambda s: len(s.input_ids))  # micro-batches of similar length pad less
         agg: dict[str, float] = {}
         with self.lock:
             self.model.train()
@@ -117,7 +118,7 @@ class Policy:
                     w = _pad([s.weights for s in chunk], 0.0, torch.float32, self.device)
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, torch.float32, self.device)
                     with self.accelerator.autocast():
-                        logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature)
+                        logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature, needed=mask)
                     logp = logp.float()
                     if epoch == 0:
                         for j in range(len(chunk)):
@@ -126,7 +127,9 @@ class Policy:
                     ref_lp = None
                     if self.ref_model is not None:
                         with torch.no_grad(), self.accelerator.autocast():
-                            ref_lp = sequence_logprobs(self.ref_model, ids, att, temperature=self.temperature).float()
+                            ref_lp = sequence_logprobs(
+                                self.ref_model, ids, att, temperature=self.temperature, needed=mask
+                            ).float()
                     loss, m = policy_loss(
                         logp,
                         old_lp,
@@ -153,20 +156,30 @@ class Policy:
 
     # ------------------------------------------------------------------ SFT
     def sft_update(self, input_ids: Sequence[list[int]], loss_mask: Sequence[list[int]]) -> float:
-        """One optimizer step of next-token cross-entropy on the mask-1 tokens; returns the loss."""
+        """One optimizer step of next-token cross-entropy, token-mean over the batch's mask-1 tokens; returns
+        the loss. The batch is cut into micro-batches of similar length (sorted, `micro_batch_size` each) so
+        little is padding, and logits are computed only where a token is trained: the same gradient as one
+        padded batch, at about half the cost on the tiny demo."""
+        total = sum(sum(m) for m in loss_mask)
+        order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+        mb = self.ocfg.micro_batch_size
+        loss_sum = 0.0
         with self.lock:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            ids = _pad(input_ids, self.pad_id, torch.long, self.device)
-            att = _pad([[1] * len(s) for s in input_ids], 0, torch.long, self.device)
-            mask = _pad(loss_mask, 0, torch.float32, self.device)
-            with self.accelerator.autocast():
-                logp = sequence_logprobs(self.model, ids, att)
-            loss = -(logp.float() * mask).sum() / mask.sum().clamp(min=1)
-            self.accelerator.backward(loss)
+            for i in range(0, len(order), mb):
+                part = order[i : i + mb]
+                ids = _pad([input_ids[j] for j in part], self.pad_id, torch.long, self.device)
+                att = _pad([[1] * len(input_ids[j]) for j in part], 0, torch.long, self.device)
+                mask = _pad([loss_mask[j] for j in part], 0, torch.float32, self.device)
+                with self.accelerator.autocast():
+                    logp = sequence_logprobs(self.model, ids, att, needed=mask)
+                loss = -(logp.float() * mask).sum() / max(total, 1)
+                self.accelerator.backward(loss)
+                loss_sum += float(loss.detach())
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
             self.optimizer.step()
-        return float(loss.detach())
+        return loss_sum
 
     # ------------------------------------------------------------------ weights
     def save(self, out_dir: str | Path) -> Path:
