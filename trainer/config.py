@@ -152,6 +152,8 @@ class SFTConfig:
     batch_size: int = 16
     max_examples: int = 1500
     warmup_steps: int = 20
+    decay_frac: float = 0.2
+    """The rate decays linearly to 0 over this last fraction of the steps (constant before, after warmup)."""
 
 
 @dataclass
@@ -185,6 +187,11 @@ class TrainConfig:
             raise ValueError(
                 f"allocation.root_budget {self.allocation.root_budget} cannot be spent: prompts_per_step "
                 f"{self.run.prompts_per_step} x m_max {self.allocation.m_max} is smaller"
+            )
+        if not 0.0 <= self.sft.decay_frac <= 1.0 or self.sft.epochs < 1 or self.sft.batch_size < 1:
+            raise ValueError(
+                f"sft: decay_frac={self.sft.decay_frac} must be in [0, 1], epochs={self.sft.epochs} and "
+                f"batch_size={self.sft.batch_size} >= 1"
             )
         if self.run.max_staleness < 0:
             raise ValueError(f"run.max_staleness must be >= 0, got {self.run.max_staleness}")
