@@ -116,6 +116,18 @@ def test_overrides_are_typed_and_unquoted() -> None:
         load_train_config(None, ["run.steps=abc"])
 
 
+def test_sft_schedule_warms_up_holds_then_decays_to_zero() -> None:
+    from trainer.loop import sft_lr
+
+    s = load_train_config(None, ["sft.lr=0.01", "sft.warmup_steps=10", "sft.decay_frac=0.2"]).sft
+    lrs = [sft_lr(k, 100, s) for k in range(100)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
+    assert lrs[10:80] == [pytest.approx(0.01)] * 70, "constant between warmup and decay"
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:], strict=False)) and lrs[99] == pytest.approx(0.01 / 20)
+    with pytest.raises(ValueError, match="decay_frac"):
+        load_train_config(None, ["sft.decay_frac=1.5"])
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_train_config(path)
