@@ -4,6 +4,7 @@ tiny model built and SFT-warm-started, TRACE steps through accelerate, metrics, 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -41,6 +42,8 @@ SMALL = [
     "allocation.root_budget=6",
     "allocation.m_max=3",
     "rollout.max_new_tokens=32",
+    "env.train_limit=5",
+    "run.save_trees=true",
 ]
 
 
@@ -72,7 +75,9 @@ def test_debug_config_runs_resumes_and_continues(
         assert r["leaves"] > 0 and r["generated_tokens"] > 0
         assert 0 < r["cached_prefill_tokens"] <= r["prefill_tokens"], "branches re-send prefixes the cache serves"
         assert 0.0 <= r["effective_ratio"] <= 1.0
-    assert "eval_em" in rows[-1]
+    assert "eval_em" in rows[-1] and "train_em" in rows[-1] and "eval_em_before" in rows[0]
+    trees = [json.loads(ln) for f in sorted((out / "trees").glob("step_*.jsonl")) for ln in f.read_text().splitlines()]
+    assert trees and {t["prompt_id"] for t in trees} <= {f"train-{i:06d}" for i in range(5)}, "env.train_limit=5"
     assert (out / "checkpoints" / "step_00002" / "model" / "config.json").exists()
     assert any(cache_dir.glob("sft-*/model.safetensors")), "the SFT warm start is cached"
 
@@ -123,7 +128,7 @@ def test_sft_schedule_warms_up_holds_then_decays_to_zero() -> None:
     lrs = [sft_lr(k, 100, s) for k in range(100)]
     assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
     assert lrs[10:80] == [pytest.approx(0.01)] * 70, "constant between warmup and decay"
-    assert all(a > b for a, b in zip(lrs[80:], lrs[81:], strict=False)) and lrs[99] == pytest.approx(0.01 / 20)
+    assert all(a > b for a, b in itertools.pairwise(lrs[80:])) and lrs[99] == pytest.approx(0.01 / 20)
     with pytest.raises(ValueError, match="decay_frac"):
         load_train_config(None, ["sft.decay_frac=1.5"])
 

@@ -50,9 +50,25 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         await engine.wait_ready(cfg.engine.startup_timeout_s)  # attached engines may still be loading
         runner = RolloutRunner(env, engine, policy.tokenizer, cfg.rollout)
         n_train = _split_size(await env.info(), cfg.env.dataset, cfg.env.train_split)
+        if cfg.env.train_limit:
+            n_train = min(n_train, cfg.env.train_limit)
+            if cfg.model.path is not None:
+                log.warning(
+                    "RL on the first questions of the split only", train_limit=n_train, hint="env.train_limit=0"
+                )
         trace = TraceStep(cfg, policy, runner, n_train)
         first = _restore(trace, policy, start, out) if start else 0
         version = first
+
+        async def evals() -> dict[str, float]:
+            res = await evaluate(env, engine, policy.tokenizer, cfg, limit=cfg.run.eval_size)
+            if cfg.run.eval_train:
+                limit = min(cfg.run.eval_size, n_train)
+                split = cfg.env.train_split
+                res.update(await evaluate(env, engine, policy.tokenizer, cfg, limit=limit, split=split, prefix="train"))
+            return res
+
+        before = await evals() if first == 0 and cfg.run.eval_every > 0 and cfg.run.eval_before_train else {}
         bar = tqdm(total=cfg.run.steps, initial=first, desc="trace-train", dynamic_ncols=True)
         pending: asyncio.Task[StepBatch] | None = None
         try:
@@ -66,8 +82,10 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 version += 1
                 path = policy.save(out / "weights" / f"v{version % 2 + 1}")
                 await engine.update_weights_from_disk(str(path), weight_version=str(version))
+                if step == first:
+                    row.update({f"{k}_before": v for k, v in before.items()})
                 if _due(step, cfg.run.eval_every, cfg.run.steps):
-                    row.update(await evaluate(env, engine, policy.tokenizer, cfg, limit=cfg.run.eval_size))
+                    row.update(await evals())
                 row.update(step=step, weight_version=version, step_time_s=time.perf_counter() - t0)
                 _append_metrics(out, row)
                 if cfg.run.save_trees:
@@ -165,9 +183,17 @@ def _shuffled_batches(examples: list[Any], batch_size: int, rng: random.Random) 
 
 
 async def evaluate(
-    env: EnvClient, engine: EngineClient, tokenizer: Any, cfg: TrainConfig, *, limit: int, split: str | None = None
+    env: EnvClient,
+    engine: EngineClient,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    *,
+    limit: int,
+    split: str | None = None,
+    prefix: str = "eval",
 ) -> dict[str, float]:
-    """Greedy EM/F1 on the first `limit` questions of the eval split, through the same agent loop."""
+    """Greedy EM/F1 on the first `limit` questions of `split` (default: the eval split), through the same agent
+    loop: {"<prefix>_em", "<prefix>_f1"}."""
     split = split or cfg.env.eval_split
     greedy = RolloutConfig(**{**vars(cfg.rollout), "temperature": 0.0})
     runner = RolloutRunner(env, engine, tokenizer, greedy)
@@ -181,7 +207,7 @@ async def evaluate(
         return float(info.get("em", 0.0)), float(info.get("f1", 0.0))
 
     res = await asyncio.gather(*(one(i) for i in range(n)))
-    return {"eval_em": sum(r[0] for r in res) / max(n, 1), "eval_f1": sum(r[1] for r in res) / max(n, 1)}
+    return {f"{prefix}_em": sum(r[0] for r in res) / max(n, 1), f"{prefix}_f1": sum(r[1] for r in res) / max(n, 1)}
 
 
 def _split_size(info: Any, dataset: str, split: str) -> int:
@@ -196,7 +222,7 @@ def _due(step: int, every: int, steps: int) -> bool:
 
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:
-    keys = ("reward_mean", "effective_ratio", "predictor_auc", "eval_em")
+    keys = ("reward_mean", "effective_ratio", "predictor_auc", "train_em", "eval_em")
     return {k.replace("_mean", "").replace("effective_", "eff_"): f"{row[k]:.3f}" for k in keys if k in row}
 
 
@@ -270,7 +296,7 @@ def plot_metrics(out: Path) -> list[Path]:
     if not rows:
         return []
     panels = [
-        ("reward", ["reward_mean", "eval_em"]),
+        ("reward", ["reward_mean", "train_em", "eval_em"]),
         ("contrast", ["effective_ratio", "nonzero_adv_token_frac"]),
         ("predictor", ["predictor_auc", "predictor_brier"]),
         ("tokens", ["generated_tokens", "prefill_tokens", "cached_prefill_tokens"]),
