@@ -162,6 +162,8 @@ class SFTConfig:
     (470 steps, ~9 min on 2 cores) leave it at ~30-40% sampled success on train, where groups are mixed."""
     lr: float = 3e-3
     batch_size: int = 16
+    micro_batch_size: int = 4
+    """Sequences per forward/backward within a batch (length-sorted; the gradient is the batch's either way)."""
     max_examples: int = 1500
     warmup_steps: int = 20
     decay_frac: float = 0.2
@@ -200,10 +202,11 @@ class TrainConfig:
                 f"allocation.root_budget {self.allocation.root_budget} cannot be spent: prompts_per_step "
                 f"{self.run.prompts_per_step} x m_max {self.allocation.m_max} is smaller"
             )
-        if not 0.0 <= self.sft.decay_frac <= 1.0 or self.sft.epochs < 1 or self.sft.batch_size < 1:
+        sft = self.sft
+        if not 0.0 <= sft.decay_frac <= 1.0 or min(sft.epochs, sft.batch_size, sft.micro_batch_size) < 1:
             raise ValueError(
-                f"sft: decay_frac={self.sft.decay_frac} must be in [0, 1], epochs={self.sft.epochs} and "
-                f"batch_size={self.sft.batch_size} >= 1"
+                f"sft: decay_frac={sft.decay_frac} must be in [0, 1], and epochs={sft.epochs}, "
+                f"batch_size={sft.batch_size}, micro_batch_size={sft.micro_batch_size} >= 1"
             )
         if self.env.train_limit < 0:
             raise ValueError(f"env.train_limit must be >= 0 (0 = the whole split), got {self.env.train_limit}")

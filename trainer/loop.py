@@ -149,7 +149,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
             lr = sft_lr(k, steps, s)
             policy.set_lr(lr)
             loss = await asyncio.to_thread(
-                policy.sft_update, [e.input_ids for e in chunk], [e.loss_mask for e in chunk]
+                policy.sft_update, [e.input_ids for e in chunk], [e.loss_mask for e in chunk], s.micro_batch_size
             )
             k += 1
             bar.update(1)

