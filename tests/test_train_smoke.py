@@ -133,6 +133,25 @@ def test_sft_schedule_warms_up_holds_then_decays_to_zero() -> None:
         load_train_config(None, ["sft.decay_frac=1.5"])
 
 
+def test_plot_metrics_draws_the_rows(tmp_path: Path) -> None:
+    from trainer.loop import plot_metrics
+
+    rows = [
+        {"step": 0, "reward_mean": 0.3, "effective_ratio": 0.5, "train_em_before": 0.4, "eval_em_before": 0.2},
+        {
+            "step": 1,
+            "reward_mean": 0.4,
+            "effective_ratio": 0.6,
+            "train_em": 0.5,
+            "eval_em": 0.25,
+            "predictor_auc": None,
+        },
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [png] = plot_metrics(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_train_config(path)

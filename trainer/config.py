@@ -133,8 +133,9 @@ class PredictorConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    """Policy learning rate. 5e-4 suits the ~3M-parameter demo model; Qwen3-class models want ~1e-6."""
+    lr: float = 2e-4
+    """Policy learning rate. 2e-4 suits the ~3M-parameter demo model: at 5e-4 and above, the demo's dev EM
+    falls fast (0.19 -> 0.03 in 30 steps at 5e-4, vs 0.19 -> 0.13 at 2e-4); Qwen3-class models want ~1e-6."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 8

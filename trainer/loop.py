@@ -305,6 +305,8 @@ def plot_metrics(out: Path) -> list[Path]:
     for ax, (title, keys) in zip(axes, panels, strict=True):
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if rows[0].get(f"{k}_before") is not None:  # measured before the first update: drawn at step -1
+                pts.insert(0, (rows[0]["step"] - 1, rows[0][f"{k}_before"]))
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=k)
         ax.set_title(title)
