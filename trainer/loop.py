@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from shared.client import EnvClient
 from trainer import services
+from trainer.compute import compute
 from trainer.config import TrainConfig, config_to_dict
 from trainer.engine_client import EngineClient
 from trainer.policy import Policy
@@ -44,7 +45,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         env_url = await stack.enter_async_context(services.env_server(cfg, out))
         env = await stack.enter_async_context(EnvClient(env_url, token=cfg.env.token))
         policy = await _initial_policy(cfg, env, out, start)
-        weights = policy.save(out / "weights" / "v0")
+        weights = await compute(policy.save, out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         await engine.wait_ready(cfg.engine.startup_timeout_s)  # attached engines may still be loading
@@ -57,7 +58,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                     "RL on the first questions of the split only", train_limit=n_train, hint="env.train_limit=0"
                 )
         trace = TraceStep(cfg, policy, runner, n_train)
-        first = _restore(trace, policy, start, out) if start else 0
+        first = await compute(_restore, trace, policy, start, out) if start else 0
         version = first
 
         async def evals() -> dict[str, float]:
@@ -78,9 +79,9 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 pending = None
                 if cfg.run.max_staleness >= 1 and step + 1 < cfg.run.steps:
                     pending = asyncio.create_task(trace.collect(step + 1))  # overlaps the update below
-                row = await asyncio.to_thread(trace.update, batch)
+                row = await compute(trace.update, batch)
                 version += 1
-                path = policy.save(out / "weights" / f"v{version % 2 + 1}")
+                path = await compute(policy.save, out / "weights" / f"v{version % 2 + 1}")
                 await engine.update_weights_from_disk(str(path), weight_version=str(version))
                 if step == first:
                     row.update({f"{k}_before": v for k, v in before.items()})
@@ -91,7 +92,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 if cfg.run.save_trees:
                     _save_trees(out, step, batch)
                 if _due(step, cfg.run.save_every, cfg.run.steps):
-                    save_checkpoint(out, step + 1, policy, trace)
+                    await compute(save_checkpoint, out, step + 1, policy, trace)
                 bar.update(1)
                 bar.set_postfix(_postfix(row))
         finally:
@@ -108,16 +109,16 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 async def _initial_policy(cfg: TrainConfig, env: EnvClient, out: Path, start: Path | None) -> Policy:
     """The policy to train: a checkpoint (resume), else the given model, else the tiny model + SFT (cached)."""
     if start is not None:
-        return _policy(start / "model", cfg)
+        return await compute(_policy, start / "model", cfg)
     if cfg.model.path is not None:
-        return _policy(cfg.model.path, cfg)
-    base = await asyncio.to_thread(services.tiny_model_dir, cfg)
+        return await compute(_policy, cfg.model.path, cfg)
+    base = await compute(services.tiny_model_dir, cfg)
     if not cfg.sft.enabled:
-        return _policy(base, cfg)
+        return await compute(_policy, base, cfg)
     sft = services.sft_dir(cfg, base)
     if not (sft / "config.json").exists():
         await run_sft(cfg, env, base, sft)
-    return _policy(sft, cfg)
+    return await compute(_policy, sft, cfg)
 
 
 def _policy(path: str | Path, cfg: TrainConfig) -> Policy:
@@ -129,7 +130,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     from trainer.sft import oracle_examples
 
     s = cfg.sft
-    policy = _policy(base, cfg)
+    policy = await compute(_policy, base, cfg)
     examples = await oracle_examples(
         env,
         policy.tokenizer,
@@ -148,7 +149,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
         for chunk in _shuffled_batches(examples, s.batch_size, rng):
             lr = sft_lr(k, steps, s)
             policy.set_lr(lr)
-            loss = await asyncio.to_thread(
+            loss = await compute(
                 policy.sft_update, [e.input_ids for e in chunk], [e.loss_mask for e in chunk], s.micro_batch_size
             )
             k += 1
@@ -157,7 +158,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     bar.close()
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save(tmp)
+    await compute(policy.save, tmp)
     tmp.rename(dest)
     log.info("sft warm start saved", dir=str(dest), examples=len(examples), steps=steps)
 

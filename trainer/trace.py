@@ -27,6 +27,7 @@ import torch
 
 from trainer.advantages import build_training_samples, effective_ratio, nonzero_adv_token_frac
 from trainer.allocation import anchors_from_tree, make_allocator, split_rounds
+from trainer.compute import compute
 from trainer.config import TrainConfig
 from trainer.policy import Policy
 from trainer.predictor import BetaPrior, SuccessPredictor, calibration, collect_training_set, structural_features
@@ -150,7 +151,7 @@ class TraceStep:
             await asyncio.gather(*(self.runner.new_tree(c.env.dataset, c.env.train_split, i, step=step) for i in idxs))
         )
         # Stage 1: root values = per-prompt Beta posterior centred on the predictor's V(root) (or the base rate).
-        await asyncio.to_thread(self.featurise, trees)
+        await compute(self.featurise, trees)
         root_v = self._predict([t.root.features for t in trees], self.base_rate)  # type: ignore[misc]
         v = [
             min(max(self.prior.mean(t.prompt_id, prior_mean=rv), 1e-4), 1 - 1e-4)
@@ -168,7 +169,7 @@ class TraceStep:
             for r in range(a.rounds):
                 for t, _ in active:
                     t.backup()
-                await asyncio.to_thread(self.featurise, [t for t, _ in active])
+                await compute(self.featurise, [t for t, _ in active])
                 jobs = []
                 for t, _ in active:
                     cands = t.anchors(c.env.max_turns)
