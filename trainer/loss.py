@@ -146,7 +146,7 @@ def sequence_logprobs(
     # The model gets no attention mask: with causal attention and right padding, a real token never sees the
     # padding after it, and position ids are 0..T-1 either way; without a mask the attention kernel takes its
     # causal fast path (~15% faster a step on the tiny model). Padding positions are zeroed below.
-    if needed is not None:
+    if needed is not None and T >= 2:
         assert needed.shape == input_ids.shape, f"needed {tuple(needed.shape)} vs input_ids {tuple(input_ids.shape)}"
         # Position p's logits predict token p + 1: keep p where any row needs token p + 1 (at least one, so the
         # output keeps a graph even when nothing is needed).
@@ -173,4 +173,7 @@ def sequence_logprobs(
         full = lp.new_zeros(B, T)
         lp = full.index_copy(1, cols, lp)
     out = lp * am.to(lp.dtype)
-    return out if needed is None else out * needed.to(out.dtype)
+    if needed is None:
+        return out
+    assert needed.shape == input_ids.shape, f"needed {tuple(needed.shape)} vs input_ids {tuple(input_ids.shape)}"
+    return out * needed.to(out.dtype)

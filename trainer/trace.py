@@ -54,7 +54,7 @@ class PromptSampler:
         out = self.returned[:k]
         self.returned = self.returned[k:]
         while len(out) < k:
-            if self.pos == self.n:
+            if self.pos >= self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._perm = self._make_perm()
             i = self._perm[self.pos]
@@ -152,7 +152,7 @@ class TraceStep:
         )
         # Stage 1: root values = per-prompt Beta posterior centred on the predictor's V(root) (or the base rate).
         await compute(self.featurise, trees)
-        root_v = self._predict([t.root.features for t in trees], self.base_rate)  # type: ignore[misc]
+        root_v = await compute(self._predict, [t.root.features for t in trees], self.base_rate)
         v = [
             min(max(self.prior.mean(t.prompt_id, prior_mean=rv), 1e-4), 1 - 1e-4)
             for t, rv in zip(trees, root_v, strict=True)
@@ -173,7 +173,7 @@ class TraceStep:
                 jobs = []
                 for t, _ in active:
                     cands = t.anchors(c.env.max_turns)
-                    preds = self._predict([n.features for n in cands], self.base_rate)  # type: ignore[misc]
+                    preds = await compute(self._predict, [n.features for n in cands], self.base_rate)
                     for n, p in zip(cands, preds, strict=True):
                         n.predicted = p
                     anchors = anchors_from_tree(t, c.env.max_turns)
