@@ -27,7 +27,7 @@ from tqdm import tqdm
 from shared.client import EnvClient
 from trainer import services
 from trainer.compute import compute
-from trainer.config import TrainConfig, config_to_dict
+from trainer.config import SFTConfig, TrainConfig, config_to_dict
 from trainer.engine_client import EngineClient
 from trainer.policy import Policy
 from trainer.rollout import RolloutConfig, RolloutRunner
@@ -109,16 +109,17 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 async def _initial_policy(cfg: TrainConfig, env: EnvClient, out: Path, start: Path | None) -> Policy:
     """The policy to train: a checkpoint (resume), else the given model, else the tiny model + SFT (cached)."""
     if start is not None:
-        return await compute(_policy, start / "model", cfg)
-    if cfg.model.path is not None:
-        return await compute(_policy, cfg.model.path, cfg)
-    base = await compute(services.tiny_model_dir, cfg)
-    if not cfg.sft.enabled:
-        return await compute(_policy, base, cfg)
-    sft = services.sft_dir(cfg, base)
-    if not (sft / "config.json").exists():
-        await run_sft(cfg, env, base, sft)
-    return await compute(_policy, sft, cfg)
+        path: str | Path = start / "model"
+    elif cfg.model.path is not None:
+        path = cfg.model.path
+    else:
+        path = await compute(services.tiny_model_dir, cfg)
+        if cfg.sft.enabled:
+            sft = services.sft_dir(cfg, path)
+            if not (sft / "config.json").exists():
+                await run_sft(cfg, env, path, sft)
+            path = sft
+    return await compute(_policy, path, cfg)
 
 
 def _policy(path: str | Path, cfg: TrainConfig) -> Policy:
@@ -163,7 +164,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     log.info("sft warm start saved", dir=str(dest), examples=len(examples), steps=steps)
 
 
-def sft_lr(k: int, steps: int, s: Any) -> float:
+def sft_lr(k: int, steps: int, s: SFTConfig) -> float:
     """SFT learning rate at step k of `steps`: linear warmup, constant, then a linear decay to 0 over the last
     `decay_frac` of the steps. Copying names (what success hinges on) is learned late, so the rate stays up
     until then; the final decay is worth a lot (teacher-forced episode accuracy ~0.5 -> ~0.7 on train)."""

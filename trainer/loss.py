@@ -146,8 +146,9 @@ def sequence_logprobs(
     # The model gets no attention mask: with causal attention and right padding, a real token never sees the
     # padding after it, and position ids are 0..T-1 either way; without a mask the attention kernel takes its
     # causal fast path (~15% faster a step on the tiny model). Padding positions are zeroed below.
-    if needed is not None and T >= 2:
+    if needed is not None:
         assert needed.shape == input_ids.shape, f"needed {tuple(needed.shape)} vs input_ids {tuple(input_ids.shape)}"
+    if needed is not None and T >= 2:
         # Position p's logits predict token p + 1: keep p where any row needs token p + 1 (at least one, so the
         # output keeps a graph even when nothing is needed).
         keep = (needed[:, 1:].bool() & am[:, 1:].bool()).any(0).nonzero().squeeze(-1)
@@ -173,7 +174,4 @@ def sequence_logprobs(
         full = lp.new_zeros(B, T)
         lp = full.index_copy(1, cols, lp)
     out = lp * am.to(lp.dtype)
-    if needed is None:
-        return out
-    assert needed.shape == input_ids.shape, f"needed {tuple(needed.shape)} vs input_ids {tuple(input_ids.shape)}"
-    return out * needed.to(out.dtype)
+    return out if needed is None else out * needed.to(out.dtype)

@@ -170,12 +170,12 @@ class TraceStep:
                 for t, _ in active:
                     t.backup()
                 await compute(self.featurise, [t for t, _ in active])
+                cands = [n for t, _ in active for n in t.anchors(c.env.max_turns)]
+                preds = await compute(self._predict, [n.features for n in cands], self.base_rate)
+                for n, p in zip(cands, preds, strict=True):
+                    n.predicted = p
                 jobs = []
                 for t, _ in active:
-                    cands = t.anchors(c.env.max_turns)
-                    preds = await compute(self._predict, [n.features for n in cands], self.base_rate)
-                    for n, p in zip(cands, preds, strict=True):
-                        n.predicted = p
                     anchors = anchors_from_tree(t, c.env.max_turns)
                     ks = self.allocator.prefixes(anchors, budgets[t.prompt_id][r], self.rng, a)
                     jobs += [self.runner.expand(t, an.node_id, k) for an, k in zip(anchors, ks, strict=True) if k > 0]
