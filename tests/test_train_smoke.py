@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.cli import main as train_main
-from trainer.config import load_train_config
-from trainer.loop import train
+from trainer.config import ModelConfig, OptimConfig, load_train_config
+from trainer.loop import _reference_of, train
+from trainer.policy import Policy
+from trainer.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = (
@@ -44,6 +47,7 @@ SMALL = [
     "rollout.max_new_tokens=32",
     "env.train_limit=5",
     "run.save_trees=true",
+    "optim.kl_coef=0.1",
 ]
 
 
@@ -89,6 +93,30 @@ def test_debug_config_runs_resumes_and_continues(
     assert [r["step"] for r in again] == [0, 1, 2]
     assert again[:2] == rows
     assert again[2]["weight_version"] == 3
+    # The KL reference of the resumed run is still the weights the run started from (the cached SFT model).
+    state = torch.load(out / "checkpoints" / "step_00003" / "trainer.pt", weights_only=False)
+    assert Path(state["reference_model"]).parent == cache_dir and "sft-" in Path(state["reference_model"]).name
+
+
+def test_kl_reference_is_the_starting_weights_on_resume(tiny_model: Path, tmp_path: Path) -> None:
+    """A resumed policy (loaded from a checkpoint) keeps its KL term on the weights the run started from."""
+    ckpt = build_tiny_model(tmp_path / "ckpt", seed=1)  # stands in for trained weights: every tensor differs
+    mcfg, ocfg = ModelConfig(device="cpu"), OptimConfig(kl_coef=0.1)
+    resumed = Policy(ckpt, mcfg, ocfg, reference=tiny_model)
+    fresh = Policy(ckpt, mcfg, ocfg)
+    start = Policy(tiny_model, mcfg, ocfg).model.state_dict()
+    assert resumed.reference == str(tiny_model) and fresh.reference == str(ckpt)
+    for name, value in resumed.ref_model.state_dict().items():
+        assert torch.equal(value, start[name]), name
+    assert not torch.equal(fresh.ref_model.state_dict()[name], value), "the fixture's two models must differ"
+
+    # Resuming reads the reference from the checkpoint, and says so when it is gone.
+    torch.save({"reference_model": str(tmp_path / "gone")}, tmp_path / "trainer.pt")
+    cfg = load_train_config(None, ["optim.kl_coef=0.1"])
+    with pytest.raises(FileNotFoundError, match="KL reference"):
+        _reference_of(tmp_path, cfg)
+    cfg.optim.kl_coef = 0.0
+    assert _reference_of(tmp_path, cfg) == str(tmp_path / "gone")
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -109,21 +109,34 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 async def _initial_policy(cfg: TrainConfig, env: EnvClient, out: Path, start: Path | None) -> Policy:
     """The policy to train: a checkpoint (resume), else the given model, else the tiny model + SFT (cached)."""
     if start is not None:
-        path: str | Path = start / "model"
-    elif cfg.model.path is not None:
-        path = cfg.model.path
-    else:
-        path = await compute(services.tiny_model_dir, cfg)
-        if cfg.sft.enabled:
-            sft = services.sft_dir(cfg, path)
-            if not (sft / "config.json").exists():
-                await run_sft(cfg, env, path, sft)
-            path = sft
+        return await compute(_policy, start / "model", cfg, await compute(_reference_of, start, cfg))
+    if cfg.model.path is not None:
+        return await compute(_policy, cfg.model.path, cfg)
+    path = await compute(services.tiny_model_dir, cfg)
+    if cfg.sft.enabled:
+        sft = services.sft_dir(cfg, path)
+        if not (sft / "config.json").exists():
+            await run_sft(cfg, env, path, sft)
+        path = sft
     return await compute(_policy, path, cfg)
 
 
-def _policy(path: str | Path, cfg: TrainConfig) -> Policy:
-    return Policy(path, cfg.model, cfg.optim, seed=cfg.run.seed, temperature=cfg.rollout.temperature)
+def _policy(path: str | Path, cfg: TrainConfig, reference: str | Path | None = None) -> Policy:
+    return Policy(
+        path, cfg.model, cfg.optim, seed=cfg.run.seed, temperature=cfg.rollout.temperature, reference=reference
+    )
+
+
+def _reference_of(ckpt: Path, cfg: TrainConfig) -> str | None:
+    """The weights a resumed run started from (its KL reference), as recorded in the checkpoint."""
+    ref = torch.load(ckpt / "trainer.pt", weights_only=False).get("reference_model")
+    if cfg.optim.kl_coef > 0 and (ref is None or not (Path(ref) / "config.json").exists()):
+        raise FileNotFoundError(
+            f"--resume with optim.kl_coef={cfg.optim.kl_coef}: the run's KL reference (the weights it started "
+            f"from) {ref or '(not recorded in ' + str(ckpt) + ')'} is not there; restore that folder, or resume "
+            "with --set optim.kl_coef=0"
+        )
+    return ref
 
 
 async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> None:
@@ -251,6 +264,7 @@ def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep)
     torch.save(policy.optimizer_state(), tmp / "optimizer.pt")
     state = {
         "next_step": next_step,
+        "reference_model": policy.reference,
         "trace": trace.state_dict(),
         "python_rng": random.getstate(),
         "torch_rng": torch.get_rng_state(),

@@ -40,8 +40,17 @@ def _pad(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: 
 
 class Policy:
     def __init__(
-        self, model_path: str | Path, mcfg: ModelConfig, ocfg: OptimConfig, *, seed: int = 0, temperature: float = 1.0
+        self,
+        model_path: str | Path,
+        mcfg: ModelConfig,
+        ocfg: OptimConfig,
+        *,
+        seed: int = 0,
+        temperature: float = 1.0,
+        reference: str | Path | None = None,
     ) -> None:
+        """reference: the folder of the frozen KL reference (optim.kl_coef > 0), default `model_path`. A resumed run
+        passes the weights it started from, so the KL term keeps pulling towards them and not the checkpoint."""
         cpu = mcfg.device == "cpu" or (mcfg.device == "auto" and not torch.cuda.is_available())
         mp = mcfg.mixed_precision
         if mp == "auto":
@@ -59,9 +68,13 @@ class Policy:
         # Logprobs are taken under the sampling temperature, the distribution the engine sampled from.
         self.temperature = temperature if temperature > 0 else 1.0
         self.ref_model = None
+        self.reference = str(reference if reference is not None else model_path)
         if ocfg.kl_coef > 0:  # a frozen copy of the starting policy for the KL term
-            ref = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
-            self.ref_model = ref.requires_grad_(False)
+            if reference is None or Path(reference) == Path(model_path):
+                ref = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            else:
+                ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).to(self.device)
+            self.ref_model = ref.eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @property
