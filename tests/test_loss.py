@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from trainer.advantages import TrainSample
+from trainer.config import ModelConfig, OptimConfig
 from trainer.loss import policy_loss, sequence_logprobs
+from trainer.policy import Policy
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +175,39 @@ def test_global_denominator_makes_micro_batches_add_up():
     parts = [policy_loss(logp[i : i + 2], logp[i : i + 2], logp[i : i + 2], adv[i : i + 2], w[i : i + 2],
                          mask[i : i + 2], denom=total)[0] for i in (0, 2)]  # fmt: skip
     assert (parts[0] + parts[1]).item() == pytest.approx(full.item(), rel=1e-6)
+
+
+def _sample(ids, trained, adv):
+    """A TrainSample of one node: prompt token ids[0], then `trained` policy tokens with advantage `adv`."""
+    n = len(ids)
+    mask = [0] * (n - trained) + [1] * trained
+    return TrainSample(
+        input_ids=ids,
+        loss_mask=mask,
+        advantages=[adv * m for m in mask],
+        weights=[float(m) for m in mask],
+        engine_logprobs=[0.0] * n,
+        prompt_id="p",
+        tree_index=0,
+        leaf_id=1,
+    )
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_loss_aggregation_weighs_a_long_failure(tiny_model, agg):
+    """A 2-token success (A = +1) and an 8-token failure (A = -1). On-policy, the loss is minus the weighted mean
+    advantage: token-mean counts the failure's 8 tokens against the success's 2; seq-mean counts each sample once."""
+    policy = Policy(tiny_model, ModelConfig(device="cpu"), OptimConfig(loss_agg=agg))
+    samples = [_sample([5, 6, 7], 2, +1.0), _sample([5, 6, 7, 8, 9, 10, 11, 12, 13], 8, -1.0)]
+    for s in samples:  # the engine sampled from these very weights: the TIS weight is 1
+        ids = torch.tensor([s.input_ids])
+        with torch.no_grad():
+            s.engine_logprobs = sequence_logprobs(policy.model, ids, torch.ones_like(ids))[0].tolist()
+    m = policy.rl_update(samples)
+    expected = -(2 * 1.0 - 8 * 1.0) / 10 if agg == "token-mean" else 0.0
+    assert m["loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_loss_aggregation_is_a_clear_error():
+    with pytest.raises(ValueError, match="loss_agg"):
+        OptimConfig(loss_agg="sum")

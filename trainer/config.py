@@ -132,6 +132,9 @@ class PredictorConfig:
     """Beta(a, b) prior of a prompt's success rate, for roots never seen before."""
 
 
+LOSS_AGG = ("token-mean", "seq-mean-token-mean")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
@@ -150,6 +153,15 @@ class OptimConfig:
     """k3 KL to the initial policy (0 = no reference model kept)."""
     ppo_epochs: int = 1
     """Passes over each step's samples (1 = on-policy, the PPO ratio is 1 and clipping is idle)."""
+    loss_agg: str = "token-mean"
+    """How token losses add up (verl's names): "token-mean" = every trained token counts once (DAPO);
+    "seq-mean-token-mean" = every root-to-leaf sample counts once, its tokens averaged (GRPO's original), so
+    a group's advantages, which sum to zero over its leaves, also sum to zero in the gradient, however long
+    its failures run. Shared prefixes keep their 1 / n(y) tree weights within each sample either way."""
+
+    def __post_init__(self) -> None:
+        if self.loss_agg not in LOSS_AGG:
+            raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}")
 
 
 @dataclass

@@ -111,10 +111,13 @@ class Policy:
         """One optimizer step per PPO epoch over all samples; returns averaged loss metrics."""
         if not samples:
             return {"loss": 0.0, "trained_tokens": 0.0}
-        total_w = sum(sum(s.weights) for s in samples)
+        samples = sorted(samples, key=lambda s: len(s.input_ids))  # micro-batches of similar length pad less
+        # Per-sample factor on the token weights: 1 (token-mean) or 1 / the sample's trained tokens (seq-mean).
+        seq = self.ocfg.loss_agg == "seq-mean-token-mean"
+        scale = [1.0 / max(1, sum(s.loss_mask)) if seq else 1.0 for s in samples]
+        total_w = sum(sum(s.weights) * c for s, c in zip(samples, scale, strict=True))
         assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
         mb = self.ocfg.micro_batch_size
-        samples = sorted(samples, key=lambda s: len(s.input_ids))  # micro-batches of similar length pad less
         agg: dict[str, float] = {}
         with self.lock:
             self.model.train()
@@ -128,7 +131,8 @@ class Policy:
                     # sequence_logprobs()[b, t] is the logprob of token t, so per-token tensors align as they are.
                     mask = _pad([s.loss_mask for s in chunk], 0, torch.float32, self.device)
                     adv = _pad([s.advantages for s in chunk], 0.0, torch.float32, self.device)
-                    w = _pad([s.weights for s in chunk], 0.0, torch.float32, self.device)
+                    w = _pad([[x * c for x in s.weights] for s, c in zip(chunk, scale[i : i + mb], strict=True)],
+                             0.0, torch.float32, self.device)  # fmt: skip
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, torch.float32, self.device)
                     with self.accelerator.autocast():
                         logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature, needed=mask)
