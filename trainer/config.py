@@ -149,8 +149,10 @@ class OptimConfig:
     """Asymmetric upper clip (DAPO's clip-higher); None = clip_eps."""
     tis_cap: float = 2.0
     """Truncated importance sampling cap for engine/trainer logprob mismatch."""
-    kl_coef: float = 0.0
-    """k3 KL to the initial policy (0 = no reference model kept)."""
+    kl_coef: float = 0.1
+    """k3 KL to the policy the run started from (0 = no reference model kept; it costs one more forward pass).
+    On the CPU demo (30 steps from one SFT checkpoint, dev EM on 200 questions, 0.20 before) it held dev EM at
+    0.165-0.21 over four runs, against 0.155-0.175 without it; Qwen3 runs usually set 0 or ~1e-3."""
     ppo_epochs: int = 1
     """Passes over each step's samples (1 = on-policy, the PPO ratio is 1 and clipping is idle)."""
     loss_agg: str = "token-mean"
