@@ -327,7 +327,8 @@ def plot_metrics(out: Path) -> list[Path]:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=k)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_lines():  # a panel whose metrics no row holds stays empty, without a legend
+            ax.legend(fontsize=7)
     fig.tight_layout()
     png = out / "metrics.png"
     fig.savefig(png, dpi=100)
