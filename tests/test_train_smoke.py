@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 import torch
 
 from trainer.cli import main as train_main
 from trainer.config import ModelConfig, OptimConfig, load_train_config
-from trainer.loop import _reference_of, train
+from trainer.loop import _reference_of, _warn_demo_defaults, train
 from trainer.policy import Policy
 from trainer.tiny_model import build_tiny_model
 
@@ -108,7 +110,8 @@ def test_kl_reference_is_the_starting_weights_on_resume(tiny_model: Path, tmp_pa
     assert resumed.reference == str(tiny_model) and fresh.reference == str(ckpt)
     for name, value in resumed.ref_model.state_dict().items():
         assert torch.equal(value, start[name]), name
-    assert not torch.equal(fresh.ref_model.state_dict()[name], value), "the fixture's two models must differ"
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(fresh.ref_model.state_dict()[emb], start[emb]), "the fixture's two models must differ"
 
     # Resuming reads the reference from the checkpoint, and says so when it is gone.
     torch.save({"reference_model": str(tmp_path / "gone")}, tmp_path / "trainer.pt")
@@ -117,6 +120,9 @@ def test_kl_reference_is_the_starting_weights_on_resume(tiny_model: Path, tmp_pa
         _reference_of(tmp_path, cfg)
     cfg.optim.kl_coef = 0.0
     assert _reference_of(tmp_path, cfg) == str(tmp_path / "gone")
+    torch.save({"next_step": 3}, tmp_path / "trainer.pt")  # a checkpoint older than the record
+    with pytest.raises(FileNotFoundError, match="not recorded"):
+        _reference_of(tmp_path, load_train_config(None, ["optim.kl_coef=0.1"]))
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,3 +232,13 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "zombie"
+
+
+def test_a_model_of_ones_own_is_told_which_demo_values_it_keeps() -> None:
+    real = load_train_config(REPO / "configs" / "qwen3-8b-hotpotqa.toml")
+    demo = load_train_config(None, ['model.path="/models/Qwen3-8B"', "optim.lr=1e-6"])
+    with structlog.testing.capture_logs() as logs:
+        _warn_demo_defaults(real)
+        _warn_demo_defaults(demo)
+    assert len(logs) == 1, "the shipped real-run config sets its own values"
+    assert logs[0]["env.train_limit"] == 64 and logs[0]["optim.kl_coef"] == 0.1 and "optim.lr" not in logs[0]

@@ -158,9 +158,10 @@ class OptimConfig:
     """Passes over each step's samples (1 = on-policy, the PPO ratio is 1 and clipping is idle)."""
     loss_agg: str = "token-mean"
     """How token losses add up (verl's names): "token-mean" = every trained token counts once (DAPO);
-    "seq-mean-token-mean" = every root-to-leaf sample counts once, its tokens averaged (GRPO's original), so
-    a group's advantages, which sum to zero over its leaves, also sum to zero in the gradient, however long
-    its failures run. Shared prefixes keep their 1 / n(y) tree weights within each sample either way."""
+    "seq-mean-token-mean" = each root-to-leaf sample's token weights are divided by its number of trained tokens
+    (GRPO's original), so a long failure weighs no more than a short success; in a group without branching the
+    leaf advantages, which sum to zero, then also sum to zero in the gradient. Shared prefixes keep their
+    1 / n(y) tree weights within each sample either way (the logged policy_tokens is then the scaled sum)."""
 
     def __post_init__(self) -> None:
         if self.loss_agg not in LOSS_AGG:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -53,10 +54,8 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         n_train = _split_size(await env.info(), cfg.env.dataset, cfg.env.train_split)
         if cfg.env.train_limit:
             n_train = min(n_train, cfg.env.train_limit)
-            if cfg.model.path is not None:
-                log.warning(
-                    "RL on the first questions of the split only", train_limit=n_train, hint="env.train_limit=0"
-                )
+        if cfg.model.path is not None:
+            _warn_demo_defaults(cfg)
         trace = TraceStep(cfg, policy, runner, n_train)
         first = await compute(_restore, trace, policy, start, out) if start else 0
         version = first
@@ -109,7 +108,10 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 async def _initial_policy(cfg: TrainConfig, env: EnvClient, out: Path, start: Path | None) -> Policy:
     """The policy to train: a checkpoint (resume), else the given model, else the tiny model + SFT (cached)."""
     if start is not None:
-        return await compute(_policy, start / "model", cfg, await compute(_reference_of, start, cfg))
+        reference = await compute(_reference_of, start, cfg)
+        policy = await compute(_policy, start / "model", cfg, reference)
+        policy.reference = reference  # None (a checkpoint older than the record) stays unknown, not the checkpoint
+        return policy
     if cfg.model.path is not None:
         return await compute(_policy, cfg.model.path, cfg)
     path = await compute(services.tiny_model_dir, cfg)
@@ -121,6 +123,20 @@ async def _initial_policy(cfg: TrainConfig, env: EnvClient, out: Path, start: Pa
     return await compute(_policy, path, cfg)
 
 
+def _warn_demo_defaults(cfg: TrainConfig) -> None:
+    """A run on a model of its own that keeps values tuned for the tiny CPU demo is told which ones."""
+    demo = TrainConfig()
+    kept = {
+        f"{section}.{name}": getattr(getattr(cfg, section), name)
+        for section, name in (("env", "train_limit"), ("optim", "lr"), ("optim", "kl_coef"))
+        if getattr(getattr(cfg, section), name) == getattr(getattr(demo, section), name) != 0
+    }
+    if kept:
+        log.warning(
+            "values tuned for the tiny CPU demo", **kept, hint="see configs/qwen3-8b-hotpotqa.toml for a real run"
+        )
+
+
 def _policy(path: str | Path, cfg: TrainConfig, reference: str | Path | None = None) -> Policy:
     return Policy(
         path, cfg.model, cfg.optim, seed=cfg.run.seed, temperature=cfg.rollout.temperature, reference=reference
@@ -130,7 +146,8 @@ def _policy(path: str | Path, cfg: TrainConfig, reference: str | Path | None = N
 def _reference_of(ckpt: Path, cfg: TrainConfig) -> str | None:
     """The weights a resumed run started from (its KL reference), as recorded in the checkpoint."""
     ref = torch.load(ckpt / "trainer.pt", weights_only=False).get("reference_model")
-    if cfg.optim.kl_coef > 0 and (ref is None or not (Path(ref) / "config.json").exists()):
+    gone = ref is None or (Path(ref).is_absolute() and not (Path(ref) / "config.json").exists())  # else a hub id
+    if cfg.optim.kl_coef > 0 and gone:
         raise FileNotFoundError(
             f"--resume with optim.kl_coef={cfg.optim.kl_coef}: the run's KL reference (the weights it started "
             f"from) {ref or '(not recorded in ' + str(ckpt) + ')'} is not there; restore that folder, or resume "
@@ -144,7 +161,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
     from trainer.sft import oracle_examples
 
     s = cfg.sft
-    policy = await compute(_policy, base, cfg)
+    policy = await compute(_policy, base, dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, kl_coef=0.0)))
     examples = await oracle_examples(
         env,
         policy.tokenizer,

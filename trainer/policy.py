@@ -49,8 +49,9 @@ class Policy:
         temperature: float = 1.0,
         reference: str | Path | None = None,
     ) -> None:
-        """reference: the folder of the frozen KL reference (optim.kl_coef > 0), default `model_path`. A resumed run
-        passes the weights it started from, so the KL term keeps pulling towards them and not the checkpoint."""
+        """reference: the model (folder or hub id) of the frozen KL reference (optim.kl_coef > 0), default
+        `model_path`. A resumed run passes the weights it started from, so the KL term keeps pulling towards them
+        and not towards the checkpoint. `self.reference` records it (a local folder as an absolute path)."""
         cpu = mcfg.device == "cpu" or (mcfg.device == "auto" and not torch.cuda.is_available())
         mp = mcfg.mixed_precision
         if mp == "auto":
@@ -68,12 +69,15 @@ class Policy:
         # Logprobs are taken under the sampling temperature, the distribution the engine sampled from.
         self.temperature = temperature if temperature > 0 else 1.0
         self.ref_model = None
-        self.reference = str(reference if reference is not None else model_path)
+        ref_path = Path(reference if reference is not None else model_path)
+        self.reference: str | None = str(ref_path.resolve() if ref_path.exists() else ref_path)
         if ocfg.kl_coef > 0:  # a frozen copy of the starting policy for the KL term
-            if reference is None or Path(reference) == Path(model_path):
+            if reference is None or ref_path.resolve() == Path(model_path).resolve():
                 ref = copy.deepcopy(self.accelerator.unwrap_model(self.model))
             else:
                 ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).to(self.device)
+            if mp == "bf16":  # it only runs forward under autocast: half the memory of an fp32 copy
+                ref = ref.to(torch.bfloat16)
             self.ref_model = ref.eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
