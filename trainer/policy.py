@@ -135,8 +135,8 @@ class Policy:
                     # sequence_logprobs()[b, t] is the logprob of token t, so per-token tensors align as they are.
                     mask = _pad([s.loss_mask for s in chunk], 0, torch.float32, self.device)
                     adv = _pad([s.advantages for s in chunk], 0.0, torch.float32, self.device)
-                    w = _pad([[x * c for x in s.weights] for s, c in zip(chunk, scale[i : i + mb], strict=True)],
-                             0.0, torch.float32, self.device)  # fmt: skip
+                    w = _pad([s.weights for s in chunk], 0.0, torch.float32, self.device)
+                    w = w * torch.tensor(scale[i : i + mb], dtype=torch.float32, device=self.device)[:, None]
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, torch.float32, self.device)
                     with self.accelerator.autocast():
                         logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature, needed=mask)
