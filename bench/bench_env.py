@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from env_server.datasets import read_questions
-    from env_server.synthetic import load_or_build_world
+    from tools.synthetic import load_or_build_world
 
     cache = a.cache_dir or tempfile.mkdtemp(prefix="trace-bench-")
     world = load_or_build_world(Path(cache))

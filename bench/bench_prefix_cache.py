@@ -7,7 +7,7 @@ In-process (no HTTP): two `Engine`s on the same model, one with the radix prefix
 token ids at once (what branching a tree node does) and times `Engine.generate` until all k finish; the cache is
 flushed first, so the first branch pays the full prefill and the other k-1 reuse its KV. Sampling is greedy so the
 two engines' outputs can be compared: the tokens must match and the logprobs agree to float rounding.
-Without --model it builds the tiny model (trainer/tiny_model.py) in a temporary folder.
+Without --model it builds the tiny model (tools/tiny_model.py) in a temporary folder.
 
 Measured (2026-11-28, the 2-core dev machine while other jobs ran: load average ~4, so expect +-30% run to run;
 tiny model, fp32, `--threads 1 --repeats 3`, seconds for all k branches; outputs identical, max |dlogprob| 5e-7):
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from engine.engine import Engine, EngineConfig, EngineRequest
 from shared.engine_protocol import SamplingParams
-from trainer.engine_server.engine import Engine, EngineConfig, EngineRequest
-from trainer.tiny_model import build_tiny_model
+from tools.tiny_model import build_tiny_model
 
 
 def run_case(engine: Engine, prefix: list[int], k: int, new_tokens: int) -> tuple[float, list]:

@@ -8,7 +8,7 @@ sensitive to other load than wall time), batched throughput with 1 and 4 threads
 `TantivyRetriever.search`, bm25s through `retrieve(n_threads=...)`), and tantivy/bm25s ratios; also the load
 average, since the machine may be shared.
 
-Corpus: `--corpus synthetic` (default when `env_server/synthetic.py` exists) is the synthetic world's passages
+Corpus: `--corpus synthetic` (default when `tools/synthetic.py` exists) is the synthetic world's passages
 (~23 words each; `size` chosen to give at least `--docs` passages, then cut); queries are its oracle search queries
 (entity titles) and raw question texts, half each. `--corpus random` is wiki-like text from a seeded Zipf vocabulary
 whose top ranks are the English stopwords (~100-word passages, like wiki-18's), with queries of 3-12 consecutive
@@ -79,7 +79,7 @@ sys.path.insert(0, str(REPO))
 
 
 def synthetic_corpus(n_docs: int, n_queries: int, seed: int) -> tuple[list[tuple[str, str]], list[str]]:
-    from env_server.synthetic import generate_world
+    from tools.synthetic import generate_world
 
     size = max(35, n_docs // 3 + 10)  # the world has ~3.1 passages per core entity
     world = generate_world(seed, size)

@@ -35,13 +35,13 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from transformers import AutoTokenizer
 
+from engine.app import ServerConfig as EngineServerConfig
+from engine.app import init_app as init_engine_app
+from engine.engine import EngineConfig
 from env_server.app import build_resources, init_app
 from env_server.config import load_config
 from shared.client import EnvClient
 from trainer.engine_client import EngineClient
-from trainer.engine_server.app import ServerConfig as EngineServerConfig
-from trainer.engine_server.app import init_app as init_engine_app
-from trainer.engine_server.engine import EngineConfig
 from trainer.rollout import RolloutConfig, RolloutRunner
 from trainer.tree import FinishStatus, Ledger, RolloutTree
 
@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tree-"))
     model = Path(args.model) if args.model else None
     if model is None:
-        from trainer.tiny_model import build_tiny_model
+        from tools.tiny_model import build_tiny_model
 
         model = build_tiny_model(tmp / "tiny", seed=0)
     cfg = load_config(port=0, cache_dir=str(tmp / "cache"), log_level="warning", max_turns=4, topk=2)

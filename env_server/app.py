@@ -27,7 +27,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from env_server.config import ServerConfig
+from env_server.config import BUILTIN_WORLD, ServerConfig
 from env_server.datasets import DatasetRegistry, read_questions
 from env_server.episodes import EpisodeStore, export_blob, import_blob
 from env_server.metrics import ServerMetrics
@@ -99,12 +99,10 @@ def build_resources(cfg: ServerConfig) -> Resources:
     retriever: Retriever
     executor = None if cfg.retriever_url else ThreadPoolExecutor(cfg.search_threads, thread_name_prefix="search")
     if cfg.uses_synthetic:
-        from env_server.synthetic import load_or_build_world
-
-        world_dir = load_or_build_world(cfg.resolved_cache_dir(), seed=cfg.synthetic_seed, size=cfg.synthetic_size)
         for split in ("train", "dev", "test"):
-            datasets.add("synthetic", split, read_questions(world_dir / f"{split}.jsonl"))
-        retriever = TantivyRetriever.open_or_build(world_dir / "corpus.jsonl", world_dir / "index", executor=executor)
+            datasets.add("synthetic", split, read_questions(BUILTIN_WORLD / f"{split}.jsonl"))
+        index_dir = cfg.resolved_cache_dir() / "synthetic-builtin.index"  # the package folder may be read-only
+        retriever = TantivyRetriever.open_or_build(BUILTIN_WORLD / "corpus.jsonl", index_dir, executor=executor)
     elif cfg.retriever_url:
         retriever = RemoteRetriever(cfg.retriever_url)
     elif cfg.corpus:

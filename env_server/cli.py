@@ -1,10 +1,10 @@
-"""`trace-env`: serve the env server, build a search index, write the synthetic world, run a demo.
+"""`trace-env`: serve the env server, build a search index, run a demo. (The synthetic world is written by
+`trace-world`, tools/synthetic.py; the built-in one ships in env_server/data/synthetic.)
 
     trace-env serve [--config FILE.toml] [--host H] [--port P] [--data NAME=FILE ...] [--corpus FILE]
                     [--index-dir DIR] [--retriever-url URL] [--auth-token T] [--max-episodes N]
                     [--episode-ttl S] [--max-turns N] [--topk K] ...
     trace-env index --corpus FILE --index-dir DIR
-    trace-env data --out DIR [--seed S] [--size N]
     trace-env demo
 
 Entry points stay thin: parsing here, behaviour in `env_server.app` and friends.
@@ -54,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--reward-metric", choices=["em", "f1", "cover_em"])
     s.add_argument("--prompt-template", help="user prompt with a {question} placeholder (default: Search-R1 style)")
-    s.add_argument("--synthetic-seed", type=int)
-    s.add_argument("--synthetic-size", type=int)
     s.add_argument("--cache-dir")
     s.add_argument("--search-threads", type=int)
     s.add_argument("--shutdown-timeout", type=float, dest="shutdown_timeout_s")
@@ -64,11 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", help="build the on-disk search index of a corpus jsonl")
     i.add_argument("--corpus", required=True)
     i.add_argument("--index-dir", required=True)
-
-    d = sub.add_parser("data", help="write the synthetic world (corpus + train/dev/test jsonl) to a folder")
-    d.add_argument("--out", required=True)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--size", type=int, default=300)
 
     sub.add_parser("demo", help="start a server on the synthetic world and play a scripted, branching episode")
     return p
@@ -140,18 +133,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trace-env index: {e}", file=sys.stderr)
             return 2
         print(f"index ready at {args.index_dir} (corpus_id {corpus_id})")
-        return 0
-    if args.cmd == "data":
-        from env_server.synthetic import generate_world, write_world
-
-        try:
-            world = generate_world(seed=args.seed, size=args.size)
-            write_world(world, Path(args.out))
-        except (ValueError, FileExistsError) as e:
-            print(f"trace-env data: {e}", file=sys.stderr)
-            return 2
-        counts = {k: len(v) for k, v in world.splits.items()}
-        print(f"wrote {len(world.passages)} passages and questions {counts} to {args.out}")
         return 0
     if args.cmd == "demo":
         from env_server.demo import run_demo

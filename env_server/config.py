@@ -18,6 +18,10 @@ from typing import Any
 import msgspec
 
 REWARD_METRICS = ("em", "f1", "cover_em")
+BUILTIN_WORLD = Path(__file__).parent / "data" / "synthetic"
+"""The built-in synthetic world (seed 0, size 300), served when no data is given. Written by `trace-world
+--out env_server/data/synthetic` (tools/synthetic.py); tests/test_synthetic.py checks it is that output. Any
+other world: `trace-world --out DIR --seed S --size N`, then `--data synthetic=DIR --corpus DIR/corpus.jsonl`."""
 
 
 @dataclass
@@ -62,10 +66,6 @@ class ServerConfig:
     """Reward of an `answer`: em (default, as Search-R1), f1 or cover_em. All three are in `info`."""
     prompt_template: str | None = None
     """Override of the user prompt; must contain `{question}`. None = the built-in Search-R1-style prompt."""
-    synthetic_seed: int = 0
-    """Seed of the built-in synthetic world."""
-    synthetic_size: int = 300
-    """Size knob of the built-in synthetic world (about the number of core entities)."""
     cache_dir: str | None = None
     """Where generated data and indexes are cached (default $TRACE_CACHE_DIR or ~/.cache/trace)."""
     search_threads: int = 4

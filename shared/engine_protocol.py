@@ -1,7 +1,7 @@
 """The subset of SGLang's native HTTP API that TRACE's trainer speaks (DESIGN §3, appendix).
 
 Both sides use these structs: `trainer.engine_client` (talking to real SGLang or to our CPU engine)
-and `trainer.engine_server` (the CPU development engine that implements exactly this subset).
+and `engine` (the CPU development engine that implements exactly this subset).
 Field names and defaults follow SGLang 0.5.23 (checked against the released wheel's source:
 `srt/managers/io_struct.py` `GenerateReqInput`/`UpdateWeightFromDiskReqInput`,
 `srt/sampling/sampling_params.py`, and the HTTP contract `sglang/api/v1/api_types.py`).

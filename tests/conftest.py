@@ -20,7 +20,7 @@ Fixtures
   hits made from the query text; `.url`, `.calls`.
 
 - `tiny_model` (session) -> Path: the tiny Qwen3 model folder (built from a config, no download).
-- `engine_url` (function) -> str: a real CPU engine server (`trainer.engine_server`) on loopback serving `tiny_model`.
+- `engine_url` (function) -> str: a real CPU engine server (`engine`) on loopback serving `tiny_model`.
 
 Helpers: `LiveServer`, `RawHTTP`, `Reply`, `SlowRetriever`, `start_server_process` (a `python -m env_server serve`
 subprocess; waits for its "listening on" line), `stop_process`, `metric_value` (one sample of /metrics text).
@@ -293,16 +293,16 @@ def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout
 # ---------------------------------------------------------------------------------------------- the CPU engine
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.tiny_model import build_tiny_model
+    from tools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture
 async def engine_url(tiny_model: Path) -> AsyncIterator[str]:
-    from trainer.engine_server.app import ServerConfig as EngineServerConfig
-    from trainer.engine_server.app import init_app as init_engine_app
-    from trainer.engine_server.engine import EngineConfig
+    from engine.app import ServerConfig as EngineServerConfig
+    from engine.app import init_app as init_engine_app
+    from engine.engine import EngineConfig
 
     app = init_engine_app(EngineServerConfig(engine=EngineConfig(model_path=tiny_model, seed=0)))
     server = TestServer(app, host="127.0.0.1")

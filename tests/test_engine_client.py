@@ -5,7 +5,7 @@ Two peers:
   shapes of SGLang 0.5.23's `/generate`, `/flush_cache`, `/pause_generation`, ...). It is here
   for fault injection only: 5xx then OK, abort finish reasons, malformed answers, logprob/id
   mismatches, 4xx, slow answers, a busy `/flush_cache`.
-- The project's CPU engine (`trainer.engine_server`, in-process on loopback, on a 130k-parameter
+- The project's CPU engine (`engine`, in-process on loopback, on a 130k-parameter
   tiny model), the real peer: round trip, sticky routing over two servers with the prefix cache,
   cache flush, weight update (pause -> update -> continue) with an in-flight generation aborted.
 
@@ -467,7 +467,7 @@ def test_constructor_checks_urls() -> None:
         EngineClient(["http://a:1", "http://a:1/"])
 
 
-# ---- the real peer: the project's CPU engine (trainer.engine_server) -----------------------
+# ---- the real peer: the project's CPU engine (engine) -----------------------
 
 TINY_TEXTS = [
     f"Doc {i} (Title: City {i}) The city of Varnholt was founded by Ada {i} in {1000 + i}." for i in range(200)
@@ -478,7 +478,7 @@ TINY_SIZES = {"vocab_size": 512, "hidden_size": 64, "layers": 2, "heads": 4, "kv
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two tiny models with the same tokenizer and shapes but different weights (seeds 0 and 1)."""
-    from trainer.tiny_model import build_tiny_model
+    from tools.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("engine-client")
     return tuple(  # type: ignore[return-value]
@@ -489,8 +489,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture
 async def cpu_engines(tiny_models: tuple[Path, Path]) -> AsyncIterator[list[str]]:
     """Two CPU engine servers on loopback, each with its own engine (own prefix cache), serving model seed 0."""
-    from trainer.engine_server.app import ServerConfig, init_app
-    from trainer.engine_server.engine import Engine, EngineConfig
+    from engine.app import ServerConfig, init_app
+    from engine.engine import Engine, EngineConfig
 
     servers = []
     for _ in range(2):

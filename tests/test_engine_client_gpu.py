@@ -76,7 +76,7 @@ def _sharpened_copy(src: Path, dst: Path) -> Path:
 async def test_real_sglang_round_trip_prefix_cache_routing_and_weight_update(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from trainer.tiny_model import build_tiny_model
+    from tools.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "tiny")
     new_dir = _sharpened_copy(model_dir, tmp_path / "tiny-step-1")

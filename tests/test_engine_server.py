@@ -1,4 +1,4 @@
-"""The CPU engine server on loopback, on a tiny model built once per session (trainer/engine_server/).
+"""The CPU engine server on loopback, on a tiny model built once per session (engine/).
 
 Checks SGLang's /generate semantics (greedy = argmax of the model, logprobs = log_softmax at the sampled token,
 stop tokens/strings, length), batching (a request's tokens do not depend on its batch), the radix prefix cache
@@ -18,10 +18,10 @@ import torch
 from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine.app import ServerConfig, init_app
+from engine.engine import Engine, EngineConfig, RadixKVCache, sample_tokens
 from shared.engine_protocol import SamplingParams
-from trainer.engine_server.app import ServerConfig, init_app
-from trainer.engine_server.engine import Engine, EngineConfig, RadixKVCache, sample_tokens
-from trainer.tiny_model import build_tiny_model
+from tools.tiny_model import build_tiny_model
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from conftest import LiveServer, RawHTTP, SlowRetriever, metric_value
 
+from env_server.config import BUILTIN_WORLD
 from env_server.datasets import read_questions
 from env_server.retrieval import Hit, format_observation
 from env_server.tools import INVALID_ACTION
@@ -30,8 +31,8 @@ Make = Callable[..., Awaitable[LiveServer]]
 
 
 def world_dir(cache: Path) -> Path:
-    [d] = [p for p in cache.iterdir() if p.name.startswith("synthetic-") and p.is_dir()]
-    return d
+    """The world the default server serves: the built-in one (the cache holds only its index)."""
+    return BUILTIN_WORLD
 
 
 def oracle_action(st: dict[str, str]) -> str:

@@ -5,7 +5,7 @@ scripted OpenAI-compatible model servers (small aiohttp apps below that play a f
 question, then answer the gold answer they look up in the world's question files; they answer 400 to any
 request that breaks the protocol, so a protocol bug shows as a failed question). The hosted API is never used.
 
-`trace-eval` runs in-process (`evaluator.cli.main` on a worker thread, since it runs its own event loop while
+`trace-eval` runs in-process (`tools.eval.cli.main` on a worker thread, since it runs its own event loop while
 this test's loop serves), except where a run must be killed midway (a subprocess).
 """
 
@@ -28,9 +28,9 @@ from aiohttp import web
 from conftest import REPO, LiveServer
 
 from env_server.app import Resources
-from env_server.synthetic import load_or_build_world
-from evaluator.agents import NO_TOOL_CALL_HINT, close_action, first_title
-from evaluator.cli import main
+from env_server.config import BUILTIN_WORLD
+from tools.eval.agents import NO_TOOL_CALL_HINT, close_action, first_title
+from tools.eval.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,7 +63,7 @@ def closed_port_url() -> str:
 @pytest.fixture(scope="session")
 def gold(env_cache_dir: Path, env_resources: Resources) -> dict[str, str]:
     """Question text -> first gold answer, for every question of the synthetic world."""
-    world = load_or_build_world(env_cache_dir)
+    world = BUILTIN_WORLD
     out: dict[str, str] = {}
     for split in ("train", "dev", "test"):
         for line in (world / f"{split}.jsonl").read_text().splitlines():
@@ -344,7 +344,7 @@ async def test_a_run_killed_midway_finishes_the_rest_without_duplicates(
     argv = ["--env-url", env_server.url, "--agent", "openai-tools", "--base-url", llm.url, "--model", "scripted"]
     argv += [*DEV, "--limit", "12", "--out", str(out), "--no-progress"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "evaluator.cli", *argv, "--concurrency", "2", cwd=REPO,
+        sys.executable, "-m", "tools.eval.cli", *argv, "--concurrency", "2", cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:

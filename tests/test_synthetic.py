@@ -1,4 +1,4 @@
-"""The synthetic world's contract (env_server/synthetic.py), checked on real parts: the default-size world, the
+"""The synthetic world's contract (tools/synthetic.py), checked on real parts: the default-size world, the
 project's BM25 index over its corpus, files on disk, a second process. Runs in a few seconds."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from env_server import synthetic
 from env_server.retrieval.tantivy_index import TantivyRetriever, build_index
-from env_server.synthetic import (
+from tools import synthetic
+from tools.synthetic import (
     GENERATOR_VERSION,
     Question,
     World,
@@ -91,7 +91,7 @@ def test_files_are_byte_identical_across_processes(tmp_path):
     """Guards against hash()/set-order dependence: another interpreter with another hash seed writes the same bytes."""
     write_world(generate_world(seed=3, size=60), tmp_path / "here")
     code = (
-        "import sys; from pathlib import Path; from env_server.synthetic import generate_world, write_world; "
+        "import sys; from pathlib import Path; from tools.synthetic import generate_world, write_world; "
         "write_world(generate_world(seed=3, size=60), Path(sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
@@ -269,3 +269,40 @@ def test_names_become_one_or_two_tokens_with_a_2k_bpe_vocab(world):
     lengths = [len(tok.encode(" " + n).ids) for n in names]
     short = sum(n <= 2 for n in lengths) / len(lengths)
     assert short >= 0.95, f"only {short:.1%} of oracle names are 1-2 tokens: {collections.Counter(lengths)}"
+
+
+def test_builtin_world_is_the_generators_output(world, tmp_path):
+    """The env server ships the default world as files (it does not import `tools`): they must be exactly what
+    `trace-world --out DIR` writes for seed 0, size 300, so a generator change that forgets them fails here."""
+    from env_server.config import BUILTIN_WORLD
+
+    write_world(world, tmp_path / "w")
+    names = sorted(p.name for p in (tmp_path / "w").iterdir())
+    assert names == sorted(p.name for p in BUILTIN_WORLD.iterdir())
+    for name in names:
+        assert (BUILTIN_WORLD / name).read_bytes() == (tmp_path / "w" / name).read_bytes(), (
+            f"{name} differs: run `trace-world --out env_server/data/synthetic` (after deleting it)"
+        )
+
+
+def test_world_texts_read_back_from_files(world, tmp_path):
+    """The tiny model's tokenizer can be trained from a world folder (`trace-tiny-model --world DIR`) on exactly
+    the texts of the generated world, in order; a folder that is not a world is a loud error."""
+    from tools.synthetic import read_world_texts
+
+    write_world(world, tmp_path / "w")
+    assert read_world_texts(tmp_path / "w") == list(world_texts(world))
+    with pytest.raises(FileNotFoundError, match=r"corpus\.jsonl"):
+        read_world_texts(tmp_path)
+
+
+def test_trace_world_cli(tmp_path, capsys):
+    from tools.synthetic import main
+
+    assert main(["--out", str(tmp_path / "w"), "--seed", "3", "--size", "60"]) == 0
+    assert (tmp_path / "w" / "manifest.json").is_file()
+    assert main(["--out", str(tmp_path / "w"), "--size", "60"]) == 2  # never overwrites
+    assert "not overwriting" in capsys.readouterr().err
+    assert main(["--cache-dir", str(tmp_path / "c"), "--size", "60"]) == 0
+    built = Path(capsys.readouterr().out.strip())
+    assert built.parent == tmp_path / "c" and (built / "train.jsonl").is_file()

@@ -1,5 +1,5 @@
 """The tiny Qwen3 model folder: loads with the Auto classes, ChatML template, single-token tags, short names,
-deterministic from its seed (trainer/tiny_model.py)."""
+deterministic from its seed (tools/tiny_model.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from env_server.synthetic import generate_world
-from trainer.tiny_model import ACTION_TAGS, IM_END, IM_START, PAD_TOKEN, build_tiny_model, main
+from tools.synthetic import generate_world
+from tools.tiny_model import ACTION_TAGS, IM_END, IM_START, PAD_TOKEN, build_tiny_model, main
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +81,15 @@ def test_cli_main(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path / "cli"), "--seed", "3", "--vocab-size", "512"]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "cli")
     assert len(tok) == 512
+
+
+def test_cli_trains_the_tokenizer_on_a_world_folder(tmp_path: Path, capsys) -> None:
+    """The tokenizer's texts come from files when asked (`--world DIR`), and a folder that is no world fails loudly
+    instead of falling back to other text (the old silent fallback of trainer/tiny_model.py)."""
+    from tools.synthetic import write_world
+
+    write_world(generate_world(seed=0, size=60), tmp_path / "w")
+    assert main(["--out", str(tmp_path / "m"), "--world", str(tmp_path / "w"), "--vocab-size", "512"]) == 0
+    assert main(["--out", str(tmp_path / "m2"), "--world", str(tmp_path), "--vocab-size", "512"]) == 2
+    assert "not a synthetic world folder" in capsys.readouterr().err
+    assert not (tmp_path / "m2" / "model.safetensors").exists()

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tools.tiny_model import build_tiny_model
 from trainer import loop
 from trainer.cli import main as train_main
 from trainer.config import ModelConfig, OptimConfig, load_train_config
 from trainer.loop import _reference_of, train
 from trainer.policy import Policy
-from trainer.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = (

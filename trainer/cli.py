@@ -1,10 +1,9 @@
-"""`trace-train`: the main job, and two helpers.
+"""`trace-train`: the main job, and `eval`.
 
     trace-train [--config FILE] [--steps N] [--output-dir DIR] [--allocator NAME] [--resume]
                 [--model PATH] [--engine cpu|sglang] [--engine-url URL ...] [--env-url URL]
                 [--set section.field=value ...]
     trace-train eval --model DIR [--split dev] [--limit N] [--config FILE] [--env-url URL] ...
-    trace-train make-tiny-model --out DIR [--seed S] [--vocab-size V]
 
 With no arguments it is the embedded CPU demo: builds the tiny model, starts the env server and the
 CPU engine as child processes, SFT warm start (cached), then TRACE RL with metrics in runs/cpu-demo.
@@ -76,10 +75,6 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "make-tiny-model":
-        from trainer.tiny_model import main as tiny_main
-
-        return tiny_main(argv[1:])
     eval_mode = bool(argv) and argv[0] == "eval"
     args = _parser(eval_mode).parse_args(argv[1:] if eval_mode else argv)
     setup_logging(args.log_level)

@@ -1,7 +1,7 @@
 """Async client for SGLang's native HTTP API, and for the CPU engine that mirrors it (DESIGN §3).
 
 One `EngineClient` per trainer process talks to N engine servers (real SGLang, or
-`trainer.engine_server`) through one aiohttp `ClientSession`, with msgspec JSON against
+`engine`) through one aiohttp `ClientSession`, with msgspec JSON against
 `shared.engine_protocol`. It speaks token ids only: `input_ids` in, `output_ids` and per-token
 sampling logprobs out; it never sends or reads text.
 

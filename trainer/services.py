@@ -5,10 +5,12 @@ the model folder (the tiny model is built once and cached; the SFT warm start to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,13 +29,21 @@ def cache_dir() -> Path:
 
 @contextlib.asynccontextmanager
 async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
-    """Yield the env server URL: cfg.env.url, or a `trace-env serve` child on the synthetic world."""
+    """Yield the env server URL: cfg.env.url, or a `trace-env serve` child on the synthetic world of
+    `env.synthetic_size` (written by `trace-world` into the cache, once)."""
     if cfg.env.url:
         yield cfg.env.url
         return
+    world = Path(
+        await asyncio.to_thread(
+            _run_tool, "tools.synthetic", "--cache-dir", str(cache_dir()), "--size", str(cfg.env.synthetic_size)
+        )
+    )
     port = free_port()
     cmd = [sys.executable, "-m", "env_server", "serve", "--port", str(port), "--max-turns", str(cfg.env.max_turns)]
-    cmd += ["--synthetic-size", str(cfg.env.synthetic_size), "--topk", str(cfg.env.topk), "--log-level", "warning"]
+    cmd += [f"--data=synthetic:{s}={world / s}.jsonl" for s in ("train", "dev", "test")]
+    cmd += ["--corpus", str(world / "corpus.jsonl"), "--index-dir", str(world / "index")]
+    cmd += ["--topk", str(cfg.env.topk), "--log-level", "warning"]
     if cfg.env.prompt_template is not None:
         cmd += ["--prompt-template", cfg.env.prompt_template]
     proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_dir / "env_server.log", ready_path="/health")
@@ -57,7 +67,7 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
             if e.type == "sglang":
                 proc = SGLangServer(model_dir, port=port, extra_args=e.extra_args, log_path=log_path)
             else:
-                cmd = [sys.executable, "-m", "trainer.engine_server.cli", "serve", "--model", str(model_dir)]
+                cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir)]
                 cmd += ["--port", str(port), "--max-batch", str(e.max_batch), *e.extra_args]
                 proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_path)
             proc.startup_timeout_s = e.startup_timeout_s
@@ -68,14 +78,21 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
 
 
 def tiny_model_dir(cfg: TrainConfig) -> Path:
-    """The tiny model's folder, built (seconds, no download) when missing."""
-    from trainer.tiny_model import build_tiny_model
-
+    """The tiny model's folder, built (seconds, no download) by `trace-tiny-model` when missing."""
     d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / f"tiny-model-s{cfg.model.tiny_seed}"
     if not (d / "config.json").exists():
         log.info("building the tiny model", dir=str(d))
-        build_tiny_model(d, seed=cfg.model.tiny_seed)
+        _run_tool("tools.tiny_model", "--out", str(d), "--seed", str(cfg.model.tiny_seed))
     return d
+
+
+def _run_tool(module: str, *args: str) -> str:
+    """Run a `tools/` builder as a child process (the trainer does not import `tools`); its stdout, stripped.
+    Blocking: call it off the event loop. A failure raises with the tool's own error output."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -m {module} {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout.strip().splitlines()[-1]
 
 
 def sft_dir(cfg: TrainConfig, base: Path) -> Path:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -60,52 +60,17 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Fallback corpus size when env_server.synthetic is unavailable (see default_texts).
+# The tokenizer's text: the seed's synthetic world at its default size (names of other sizes' worlds share the
+# same word generator, so their names tokenize alike).
 _SYNTHETIC_WORLD_SIZE = 300
 
 
 def default_texts(seed: int = 0) -> list[str]:
-    """The text the default tokenizer is trained on: the synthetic world's passages, questions and
-    oracle trajectories (`env_server.synthetic`), so its entity names get their own tokens."""
-    from env_server.synthetic import generate_world, world_texts
+    """The text the default tokenizer is trained on: the synthetic world's passages, questions and oracle queries
+    (`tools.synthetic.world_texts`), so its entity names get their own tokens."""
+    from tools.synthetic import generate_world, world_texts
 
     return list(world_texts(generate_world(seed=seed, size=_SYNTHETIC_WORLD_SIZE)))
-
-
-def fallback_texts(seed: int = 0, n_entities: int = 200) -> list[str]:
-    """A small built-in corpus of fictional names in wiki-like sentences and ReAct turns. Used only
-    when the synthetic world is not importable; deterministic from `seed`."""
-    rng = random.Random(seed)
-    onsets = ["b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "th", "dr", "gl", "kr", "st"]
-    vowels = ["a", "e", "i", "o", "u", "ae", "io"]
-    codas = ["", "n", "r", "s", "th", "l", "x"]
-
-    def word() -> str:
-        return "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(2)).capitalize()
-
-    names = [f"{word()} {word()}" if rng.random() < 0.5 else word() for _ in range(n_entities)]
-    texts = []
-    for i, name in enumerate(names):
-        other, place = names[(i * 7 + 3) % len(names)], names[(i * 13 + 5) % len(names)]
-        texts.append(f'"{name}"\n{name} is a figure born in {place}. {name} worked with {other} for years.')
-        texts.append(
-            f"<think>I need to find where {name} was born.</think>\n<search> {name} </search>\n\n"
-            f"<information>Doc 1(Title: {name}) {name} was born in {place}.</information>\n\n"
-            f"<think>The answer is {place}.</think>\n<answer> {place} </answer>"
-        )
-    return texts
-
-
-def _training_texts(seed: int, texts: Iterable[str] | None) -> list[str]:
-    if texts is not None:
-        return list(texts)
-    try:
-        return default_texts(seed)
-    except ImportError:  # the synthetic world module is optional at this layer; say so, don't hide it
-        import warnings
-
-        warnings.warn("env_server.synthetic not importable: training the tokenizer on the built-in text", stacklevel=3)
-        return fallback_texts(seed)
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> Tokenizer:
@@ -164,7 +129,7 @@ def build_tiny_model(
         raise ValueError(f"hidden_size={hidden_size} must divide by heads={heads}, heads by kv_heads={kv_heads}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(_training_texts(seed, texts), vocab_size=vocab_size)
+    tok = train_tokenizer(list(texts) if texts is not None else default_texts(seed), vocab_size=vocab_size)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
@@ -212,18 +177,34 @@ def _mlp_size(hidden_size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`trace-train make-tiny-model --out DIR [--seed S] [--vocab-size V]` (the lead wires the subcommand)."""
-    ap = argparse.ArgumentParser(prog="make-tiny-model", description=__doc__.split("\n")[0])
+    """`trace-tiny-model --out DIR [--seed S] [--world DIR] [--vocab-size V]`."""
+    ap = argparse.ArgumentParser(prog="trace-tiny-model", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
     ap.add_argument("--seed", type=int, default=0, help="weights init and synthetic-world seed")
+    ap.add_argument(
+        "--world",
+        type=Path,
+        help="train the tokenizer on this synthetic world folder (`trace-world --out`); default: generate the seed's",
+    )
     ap.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--max-position", type=int, default=4096)
     args = ap.parse_args(argv)
+    if args.world is not None:
+        from tools.synthetic import read_world_texts
+
+        try:
+            texts = read_world_texts(args.world)
+        except FileNotFoundError as e:
+            print(f"trace-tiny-model: {e}", file=sys.stderr)
+            return 2
+    else:
+        texts = None
     out = build_tiny_model(
         args.out,
         seed=args.seed,
+        texts=texts,
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
         layers=args.layers,

@@ -847,3 +847,61 @@ def world_texts(world: World) -> Iterator[str]:
             for step in q.oracle:
                 if step.kind == "search":
                     yield step.text
+
+
+def read_world_texts(world_dir: Path) -> list[str]:
+    """`world_texts` of a world written by `write_world`, read back from its files (same texts, same order), so
+    a tokenizer can be trained on a world folder without regenerating it. Raises FileNotFoundError naming the
+    missing file: a tokenizer silently trained on other text would differ from the one the run expects."""
+    world_dir = Path(world_dir)
+    paths = [world_dir / "corpus.jsonl", *(world_dir / f"{s}.jsonl" for s in SPLITS)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{world_dir} is not a synthetic world folder (`trace-world --out DIR`): no {missing}")
+    texts: list[str] = []
+    with open(paths[0], encoding="utf-8") as f:
+        texts += [json.loads(line)["contents"] for line in f if line.strip()]
+    for path in paths[1:]:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                q = json.loads(line)
+                texts.append(q["question"])
+                texts += q["golden_answers"]
+                texts += [s["text"] for s in q["metadata"]["oracle"] if s["kind"] == "search"]
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`trace-world`: write a synthetic world (corpus.jsonl, train/dev/test.jsonl, manifest.json) that
+    `trace-env serve --data synthetic=DIR --corpus DIR/corpus.jsonl` serves."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="trace-world", description=main.__doc__)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="write the world into this folder (must not exist or be empty)")
+    where.add_argument(
+        "--cache-dir",
+        help="build into CACHE_DIR/synthetic-v<version>-s<seed>-n<size> unless already there; prints the folder",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=300, help=f"core entities (>= {MIN_SIZE})")
+    args = ap.parse_args(argv)
+    try:
+        if args.cache_dir:
+            print(load_or_build_world(Path(args.cache_dir), seed=args.seed, size=args.size))
+            return 0
+        world = generate_world(seed=args.seed, size=args.size)
+        write_world(world, Path(args.out))
+    except (ValueError, FileExistsError) as e:
+        print(f"trace-world: {e}", file=sys.stderr)
+        return 2
+    counts = {k: len(v) for k, v in world.splits.items()}
+    print(f"wrote {len(world.passages)} passages and questions {counts} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

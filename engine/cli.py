@@ -12,9 +12,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from engine.app import ServerConfig, init_app
+from engine.engine import DTYPES, EngineConfig
 from shared.logging import setup_logging
-from trainer.engine_server.app import ServerConfig, init_app
-from trainer.engine_server.engine import DTYPES, EngineConfig
 
 
 def default_threads() -> int:

@@ -12,7 +12,7 @@ Exit codes: 0 the run completed (even if some questions have errors: they are in
 2 bad arguments or an unusable output file (argparse's convention); 3 the env server is unreachable or refuses
 us (nothing is lost: rerun to resume); 130 interrupted (likewise).
 
-Entry points stay thin: parsing here, behaviour in `evaluator.runner`, `evaluator.agents`, `evaluator.report`.
+Entry points stay thin: parsing here, behaviour in `tools.eval.runner`, `tools.eval.agents`, `tools.eval.report`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-from evaluator.agents import AGENTS, AgentConfig
-from evaluator.report import write_summary
-from evaluator.runner import EnvUnavailable, EvalConfig, UsageError, read_rows, run_eval
+from tools.eval.agents import AGENTS, AgentConfig
+from tools.eval.report import write_summary
+from tools.eval.runner import EnvUnavailable, EvalConfig, UsageError, read_rows, run_eval
 
 EXIT_OK, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED = 0, 2, 3, 130
 

@@ -38,6 +38,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from engine.engine import ENGINE_NAME, BadRequest, Engine, EngineConfig, EngineRequest
 from shared.engine_protocol import (
     AbortRequest,
     FinishReason,
@@ -50,7 +51,6 @@ from shared.engine_protocol import (
     UpdateWeightsResult,
 )
 from shared.version import __version__
-from trainer.engine_server.engine import ENGINE_NAME, BadRequest, Engine, EngineConfig, EngineRequest
 
 log = structlog.get_logger(__name__)
 

@@ -38,10 +38,10 @@ from typing import IO
 import msgspec
 from tqdm import tqdm
 
-from evaluator.agents import Agent, AgentConfig, AgentConfigError, AgentError, build_agent
 from shared import codec
 from shared.client import EnvClient
 from shared.wire import EnvError, Info, SnapshotBlob
+from tools.eval.agents import Agent, AgentConfig, AgentConfigError, AgentError, build_agent
 
 
 class UsageError(Exception):

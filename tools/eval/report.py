@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from evaluator.runner import ResultRow
+from tools.eval.runner import ResultRow
 
 
 @dataclass(frozen=True)
