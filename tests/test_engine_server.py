@@ -19,7 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.app import ServerConfig, init_app
-from engine.engine import Engine, EngineConfig, RadixKVCache, sample_tokens
+from engine.engine import Engine, EngineConfig
+from engine.radix_cache import RadixKVCache
+from engine.sampling import sample_tokens
 from shared.engine_protocol import SamplingParams
 from tools.tiny_model import build_tiny_model
 
