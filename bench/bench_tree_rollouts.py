@@ -38,8 +38,9 @@ from transformers import AutoTokenizer
 from engine.app import ServerConfig as EngineServerConfig
 from engine.app import init_app as init_engine_app
 from engine.engine import EngineConfig
-from env_server.app import build_resources, init_app
+from env_server.app import init_app
 from env_server.config import load_config
+from env_server.service import build_resources
 from shared.client import EnvClient
 from trainer.engine_client import EngineClient
 from trainer.rollout import RolloutConfig, RolloutRunner

@@ -6,6 +6,10 @@ signature and the docstring's Args section into an OpenAI function-calling schem
 turn still counts. Backend failures (`RetrieverError`) are not the model's fault: they propagate,
 the step is not applied, and the client gets 502 and may retry.
 
+Tools judge; they do not reward. `answer` is the only tool that ends an episode: it runs the judge and hands
+back all of its scores (`ToolResult.judged`, also copied into `info`); which score becomes the step's reward
+(config `reward_metric`) is decided by `env_server.service.step_reward`, nowhere else.
+
 Action format (Search-R1 compatible): the model writes `<think>..</think>` then the FIRST of
 `<search> query </search>` or `<answer> text </answer>`; a text action is parsed into the same
 tool call a function-calling agent would send.
@@ -58,6 +62,7 @@ class ToolResult:
     observation: str  # bare text; a text-format episode wraps a search result in <information> tags
     done: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    judged: dict[str, float] | None = None  # the judge's scores {em, f1, cover_em} when this call answered, else None
 
 
 def wrap_information(text: str) -> str:
@@ -96,7 +101,7 @@ async def answer(ctx: ToolContext, answer: str) -> ToolResult:
     if not isinstance(answer, str):
         raise ToolError(f"answer must be a string, got {type(answer).__name__}")
     scores = judge(answer, ctx.golden_answers)
-    return ToolResult("", done=True, info={"prediction": answer, **scores})
+    return ToolResult("", done=True, info={"prediction": answer, **scores}, judged=scores)
 
 
 ToolFn = Callable[..., Awaitable[ToolResult]]

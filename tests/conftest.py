@@ -47,8 +47,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from env_server.app import SERVICE, EnvService, Resources, build_resources, init_app
+from env_server.app import SERVICE, init_app
 from env_server.config import ServerConfig, load_config
+from env_server.service import EnvService, Resources, build_resources
 from shared.client import EnvClient
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,8 +27,8 @@ import pytest
 from aiohttp import web
 from conftest import REPO, LiveServer
 
-from env_server.app import Resources
 from env_server.config import BUILTIN_WORLD
+from env_server.service import Resources
 from tools.eval.agents import NO_TOOL_CALL_HINT, close_action, first_title
 from tools.eval.cli import main
 

@@ -10,8 +10,13 @@ Contract:
   server + generation from `tree.history_ids(node)`; every request of one tree carries the tree's
   route key, so one engine serves it and its radix/prefix cache holds the shared prefixes.
 - Limits end an episode cleanly: the env's max turns -> TRUNCATED; a history that cannot fit
-  another turn in `max_context_tokens` -> TRUNCATED (reward 0). Engine aborts (a weight update
-  with pause mode "abort") are retried from the same prefix; engine/env failures raise.
+  another turn in `max_context_tokens` -> TRUNCATED. Engine aborts (a weight update with pause
+  mode "abort") are retried from the same prefix; engine/env failures raise.
+- A finished leaf's reward is the env server's `StepResult.reward` of its last step, taken as is:
+  the server alone turns a judged answer into a reward (its `reward_metric`), and by its contract
+  a step that did not answer (a search, an invalid action, max turns) has reward 0, so a
+  truncated leaf scores 0. Nothing here re-derives a reward from `info` (em/f1 there are for
+  evaluation only).
 - Every tree's `Ledger` counts leaves, generated tokens, prefill tokens, cached prefill tokens
   and env calls, so allocators are compared at equal, measured cost.
 - Concurrency is bounded by one semaphore over branches in flight.
@@ -182,7 +187,10 @@ class RolloutRunner:
                         status = FinishStatus.TRUNCATED  # no room for another turn: end cleanly, reward 0
                     if status != FinishStatus.OPEN:
                         obs_ids = []  # nothing is generated after a final observation: it would be dead weight
-                    reward = res.reward if status == FinishStatus.ANSWERED else 0.0
+                    assert status == FinishStatus.ANSWERED or res.reward == 0.0, (
+                        f"env server gave reward {res.reward} to a step that did not answer (done={res.done}, "
+                        f"truncated={res.truncated}, info={res.info})"
+                    )
                     node = tree.add_child(
                         cur,
                         out + obs_ids,
@@ -190,7 +198,7 @@ class RolloutRunner:
                         list(gen.logprobs) + [0.0] * len(obs_ids),
                         snapshot_id=res.snapshot_id,
                         status=status,
-                        reward=None if status == FinishStatus.OPEN else reward,
+                        reward=None if status == FinishStatus.OPEN else res.reward,
                         info={**res.info, "finish_reason": gen.finish_type},
                         action_text=action,
                         observation=res.observation,
