@@ -23,48 +23,19 @@ import structlog
 from env_server.config import ServerConfig
 from shared.logging import setup_logging
 
+USAGE = """usage: trace-env {serve,index,demo} ...
 
-def _kv(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH (or NAME:SPLIT=PATH), got {text!r}")
-    return name, path
+  serve   run the HTTP server (`trace-env serve --help` lists every config field)
+  index   build the on-disk search index of a corpus jsonl: --corpus FILE --index-dir DIR
+  demo    start a server on the synthetic world and play a scripted, branching episode
+"""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trace-env", description="TRACE env server: forkable ReAct search/QA episodes")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    s = sub.add_parser("serve", help="run the HTTP server")
-    s.add_argument("--config", help="TOML file with ServerConfig fields (flags override it)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--data", type=_kv, action="append", metavar="NAME=FILE", help="question set (repeatable)")
-    s.add_argument("--corpus", help="corpus jsonl to search (indexed on first use)")
-    s.add_argument("--index-dir", help="on-disk index folder")
-    s.add_argument("--retriever-url", help="external Search-R1-style /retrieve server instead of the local index")
-    s.add_argument("--auth-token", help="bearer token (or env TRACE_AUTH_TOKEN)")
-    s.add_argument("--max-episodes", type=int)
-    s.add_argument("--max-snapshots", type=int)
-    s.add_argument("--episode-ttl", type=float, dest="episode_ttl_s", help="idle seconds before an episode expires")
-    s.add_argument("--max-turns", type=int)
-    s.add_argument("--topk", type=int)
-    s.add_argument("--max-topk", type=int)
-    s.add_argument("--max-batch-ops", type=int)
-    s.add_argument("--max-body-bytes", type=int)
-    s.add_argument("--reward-metric", choices=["em", "f1", "cover_em"])
-    s.add_argument("--prompt-template", help="user prompt with a {question} placeholder (default: Search-R1 style)")
-    s.add_argument("--cache-dir")
-    s.add_argument("--search-threads", type=int)
-    s.add_argument("--shutdown-timeout", type=float, dest="shutdown_timeout_s")
-    s.add_argument("--log-level")
-
-    i = sub.add_parser("index", help="build the on-disk search index of a corpus jsonl")
+def _index_parser() -> argparse.ArgumentParser:
+    i = argparse.ArgumentParser(prog="trace-env index", description="build the on-disk search index of a corpus")
     i.add_argument("--corpus", required=True)
     i.add_argument("--index-dir", required=True)
-
-    sub.add_parser("demo", help="start a server on the synthetic world and play a scripted, branching episode")
-    return p
+    return i
 
 
 async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> None:
@@ -99,17 +70,15 @@ async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.cmd == "serve":
-        from env_server.config import load_config
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[0] if argv else None
+    if cmd not in ("serve", "index", "demo"):
+        print(USAGE, end="", file=sys.stdout if cmd in ("-h", "--help") else sys.stderr)
+        return 0 if cmd in ("-h", "--help") else 2
+    if cmd == "serve":
+        from env_server.config import parse_serve_args
 
-        overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "config")}
-        overrides["data"] = dict(args.data or [])
-        try:
-            cfg = load_config(args.config, **overrides)
-        except (ValueError, OSError) as e:
-            print(f"trace-env serve: {e}", file=sys.stderr)
-            return 2
+        cfg = parse_serve_args(argv[1:])
         setup_logging(cfg.log_level)
         from env_server.retrieval.base import RetrieverError
 
@@ -119,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trace-env serve: {e}", file=sys.stderr)
             return 2
         return 0
+    args = _index_parser().parse_args(argv[1:]) if cmd == "index" else argparse.Namespace(cmd="demo")
+    args.cmd = cmd
     setup_logging("warning" if args.cmd == "demo" else "info")
     if args.cmd == "index":
         from env_server.retrieval.tantivy_index import build_index, read_corpus_jsonl

@@ -1,21 +1,22 @@
-"""The env server's one typed config.
+"""The env server's one typed config, built by the project's one config mechanism (`shared/config.py`).
 
-Sources, later wins: field defaults < a TOML file (`--config FILE`, keys = field names, optionally
-under a `[server]` table) < command-line flags < `TRACE_AUTH_TOKEN` for the token when no flag
-gave one. `validate()` holds every cross-field check, so a bad combination fails at start-up with
-a message that says how to fix it, never mid-episode.
+Sources, later wins: field defaults < a TOML file (`--config FILE`, keys = field names, optionally under a
+`[server]` table) < `TRACE_ENV_TOKEN` (or the older `TRACE_AUTH_TOKEN`) for the token < command-line flags
+(`trace-env serve --help` lists every field below with its docstring). `validate()` holds every cross-field
+check, so a bad combination fails at start-up with a message that says how to fix it, never mid-episode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import msgspec
+import tyro
+
+from shared import config as shared_config
 
 REWARD_METRICS = ("em", "f1", "cover_em")
 BUILTIN_WORLD = Path(__file__).parent / "data" / "synthetic"
@@ -30,7 +31,7 @@ class ServerConfig:
     """Interface to bind. 127.0.0.1 by default; 0.0.0.0 in the container."""
     port: int = 8000
     """TCP port (0 = pick a free one; the chosen port is logged)."""
-    data: dict[str, str] = field(default_factory=dict)
+    data: Annotated[dict[str, str], tyro.conf.arg(metavar="NAME[:SPLIT] FILE")] = field(default_factory=dict)
     """Question sets: name -> jsonl file or folder of `<split>.jsonl` (FlashRAG `{id, question, golden_answers}`).
     A key `name:split` names the split of a single file; a bare `name` takes the split from the file
     stem (train/dev/test/...) or else calls it `test`. Empty + no corpus = the built-in synthetic world."""
@@ -41,12 +42,12 @@ class ServerConfig:
     retriever_url: str | None = None
     """Use an external Search-R1-style `/retrieve` server instead of the local index."""
     auth_token: str | None = None
-    """Bearer token required on every route but /health (env TRACE_AUTH_TOKEN). None = open."""
+    """Bearer token required on every route but /health (env TRACE_ENV_TOKEN, or TRACE_AUTH_TOKEN). None = open."""
     max_episodes: int = 10_000
     """Live episodes cap; creating or forking past it answers 429."""
     max_snapshots: int = 500_000
     """Live snapshot (state node) cap, counting the automatic one of every create/step; past it: 429."""
-    episode_ttl_s: float = 1800.0
+    episode_ttl_s: Annotated[float, tyro.conf.arg(aliases=("--episode-ttl",))] = 1800.0
     """Idle episodes and snapshots are reaped after this many seconds without use."""
     max_turns: int = 8
     """Turns per episode (each action counts, valid or not); past it the episode ends `truncated`."""
@@ -70,7 +71,7 @@ class ServerConfig:
     """Where generated data and indexes are cached (default $TRACE_CACHE_DIR or ~/.cache/trace)."""
     search_threads: int = 4
     """Threads running local searches off the event loop."""
-    shutdown_timeout_s: float = 30.0
+    shutdown_timeout_s: Annotated[float, tyro.conf.arg(aliases=("--shutdown-timeout",))] = 30.0
     """On SIGTERM/SIGINT: new work gets 503 and in-flight requests get this long to finish."""
     log_level: str = "info"
     """debug, info, warning or error. Logs are JSON lines when stderr is not a TTY."""
@@ -117,30 +118,59 @@ class ServerConfig:
         return Path(self.cache_dir or os.environ.get("TRACE_CACHE_DIR") or Path.home() / ".cache" / "trace")
 
 
+ENV_VARS = {"TRACE_ENV_TOKEN": "auth_token", "TRACE_AUTH_TOKEN": "auth_token"}
+"""Environment variables the server reads (the first one set wins; TRACE_AUTH_TOKEN is the older name)."""
+
+
 def load_config(toml_path: str | Path | None = None, **overrides: Any) -> ServerConfig:
-    """Defaults < TOML file < overrides (None values are ignored) < TRACE_AUTH_TOKEN when no token was given."""
-    values: dict[str, Any] = {}
+    """For programs and tests that build a config in code: defaults < TOML file < $TRACE_ENV_TOKEN <
+    `overrides` (None values are ignored), then `validate()`. The command line goes through `parse_serve_args`."""
+    cfg = shared_config.load_config(ServerConfig, toml_path, env_vars=ENV_VARS, toml_table="server")
     names = {f.name for f in dataclasses.fields(ServerConfig)}
-    if toml_path is not None:
-        with open(toml_path, "rb") as f:
-            try:
-                raw = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{toml_path}: not valid TOML: {e}") from None
-        raw = raw.get("server", raw)
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise ValueError(f"{toml_path}: unknown config keys {unknown}; known: {sorted(names)}")
-        values.update(raw)
     for key, value in overrides.items():
         if key not in names:
             raise ValueError(f"unknown config key {key!r}")
-        if value is not None and not (key == "data" and not value):
-            values[key] = value
-    if not values.get("auth_token") and os.environ.get("TRACE_AUTH_TOKEN"):
-        values["auth_token"] = os.environ["TRACE_AUTH_TOKEN"]
-    try:  # type-checks every value (a TOML `max_turns = "3"` or `port = 80.5` is an error, not a crash later)
-        cfg = msgspec.convert(values, ServerConfig)
-    except msgspec.ValidationError as e:
-        raise ValueError(f"{toml_path or 'config'}: {e}") from None
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg = shared_config.load_config(ServerConfig, base=cfg)  # type-checks the overrides too
     return cfg.validate()
+
+
+@dataclass
+class ServeArgs:
+    """`trace-env serve`'s command line: the config file, then every ServerConfig field as a flag."""
+
+    cfg: Annotated[ServerConfig, tyro.conf.arg(name="")]
+    config: str | None = None
+    """TOML file with ServerConfig fields (top level or under [server]); flags override it."""
+
+
+def parse_serve_args(argv: list[str]) -> ServerConfig:
+    """`--data NAME=FILE` (repeatable) is accepted as in earlier releases, beside tyro's `--data NAME FILE`."""
+    args = shared_config.parse_args(
+        ServeArgs,
+        _split_data_pairs(argv),
+        prog="trace-env serve",
+        description="Run the TRACE env server: forkable ReAct search/QA episodes over HTTP (DESIGN §2).",
+        env_vars=ENV_VARS,
+        toml_table="server",
+    )
+    return args.cfg
+
+
+def _split_data_pairs(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--data="):
+            value, i = a.removeprefix("--data="), i + 1
+        elif a == "--data" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        else:
+            out.append(a)
+            i += 1
+            continue
+        name, sep, path = value.partition("=")
+        out += ["--data", name, path] if sep and name and path else ["--data", value]
+    return out

@@ -37,9 +37,10 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
+import tyro
 
 from trainer.tree import RolloutTree
 
@@ -258,7 +259,7 @@ def split_rounds(total: int, rounds: int) -> list[int]:
 
 @dataclass
 class AllocationConfig:
-    type: str = "trace"
+    type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node"."""
     root_budget: int = 64
     """M: root rollouts per step over the candidate pool (stage 1)."""

@@ -2,71 +2,66 @@
 
     trace-train [--config FILE] [--steps N] [--output-dir DIR] [--allocator NAME] [--resume]
                 [--model PATH] [--engine cpu|sglang] [--engine-url URL ...] [--env-url URL]
-                [--set section.field=value ...]
-    trace-train eval --model DIR [--split dev] [--limit N] [--config FILE] [--env-url URL] ...
+                [--section.field VALUE ...] [--set section.field=value ...]
+    trace-train eval --model DIR [--split dev] [--limit N] [--out FILE] [--config FILE] [--env-url URL] ...
 
 With no arguments it is the embedded CPU demo: builds the tiny model, starts the env server and the
 CPU engine as child processes, SFT warm start (cached), then TRACE RL with metrics in runs/cpu-demo.
+`--help` lists every config field (trainer/config.py) with its documentation.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+import tyro
+
+from shared.config import parse_args
 from shared.logging import setup_logging
+from trainer.config import ENV_VARS, TrainConfig
 
 
-def _parser(eval_mode: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+@dataclass
+class TrainArgs:
+    cfg: Annotated[TrainConfig, tyro.conf.arg(name="")]
+    config: str | None = None
+    """TOML config (sections of trainer/config.py); everything after it overrides it."""
+    set: list[str] = field(default_factory=list)
+    """`section.field=value` overrides in TOML syntax (repeatable), applied before the other flags."""
+    resume: bool = False
+    """Continue from the latest checkpoint in the output dir."""
+
+
+@dataclass
+class EvalArgs:
+    cfg: Annotated[TrainConfig, tyro.conf.arg(name="")]
+    config: str | None = None
+    """TOML config (sections of trainer/config.py); everything after it overrides it."""
+    set: list[str] = field(default_factory=list)
+    """`section.field=value` overrides in TOML syntax (repeatable), applied before the other flags."""
+    split: str | None = None
+    """Split to evaluate (default: env.eval_split)."""
+    limit: int = 200
+    """Questions, from the split's start."""
+    out: str | None = None
+    """Write the result as JSON here too."""
+
+
+def parse(argv: list[str], *, eval_mode: bool = False) -> TrainArgs | EvalArgs:
+    """The parsed command line (config built and validated); exits 2 with a message on bad input."""
+    return parse_args(
+        EvalArgs if eval_mode else TrainArgs,
+        argv,
         prog="trace-train eval" if eval_mode else "trace-train",
-        description="Evaluate a checkpoint through the agent loop" if eval_mode else "TRACE agentic RL training",
+        description="Evaluate a checkpoint through the agent loop (greedy)" if eval_mode else "TRACE agentic RL",
+        env_vars=ENV_VARS,
     )
-    p.add_argument("--config", help="TOML config (sections of trainer/config.py)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
-    p.add_argument("--model", help="model folder (a Qwen3 checkpoint, or one of ours)")
-    p.add_argument("--engine", choices=["cpu", "sglang"], help="launch this engine type")
-    p.add_argument("--engine-url", action="append", help="attach to a running engine (repeatable)")
-    p.add_argument("--env-url", help="attach to a running env server")
-    p.add_argument("--log-level", default="warning")
-    if eval_mode:
-        p.add_argument("--split", help="split to evaluate (default: env.eval_split)")
-        p.add_argument("--limit", type=int, default=200, help="questions (from the split's start)")
-        p.add_argument("--out", help="write the result as JSON here")
-    else:
-        p.add_argument("--steps", type=int)
-        p.add_argument("--output-dir")
-        p.add_argument("--name", help="run name (outputs under runs/<name>)")
-        p.add_argument("--allocator", help="trace, uniform, root-only or random-node")
-        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-    return p
-
-
-def _config(args: argparse.Namespace):  # -> TrainConfig
-    from trainer.config import load_train_config
-
-    sets = list(args.set)
-    for flag, key in (
-        ("steps", "run.steps"),
-        ("name", "run.name"),
-        ("output_dir", "run.output_dir"),
-        ("allocator", "allocation.type"),
-        ("engine", "engine.type"),
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            sets.append(f"{key}={json.dumps(value)}")
-    if args.engine_url:
-        sets += ['engine.type="url"', f"engine.urls={json.dumps(args.engine_url)}"]
-    if args.env_url:
-        sets.append(f"env.url={json.dumps(args.env_url)}")
-    if args.model:
-        sets.append(f"model.path={json.dumps(str(Path(args.model).resolve()))}")
-    return load_train_config(args.config, sets)
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -76,14 +71,13 @@ def _sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     eval_mode = bool(argv) and argv[0] == "eval"
-    args = _parser(eval_mode).parse_args(argv[1:] if eval_mode else argv)
-    setup_logging(args.log_level)
     try:
-        cfg = _config(args)
-    except (ValueError, AssertionError, OSError) as e:
-        print(f"trace-train: {e}", file=sys.stderr)
-        return 2
-    if eval_mode:
+        args = parse(argv[1:] if eval_mode else argv, eval_mode=eval_mode)
+    except SystemExit as e:
+        return int(e.code or 0)
+    cfg = args.cfg
+    setup_logging(cfg.run.log_level)
+    if isinstance(args, EvalArgs):
         from trainer.evaluate import evaluate_checkpoint
 
         if cfg.model.path is None:

@@ -1,23 +1,24 @@
-"""The trainer's one typed config: sections of documented fields, loaded from TOML, overridden from
-the command line.
+"""The trainer's one typed config: sections of documented fields, built by the project's one config mechanism
+(`shared/config.py`).
 
 Sources, later wins: field defaults (= the embedded CPU demo) < `--config FILE.toml` (one table per
 section: `[run]`, `[model]`, `[engine]`, `[env]`, `[rollout]`, `[allocation]`, `[predictor]`,
-`[advantage]`, `[optim]`, `[sft]`) < `--set section.field=value` < the named flags (`--steps`,
-`--output-dir`, `--allocator`, `--model`, `--engine`, `--engine-url`, `--env-url`). Unknown keys are
-errors. `TrainConfig.validate()` holds the cross-section checks.
+`[advantage]`, `[optim]`, `[sft]`) < `$TRACE_ENV_TOKEN` < `--set section.field=value` < flags: every field
+as `--section.field VALUE`, and the short aliases `--steps`, `--name`, `--output-dir`, `--allocator`,
+`--model`, `--engine`, `--engine-url`, `--env-url`, `--log-level`. Unknown keys are errors.
+`TrainConfig.validate()` holds every cross-field check, in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any
 
-import msgspec
+import tyro
 
+from shared import config as shared_config
 from trainer.advantages import AdvantageConfig
 from trainer.allocation import ALLOCATORS, AllocationConfig
 from trainer.rollout import RolloutConfig
@@ -25,11 +26,11 @@ from trainer.rollout import RolloutConfig
 
 @dataclass
 class RunConfig:
-    name: str = "cpu-demo"
+    name: Annotated[str, tyro.conf.arg(aliases=("--name",))] = "cpu-demo"
     """Run name; outputs go to `output_dir` (default runs/<name>)."""
-    output_dir: str | None = None
+    output_dir: Annotated[str | None, tyro.conf.arg(aliases=("--output-dir",))] = None
     """Where metrics.jsonl, checkpoints, trees and plots go."""
-    steps: int = 30
+    steps: Annotated[int, tyro.conf.arg(aliases=("--steps",))] = 30
     """RL steps."""
     seed: int = 0
     """Seeds data order, sampling rngs, the predictor and the tiny model."""
@@ -53,11 +54,13 @@ class RunConfig:
     """Write every step's rollout trees to trees/step_XXXX.jsonl for inspection and replay."""
     plot: bool = True
     """Write PNG plots of the metrics at the end."""
+    log_level: Annotated[str, tyro.conf.arg(aliases=("--log-level",))] = "warning"
+    """debug, info, warning or error (structlog; JSON lines when stderr is not a TTY)."""
 
 
 @dataclass
 class ModelConfig:
-    path: str | None = None
+    path: Annotated[str | None, tyro.conf.arg(aliases=("--model",))] = None
     """A Hugging Face model folder (e.g. a Qwen3 checkpoint). None = the tiny model, built if missing."""
     tiny_dir: str | None = None
     """Where the tiny model is built/cached (default $TRACE_CACHE_DIR/tiny-model-s<tiny_seed>)."""
@@ -73,10 +76,12 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    type: str = "cpu"
-    """"cpu": launch our CPU engine (`trace-engine serve`); "sglang": launch SGLang; "url": attach to `urls`."""
-    urls: list[str] = field(default_factory=list)
-    """Engine base URLs to attach to (type "url"); several = trees spread by load, sticky per tree."""
+    type: Annotated[str, tyro.conf.arg(aliases=("--engine",))] = "cpu"
+    """What to launch when `urls` is empty: "cpu", our CPU engine (`trace-engine serve`), or "sglang". ("url" is
+    accepted for configs that attach: it then requires `urls`.)"""
+    urls: Annotated[list[str], tyro.conf.arg(aliases=("--engine-url",))] = field(default_factory=list)
+    """Engine base URLs to attach to instead of launching (repeatable); several = trees spread by load, sticky per
+    tree."""
     num_servers: int = 1
     """Engines to launch (types cpu/sglang), on consecutive ports from `port`."""
     port: int = 0
@@ -90,10 +95,10 @@ class EngineConfig:
 
 @dataclass
 class EnvConfig:
-    url: str | None = None
+    url: Annotated[str | None, tyro.conf.arg(aliases=("--env-url",))] = None
     """Env server URL. None = start `trace-env serve` as a child process on the synthetic world."""
     token: str | None = None
-    """Bearer token for the env server (or env TRACE_AUTH_TOKEN)."""
+    """Bearer token for the env server (or env TRACE_ENV_TOKEN / TRACE_AUTH_TOKEN)."""
     dataset: str = "synthetic"
     train_split: str = "train"
     train_limit: int = 64
@@ -163,10 +168,6 @@ class OptimConfig:
     leaf advantages, which sum to zero, then also sum to zero in the gradient. Shared prefixes keep their
     1 / n(y) tree weights within each sample either way (the logged policy_tokens is then the scaled sum)."""
 
-    def __post_init__(self) -> None:
-        if self.loss_agg not in LOSS_AGG:
-            raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}")
-
 
 @dataclass
 class SFTConfig:
@@ -214,6 +215,15 @@ class TrainConfig:
             raise ValueError(f"engine.type must be cpu, sglang or url, got {self.engine.type!r}")
         if self.engine.type == "url" and not self.engine.urls:
             raise ValueError("engine.type 'url' needs engine.urls (or --engine-url URL)")
+        if self.engine.urls and self.engine.type == "sglang":
+            raise ValueError(
+                f"engine.urls {self.engine.urls} attaches to running engines, engine.type 'sglang' launches one: "
+                "drop one of them"
+            )
+        if self.optim.loss_agg not in LOSS_AGG:
+            raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.optim.loss_agg!r}")
+        if self.model.path is not None and Path(self.model.path).exists():  # a folder; anything else is a hub id
+            self.model.path = str(Path(self.model.path).resolve())
         if self.run.steps < 0 or self.run.prompts_per_step < 1:
             raise ValueError(f"run.steps={self.run.steps} must be >= 0 and prompts_per_step >= 1")
         if self.allocation.m_max * self.run.prompts_per_step < self.allocation.root_budget:
@@ -237,56 +247,14 @@ class TrainConfig:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-
-
-def _coerce(value: str, typ: Any) -> Any:
-    """A command-line string as the field's type: TOML syntax (numbers, booleans, lists, quoted strings);
-    a bare word is a string; a str field keeps the text as given unless it was quoted."""
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return value
-    if typ is str and not isinstance(parsed, str):
-        return value  # e.g. run.name=2024 stays the string "2024"
-    return parsed
-
-
-def apply_section(obj: Any, values: dict[str, Any], where: str) -> None:
-    """Set fields of one section, each checked against its annotated type (ints stay ints, lists lists)."""
-    hints = get_type_hints(type(obj))
-    for key, value in values.items():
-        if key not in hints:
-            raise ValueError(f"{where}: unknown key {key!r}; known: {sorted(hints)}")
-        try:
-            setattr(obj, key, msgspec.convert(value, hints[key], strict=False))
-        except msgspec.ValidationError as e:
-            raise ValueError(f"{where}: {key}={value!r}: {e}") from None
+ENV_VARS = {"TRACE_ENV_TOKEN": "env.token", "TRACE_AUTH_TOKEN": "env.token"}
+"""Environment variables the trainer reads (the first one set wins; TRACE_AUTH_TOKEN is the older name)."""
 
 
 def load_train_config(path: str | Path | None = None, sets: list[str] | None = None) -> TrainConfig:
-    """Defaults < TOML file < `section.field=value` overrides. Re-runs each section's own checks."""
-    cfg = TrainConfig()
-    if path is not None:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-        for section, values in raw.items():
-            if section not in SECTIONS or not isinstance(values, dict):
-                raise ValueError(f"{path}: unknown section [{section}]; sections: {list(SECTIONS)}")
-            apply_section(getattr(cfg, section), values, f"{path} [{section}]")
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in SECTIONS:
-            raise ValueError(f"--set {item!r}: expected section.field=value with section in {list(SECTIONS)}")
-        obj = getattr(cfg, section)
-        hints = get_type_hints(type(obj))
-        if name not in hints:
-            raise ValueError(f"--set {item!r}: [{section}] has no field {name!r}; fields: {sorted(hints)}")
-        apply_section(obj, {name: _coerce(value, hints[name])}, f"--set {item!r}")
-    for section in SECTIONS:  # re-run __post_init__ checks after overrides
-        obj = getattr(cfg, section)
-        if hasattr(obj, "__post_init__"):
-            obj.__post_init__()
+    """Defaults < TOML file < $TRACE_ENV_TOKEN < `section.field=value` items, validated. For code and tests; the
+    command line goes through `trainer.cli` (the same sources, then flags)."""
+    cfg = shared_config.load_config(TrainConfig, path, env_vars=ENV_VARS, sets=sets or [])
     return cfg.validate()
 
 

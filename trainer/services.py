@@ -56,7 +56,7 @@ async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
 async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIterator[list[str]]:
     """Yield engine URLs: attached (type url), or launched CPU engines / SGLang servers serving `model_dir`."""
     e = cfg.engine
-    if e.type == "url":
+    if e.urls:
         yield list(e.urls)
         return
     async with contextlib.AsyncExitStack() as stack:
