@@ -8,8 +8,9 @@ anyone else's framework.
         blob = await env.export_snapshot(res.snapshot_id)          # move the state to another server
 
 Every call answers a wire struct from `shared.wire`; an error answer raises `EnvError` with the
-server's code, status and message. Connection failures are retried (with backoff) only for calls
-that change nothing or that failed before the request was sent; a step is never sent twice.
+server's code, status and message. Connection failures are retried (`shared.retry`, waits of
+`backoff_s * 2**n`) only for calls that change nothing or that failed before the request was sent; a
+step is never sent twice. Error answers and timeouts are never retried.
 MessagePack is the default encoding (smaller and faster than JSON for the same structs).
 """
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
 
 from shared import codec
+from shared.retry import RetryPolicy, with_retries
 from shared.wire import (
     BatchRequest,
     BatchResult,
@@ -57,6 +60,13 @@ class EnvClient:
         self.fmt = codec.MSGPACK if msgpack else codec.JSON
         self.retries = retries
         self.backoff_s = backoff_s
+        # A refused connection never reached the server: always retried. A dropped connection or a cut answer
+        # may have reached it: retried only for calls that change nothing (`safe`). Error answers never.
+        self._retry_unsafe = RetryPolicy(retries + 1, backoff_s, errors=(aiohttp.ClientConnectorError,))
+        self._retry_safe = replace(
+            self._retry_unsafe,
+            errors=(aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError),
+        )
         self._headers = {"Content-Type": self.fmt, "Accept": self.fmt}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -89,26 +99,26 @@ class EnvClient:
         headers = dict(self._headers)
         if raw is not None:
             headers["Content-Type"] = "application/octet-stream"
-        for attempt in range(self.retries + 1):
-            try:
-                async with self._sess().request(method, self.base_url + path, data=data, headers=headers) as resp:
-                    payload = await resp.read()
-                    if resp.status >= 400:
-                        raise _error_from(resp.status, payload, resp.headers.get("Content-Type"))
-                    if typ is None:
-                        return payload
-                    return codec.decode(payload, typ, codec.media_type(resp.headers.get("Content-Type")))
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
-                # A refused connection never reached the server; a disconnect may have: retry only safe calls.
-                retryable = isinstance(e, aiohttp.ClientConnectorError) or safe
-                if not retryable or attempt == self.retries:
-                    raise ConnectionError(f"env server {self.base_url} unreachable ({method} {path}): {e}") from e
-                await asyncio.sleep(self.backoff_s * 2**attempt)
-            except TimeoutError as e:  # not retried: the server may still be working on it
-                raise TimeoutError(
-                    f"env server {self.base_url} did not answer {method} {path} within {self._timeout.total}s"
-                ) from e
-        raise AssertionError("unreachable")
+
+        async def once() -> Any:
+            async with self._sess().request(method, self.base_url + path, data=data, headers=headers) as resp:
+                payload = await resp.read()
+                if resp.status >= 400:
+                    raise _error_from(resp.status, payload, resp.headers.get("Content-Type"))
+                if typ is None:
+                    return payload
+                return codec.decode(payload, typ, codec.media_type(resp.headers.get("Content-Type")))
+
+        policy = self._retry_safe if safe else self._retry_unsafe
+        try:
+            return await with_retries(policy, once, event="env_client_retry", url=self.base_url, path=path)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
+            # The retries ran out, or a disconnect of a call that is not safe to re-send.
+            raise ConnectionError(f"env server {self.base_url} unreachable ({method} {path}): {e}") from e
+        except TimeoutError as e:  # not retried: the server may still be working on it
+            raise TimeoutError(
+                f"env server {self.base_url} did not answer {method} {path} within {self._timeout.total}s"
+            ) from e
 
     # ------------------------------------------------------------------ calls
     async def health(self) -> dict[str, Any]:

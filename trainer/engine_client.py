@@ -14,11 +14,12 @@ What always holds
 - **Concurrency.** At most `max_concurrency` HTTP calls to engines at once over all servers, and
   at most `max_concurrency_per_server` to one server; callers beyond that wait on semaphores
   (a `generate_many` batch is one call). The per-attempt `timeout_s` starts once a slot is held.
-- **Retries.** Connection errors and 5xx answers are retried `retries` times (so `retries + 1`
-  attempts) with exponential backoff from `backoff_s`, then `EngineUnavailable` names the URL
-  and the last error. A 4xx is never retried: `EngineRequestError` carries the server's message.
-  A timed-out `/generate` is not retried either (the server may still be generating): the client
-  sends `/abort_request` for its rid and raises `EngineTimeout`.
+- **Retries** (`shared.retry`). Connection errors and 5xx answers are retried `retries` times (so
+  `retries + 1` attempts) with exponential backoff from `backoff_s` (each wait capped at 30 s, +-25%
+  jitter), then `EngineUnavailable` names the URL and the last error. A 4xx is never retried:
+  `EngineRequestError` carries the server's message. A timed-out `/generate` is not retried either
+  (the server may still be generating): the client sends `/abort_request` for its rid and raises
+  `EngineTimeout`.
 - **Answers are checked.** Each item must be finished (`finish_reason.type` in stop/length/abort),
   `output_token_logprobs` must have one `[logprob, token_id, _]` per output id with
   `token_id == output_ids[i]` and a finite logprob <= 0, `prompt_tokens` (when reported) must
@@ -50,12 +51,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -63,6 +63,7 @@ import msgspec
 import structlog
 
 from shared.engine_protocol import GenerateResponse, SamplingParams, UpdateWeightsResult
+from shared.retry import SERVER_ERRORS, RetryPolicy, StatusError, with_retries
 
 log = structlog.get_logger(__name__)
 
@@ -205,6 +206,15 @@ class EngineClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self._retry = RetryPolicy(
+            attempts=retries + 1,
+            backoff_s=backoff_s,
+            max_backoff_s=_MAX_BACKOFF_S,
+            jitter=0.25,
+            errors=(aiohttp.ClientConnectionError, aiohttp.ClientPayloadError),
+            statuses=SERVER_ERRORS,
+        )
+        self._no_retry = replace(self._retry, attempts=1)
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -539,30 +549,32 @@ class EngineClient:
     ) -> tuple[int, bytes]:
         """One HTTP exchange, retried on connection errors and 5xx. Returns (status, body) for < 500."""
         session = self._get_session()
-        attempts = self.retries + 1 if retry else 1
-        last_error = ""
-        for attempt in range(attempts):
-            if attempt:
+        tries = 0
+
+        async def once() -> tuple[int, bytes]:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
                 self.stats.retries += 1
-                delay = min(_MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25)
-                log.debug("engine_retry", url=url, path=path, attempt=attempt, error=last_error, delay_s=delay)
-                await asyncio.sleep(delay)
             try:
                 async with session.request(
                     method, url + path, data=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
                 ) as resp:
                     data = await resp.read()
-                    status = resp.status
             except (TimeoutError, asyncio.TimeoutError):  # noqa: UP041 (distinct classes on Python 3.10)
-                raise EngineTimeout(url, attempt + 1, f"{method} {path} timed out after {timeout_s:g}s") from None
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                last_error = f"{method} {path}: {type(e).__name__}: {e}"
-                continue
-            if status >= 500:
-                last_error = f"{method} {path} answered {status}: {_error_message(data)}"
-                continue
-            return status, data
-        raise EngineUnavailable(url, attempts, last_error)
+                raise EngineTimeout(url, tries, f"{method} {path} timed out after {timeout_s:g}s") from None
+            if resp.status >= 500:
+                raise StatusError(resp.status, _error_message(data))
+            return resp.status, data
+
+        try:
+            return await with_retries(
+                self._retry if retry else self._no_retry, once, event="engine_retry", url=url, path=path
+            )
+        except StatusError as e:  # transient errors only reach here once the attempts ran out
+            raise EngineUnavailable(url, tries, f"{method} {path} answered {e.status}: {e.detail}") from e
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            raise EngineUnavailable(url, tries, f"{method} {path}: {type(e).__name__}: {e}") from e
 
 
 def _to_generation(

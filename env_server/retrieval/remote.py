@@ -9,8 +9,8 @@ configs use the latter). Search-R1's own BM25 server sends documents without "id
 Contracts: one aiohttp session (created on first use inside the running loop, closed by `aclose`); at most
 `max_concurrency` requests in flight; batches over `MAX_BATCH` queries split into concurrent requests. Blank queries
 are answered [] locally and never sent; queries are cut to `max_query_chars`. Connection errors (any aiohttp.ClientError), timeouts
-(`timeout_s` per attempt) and 5xx answers are retried `retries` times with exponential backoff starting at
-`backoff_s`; a 4xx or a malformed answer raises `RetrieverError` at once, naming the URL and what was wrong.
+(`timeout_s` per attempt) and 5xx answers are retried `retries` times (`shared.retry`) with exponential backoff starting
+at `backoff_s`; a 4xx or a malformed answer raises `RetrieverError` at once, naming the URL and what was wrong.
 Lists longer than `topk` are cut to `topk`.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from env_server.retrieval.base import Hit, Retriever, RetrieverError, check_topk
+from shared.retry import SERVER_ERRORS, RetryPolicy, StatusError, with_retries
 
 MAX_BATCH = 128
 """Queries per HTTP request; larger batches are split so one huge batch neither times out nor hogs the server."""
@@ -56,6 +57,10 @@ class RemoteRetriever(Retriever):
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retries = retries
         self.backoff_s = backoff_s
+        # Refused/reset connections, truncated bodies, timeouts and 5xx answers; never a 4xx or a malformed answer.
+        self._retry = RetryPolicy(
+            retries + 1, backoff_s, errors=(TimeoutError, aiohttp.ClientError), statuses=SERVER_ERRORS
+        )
         self.max_query_chars = max_query_chars
         self._max_concurrency = max_concurrency
         self._semaphore: asyncio.Semaphore | None = None
@@ -92,23 +97,25 @@ class RemoteRetriever(Retriever):
     async def _retrieve(self, session: aiohttp.ClientSession, queries: list[str], topk: int) -> list[list[Hit]]:
         payload = {"queries": queries, "topk": topk, "return_scores": True}
         assert self._semaphore is not None
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                async with self._semaphore, session.post(self.endpoint, json=payload) as resp:
-                    body = await resp.read()
-                    if resp.status >= 500:
-                        last_error = f"HTTP {resp.status}: {body[:200]!r}"
-                        continue
-                    if resp.status != 200:
-                        raise RetrieverError(f"{self.endpoint} answered HTTP {resp.status}: {body[:300]!r}")
-            except (TimeoutError, aiohttp.ClientError) as e:  # refused/reset connection, truncated body, timeout
-                last_error = f"{type(e).__name__}: {e}"
-                continue
-            return self._parse(body, len(queries), topk)
-        raise RetrieverError(f"{self.endpoint} failed after {self.retries + 1} attempts; last error: {last_error}")
+        semaphore = self._semaphore
+
+        async def once() -> bytes:
+            async with semaphore, session.post(self.endpoint, json=payload) as resp:
+                body = await resp.read()
+            if resp.status >= 500:
+                raise StatusError(resp.status, f"{body[:200]!r}")
+            if resp.status != 200:
+                raise RetrieverError(f"{self.endpoint} answered HTTP {resp.status}: {body[:300]!r}")
+            return body
+
+        try:
+            body = await with_retries(self._retry, once, event="retriever_retry", endpoint=self.endpoint)
+        except (StatusError, TimeoutError, aiohttp.ClientError) as e:  # all transient: the attempts ran out
+            last_error = str(e) if isinstance(e, StatusError) else f"{type(e).__name__}: {e}"
+            raise RetrieverError(
+                f"{self.endpoint} failed after {self._retry.attempts} attempts; last error: {last_error}"
+            ) from e
+        return self._parse(body, len(queries), topk)
 
     def _parse(self, body: bytes, n: int, topk: int) -> list[list[Hit]]:
         def bad(what: str) -> RetrieverError:
