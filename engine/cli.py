@@ -1,19 +1,25 @@
 """`trace-engine serve --model DIR ...`: run the CPU development engine (SGLang's /generate subset) over HTTP.
 
-Thin by design: flags -> `EngineConfig`/`ServerConfig` -> `init_app` -> `web.run_app`. The defaults serve the tiny
-model on a 2-core machine; `--device cuda --dtype bfloat16` runs the same engine on a GPU when SGLang is not at hand.
+Thin by design: the command line (the project's one config mechanism, `shared/config.py`: `--config FILE.toml`,
+then flags; `--help` lists every field) -> `ServeConfig` -> `EngineConfig`/`ServerConfig` -> `init_app` ->
+`web.run_app`. The defaults serve the tiny model on a 2-core machine; `--device cuda --dtype bfloat16` runs the
+same engine on a GPU when SGLang is not at hand.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+import tyro
 from aiohttp import web
 
 from engine.app import ServerConfig, init_app
 from engine.engine import DTYPES, EngineConfig
+from shared.config import parse_args
 from shared.logging import setup_logging
 
 
@@ -24,53 +30,86 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="trace-engine", description="TRACE's CPU development engine (not SGLang)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="serve a save_pretrained model folder over SGLang's /generate API subset")
-    s.add_argument("--model", type=Path, required=True, help="model folder (config.json + safetensors + tokenizer)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=30000, help="SGLang's default port")
-    s.add_argument("--max-batch", type=int, default=32, help="most sequences decoding at once")
-    s.add_argument("--cache-tokens", type=int, default=131_072, help="prefix-cache capacity in tokens")
-    s.add_argument("--no-cache", action="store_true", help="disable the prefix cache (benchmarks)")
-    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    s.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    s.add_argument("--seed", type=int, default=0, help="sampling generator seed")
-    s.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads; default half the cores, at least 1 (0 = torch's default: all cores)",
-    )
-    s.add_argument("--batch-window-ms", type=float, default=3.0, help="idle engine: wait this long to batch arrivals")
-    s.add_argument("--queue-size", type=int, default=1024, help="bound of the pending-request queue")
-    s.add_argument(
-        "--return-original-logprob",
-        action="store_true",
-        help="logprobs of the untempered distribution (SGLANG_RETURN_ORIGINAL_LOGPROB=1)",
-    )
-    s.add_argument("--log-level", default="info")
-    return ap
+@dataclass
+class ServeConfig:
+    """`trace-engine serve`'s config: the engine (EngineConfig's fields) and how it is served."""
+
+    model: Path | None = None
+    """Model folder (config.json + safetensors + tokenizer). Required."""
+    host: str = "127.0.0.1"
+    port: int = 30000
+    """SGLang's default port."""
+    max_batch: int = 32
+    """Most sequences decoding at once."""
+    cache_tokens: int = 131_072
+    """Prefix-cache capacity in tokens."""
+    prefix_cache: Annotated[bool, tyro.conf.arg(aliases=("--cache",))] = True
+    """False (`--no-prefix-cache`, or `--no-cache`): every prompt is prefilled from scratch (benchmarks)."""
+    device: str = "cpu"
+    """torch device, e.g. cpu or cuda."""
+    dtype: str | None = None
+    """One of float32, bfloat16, float16; default float32 on cpu, bfloat16 on cuda."""
+    seed: int = 0
+    """Sampling generator seed."""
+    threads: int | None = None
+    """torch threads; default half the cores, at least 1 (0 = torch's default: all cores)."""
+    batch_window_ms: float = 3.0
+    """Idle engine: wait this long to batch arrivals."""
+    queue_size: int = 1024
+    """Bound of the pending-request queue."""
+    return_original_logprob: bool = False
+    """Logprobs of the untempered distribution (SGLANG_RETURN_ORIGINAL_LOGPROB=1)."""
+    log_level: str = "info"
+
+    def validate(self) -> ServeConfig:
+        if self.model is None:
+            raise ValueError("--model DIR is required (a save_pretrained folder)")
+        if not (self.model / "config.json").is_file():
+            raise ValueError(f"--model {self.model}: no config.json there")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: use one of {sorted(DTYPES)}")
+        return self
+
+    def server_config(self) -> ServerConfig:
+        assert self.model is not None, "validate() first"
+        engine = EngineConfig(
+            model_path=self.model,
+            device=self.device,
+            dtype=self.dtype or ("float32" if self.device == "cpu" else "bfloat16"),
+            max_batch=self.max_batch,
+            cache_tokens=self.cache_tokens,
+            enable_prefix_cache=self.prefix_cache,
+            seed=self.seed,
+            return_original_logprob=self.return_original_logprob,
+            threads=default_threads() if self.threads is None else self.threads,
+        )
+        return ServerConfig(engine=engine, queue_size=self.queue_size, batch_window_ms=self.batch_window_ms)
+
+
+@dataclass
+class ServeArgs:
+    cfg: Annotated[ServeConfig, tyro.conf.arg(name="")]
+    config: str | None = None
+    """TOML file with ServeConfig fields; flags override it."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    engine = EngineConfig(
-        model_path=args.model,
-        device=args.device,
-        dtype=dtype,
-        max_batch=args.max_batch,
-        cache_tokens=args.cache_tokens,
-        enable_prefix_cache=not args.no_cache,
-        seed=args.seed,
-        return_original_logprob=args.return_original_logprob,
-        threads=default_threads() if args.threads is None else args.threads,
-    )
-    cfg = ServerConfig(engine=engine, queue_size=args.queue_size, batch_window_ms=args.batch_window_ms)
-    web.run_app(init_app(cfg), host=args.host, port=args.port, print=None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "serve":
+        print("usage: trace-engine serve --model DIR [...]  (`trace-engine serve --help` lists every field)")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    try:
+        cfg = parse_args(
+            ServeArgs, argv[1:], prog="trace-engine serve", description="TRACE's CPU development engine (not SGLang)"
+        ).cfg
+        server = cfg.server_config()
+    except SystemExit as e:
+        return int(e.code or 0)
+    except ValueError as e:  # EngineConfig's own checks
+        print(f"trace-engine serve: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    web.run_app(init_app(server), host=cfg.host, port=cfg.port, print=None)
     return 0
 
 

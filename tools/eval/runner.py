@@ -33,9 +33,10 @@ import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Annotated
 
 import msgspec
+import tyro
 from tqdm import tqdm
 
 from shared import codec
@@ -88,11 +89,16 @@ class ResultRow(msgspec.Struct, kw_only=True):
 class EvalConfig:
     """One `trace-eval` run."""
 
-    env_url: str
-    agent: str
-    dataset: str
-    split: str
-    out: Path
+    env_url: str = ""
+    """Env server base URL, e.g. http://127.0.0.1:8000 (or $TRACE_ENV_URL). Required."""
+    agent: str = ""
+    """Which agent plays the episodes (a name in tools.eval.agents.AGENTS). Required."""
+    dataset: str = ""
+    """Dataset name as the server's /v1/info lists it. Required."""
+    split: str = ""
+    """Split of that dataset (train, dev, test, ...). Required."""
+    out: Path = Path()
+    """Results jsonl (appended to; existing rows are skipped). Required."""
     limit: int | None = None
     """First N questions of the split (None: all)."""
     concurrency: int = 16
@@ -100,12 +106,30 @@ class EvalConfig:
     max_turns: int | None = None
     """Turns per episode (None: the server's default; it caps it)."""
     env_token: str | None = None
+    """Bearer token of the env server (or $TRACE_ENV_TOKEN / $TRACE_AUTH_TOKEN)."""
     env_retries: int = 3
-    env_timeout_s: float = 60.0
+    """Retries of env calls that are safe to retry."""
+    env_timeout_s: Annotated[float, tyro.conf.arg(aliases=("--env-timeout",))] = 60.0
+    """Seconds per env call."""
     retry_errors: bool = False
     """Run again the questions whose rows have an error (their old rows are removed first)."""
     progress: bool = True
-    agent_cfg: AgentConfig = field(default_factory=AgentConfig)
+    """Show a progress bar (`--no-progress`: none)."""
+    agent_cfg: Annotated[AgentConfig, tyro.conf.arg(name="")] = field(default_factory=AgentConfig)
+    """Options of the model-backed agents (openai-tools, react-text, policy)."""
+
+    def validate(self) -> EvalConfig:
+        """The required fields; everything else is checked where it is used (against the live server)."""
+        from tools.eval.agents import AGENTS
+
+        missing = [f"--{n.replace('_', '-')}" for n in ("env_url", "agent", "dataset", "split") if not getattr(self, n)]
+        if self.out == Path():
+            missing.append("--out")
+        if missing:
+            raise ValueError(f"the following arguments are required: {', '.join(missing)}")
+        if self.agent not in AGENTS:
+            raise ValueError(f"--agent {self.agent!r}: choose one of {', '.join(AGENTS)}")
+        return self
 
 
 @dataclass
