@@ -22,6 +22,7 @@ from shared import config as shared_config
 from trainer.advantages import AdvantageConfig
 from trainer.allocation import ALLOCATORS, AllocationConfig
 from trainer.rollout import RolloutConfig
+from trainer.tracking import check_report_to
 
 
 @dataclass
@@ -54,6 +55,11 @@ class RunConfig:
     """Write every step's rollout trees to trees/step_XXXX.jsonl for inspection and replay."""
     plot: bool = True
     """Write PNG plots of the metrics at the end."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics row and the config besides metrics.jsonl: "wandb",
+    "tensorboard" (several allowed; [] or "none" = metrics.jsonl only). Needs the `track` extra."""
+    wandb_project: str = "trace"
+    """Weights & Biases project (when report_to has "wandb"; WANDB_MODE=offline runs without a network)."""
     log_level: Annotated[str, tyro.conf.arg(aliases=("--log-level",))] = "warning"
     """debug, info, warning or error (structlog; JSON lines when stderr is not a TTY)."""
 
@@ -220,6 +226,7 @@ class TrainConfig:
                 f"engine.urls {self.engine.urls} attaches to running engines, engine.type 'sglang' launches one: "
                 "drop one of them"
             )
+        check_report_to(self.run.report_to)
         if self.optim.loss_agg not in LOSS_AGG:
             raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.optim.loss_agg!r}")
         if self.model.path is not None and Path(self.model.path).exists():  # a folder; anything else is a hub id
