@@ -57,13 +57,14 @@ class DatasetRegistry:
         self.sets[name][split] = rows
 
     def add_spec(self, key: str, path: str | Path) -> None:
-        """`--data KEY=PATH`: `name:split=file`, `name=file` (split from the stem) or `name=folder/` (*.jsonl)."""
+        """`--data KEY=PATH`: `name:split=file`, `name=file` (split from the stem) or `name=folder/` (its *.jsonl
+        but corpus.jsonl)."""
         path = Path(path)
         name, _, split = key.partition(":")
         if not name:
             raise ValueError(f"--data {key}={path}: empty dataset name")
-        if path.is_dir():
-            files = sorted(path.glob("*.jsonl"))
+        if path.is_dir():  # a corpus.jsonl beside the splits (as `trace-world` writes it) is not a split
+            files = sorted(f for f in path.glob("*.jsonl") if f.name != "corpus.jsonl")
             if not files:
                 raise ValueError(f"--data {key}={path}: folder has no *.jsonl files")
             for f in files:

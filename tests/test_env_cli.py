@@ -222,3 +222,15 @@ async def test_sigterm_finishes_the_in_flight_step_then_exits_0(
         _, err = stop_process(proc)
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
+
+
+def test_a_world_folder_serves_its_splits_not_its_corpus(tmp_path: Path) -> None:
+    """`trace-world --out DIR` writes corpus.jsonl beside the splits; `--data synthetic=DIR` must not read the corpus
+    as a split named 'corpus' (its rows have no question and would fail to load)."""
+    from env_server.datasets import DatasetRegistry
+    from tools.synthetic import main as trace_world
+
+    assert trace_world(["--out", str(tmp_path / "w"), "--size", "40"]) == 0
+    reg = DatasetRegistry()
+    reg.add_spec("synthetic", tmp_path / "w")
+    assert sorted(reg.sets["synthetic"]) == ["dev", "test", "train"]

@@ -41,7 +41,7 @@ async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
     )
     port = free_port()
     cmd = [sys.executable, "-m", "env_server", "serve", "--port", str(port), "--max-turns", str(cfg.env.max_turns)]
-    cmd += [f"--data=synthetic:{s}={world / s}.jsonl" for s in ("train", "dev", "test")]
+    cmd += ["--data", f"synthetic={world}"]
     cmd += ["--corpus", str(world / "corpus.jsonl"), "--index-dir", str(world / "index")]
     cmd += ["--topk", str(cfg.env.topk), "--log-level", "warning"]
     if cfg.env.prompt_template is not None:
