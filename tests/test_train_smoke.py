@@ -18,9 +18,10 @@ import torch
 
 from tools.tiny_model import build_tiny_model
 from trainer import loop
+from trainer.checkpoint import reference_of
 from trainer.cli import main as train_main
 from trainer.config import ModelConfig, OptimConfig, load_train_config
-from trainer.loop import _reference_of, train
+from trainer.loop import train
 from trainer.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,12 +117,12 @@ def test_kl_reference_is_the_starting_weights_on_resume(tiny_model: Path, tmp_pa
     torch.save({"reference_model": str(tmp_path / "gone")}, tmp_path / "trainer.pt")
     cfg = load_train_config(None, ["optim.kl_coef=0.1"])
     with pytest.raises(FileNotFoundError, match="KL reference"):
-        _reference_of(tmp_path, cfg)
+        reference_of(tmp_path, cfg)
     cfg.optim.kl_coef = 0.0
-    assert _reference_of(tmp_path, cfg) == str(tmp_path / "gone")
+    assert reference_of(tmp_path, cfg) == str(tmp_path / "gone")
     torch.save({"next_step": 3}, tmp_path / "trainer.pt")  # a checkpoint older than the record
     with pytest.raises(FileNotFoundError, match="not recorded"):
-        _reference_of(tmp_path, load_train_config(None, ["optim.kl_coef=0.1"]))
+        reference_of(tmp_path, load_train_config(None, ["optim.kl_coef=0.1"]))
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -155,7 +156,7 @@ def test_overrides_are_typed_and_unquoted() -> None:
 
 
 def test_sft_schedule_warms_up_holds_then_decays_to_zero() -> None:
-    from trainer.loop import sft_lr
+    from trainer.sft import sft_lr
 
     s = load_train_config(None, ["sft.lr=0.01", "sft.warmup_steps=10", "sft.decay_frac=0.2"]).sft
     lrs = [sft_lr(k, 100, s) for k in range(100)]
@@ -167,7 +168,7 @@ def test_sft_schedule_warms_up_holds_then_decays_to_zero() -> None:
 
 
 def test_plot_metrics_draws_the_rows(tmp_path: Path) -> None:
-    from trainer.loop import plot_metrics
+    from trainer.plots import plot_metrics
 
     rows = [
         {"step": 0, "reward_mean": 0.3, "effective_ratio": 0.5, "train_em_before": 0.4, "eval_em_before": 0.2},

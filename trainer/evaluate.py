@@ -1,24 +1,136 @@
-"""`trace-train eval`: EM/F1 of a checkpoint on a split, through the same agent loop and engine client
-as training (greedy decoding), against a launched or attached env server and engine."""
+"""Greedy evaluation of a policy: ONE path for the trainer's periodic eval, `trace-train eval` and
+`trace-eval --agent policy`.
+
+Contract:
+- `play_greedy(runner, episode)` is the one evaluation episode. It plays an env episode the caller created
+  (and deletes afterwards) to its end through the trainer's own agent loop (`RolloutRunner.play`: the prompt
+  chat-templated once, token-in/token-out, the same stop rules and context limit as training), with greedy
+  decoding: the runner must come from `greedy_runner` (temperature 0; anything else is an error, not a
+  silent sample). The policy's own failures end the episode and are reported, not raised: no room left in
+  `max_context_tokens` (TRUNCATED) or a generation aborted too often (ERROR) give `GreedyResult.error`;
+  engine and env server failures raise. The tree's route key is the episode id, so a question evaluated while
+  training trees of the same question are in flight never shares (or releases) their engine pin.
+- Scores are the env server's judge on the last step (`em`, `f1` in its info): 0 when the episode ended
+  without an answer. Token counts are the engine's (prefill and generated, over all turns).
+- `evaluate(runner, dataset, split, limit=N)` maps `play_greedy` over questions 0..N-1 of a split (capped at
+  the split's size), at most `concurrency` episodes live at once (default: the runner's
+  `max_concurrency`), each created, played and deleted; it returns the mean EM/F1 as
+  {"<prefix>_em", "<prefix>_f1"}. Any question raising fails the evaluation.
+- `evaluate_checkpoint(cfg, split=, limit=)` (`trace-train eval`) starts or attaches the env server and
+  engine(s) exactly as training does and runs `evaluate` on the checkpoint at `cfg.model.path`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 
 from shared.client import EnvClient
+from shared.wire import EnvError, EpisodeCreated, Info, StepResult
 from trainer import services
 from trainer.config import TrainConfig
 from trainer.engine_client import EngineClient
-from trainer.loop import evaluate
+from trainer.rollout import RolloutConfig, RolloutRunner
+from trainer.tree import FinishStatus, RolloutTree
+
+
+@dataclass
+class GreedyResult:
+    """One question played greedily to its end."""
+
+    status: FinishStatus
+    """ANSWERED; TRUNCATED (the env's max turns, or no room for another turn); ERROR (generation aborted)."""
+    final: StepResult | None
+    """The env server's answer to the last step (None: no step was taken); `final.done` iff the env ended it."""
+    em: float
+    """The server's exact match of the answer (0 when not answered)."""
+    f1: float
+    """The server's token F1 of the answer (0 when not answered)."""
+    turns: int
+    """Env steps taken."""
+    prompt_tokens: int
+    """Prefill tokens the engine reported, summed over the turns."""
+    generated_tokens: int
+    """Tokens generated, summed over the turns."""
+    error: str | None
+    """Why the policy stopped before the env server ended the episode; None when it ended there."""
+
+
+def greedy_runner(env: EnvClient, engine: EngineClient, tokenizer: Any, rollout: RolloutConfig) -> RolloutRunner:
+    """A runner of the agent loop with `rollout`'s limits and greedy decoding (temperature 0)."""
+    return RolloutRunner(env, engine, tokenizer, dataclasses.replace(rollout, temperature=0.0))
+
+
+async def play_greedy(runner: RolloutRunner, episode: EpisodeCreated) -> GreedyResult:
+    """Play `episode` (created by the caller, in its first state; the caller deletes it) to its end, greedily."""
+    assert runner.cfg.temperature == 0.0, f"greedy evaluation needs a greedy runner, got {runner.cfg.temperature=}"
+    where = f"{episode.dataset}/{episode.split} {episode.question_id or episode.episode_id}"
+    ids = runner.encode_prompt([{"role": m.role, "content": m.content} for m in episode.messages])
+    if len(ids) + runner.cfg.min_turn_tokens > runner.cfg.max_context_tokens:
+        raise ValueError(
+            f"{where}: the prompt is {len(ids)} tokens, leaving no room for a turn in "
+            f"max_context_tokens={runner.cfg.max_context_tokens}; raise rollout.max_context_tokens"
+        )
+    tree = RolloutTree.new(episode.episode_id, episode.prompt, [], ids, episode.snapshot_id)
+    try:
+        leaf_id, final = await runner.play(tree, 0, episode.episode_id, release=False)
+    finally:
+        runner.engine.release(tree.prompt_id)
+    leaf = tree.nodes[leaf_id]
+    error = None
+    if final is None or not final.done:
+        why = leaf.info.get("error") if leaf.status == FinishStatus.ERROR else None
+        error = why or f"context limit at turn {leaf.depth}"
+    return GreedyResult(
+        status=leaf.status,
+        final=final,
+        em=float(leaf.info.get("em", 0.0)),
+        f1=float(leaf.info.get("f1", 0.0)),
+        turns=final.turn if final is not None else 0,
+        prompt_tokens=tree.ledger.prefill_tokens,
+        generated_tokens=tree.ledger.generated_tokens,
+        error=error,
+    )
+
+
+async def evaluate(
+    runner: RolloutRunner,
+    dataset: str,
+    split: str,
+    *,
+    limit: int,
+    prefix: str = "eval",
+    concurrency: int | None = None,
+) -> dict[str, float]:
+    """Greedy EM/F1 on the first `limit` questions of `dataset/split`: {"<prefix>_em", "<prefix>_f1"}."""
+    env = runner.env
+    n = min(limit, split_size(await env.info(), dataset, split))
+    live = asyncio.Semaphore(concurrency or runner.cfg.max_concurrency)
+
+    async def one(index: int) -> GreedyResult:
+        async with live:
+            ep = await env.create(dataset=dataset, split=split, index=index)
+            try:
+                return await play_greedy(runner, ep)
+            finally:  # a failed delete must not hide the error that ended the question
+                with contextlib.suppress(EnvError, ConnectionError):
+                    await env.delete(ep.episode_id)
+
+    res = await asyncio.gather(*(one(i) for i in range(n)))
+    return {f"{prefix}_em": sum(r.em for r in res) / max(n, 1), f"{prefix}_f1": sum(r.f1 for r in res) / max(n, 1)}
 
 
 async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, limit: int = 200) -> dict[str, Any]:
+    """`trace-train eval`: `evaluate` on the checkpoint at `cfg.model.path`, split default `env.eval_split`."""
     assert cfg.model.path is not None, "evaluate_checkpoint needs cfg.model.path"
     model = Path(cfg.model.path)
+    split = split or cfg.env.eval_split
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -27,5 +139,13 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
         urls = await stack.enter_async_context(services.engines(cfg, model, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         tok = AutoTokenizer.from_pretrained(str(model))
-        res = await evaluate(env, engine, tok, cfg, limit=limit, split=split)
-    return {"model": str(model), "dataset": cfg.env.dataset, "split": split or cfg.env.eval_split, **res}
+        res = await evaluate(greedy_runner(env, engine, tok, cfg.rollout), cfg.env.dataset, split, limit=limit)
+    return {"model": str(model), "dataset": cfg.env.dataset, "split": split, **res}
+
+
+def split_size(info: Info, dataset: str, split: str) -> int:
+    """Questions in `dataset/split` per the env server's /v1/info; ValueError naming what it serves if absent."""
+    sizes = {d.name: d.splits for d in info.datasets}
+    if dataset not in sizes or split not in sizes[dataset]:
+        raise ValueError(f"the env server has no {dataset}/{split}; it serves {sizes}")
+    return sizes[dataset][split]

@@ -6,18 +6,40 @@ agent makes, from the synthetic world's metadata) through the REAL env server, s
 are exactly what rollouts will see, and lay each episode out token by token the way the agent loop
 does: the chat-templated prompt, then per turn the action's tokens (loss mask 1) and the
 observation's tokens (mask 0), tokenized on their own. Training is plain next-token cross-entropy on
-the mask-1 tokens. The result is cached by the caller (a checkpoint folder), so later runs skip it.
+the mask-1 tokens.
+
+Contract:
+- `oracle_examples` plays the oracle episodes (at most `concurrency` live at once) and returns them in
+  question-index order; an oracle that does not score reward 1 is an error, an episode longer than the
+  context budget is left out (rollouts could not reproduce it either).
+- `run_sft(cfg, env, base, dest)` trains `base` for `sft.epochs` over those examples with the `sft_lr`
+  schedule (no KL term: there is no reference yet) and saves the result at `dest`, written to
+  `dest.tmp` and renamed, so `dest/config.json` existing means the warm start is complete. The caller
+  caches `dest` (`services.sft_dir`), so later runs skip SFT.
+- Everything random (which questions, batch order) is seeded by `model.tiny_seed`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import random
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import structlog
+from tqdm import tqdm
+
 from shared.client import EnvClient
+from trainer.compute import compute
+from trainer.config import SFTConfig, TrainConfig
+from trainer.policy import Policy
 from trainer.rollout import prompt_ids
+
+log = structlog.get_logger("trainer")
 
 
 @dataclass
@@ -85,3 +107,66 @@ async def oracle_examples(
 
     out = await asyncio.gather(*(one(i) for i in indices))
     return [ex for ex in out if ex is not None]
+
+
+async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> None:
+    """SFT warm start of `base` on oracle trajectories played through the env server; saved at `dest`."""
+    s = cfg.sft
+    policy = await compute(
+        Policy,
+        base,
+        cfg.model,
+        dataclasses.replace(cfg.optim, kl_coef=0.0),
+        seed=cfg.run.seed,
+        temperature=cfg.rollout.temperature,
+    )
+    examples = await oracle_examples(
+        env,
+        policy.tokenizer,
+        dataset=cfg.env.dataset,
+        split=cfg.env.train_split,
+        count=s.max_examples,
+        max_context_tokens=cfg.rollout.max_context_tokens,
+        seed=cfg.model.tiny_seed,
+        think=s.think,
+    )
+    rng = random.Random(cfg.model.tiny_seed)
+    steps = s.epochs * math.ceil(len(examples) / s.batch_size)
+    bar = tqdm(total=steps, desc="sft warm start", dynamic_ncols=True)
+    k = 0
+    for _ in range(s.epochs):
+        for chunk in _shuffled_batches(examples, s.batch_size, rng):
+            lr = sft_lr(k, steps, s)
+            policy.set_lr(lr)
+            loss = await compute(
+                policy.sft_update, [e.input_ids for e in chunk], [e.loss_mask for e in chunk], s.micro_batch_size
+            )
+            k += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    await compute(policy.save, tmp)
+    tmp.rename(dest)
+    log.info("sft warm start saved", dir=str(dest), examples=len(examples), steps=steps)
+
+
+def sft_lr(k: int, steps: int, s: SFTConfig) -> float:
+    """SFT learning rate at step k of `steps`: linear warmup, constant, then a linear decay to 0 over the last
+    `decay_frac` of the steps. Copying names (what success hinges on) is learned late, so the rate stays up
+    until then; the final decay is worth a lot (teacher-forced episode accuracy ~0.5 -> ~0.7 on train)."""
+    lr = s.lr * min(1.0, (k + 1) / max(s.warmup_steps, 1))
+    start = (1.0 - s.decay_frac) * steps
+    if s.decay_frac > 0 and k >= start:
+        lr *= max(0.0, (steps - k) / (s.decay_frac * steps))
+    return lr
+
+
+def _shuffled_batches(examples: list[Any], batch_size: int, rng: random.Random) -> list[list[Any]]:
+    """Plain shuffled batches. Length-bucketed batches padded less (1.6 vs 2.2 s a step) but left the tiny
+    model's SFT far behind (sampled success ~2% vs ~7% after the same steps): a bucket is mostly one
+    question type, and at this learning rate the steps pull in turns."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    return [[examples[j] for j in order[i : i + batch_size]] for i in range(0, len(order), batch_size)]

@@ -13,8 +13,8 @@ Contract of an agent (`Agent.run`):
   concurrent questions, and closed with `aclose()`.
 
 Registry: `openai-tools` (OpenAI-compatible chat completions with function calling), `react-text`
-(completions-style endpoint writing Search-R1 tags), `policy` (our checkpoints; not available yet), `oracle`
-and `first-hit` (sanity references needing no model).
+(completions-style endpoint writing Search-R1 tags), `policy` (our checkpoints, through the trainer's own greedy
+evaluation, `trainer.evaluate.play_greedy`), `oracle` and `first-hit` (sanity references needing no model).
 """
 
 from __future__ import annotations
@@ -305,9 +305,11 @@ class ReactTextAgent(_OpenAIAgent):
 
 
 class PolicyAgent(Agent):
-    """A TRACE checkpoint played through the trainer's own agent loop and engine client (token-in/token-out):
-    `--base-url` is an engine speaking SGLang's native API (real SGLang or `trace-engine serve`, no /v1), and
-    `--model` the checkpoint folder, whose tokenizer and chat template lay out the prompt exactly as in training."""
+    """A TRACE checkpoint evaluated exactly as the trainer evaluates it: `trainer.evaluate.play_greedy`, the
+    trainer's own agent loop and engine client (token-in/token-out) with greedy decoding. `--base-url` is an
+    engine speaking SGLang's native API (real SGLang or `trace-engine serve`, no /v1), and `--model` the
+    checkpoint folder, whose tokenizer and chat template lay out the prompt exactly as in training. A policy
+    that stops before the episode ends (context limit, aborted generations) is an AgentError on its row."""
 
     name = "policy"
 
@@ -315,36 +317,32 @@ class PolicyAgent(Agent):
         try:
             from transformers import AutoTokenizer
 
+            from trainer import evaluate
             from trainer.engine_client import EngineClient
-            from trainer.rollout import RolloutConfig, RolloutRunner
+            from trainer.rollout import RolloutConfig
         except ImportError as e:
             raise AgentUnavailable(
                 f"the policy agent needs the train extra (pip install 'trace-rl[train]'): {e}"
             ) from e
         if not cfg.base_url or not cfg.model:
             raise AgentConfigError("--agent policy needs --base-url ENGINE_URL (SGLang native API) and --model DIR")
+        if cfg.temperature != 0.0:
+            raise AgentConfigError(
+                f"--agent policy decodes greedily, as the trainer's evaluation does (--temperature 0); got "
+                f"--temperature {cfg.temperature}"
+            )
         self.model = cfg.model
         self._tok = AutoTokenizer.from_pretrained(cfg.model)
         self._engine = EngineClient([cfg.base_url.rstrip("/")], timeout_s=cfg.request_timeout_s, retries=cfg.retries)
-        rollout = RolloutConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_tokens, max_context_tokens=32768)
-        self._runner_cls, self._rollout = RolloutRunner, rollout
+        self._rollout = RolloutConfig(max_new_tokens=cfg.max_tokens, max_context_tokens=32768)
+        self._evaluate = evaluate
 
     async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
-        from trainer.rollout import prompt_ids
-        from trainer.tree import RolloutTree
-
-        runner = self._runner_cls(env, self._engine, self._tok, self._rollout)
-        messages = [{"role": m.role, "content": m.content} for m in episode.messages]
-        tree = RolloutTree.new(episode.episode_id, question, [], prompt_ids(self._tok, messages), episode.snapshot_id)
-        try:
-            _, final = await runner.play(tree, 0, episode.episode_id, release=False)
-        finally:
-            self._engine.release(tree.prompt_id)
-        if final is None or not final.done:
-            raise AgentError(
-                f"the policy stopped before the episode ended (context limit at turn {tree.nodes[-1].depth})"
-            )
-        return AgentOutcome(final, tree.ledger.prefill_tokens, tree.ledger.generated_tokens)
+        runner = self._evaluate.greedy_runner(env, self._engine, self._tok, self._rollout)
+        res = await self._evaluate.play_greedy(runner, episode)
+        if res.final is None or res.error is not None:
+            raise AgentError(f"the policy stopped before the episode ended ({res.error})")
+        return AgentOutcome(res.final, res.prompt_tokens, res.generated_tokens)
 
     async def aclose(self) -> None:
         await self._engine.aclose()

@@ -1,0 +1,88 @@
+"""Checkpoints of a training run: what `--resume` continues from.
+
+Layout: `<output_dir>/checkpoints/step_XXXXX/{model/, optimizer.pt, trainer.pt}`, where XXXXX is the NEXT step
+to run. `trainer.pt` holds `next_step`, `reference_model` (the weights the run started from, its KL reference:
+an absolute folder or a hub id), the TRACE step's state (`TraceStep.state_dict()`) and the Python and torch RNG
+states.
+
+What always holds:
+- A checkpoint is written to `step_XXXXX.tmp` and renamed into place, so a folder without `.tmp` is complete;
+  `latest_checkpoint` ignores `.tmp` folders.
+- Restoring drops the rows of `metrics.jsonl` of steps at or after the checkpoint's `next_step`, so a resumed run
+  appends its rows where the checkpoint left off and never repeats a step.
+- A resumed run keeps its KL reference: `reference_of` reads it from the checkpoint and fails loudly (when the KL
+  term is on) if that folder is gone or the checkpoint predates the record, rather than silently using the
+  checkpoint's own weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import structlog
+import torch
+
+from trainer.config import TrainConfig
+from trainer.policy import Policy
+from trainer.trace import TraceStep
+
+log = structlog.get_logger("trainer")
+
+
+def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep) -> Path:
+    """checkpoints/step_XXXXX/{model/, optimizer.pt, trainer.pt}; written to a tmp folder then renamed."""
+    d = out / "checkpoints" / f"step_{next_step:05d}"
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save(tmp / "model")
+    torch.save(policy.optimizer_state(), tmp / "optimizer.pt")
+    state = {
+        "next_step": next_step,
+        "reference_model": policy.reference,
+        "trace": trace.state_dict(),
+        "python_rng": random.getstate(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, tmp / "trainer.pt")
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+    return d
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    if not ckpts:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    return ckpts[-1]
+
+
+def restore_checkpoint(trace: TraceStep, policy: Policy, ckpt: Path, out: Path) -> int:
+    """Load trainer state from `ckpt`; drop metrics rows of steps after it. Returns the next step."""
+    policy.load_optimizer_state(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    trace.load_state_dict(state["trace"])
+    random.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    nxt = int(state["next_step"])
+    path = out / "metrics.jsonl"
+    if path.exists():
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < nxt]
+        path.write_text("".join(r + "\n" for r in rows))
+    log.info("resumed", checkpoint=str(ckpt), next_step=nxt)
+    return nxt
+
+
+def reference_of(ckpt: Path, cfg: TrainConfig) -> str | None:
+    """The weights a resumed run started from (its KL reference), as recorded in the checkpoint."""
+    ref = torch.load(ckpt / "trainer.pt", weights_only=False).get("reference_model")
+    gone = ref is None or (Path(ref).is_absolute() and not (Path(ref) / "config.json").exists())  # else a hub id
+    if cfg.optim.kl_coef > 0 and gone:
+        raise FileNotFoundError(
+            f"--resume with optim.kl_coef={cfg.optim.kl_coef}: the run's KL reference (the weights it started "
+            f"from) {ref or '(not recorded in ' + str(ckpt) + ')'} is not there; restore that folder, or resume "
+            "with --set optim.kl_coef=0"
+        )
+    return ref
