@@ -133,7 +133,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     bad = tmp_path / "bad.toml"
     bad.write_text("[runn]\nsteps = 1\n")
     assert train_main(["--config", str(bad)]) == 2
-    assert "unknown section [runn]" in capsys.readouterr().err
+    assert "unknown key 'runn'" in capsys.readouterr().err
 
 
 def test_resume_without_checkpoint_fails_loudly(tmp_path: Path) -> None:
@@ -144,11 +144,9 @@ def test_resume_without_checkpoint_fails_loudly(tmp_path: Path) -> None:
 
 def test_overrides_are_typed_and_unquoted() -> None:
     """Regression: `--name x` once produced a run folder literally named '"x"'."""
-    from trainer.cli import _config, _parser
+    from trainer.cli import parse
 
-    cfg = _config(
-        _parser(False).parse_args(["--name", "x", "--steps", "3", "--set", "optim.lr=1", "--allocator", "uniform"])
-    )
+    cfg = parse(["--name", "x", "--steps", "3", "--set", "optim.lr=1", "--allocator", "uniform"]).cfg
     assert (cfg.run.name, cfg.run.steps, cfg.optim.lr, cfg.allocation.type) == ("x", 3, 1.0, "uniform")
     assert isinstance(cfg.optim.lr, float)
     with pytest.raises(ValueError, match="Expected `int`"):

@@ -24,7 +24,9 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
+
+import tyro
 
 from shared.client import EnvClient
 from shared.wire import EpisodeCreated, Info, StepResult
@@ -57,9 +59,9 @@ class AgentConfig:
     """Sampling temperature (0: greedy, the usual choice for evaluation)."""
     max_tokens: int = 512
     """Tokens per model call (one turn)."""
-    request_timeout_s: float = 120.0
+    request_timeout_s: Annotated[float, tyro.conf.arg(aliases=("--request-timeout",))] = 120.0
     """Timeout of one model call."""
-    retries: int = 2
+    retries: Annotated[int, tyro.conf.arg(aliases=("--agent-retries",))] = 2
     """Retries of one model call on connection errors, 408/409/429 and 5xx (the openai client's backoff)."""
 
 
