@@ -12,15 +12,18 @@ Entry points stay thin: parsing here, behaviour in `env_server.app` and friends.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import structlog
+import tyro
 
 from env_server.config import ServerConfig
+from shared.config import parse_args
 from shared.logging import setup_logging
 
 USAGE = """usage: trace-env {serve,index,demo} ...
@@ -31,11 +34,27 @@ USAGE = """usage: trace-env {serve,index,demo} ...
 """
 
 
-def _index_parser() -> argparse.ArgumentParser:
-    i = argparse.ArgumentParser(prog="trace-env index", description="build the on-disk search index of a corpus")
-    i.add_argument("--corpus", required=True)
-    i.add_argument("--index-dir", required=True)
-    return i
+@dataclass
+class IndexConfig:
+    """`trace-env index`'s config: which corpus to index where."""
+
+    corpus: str = ""
+    """Corpus jsonl (`{id, contents: "\\"Title\\"\\ntext"}`). Required."""
+    index_dir: str = ""
+    """Folder to write the on-disk index into. Required."""
+
+    def validate(self) -> IndexConfig:
+        missing = [f for f, v in (("--corpus", self.corpus), ("--index-dir", self.index_dir)) if not v]
+        if missing:
+            raise ValueError(f"the following arguments are required: {', '.join(missing)}")
+        return self
+
+
+@dataclass
+class _IndexArgs:
+    cfg: Annotated[IndexConfig, tyro.conf.arg(name="")]
+    config: str | None = None
+    """TOML file with IndexConfig fields; flags override it."""
 
 
 async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> None:
@@ -88,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trace-env serve: {e}", file=sys.stderr)
             return 2
         return 0
-    args = _index_parser().parse_args(argv[1:]) if cmd == "index" else argparse.Namespace(cmd="demo")
-    args.cmd = cmd
-    setup_logging("warning" if args.cmd == "demo" else "info")
-    if args.cmd == "index":
+    setup_logging("warning" if cmd == "demo" else "info")
+    if cmd == "index":
         from env_server.retrieval.tantivy_index import build_index, read_corpus_jsonl
 
+        desc = "Build the on-disk search index of a corpus jsonl."
+        args = parse_args(_IndexArgs, argv[1:], prog="trace-env index", description=desc).cfg
         corpus = Path(args.corpus)
         if not corpus.is_file():
             print(f"trace-env index: no such corpus file {corpus}", file=sys.stderr)
@@ -105,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"index ready at {args.index_dir} (corpus_id {corpus_id})")
         return 0
-    if args.cmd == "demo":
+    if cmd == "demo":
         from env_server.demo import run_demo
 
         return asyncio.run(run_demo())
-    raise AssertionError(args.cmd)
+    raise AssertionError(cmd)
 
 
 if __name__ == "__main__":

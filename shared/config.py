@@ -30,6 +30,7 @@ import dataclasses
 import os
 import sys
 import tomllib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -138,7 +139,8 @@ def _coerce(text: str, hint: Any) -> Any:
         parsed = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
-    admits_str = hint is str or str in typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    admits_str = hint is str or (union and str in typing.get_args(hint))
     return text if admits_str and not isinstance(parsed, str) else parsed
 
 

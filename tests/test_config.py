@@ -59,6 +59,8 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
         load_config(TrainConfig, bad)
     with pytest.raises(ConfigError, match=r"\[optim\] has no field 'lrr'"):
         load_config(TrainConfig, sets=["optim.lrr=1"])
+    cfg = load_config(TrainConfig, sets=['run.report_to=["tensorboard"]', "run.name=2024", "model.path=/m"])
+    assert (cfg.run.report_to, cfg.run.name, cfg.model.path) == (["tensorboard"], "2024", "/m")  # TOML syntax
     with pytest.raises(ConfigError, match=r"expected section\.field=value"):
         load_config(TrainConfig, sets=["optim.lr"])
 
@@ -106,6 +108,9 @@ def _fields(cls: type, prefix: str = "") -> list[tuple[str, type]]:
         ("env_server.cli", ["serve", "--help"], "env_server.config:ServerConfig"),
         ("engine.cli", ["serve", "--help"], "engine.cli:ServeConfig"),
         ("tools.eval.cli", ["--help"], "tools.eval.runner:EvalConfig"),
+        ("env_server.cli", ["index", "--help"], "env_server.cli:IndexConfig"),
+        ("tools.synthetic", ["--help"], "tools.synthetic:WorldConfig"),
+        ("tools.tiny_model", ["--help"], "tools.tiny_model:TinyModelConfig"),
     ],
 )
 def test_help_lists_every_field_with_its_doc(module: str, argv: list[str], cls_path: str) -> None:

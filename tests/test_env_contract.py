@@ -183,7 +183,7 @@ async def test_batch_mixed_ops_in_order(http: RawHTTP, fmt: str) -> None:
 async def test_batch_ops_on_one_episode_apply_in_the_given_order(http: RawHTTP, env_server: LiveServer) -> None:
     """Regression: a fork/snapshot/delete op used to run while an earlier step op of the same batch on the same
     episode was still searching, so [step e, fork e] forked the state BEFORE the step and [step e, delete e,
-    step e] deleted e under the first step (app.py EnvService.batch)."""
+    step e] deleted e under the first step (service.py EnvService.batch)."""
     eid = (await create(http))["episode_id"]
     ops = [
         {"op": "step", "episode_id": eid, "action": "<search> Fozan Editions </search>"},
@@ -289,7 +289,7 @@ async def test_400_malformed_bodies(http: RawHTTP, fmt: str) -> None:
 async def test_deep_nesting_and_huge_ints_are_client_errors(http: RawHTTP, fmt: str) -> None:
     """Regression: 50k nested arrays in tool_call.arguments made the decoder raise RecursionError (500, codec.py);
     a seed past int64 (JSON ints are unbounded) was accepted and then GET /v1/snapshots/{sid} failed with 500
-    because the blob is MessagePack (app.py EnvService.create)."""
+    because the blob is MessagePack (service.py EnvService.create)."""
     eid = (await create(http, fmt))["episode_id"]
     depth = 50_000
     if fmt == JSON:

@@ -358,7 +358,7 @@ async def test_step_waiting_behind_a_delete_is_refused(
     make_env_server: Make, make_slow_retriever: Callable[[float], Awaitable[SlowRetriever]]
 ) -> None:
     """Regression: a step queued on an episode's lock ran after the episode was deleted and answered 200 on a
-    deleted episode (app.py EnvService.step re-checks the episode after taking the lock)."""
+    deleted episode (service.py EnvService.step re-checks the episode after taking the lock)."""
     slow = await make_slow_retriever(0.6)
     srv = await make_env_server(resources=None, retriever_url=slow.url)
     async with EnvClient(srv.url) as env:

@@ -56,7 +56,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 GENERATOR_VERSION = 1
 """Bump whenever the output for a given (seed, size) changes: it names the cache directory."""
@@ -873,33 +875,57 @@ def read_world_texts(world_dir: Path) -> list[str]:
     return texts
 
 
+@dataclass
+class WorldConfig:
+    """`trace-world`'s config: where to write which world."""
+
+    out: str | None = None
+    """Write the world into this folder (must not exist or be empty)."""
+    cache_dir: str | None = None
+    """Instead of --out: build into CACHE_DIR/synthetic-v<version>-s<seed>-n<size> unless already there, and print
+    that folder (what the trainer uses)."""
+    seed: int = 0
+    size: int = 300
+    """Core entities (>= MIN_SIZE = 40); about 5x as many questions."""
+
+    def validate(self) -> WorldConfig:
+        if (self.out is None) == (self.cache_dir is None):
+            raise ValueError("give exactly one of --out DIR or --cache-dir DIR")
+        if self.size < MIN_SIZE:
+            raise ValueError(f"--size must be >= {MIN_SIZE}, got {self.size}")
+        return self
+
+
+@dataclass
+class _WorldArgs:
+    cfg: Annotated[WorldConfig, tyro.conf.arg(name="")]
+    config: str | None = None
+    """TOML file with WorldConfig fields; flags override it."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """`trace-world`: write a synthetic world (corpus.jsonl, train/dev/test.jsonl, manifest.json) that
     `trace-env serve --data synthetic=DIR --corpus DIR/corpus.jsonl` serves."""
-    import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="trace-world", description=main.__doc__)
-    where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", help="write the world into this folder (must not exist or be empty)")
-    where.add_argument(
-        "--cache-dir",
-        help="build into CACHE_DIR/synthetic-v<version>-s<seed>-n<size> unless already there; prints the folder",
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=300, help=f"core entities (>= {MIN_SIZE})")
-    args = ap.parse_args(argv)
+    from shared.config import parse_args
+
     try:
-        if args.cache_dir:
-            print(load_or_build_world(Path(args.cache_dir), seed=args.seed, size=args.size))
+        cfg = parse_args(_WorldArgs, argv, prog="trace-world", description=main.__doc__ or "").cfg
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        if cfg.cache_dir is not None:
+            print(load_or_build_world(Path(cfg.cache_dir), seed=cfg.seed, size=cfg.size))
             return 0
-        world = generate_world(seed=args.seed, size=args.size)
-        write_world(world, Path(args.out))
+        assert cfg.out is not None
+        world = generate_world(seed=cfg.seed, size=cfg.size)
+        write_world(world, Path(cfg.out))
     except (ValueError, FileExistsError) as e:
         print(f"trace-world: {e}", file=sys.stderr)
         return 2
     counts = {k: len(v) for k, v in world.splits.items()}
-    print(f"wrote {len(world.passages)} passages and questions {counts} to {args.out}")
+    print(f"wrote {len(world.passages)} passages and questions {counts} to {cfg.out}")
     return 0
 
 

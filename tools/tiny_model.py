@@ -28,13 +28,15 @@ queries; at 2,048, trained on the synthetic world's own text, a name is one or t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import tyro
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -176,39 +178,61 @@ def _mlp_size(hidden_size: int) -> int:
     return -(-(hidden_size * 8 // 3) // 64) * 64
 
 
+@dataclass
+class TinyModelConfig:
+    """`trace-tiny-model`'s config: where to write the model, and its sizes."""
+
+    out: Path | None = None
+    """Folder to write the model into. Required."""
+    seed: int = 0
+    """Weights init and synthetic-world seed."""
+    world: Path | None = None
+    """Train the tokenizer on this synthetic world folder (`trace-world --out`); default: generate the seed's."""
+    vocab_size: int = 2048
+    """BPE vocabulary size."""
+    hidden_size: int = 256
+    layers: int = 4
+    max_position: int = 4096
+
+    def validate(self) -> TinyModelConfig:
+        if self.out is None:
+            raise ValueError("--out DIR is required")
+        return self
+
+
+@dataclass
+class _TinyModelArgs:
+    cfg: Annotated[TinyModelConfig, tyro.conf.arg(name="")]
+    config: str | None = None
+    """TOML file with TinyModelConfig fields; flags override it."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`trace-tiny-model --out DIR [--seed S] [--world DIR] [--vocab-size V]`."""
-    ap = argparse.ArgumentParser(prog="trace-tiny-model", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="folder to write the model into")
-    ap.add_argument("--seed", type=int, default=0, help="weights init and synthetic-world seed")
-    ap.add_argument(
-        "--world",
-        type=Path,
-        help="train the tokenizer on this synthetic world folder (`trace-world --out`); default: generate the seed's",
-    )
-    ap.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
-    ap.add_argument("--hidden-size", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--max-position", type=int, default=4096)
-    args = ap.parse_args(argv)
-    if args.world is not None:
+    """`trace-tiny-model --out DIR [--seed S] [--world DIR] [--vocab-size V]`: build the tiny model offline."""
+    from shared.config import parse_args
+
+    try:
+        cfg = parse_args(_TinyModelArgs, argv, prog="trace-tiny-model", description=__doc__.split("\n")[0]).cfg
+    except SystemExit as e:
+        return int(e.code or 0)
+    texts = None
+    if cfg.world is not None:
         from tools.synthetic import read_world_texts
 
         try:
-            texts = read_world_texts(args.world)
+            texts = read_world_texts(cfg.world)
         except FileNotFoundError as e:
             print(f"trace-tiny-model: {e}", file=sys.stderr)
             return 2
-    else:
-        texts = None
+    assert cfg.out is not None
     out = build_tiny_model(
-        args.out,
-        seed=args.seed,
+        cfg.out,
+        seed=cfg.seed,
         texts=texts,
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        layers=args.layers,
-        max_position=args.max_position,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        layers=cfg.layers,
+        max_position=cfg.max_position,
     )
     print(out)
     return 0
