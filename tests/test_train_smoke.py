@@ -70,7 +70,7 @@ def test_debug_config_runs_resumes_and_continues(
     monkeypatch.setenv("TRACE_CACHE_DIR", str(cache_dir))
     out = tmp_path / "run"
     # max_staleness=1: step 1's rollouts run while step 0 trains, and its weight push pauses them mid-flight.
-    sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2", "run.max_staleness=1"]
+    sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2", "run.max_staleness=1", 'run.report_to=["tensorboard"]']
     cfg = load_train_config(REPO / "configs" / "debug.toml", sets)
     asyncio.run(train(cfg))
     rows = _rows(out)
@@ -82,6 +82,11 @@ def test_debug_config_runs_resumes_and_continues(
         assert 0 < r["cached_prefill_tokens"] <= r["prefill_tokens"], "branches re-send prefixes the cache serves"
         assert 0.0 <= r["effective_ratio"] <= 1.0
     assert "eval_em" in rows[-1] and "train_em" in rows[-1] and "eval_em_before" in rows[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # run.report_to
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("leaves")] == [(r["step"], r["leaves"]) for r in rows]
     trees = [json.loads(ln) for f in sorted((out / "trees").glob("step_*.jsonl")) for ln in f.read_text().splitlines()]
     assert trees and {t["prompt_id"] for t in trees} <= {f"train-{i:06d}" for i in range(5)}, "env.train_limit=5"
     assert (out / "checkpoints" / "step_00002" / "model" / "config.json").exists()

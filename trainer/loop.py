@@ -12,8 +12,8 @@ uses the weights of the step before it. After each update the weights go to the 
 of later trees records. Every child process and task is stopped on exit, Ctrl-C included.
 
 What always holds:
-- `metrics.jsonl` gets one row per step, in step order, written after the step's weights reach the
-  engines; evaluations (`run.eval_every`) add `eval_em`/`eval_f1` (and `train_em`/`train_f1`) to the row
+- `metrics.jsonl` gets one row per step (and so does every tracker of `run.report_to`), in step order,
+  written after the step's weights reach the engines; evaluations (`run.eval_every`) add `eval_em`/`eval_f1` (and `train_em`/`train_f1`) to the row
   of the step they follow, and with `run.eval_before_train` the evaluation of the starting weights lands on
   step 0's row as `<key>_before`.
 - The weights the engines serve alternate between `weights/v1` and `weights/v2` (`v0`: the start), so
@@ -47,6 +47,7 @@ from trainer.policy import Policy
 from trainer.rollout import RolloutRunner
 from trainer.sft import run_sft
 from trainer.trace import StepBatch, TraceStep
+from trainer.tracking import Trackers
 
 log = structlog.get_logger("trainer")
 
@@ -57,6 +58,9 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     start = latest_checkpoint(out) if resume else None
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, default=str))
     async with contextlib.AsyncExitStack() as stack:
+        run = cfg.run
+        track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, config_to_dict(cfg), run.wandb_project)
+        stack.push_async_callback(asyncio.to_thread, track.close)
         env_url = await stack.enter_async_context(services.env_server(cfg, out))
         env = await stack.enter_async_context(EnvClient(env_url, token=cfg.env.token))
         policy = await _initial_policy(cfg, env, out, start)
@@ -102,6 +106,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                     row.update(await evals())
                 row.update(step=step, weight_version=version, step_time_s=time.perf_counter() - t0)
                 _append_metrics(out, row)
+                await asyncio.to_thread(track.log, row)  # run.report_to: wandb / tensorboard, off the event loop
                 if cfg.run.save_trees:
                     _save_trees(out, step, batch)
                 if _due(step, cfg.run.save_every, cfg.run.steps):
