@@ -19,7 +19,7 @@ from aiohttp import web
 
 from engine.app import ServerConfig, init_app
 from engine.engine import DTYPES, EngineConfig
-from shared.config import parse_args
+from shared.config import parse_config
 from shared.logging import setup_logging
 
 
@@ -86,22 +86,14 @@ class ServeConfig:
         return ServerConfig(engine=engine, queue_size=self.queue_size, batch_window_ms=self.batch_window_ms)
 
 
-@dataclass
-class ServeArgs:
-    cfg: Annotated[ServeConfig, tyro.conf.arg(name="")]
-    config: str | None = None
-    """TOML file with ServeConfig fields; flags override it."""
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "serve":
         print("usage: trace-engine serve --model DIR [...]  (`trace-engine serve --help` lists every field)")
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     try:
-        cfg = parse_args(
-            ServeArgs, argv[1:], prog="trace-engine serve", description="TRACE's CPU development engine (not SGLang)"
-        ).cfg
+        desc = "TRACE's CPU development engine (not SGLang)"
+        cfg = parse_config(ServeConfig, argv[1:], prog="trace-engine serve", description=desc)
         server = cfg.server_config()
     except SystemExit as e:
         return int(e.code or 0)

@@ -17,13 +17,11 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import structlog
-import tyro
 
 from env_server.config import ServerConfig
-from shared.config import parse_args
+from shared.config import parse_config
 from shared.logging import setup_logging
 
 USAGE = """usage: trace-env {serve,index,demo} ...
@@ -48,13 +46,6 @@ class IndexConfig:
         if missing:
             raise ValueError(f"the following arguments are required: {', '.join(missing)}")
         return self
-
-
-@dataclass
-class _IndexArgs:
-    cfg: Annotated[IndexConfig, tyro.conf.arg(name="")]
-    config: str | None = None
-    """TOML file with IndexConfig fields; flags override it."""
 
 
 async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> None:
@@ -112,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from env_server.retrieval.tantivy_index import build_index, read_corpus_jsonl
 
         desc = "Build the on-disk search index of a corpus jsonl."
-        args = parse_args(_IndexArgs, argv[1:], prog="trace-env index", description=desc).cfg
+        args = parse_config(IndexConfig, argv[1:], prog="trace-env index", description=desc)
         corpus = Path(args.corpus)
         if not corpus.is_file():
             print(f"trace-env index: no such corpus file {corpus}", file=sys.stderr)

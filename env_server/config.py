@@ -136,26 +136,17 @@ def load_config(toml_path: str | Path | None = None, **overrides: Any) -> Server
     return cfg.validate()
 
 
-@dataclass
-class ServeArgs:
-    """`trace-env serve`'s command line: the config file, then every ServerConfig field as a flag."""
-
-    cfg: Annotated[ServerConfig, tyro.conf.arg(name="")]
-    config: str | None = None
-    """TOML file with ServerConfig fields (top level or under [server]); flags override it."""
-
-
 def parse_serve_args(argv: list[str]) -> ServerConfig:
-    """`--data NAME=FILE` (repeatable) is accepted as in earlier releases, beside tyro's `--data NAME FILE`."""
-    args = shared_config.parse_args(
-        ServeArgs,
+    """`trace-env serve`'s command line: `--config FILE.toml`, then every ServerConfig field as a flag.
+    `--data NAME=FILE` (repeatable) is accepted as in earlier releases, beside tyro's `--data NAME FILE`."""
+    return shared_config.parse_config(
+        ServerConfig,
         _split_data_pairs(argv),
         prog="trace-env serve",
         description="Run the TRACE env server: forkable ReAct search/QA episodes over HTTP (DESIGN §2).",
         env_vars=ENV_VARS,
         toml_table="server",
     )
-    return args.cfg
 
 
 def _split_data_pairs(argv: list[str]) -> list[str]:

@@ -164,7 +164,8 @@ def parse_args(
     """Parse a program's command line. `args_cls` is a dataclass with a `config: str | None` field (the TOML
     file), optionally `set: list[str]`, a field `cfg` holding the program's config dataclass (annotated
     `tyro.conf.arg(name="")` so its flags have no prefix), and any flags that are not config (`--resume`).
-    Exits 2 with the message on a bad config, as argparse does for a bad flag."""
+    Exits 2 with the message on a bad config, as argparse does for a bad flag. A program with no flags of its own
+    calls `parse_config` instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -191,6 +192,28 @@ def parse_args(
     except (ValueError, AssertionError) as e:  # validate(), or a section's __post_init__ run by tyro
         _usage_error(prog, str(e))
     return args
+
+
+def parse_config(
+    cls: type[T],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    env_vars: Mapping[str, str] | None = None,
+    toml_table: str | None = None,
+) -> T:
+    """`parse_args` for a program whose command line is its config and `--config FILE.toml`, nothing else."""
+    help_text = f"TOML file with {cls.__name__} fields; flags override it."
+    wrapper = dataclasses.make_dataclass(
+        f"_{cls.__name__}Args",
+        [
+            ("cfg", typing.Annotated[cls, tyro.conf.arg(name="")]),
+            ("config", typing.Annotated[str | None, tyro.conf.arg(help=help_text)], dataclasses.field(default=None)),
+        ],
+    )
+    args = parse_args(wrapper, argv, prog=prog, description=description, env_vars=env_vars, toml_table=toml_table)
+    return args.cfg  # type: ignore[attr-defined,no-any-return]
 
 
 def _usage_error(prog: str, message: str) -> typing.NoReturn:

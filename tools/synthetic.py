@@ -56,9 +56,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
-
-import tyro
+from typing import Literal
 
 GENERATOR_VERSION = 1
 """Bump whenever the output for a given (seed, size) changes: it names the cache directory."""
@@ -896,22 +894,15 @@ class WorldConfig:
         return self
 
 
-@dataclass
-class _WorldArgs:
-    cfg: Annotated[WorldConfig, tyro.conf.arg(name="")]
-    config: str | None = None
-    """TOML file with WorldConfig fields; flags override it."""
-
-
 def main(argv: list[str] | None = None) -> int:
     """`trace-world`: write a synthetic world (corpus.jsonl, train/dev/test.jsonl, manifest.json) that
     `trace-env serve --data synthetic=DIR --corpus DIR/corpus.jsonl` serves."""
     import sys
 
-    from shared.config import parse_args
+    from shared.config import parse_config
 
     try:
-        cfg = parse_args(_WorldArgs, argv, prog="trace-world", description=main.__doc__ or "").cfg
+        cfg = parse_config(WorldConfig, argv, prog="trace-world", description=main.__doc__ or "")
     except SystemExit as e:
         return int(e.code or 0)
     try:

@@ -33,10 +33,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import torch
-import tyro
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -200,19 +198,12 @@ class TinyModelConfig:
         return self
 
 
-@dataclass
-class _TinyModelArgs:
-    cfg: Annotated[TinyModelConfig, tyro.conf.arg(name="")]
-    config: str | None = None
-    """TOML file with TinyModelConfig fields; flags override it."""
-
-
 def main(argv: list[str] | None = None) -> int:
     """`trace-tiny-model --out DIR [--seed S] [--world DIR] [--vocab-size V]`: build the tiny model offline."""
-    from shared.config import parse_args
+    from shared.config import parse_config
 
     try:
-        cfg = parse_args(_TinyModelArgs, argv, prog="trace-tiny-model", description=__doc__.split("\n")[0]).cfg
+        cfg = parse_config(TinyModelConfig, argv, prog="trace-tiny-model", description=__doc__.split("\n")[0])
     except SystemExit as e:
         return int(e.code or 0)
     texts = None

@@ -174,6 +174,10 @@ class OptimConfig:
     leaf advantages, which sum to zero, then also sum to zero in the gradient. Shared prefixes keep their
     1 / n(y) tree weights within each sample either way (the logged policy_tokens is then the scaled sum)."""
 
+    def __post_init__(self) -> None:  # a section's own check, run however the section is built
+        if self.loss_agg not in LOSS_AGG:
+            raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}")
+
 
 @dataclass
 class SFTConfig:
@@ -227,8 +231,6 @@ class TrainConfig:
                 "drop one of them"
             )
         check_report_to(self.run.report_to)
-        if self.optim.loss_agg not in LOSS_AGG:
-            raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.optim.loss_agg!r}")
         if self.model.path is not None and Path(self.model.path).exists():  # a folder; anything else is a hub id
             self.model.path = str(Path(self.model.path).resolve())
         if self.run.steps < 0 or self.run.prompts_per_step < 1:

@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import dataclass
-from typing import Annotated
 
-import tyro
-
-from shared.config import parse_args
+from shared.config import parse_config
 from tools.eval.report import write_summary
 from tools.eval.runner import EnvUnavailable, EvalConfig, UsageError, read_rows, run_eval
 
@@ -33,21 +29,14 @@ EXIT_OK, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED = 0, 2, 3, 130
 ENV_VARS = {"TRACE_ENV_URL": "env_url", "TRACE_ENV_TOKEN": "env_token", "TRACE_AUTH_TOKEN": "env_token"}
 
 
-@dataclass
-class EvalArgs:
-    cfg: Annotated[EvalConfig, tyro.conf.arg(name="")]
-    config: str | None = None
-    """TOML file with EvalConfig fields (model-backed agents' options at the top level too); flags override it."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(
-        EvalArgs,
+    cfg = parse_config(
+        EvalConfig,
         argv,
         prog="trace-eval",
         description="Run an agent over a dataset split served by a TRACE env server; one jsonl row per question.",
         env_vars=ENV_VARS,
-    ).cfg
+    )
     try:
         stats = asyncio.run(run_eval(cfg))
     except UsageError as e:
