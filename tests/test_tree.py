@@ -61,20 +61,46 @@ def test_add_child_rejects_missing_or_finished_parent():
         t.add_child(leaf.node_id, [1], [1], [-0.1])
 
 
-def test_backup_visit_weighted():
+def test_backup_fresh_sample_values():
+    """Was test_backup_visit_weighted: the values changed with the estimator (trainer.tree docstring); the counts,
+    mixedness and anchors did not. small_tree read as it was grown: bare rollouts 1->2 (r=1) and 6 (r=1);
+    continuation 3->4 (r=0) added at node 1; continuation 5 (r=0) added at node 3."""
     t = small_tree()
     t.backup()
-    v = [n.value for n in t.nodes]
-    n = [n.n_leaves for n in t.nodes]
-    assert n == [4, 3, 1, 2, 1, 1, 1]
-    # b = mean(0, 0) = 0; a = (1*1 + 2*0)/3 = 1/3; root = (3*(1/3) + 1*1)/4 = 0.5 (= mean of the 4 leaves)
-    assert v == pytest.approx([0.5, 1 / 3, 1.0, 0.0, 0.0, 0.0, 1.0])
+    assert [n.n_leaves for n in t.nodes] == [4, 3, 1, 2, 1, 1, 1]  # structural count, unchanged
+    # O follows children[0]: 1 -> 2 (1.0); 3 -> 4 (0.0); the root has none
+    assert [n.outcome for n in t.nodes] == [None, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    # root = mean O of bare rollouts 1, 6 = 1; node 1 = O(3) = 0 (its own O(1) = 1 triggered the expansion and
+    # is left out); node 3 = O(5) = 0; leaves = rewards. The visit-weighted backup gave [.5, 1/3, 1, 0, 0, 0, 1].
+    assert [n.value for n in t.nodes] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert [n.n_fresh for n in t.nodes] == [2, 1, 1, 1, 1, 1, 1]
+    assert t.root_outcomes() == [1.0, 1.0]
+    assert [t.own_outcome(i) for i in range(7)] == [n.outcome for n in t.nodes]
     assert t.is_mixed()
     assert [a.node_id for a in t.anchors()] == [1, 3]
     assert [a.node_id for a in t.anchors(max_turns=2)] == [1]
 
 
+def test_unexpanded_chain_node_takes_its_own_outcome_and_continuations_average():
+    """A chain node without continuations is valued by its own outcome; with continuations, by theirs only; when
+    every continuation ended without a reward it falls back to its own outcome."""
+    t = RolloutTree.new("p", "q", ["a"], [1], None)
+    a = turn(t, 0)  # 1: bare rollout 1 -> 2 -> 3 (r=1)
+    b = turn(t, a.node_id)  # 2
+    turn(t, b.node_id, status=FinishStatus.ANSWERED, reward=1.0)  # 3
+    turn(t, 0, status=FinishStatus.ANSWERED, reward=0.0)  # 4: bare rollout, r=0
+    for r in (0.0, 0.0, 1.0):  # 5, 6, 7: continuations at node 1
+        turn(t, a.node_id, status=FinishStatus.ANSWERED, reward=r)
+    turn(t, b.node_id, status=FinishStatus.ERROR)  # 8: continuation at node 2 without a reward
+    t.backup()
+    assert t.root.value == 0.5 and t.root.n_fresh == 2 and t.root_outcomes() == [1.0, 0.0]
+    assert t.nodes[1].value == pytest.approx(1 / 3) and t.nodes[1].n_fresh == 3 and t.nodes[1].outcome == 1.0
+    assert t.nodes[2].value == 1.0 and t.nodes[2].n_fresh == 1  # fallback to O(2)
+    assert t.nodes[1].n_leaves == 4
+
+
 def test_backup_ignores_unscored_and_open_leaves():
+    """Node 1's own chain ended in an error and its continuation is still open: no sample, no value."""
     t = RolloutTree.new("p", "q", ["a"], [1], None)
     a = turn(t, 0)
     turn(t, a.node_id, status=FinishStatus.ERROR)  # finished, no reward: carries no outcome

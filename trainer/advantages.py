@@ -1,11 +1,22 @@
 """Tree-aware advantages, laid out as training sequences (DESIGN §1 "Policy update").
 
-Per prompt (one RolloutTree, backed up), over its scored leaves with rewards r, mean mu and std sigma:
-- outcome term of a node y: (Vhat(y) - mu) / (sigma + eps), i.e. the visit-weighted mean of the normalised
-  rewards of the leaves below y (for a leaf: its own normalised reward); 0 for every node when sigma = 0;
-- process term: Vhat(y) - Vhat(parent(y)), the change in backed-up value that turn y brought (not normalised:
-  it is already a difference of success probabilities, in [-1, 1]);
+Per prompt (one RolloutTree, backed up), with node values Vhat (`trainer.tree`: fresh-sample means, not
+visit-weighted leaf means), baseline mu = Vhat(root) and scale sigma:
+- mu = Vhat(root), the mean outcome of the bare rollouts: i.i.d. samples of the prompt's success probability,
+  so an unbiased baseline. The mean over all leaves is not: stage 2 placed continuations by outcome;
+- sigma = the std of all scored leaves' rewards (ddof as configured). A tree allocator creates its contrast
+  through continuations; a std over the bare rollouts alone would be 0 for a prompt whose bare rollouts all
+  agree and so silence exactly the trees stage 2 made mixed. It only scales, so it biases no sign;
+- outcome term of a node y: (Vhat(y) - mu) / (sigma + eps); 0 for every node when sigma = 0;
+- process term: Vhat(y) - Vhat(parent(y)), the change in success probability that turn y brought (not
+  normalised: already a difference of probabilities, in [-1, 1]). Both values are unbiased for an expanded y
+  and the root (given the history); for an unexpanded y, Vhat(y) = O(y) is its one sample (`trainer.tree`);
 - node advantage A(y) = w_outcome * outcome + w_process * process, given to every policy-generated token of y.
+  `build_training_samples(..., process=False)` drops the process term whatever w_process says: with no
+  expansion that is exactly GRPO (every node on leaf j's chain has Vhat = r_j and mu is the group mean, so each
+  token gets (r_j - mean) / (std + eps)); the trainer passes process=False for allocators that do not expand.
+A node without a value (no scored sample of its own state: rare, an error-ended chain) gets advantage 0, and
+a node whose parent has none gets process term 0: there is nothing to compare against.
 
 Layout (our choice; DESIGN says only that a shared prefix is trained once, with its own node advantage): one
 `TrainSample` per scored leaf, holding that leaf's whole root-to-leaf history, with per-token advantages and a
@@ -35,7 +46,8 @@ class AdvantageConfig:
     w_outcome: float = 1.0
     """Weight of the inter-tree outcome term (GRPO's normalised reward)."""
     w_process: float = 1.0
-    """Weight of the intra-tree process term Vhat(node) - Vhat(parent). 0 gives plain (tree-averaged) GRPO."""
+    """Weight of the intra-tree process term Vhat(node) - Vhat(parent); build_training_samples(process=False)
+    ignores it (the trainer does so for allocators that do not expand)."""
     eps: float = 1e-6
     """Added to the reward std before dividing (verl's GRPO uses 1e-6)."""
     std_ddof: int = 1
@@ -78,35 +90,43 @@ def reward_stats(tree: RolloutTree, cfg: AdvantageConfig) -> tuple[float, float]
 
 
 def node_terms(tree: RolloutTree, cfg: AdvantageConfig) -> dict[int, tuple[float, float]]:
-    """{node_id: (outcome term, process term)} for every non-root node with a backed-up value.
+    """{node_id: (outcome term, process term)} for every non-root node with a value (module docstring).
 
     The tree must be backed up (`tree.backup()`); values are read, not recomputed."""
-    mu, sigma = reward_stats(tree, cfg)
-    assert tree.root.value is None or abs(tree.root.value - mu) < 1e-9, (
-        f"prompt {tree.prompt_id!r}: root value {tree.root.value} != leaf mean {mu}; call tree.backup() first"
+    assert tree.root.n_leaves == len(tree.scored_leaves()), (
+        f"prompt {tree.prompt_id!r}: root n_leaves {tree.root.n_leaves} != {len(tree.scored_leaves())} scored leaves; "
+        "call tree.backup() first"
     )
+    _, sigma = reward_stats(tree, cfg)
+    mu = tree.root.value
     scale = (sigma + cfg.eps) if cfg.scale_by_std else 1.0
-    flat = sigma < 1e-12  # all rewards equal: no contrast, no outcome signal
+    flat = sigma < 1e-12 or mu is None  # all rewards equal (no contrast), or no baseline: no outcome signal
     out: dict[int, tuple[float, float]] = {}
     for node in tree.nodes[1:]:
         if node.value is None:
             continue
         parent = tree.nodes[node.parent]
         outcome = 0.0 if flat else (node.value - mu) / scale
-        out[node.node_id] = (outcome, node.value - parent.value)
+        process = 0.0 if parent.value is None else node.value - parent.value
+        out[node.node_id] = (outcome, process)
     return out
 
 
-def node_advantages(tree: RolloutTree, cfg: AdvantageConfig) -> dict[int, float]:
-    """{node_id: A(y) = w_outcome * outcome + w_process * process} for every non-root node with a value."""
-    return {i: cfg.w_outcome * o + cfg.w_process * p for i, (o, p) in node_terms(tree, cfg).items()}
+def node_advantages(tree: RolloutTree, cfg: AdvantageConfig, *, process: bool = True) -> dict[int, float]:
+    """{node_id: A(y)} for every non-root node with a value: w_outcome * outcome + w_process * process, or
+    w_outcome * outcome alone when `process` is False."""
+    w_process = cfg.w_process if process else 0.0
+    return {i: cfg.w_outcome * o + w_process * p for i, (o, p) in node_terms(tree, cfg).items()}
 
 
-def build_training_samples(trees: Sequence[RolloutTree], cfg: AdvantageConfig) -> list[TrainSample]:
-    """One TrainSample per scored leaf of every (backed-up) tree, in tree order then leaf id order."""
+def build_training_samples(
+    trees: Sequence[RolloutTree], cfg: AdvantageConfig, *, process: bool = True
+) -> list[TrainSample]:
+    """One TrainSample per scored leaf of every (backed-up) tree, in tree order then leaf id order.
+    process=False drops the process term (plain GRPO for trees without expansion)."""
     samples = []
     for t_idx, tree in enumerate(trees):
-        adv = node_advantages(tree, cfg)
+        adv = node_advantages(tree, cfg, process=process)
         for leaf in tree.scored_leaves():
             ids: list[int] = []
             mask: list[int] = []
@@ -125,7 +145,7 @@ def build_training_samples(trees: Sequence[RolloutTree], cfg: AdvantageConfig) -
                     wts.extend([0.0] * len(node.token_ids))
                 else:
                     assert node.n_leaves >= 1, f"prompt {tree.prompt_id!r} node {i}: n_leaves=0 on a scored path"
-                    a, w = adv[i], 1.0 / node.n_leaves
+                    a, w = adv.get(i, 0.0), 1.0 / node.n_leaves  # no value: no signal (module docstring)
                     mask.extend(node.loss_mask)
                     advs.extend(a if m else 0.0 for m in node.loss_mask)
                     wts.extend(w if m else 0.0 for m in node.loss_mask)
@@ -161,5 +181,15 @@ def nonzero_adv_token_frac(samples: Sequence[TrainSample], tol: float = 1e-8) ->
 
 
 def effective_ratio(trees: Sequence[RolloutTree]) -> float:
-    """Share of trees holding both a success and a failure leaf (the paper's headline); nan for no trees."""
+    """Share of trees holding both a success and a failure leaf (the paper's headline); nan for no trees.
+
+    Callers pass exactly the prompts that received rollouts (not the candidate pool, not only the mixed ones),
+    for every allocator alike, so that the figure compares allocators."""
     return sum(t.is_mixed() for t in trees) / len(trees) if trees else math.nan
+
+
+def mixed_per_100_leaves(trees: Sequence[RolloutTree]) -> float:
+    """Mixed prompts per 100 scored leaves, the equal-cost contrast figure (DESIGN §1 "Budget accounting");
+    nan when there is no scored leaf. Same caller contract as `effective_ratio`."""
+    leaves = sum(len(t.scored_leaves()) for t in trees)
+    return 100.0 * sum(t.is_mixed() for t in trees) / leaves if leaves else math.nan

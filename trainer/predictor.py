@@ -4,14 +4,25 @@ Contract:
 - Inputs are ours to choose (DESIGN §1): the trainer stores on each node, as `TurnNode.features`, the policy's
   last hidden state at the prefix end concatenated with `structural_features(node, tree)`. Any fixed width D
   works; `SuccessPredictor` standardises its inputs with running statistics, so raw hidden states are fine.
-- Targets are the backed-up values Vhat (`RolloutTree.backup`), in [0, 1]. `collect_training_set` gathers
-  (features, Vhat, weight) from finished trees; `SuccessPredictor.fit` is called every trainer step *before* the
-  policy update, continues from the previous step's weights (warm start), takes at most `max_steps` gradient
-  steps, and never touches the policy: it sees detached CPU tensors only.
+- Targets are outcomes, in [0, 1], paired with the node whose state they are samples of (`trainer.tree` defines
+  O): a node's own outcome O(y), always; the own outcome O(c) of each continuation c that stage 2 added at y; for
+  the root, the bare rollouts' O. `collect_training_set` gives one row per node: target = the mean of its
+  samples, weight = their count, which has the same loss gradient as one row per (node, sample) pair (MSE's and
+  BCE's gradients are linear in the target). Why pairs and not a per-node estimate such as Vhat: the allocator
+  expands y *because of* O(y), so the number of samples at y depends on O(y), but each added sample is still a
+  fresh draw with mean V(y) whatever that number, and O(y) counts once whatever happens. The expected gradient
+  at y is then (1 + E[k]) * (f - V(y)) (k: continuations added), zero at f = V: weighted regression over the
+  pairs is consistent. A per-node value is not: an unexpanded node's only sample is O(y), and being left
+  unexpanded is itself evidence about O(y); and a weight of 1 per node with the pair mean as target gives
+  E[(O + sum O_i) / (1 + k(O))] != V. The features never depend on the gold answers (a test checks it).
+  `SuccessPredictor.fit` is called every trainer step *before* the policy update, continues from the previous
+  step's weights (warm start), takes at most `max_steps` gradient steps, and never touches the policy: it sees
+  detached CPU tensors only.
 - Roots never seen before get their stage-1 estimate from `BetaPrior`, a per-prompt Beta posterior of past
   outcomes, optionally centred on the predictor's own root estimate (`mean(prompt_id, prior_mean=...)`).
-- `calibration` (Brier, rank AUC) is what the trainer logs each step, on the step's nodes, using the
-  `predicted` values written at allocation time against the outcomes that followed.
+- `calibration` (Brier, rank AUC) is what the trainer logs each step; `split_calibration` applies it to the
+  step's trees, using the `predicted` values written at allocation time against the outcomes that followed,
+  separately for roots (V(root) against each bare rollout's outcome) and for anchors (V(H) against O(node)).
 """
 
 from __future__ import annotations
@@ -204,38 +215,36 @@ STRUCTURAL_FEATURES = (
     "depth",  # turns taken so far (the root, i.e. the bare prompt, is 0)
     "searches",  # turns on the path whose action holds a <search> call
     "invalid_actions",  # turns on the path whose action is neither a <search> nor an <answer>
-    "answer_seen",  # 1 if a gold answer (SQuAD-normalised, whole words) occurs in any observation on the path
-    "answer_in_last_obs",  # 1 if it occurs in this node's own observation
+    "distinct_queries",  # distinct search queries on the path (SQuAD-normalised): repeats signal a stuck agent
+    "last_obs_passages",  # 1 if this node's own observation returned passages ("Doc i(Title: ...)"), else 0
     "tokens_k",  # history length in tokens / 1000 (prompt + actions + observations)
     "generated_k",  # policy-generated tokens on the path / 1000
     "mean_logprob",  # mean engine logprob of the generated tokens on the path (0 at the root): policy confidence
 )
+# Every feature is a function of the prefix alone. Not of the gold answers: the trainer learns those only from the
+# first answered leaf and caches features, so a gold-dependent feature would differ with when it was computed.
 _SEARCH = re.compile(r"<search>", re.IGNORECASE)
+_QUERY = re.compile(r"<search>(.*?)</search>", re.IGNORECASE | re.DOTALL)
 _ANSWER = re.compile(r"<answer>", re.IGNORECASE)
-
-
-def _contains_answer(text: str, answers: Sequence[str]) -> bool:
-    hay = f" {normalize_answer(text)} "
-    return any(a and f" {a} " in hay for a in answers)
+_PASSAGE = re.compile(r"Doc \d+\s*\(Title:")  # env_server.retrieval.format.format_observation
 
 
 def structural_features(node: TurnNode, tree: RolloutTree) -> list[float]:
     """Cheap features of the prefix ending at `node`, in the order of STRUCTURAL_FEATURES."""
-    answers = [normalize_answer(a) for a in tree.golden_answers]
     path = [tree.nodes[i] for i in tree.path(node.node_id)]
     turns = path[1:]
     searches = sum(1 for n in turns if _SEARCH.search(n.action_text))
     invalid = sum(1 for n in turns if not _SEARCH.search(n.action_text) and not _ANSWER.search(n.action_text))
-    seen = any(_contains_answer(n.observation, answers) for n in turns)
-    last = bool(turns) and _contains_answer(node.observation, answers)
+    queries = {normalize_answer(q) for n in turns for q in _QUERY.findall(n.action_text)}
+    passages = bool(turns) and _PASSAGE.search(node.observation) is not None
     tokens = sum(len(n.token_ids) for n in path)
     gen_lp = [lp for n in turns for lp, m in zip(n.logprobs, n.loss_mask, strict=True) if m]
     return [
         float(node.depth),
         float(searches),
         float(invalid),
-        float(seen),
-        float(last),
+        float(len(queries)),
+        float(passages),
         tokens / 1000.0,
         len(gen_lp) / 1000.0,
         float(np.mean(gen_lp)) if gen_lp else 0.0,
@@ -326,23 +335,55 @@ def calibration(pred: Sequence[float], outcomes: Sequence[float]) -> dict[str, f
     }
 
 
-def collect_training_set(trees: Iterable[RolloutTree], weighting: str = "leaves") -> tuple[Tensor, Tensor, Tensor]:
-    """(features [N, D], targets [N], weights [N]) from every node of backed-up trees that has `features` and a
-    value Vhat. weighting="leaves" (default): weight = n_leaves, the inverse variance of a mean of n Bernoulli
-    outcomes, so a root backed by 16 leaves counts more than a leaf's single draw; "uniform": weight 1."""
-    assert weighting in ("leaves", "uniform"), f"weighting={weighting!r}"
+def split_calibration(trees: Iterable[RolloutTree]) -> dict[str, float]:
+    """Calibration of the `predicted` values written at allocation time against the outcomes that followed:
+    root_* for roots (`root.predicted` against each bare rollout's outcome, i.i.d. samples of the root), anchor_*
+    for other nodes (`node.predicted` against O(node), an unbiased sample of that node), each with brier, auc and
+    n; the unprefixed keys (brier, auc, n, mean_pred, mean_outcome) pool both sets of pairs."""
+    roots: list[tuple[float, float]] = []
+    anchors: list[tuple[float, float]] = []
+    for tree in trees:
+        if tree.root.predicted is not None:
+            roots += [(tree.root.predicted, o) for o in tree.root_outcomes()]
+        for node in tree.nodes[1:]:
+            if node.predicted is not None and (o := tree.own_outcome(node.node_id)) is not None:
+                anchors.append((node.predicted, o))
+    out: dict[str, float] = dict(calibration([p for p, _ in roots + anchors], [o for _, o in roots + anchors]))
+    for name, pairs in (("root", roots), ("anchor", anchors)):
+        c = calibration([p for p, _ in pairs], [o for _, o in pairs])
+        out.update({f"{name}_brier": c["brier"], f"{name}_auc": c["auc"], f"{name}_n": c["n"]})
+    return out
+
+
+def node_samples(tree: RolloutTree, node: TurnNode) -> list[float]:
+    """The outcomes that are unbiased samples of V(node) given its history (module docstring): the root's bare
+    rollouts; for another node its own O plus the O of each continuation added at it; a scored leaf's reward."""
+    kids = node.children if node.parent is None else node.children[1:]
+    out = [] if node.parent is None else [tree.own_outcome(node.node_id)]
+    out += [tree.own_outcome(c) for c in kids]
+    return [o for o in out if o is not None]
+
+
+def collect_training_set(trees: Iterable[RolloutTree]) -> tuple[Tensor, Tensor, Tensor]:
+    """(features [N, D], targets [N], weights [N]) from every node of the trees that has `features` and at least
+    one sample (`node_samples`): target = the samples' mean, weight = their count. Equivalent to one row per
+    (node, sample) pair, which is what makes the regression consistent (module docstring); a root with 16 bare
+    rollouts counts 16 times a single chain node."""
     feats, targets, weights = [], [], []
     for tree in trees:
         for node in tree.nodes:
-            if node.features is None or node.value is None or node.n_leaves == 0:
+            if node.features is None:
+                continue
+            samples = node_samples(tree, node)
+            if not samples:
                 continue
             assert not feats or len(node.features) == len(feats[0]), (
                 f"prompt {tree.prompt_id!r} node {node.node_id}: {len(node.features)} features, "
                 f"others have {len(feats[0])}"
             )
             feats.append(node.features)
-            targets.append(node.value)
-            weights.append(float(node.n_leaves) if weighting == "leaves" else 1.0)
+            targets.append(sum(samples) / len(samples))
+            weights.append(float(len(samples)))
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0), torch.zeros(0)
     return (

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.advantages import build_training_samples, effective_ratio, nonzero_adv_token_frac
+from trainer.advantages import build_training_samples, effective_ratio, mixed_per_100_leaves, nonzero_adv_token_frac
 from trainer.allocation import anchors_from_tree, make_allocator, split_rounds
 from trainer.compute import compute
 from trainer.config import TrainConfig
@@ -207,23 +207,30 @@ class TraceStep:
         if self.predictor is not None and len(feats):
             pred_loss = self.predictor.fit(feats, targets, weights, epochs=self.cfg.predictor.epochs)
             self.fitted = True
-        for t in trees:
-            rs = t.rewards()
+        for t in trees:  # the bare rollouts only: i.i.d. samples of the root (continuations were placed by outcome)
+            rs = t.root_outcomes()
             self.prior.update(t.prompt_id, rs)
             self.success_count[0] += sum(rs)
             self.success_count[1] += len(rs)
-        samples = build_training_samples(trees, self.cfg.advantage)
+        # No process term for allocators that do not expand: uniform and root-only are then exactly GRPO.
+        samples = build_training_samples(trees, self.cfg.advantage, process=self.allocator.expands)
         pol = self.policy.rl_update(samples) if samples else {}
         ledger = sum((t.ledger for t in trees), Ledger())
         rewards = [r for t in trees for r in t.rewards()]
         m: dict[str, float] = {
             "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
             "effective_ratio": effective_ratio(trees),
+            "mixed_per_100_leaves": mixed_per_100_leaves(trees),
             "nonzero_adv_token_frac": nonzero_adv_token_frac(samples),
             **ledger.to_dict(),
+            # predictor_*: roots and anchors pooled (split_calibration's unprefixed keys); the split figures follow.
             "predictor_brier": batch.calib["brier"],
             "predictor_auc": batch.calib["auc"],
             "predictor_n": float(batch.calib["n"]),
+            **{
+                f"predictor_{k}": float(batch.calib.get(k, math.nan))
+                for k in ("root_brier", "root_auc", "root_n", "anchor_brier", "anchor_auc", "anchor_n")
+            },
             "predictor_fit_loss": pred_loss,
             "prompts_pool": float(batch.pool_size),
             "prompts_selected": float(batch.selected),

@@ -5,8 +5,37 @@ Contract (who writes what):
   `add_child`, one node per ReAct turn: the policy's generated action tokens (loss mask 1, engine logprobs)
   followed by the observation tokens (loss mask 0, logprob 0.0). It sets `status`, `reward` and `info` on the node
   after which the episode ended, and `snapshot_id` on every node whose episode state can be forked.
-- `backup()` (called once the tree is finished, again after each expansion round) writes `n_leaves` and
-  `value` (the backed-up Vhat) on every node. The allocator, the predictor and the advantage builder read them.
+- `backup()` (called once the tree is finished, again after each expansion round) writes `n_leaves`, `outcome`,
+  `value` (the node value Vhat) and `n_fresh` on every node. The allocator, the predictor and the advantage
+  builder read them.
+
+How a tree grows (the runner's contract, relied on by the values below): the root's children are the first
+turns of the bare rollouts, i.i.d. and as many as stage 1 decided before any outcome was seen. Every other inner
+node y was created by one chain (a bare rollout or a continuation) that went on: `y.children[0]` is that chain's
+next turn; `y.children[1:]` are continuations stage 2 added at y later, fresh samples from y's state, started
+only once the chain below `children[0]` had finished.
+
+Node values (DESIGN §1 "Predictor V"). Stage 2 adds leaves where an outcome is likely to flip, so a visit-weighted
+mean of the leaves below a node is biased (a simulation put a true 0.215 at ~0.33; tests/test_values.py keeps
+that estimator as a witness that fails). Instead:
+- own outcome O(y): the reward of the leaf reached from y by following `children[0]` down (a scored leaf: its
+  reward; None if that chain ended without one; None for the root, which no chain created). Whether y is later
+  expanded is decided after O(y) is drawn, and nothing after that changes it, so O(y) is an unbiased single
+  sample of V(y) unconditionally.
+- value Vhat(y):
+  * root: the mean of O(c) over its children, the bare rollouts: i.i.d. samples of V(root), unbiased;
+  * an inner node with added continuations: the mean of O(c) over `children[1:]` that have one. Each is a fresh
+    draw from y's state, so the mean is unbiased *given* the history that made stage 2 expand y. The triggering
+    O(y) is left out on purpose: the allocator picked y because of O(y), and any rule that lets that outcome
+    decide how much it counts (including it in the mean, or weighting by leaves below) stays biased;
+  * an inner node without added continuations: O(y), its only sample (also the fallback when every
+    continuation ended without a reward: rare, and then as biased as the outcome that triggered them). Unbiased over all draws, but biased *given* that y was left alone, since the allocator's choice
+    can depend on O(y) (targeting successes leaves mostly failures unexpanded). No per-node value can avoid this
+    with one sample; the predictor's targets therefore use (node, sample) pairs instead
+    (`trainer.predictor.collect_training_set`), and priors count only the root's bare rollouts (`root_outcomes`);
+  * a scored leaf: its reward; no scored sample at all: None.
+- `n_fresh` is the number of samples Vhat averages; `n_leaves` stays the structural count of scored leaves in the
+  subtree (the 1/n(y) token weights of `trainer.advantages`), which is no estimate of anything.
 
 Invariants (checked by `add_child` and `validate`, loudly, with the values in the message):
 - `nodes[i].node_id == i`; a child's id is greater than its parent's, so `reversed(nodes)` is a bottom-up order;
@@ -67,7 +96,9 @@ class TurnNode:
     observation: str = ""
     weight_version: int = 0  # policy weight version that generated this node
     children: list[int] = field(default_factory=list)
-    value: float | None = None  # backed-up Vhat (set by backup()); None when no scored leaf lies below
+    value: float | None = None  # node value Vhat (set by backup(); module docstring); None without a scored sample
+    outcome: float | None = None  # own outcome O: reward at the end of children[0]'s chain (set by backup())
+    n_fresh: int = 0  # number of outcomes `value` averages (set by backup())
     predicted: float | None = None  # predictor's V(H) at allocation time (for calibration logs)
     features: list[float] | None = None  # predictor input at this prefix (hidden state + structural), optional
     n_leaves: int = 0  # number of scored leaves in this node's subtree, including itself (set by backup())
@@ -252,25 +283,46 @@ class RolloutTree:
     # ---- statistics ---------------------------------------------------------------------------------------
 
     def backup(self) -> None:
-        """Set `n_leaves` and `value` bottom-up: a scored leaf's value is its reward;
-        Vhat(y) = sum_c n_c Vhat(c) / n_y with n = scored leaves below; None where n = 0."""
+        """Set `n_leaves`, `outcome` (O), `value` (Vhat) and `n_fresh` bottom-up, as the module docstring defines
+        them: root -> mean O over the bare rollouts; inner node -> mean O over the continuations added at it, else
+        its own O; scored leaf -> its reward; None (n_fresh 0) where there is no scored sample."""
         for node in reversed(self.nodes):
             if not node.children:
                 if node.is_scored_leaf:
-                    node.n_leaves, node.value = 1, float(node.reward)
+                    node.n_leaves, node.outcome, node.value, node.n_fresh = 1, float(node.reward), float(node.reward), 1
                 else:
-                    node.n_leaves, node.value = 0, None
+                    node.n_leaves, node.outcome, node.value, node.n_fresh = 0, None, None, 0
                 continue
-            n = 0
-            s = 0.0
             for c in node.children:
-                child = self.nodes[c]
                 assert c > node.node_id, f"child {c} of node {node.node_id} has a smaller id"
-                if child.n_leaves:
-                    n += child.n_leaves
-                    s += child.n_leaves * child.value
-            node.n_leaves = n
-            node.value = s / n if n else None
+            kids = [self.nodes[c] for c in node.children]
+            node.n_leaves = sum(k.n_leaves for k in kids)
+            if node.parent is None:  # root: every child is a bare rollout, an i.i.d. sample
+                node.outcome = None
+                samples = [k.outcome for k in kids if k.outcome is not None]
+            else:  # children[0] continues y's own chain; children[1:] are continuations added at y
+                node.outcome = kids[0].outcome
+                samples = [k.outcome for k in kids[1:] if k.outcome is not None]
+                if not samples and node.outcome is not None:
+                    samples = [node.outcome]
+            node.n_fresh = len(samples)
+            node.value = sum(samples) / len(samples) if samples else None
+
+    def own_outcome(self, node_id: int) -> float | None:
+        """O(y): the reward of the leaf reached from `node_id` by following children[0] down (None if that leaf has
+        none, or for the root). Walks the tree; does not need `backup()`."""
+        if node_id == 0:
+            return None
+        node = self.nodes[node_id]
+        while node.children:
+            node = self.nodes[node.children[0]]
+        return float(node.reward) if node.is_scored_leaf else None
+
+    def root_outcomes(self) -> list[float]:
+        """The bare rollouts' own outcomes (those that have one): i.i.d. samples of the root's success probability.
+        What per-prompt priors and base rates count, rather than all leaves (continuations were placed by outcome)."""
+        out = [self.own_outcome(c) for c in self.root.children]
+        return [o for o in out if o is not None]
 
     def rewards(self) -> list[float]:
         return [float(n.reward) for n in self.scored_leaves()]
