@@ -9,7 +9,10 @@ The loop (fits on one screen, helpers below it): rollouts for step t+1 are start
 update when `run.max_staleness >= 1`, so generation and training overlap; with 0 every rollout
 uses the weights of the step before it. After each update the weights go to the engines
 (save -> /update_weights_from_disk -> cache flushed) with a new weight version, which every node
-of later trees records. Every child process and task is stopped on exit, Ctrl-C included.
+of later trees records; samples staler than `run.max_staleness` versions are dropped and counted
+(`trainer.staleness`). The push starts only once the update is done, and the engines pause while
+it loads (`push_s`): generation of step t+1 stops for that long, and resumes on the new weights.
+Every child process and task is stopped on exit, Ctrl-C included.
 
 What always holds:
 - `metrics.jsonl` gets one row per step (and so does every tracker of `run.report_to`), in step order,
@@ -19,7 +22,12 @@ What always holds:
 - The weights the engines serve alternate between `weights/v1` and `weights/v2` (`v0`: the start), so
   the folder being loaded is never the one being written.
 - Torch work (loading, updates, saving) runs on the one torch thread (`trainer.compute`); the event loop
-  keeps serving rollouts and evaluations meanwhile.
+  keeps serving rollouts and evaluations meanwhile, and with `run.max_staleness >= 1` the rollouts' own torch
+  work (features, V(H)) runs on the inference thread, on copies `TraceStep.publish` refreshes after each update.
+- Each row times its step, in seconds since `train` started: `collect_start`/`collect_end` (`rollout_s`,
+  `collect_wait_s`: what its featurise/predict calls waited for their thread), `update_start`/`update_end`
+  (`update_s`), `sync_end` (`sync_s`: save + push, `push_s`: the push alone, the engines paused), and
+  `overlap_s`, the seconds of this step's collection that ran while the previous step's update and sync did.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     start = latest_checkpoint(out) if resume else None
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, default=str))
+    t_run = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
         run = cfg.run
         track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, config_to_dict(cfg), run.wandb_project)
@@ -75,8 +84,10 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if cfg.model.path is not None:
             _warn_demo_defaults(cfg)
         trace = TraceStep(cfg, policy, runner, n_train)
-        first = await compute(restore_checkpoint, trace, policy, start, out) if start else 0
-        version = first
+        first = policy.version = await compute(restore_checkpoint, trace, policy, start, out) if start else 0
+        if first or cfg.engine.urls:  # the engines report the policy's weight version from the start (staleness)
+            await engine.update_weights_from_disk(str(weights), weight_version=str(first))
+        await trace.publish()
         greedy = greedy_runner(env, engine, policy.tokenizer, cfg.rollout)
 
         async def evals() -> dict[str, float]:
@@ -88,23 +99,30 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
         before = await evals() if first == 0 and cfg.run.eval_every > 0 and cfg.run.eval_before_train else {}
         bar = tqdm(total=cfg.run.steps, initial=first, desc="trace-train", dynamic_ncols=True)
-        pending: asyncio.Task[StepBatch] | None = None
+        pending: asyncio.Task[tuple[StepBatch, dict[str, float]]] | None = None
+        trained = (0.0, 0.0)  # the previous step's update + sync: what this step's collection may overlap
         try:
             for step in range(first, cfg.run.steps):
                 t0 = time.perf_counter()
-                batch = await (pending or asyncio.create_task(trace.collect(step)))
+                batch, times = await (pending or asyncio.create_task(_collect(trace, step, t_run)))
                 pending = None
                 if cfg.run.max_staleness >= 1 and step + 1 < cfg.run.steps:
-                    pending = asyncio.create_task(trace.collect(step + 1))  # overlaps the update below
+                    pending = asyncio.create_task(_collect(trace, step + 1, t_run))  # generates during the update
+                u0 = time.perf_counter() - t_run
                 row = await compute(trace.update, batch)
-                version += 1
-                path = await compute(policy.save, out / "weights" / f"v{version % 2 + 1}")
-                await engine.update_weights_from_disk(str(path), weight_version=str(version))
+                u1 = time.perf_counter() - t_run
+                policy.version += 1
+                path = await compute(policy.save, out / "weights" / f"v{policy.version % 2 + 1}")
+                _, push_s = await asyncio.gather(trace.publish(), _push(engine, path, policy.version))
+                s1 = time.perf_counter() - t_run
+                times.update(update_start=u0, update_end=u1, sync_end=s1, update_s=u1 - u0, sync_s=s1 - u1)
+                row.update(times, push_s=push_s, overlap_s=_overlap(times, trained))
+                trained = (u0, s1)
                 if step == first:
                     row.update({f"{k}_before": v for k, v in before.items()})
                 if _due(step, cfg.run.eval_every, cfg.run.steps):
                     row.update(await evals())
-                row.update(step=step, weight_version=version, step_time_s=time.perf_counter() - t0)
+                row.update(step=step, weight_version=policy.version, step_time_s=time.perf_counter() - t0)
                 _append_metrics(out, row)
                 await asyncio.to_thread(track.log, row)  # run.report_to: wandb / tensorboard, off the event loop
                 if cfg.run.save_trees:
@@ -160,6 +178,31 @@ def _policy(path: str | Path, cfg: TrainConfig, reference: str | Path | None = N
     return Policy(
         path, cfg.model, cfg.optim, seed=cfg.run.seed, temperature=cfg.rollout.temperature, reference=reference
     )
+
+
+async def _collect(trace: TraceStep, step: int, t_run: float) -> tuple[StepBatch, dict[str, float]]:
+    """trace.collect(step) and its timings (seconds since t_run), for the step's metrics row."""
+    waited, start = trace.infer_wait_s, time.perf_counter() - t_run
+    batch = await trace.collect(step)
+    end = time.perf_counter() - t_run
+    return batch, {
+        "collect_start": start,
+        "collect_end": end,
+        "rollout_s": end - start,
+        "collect_wait_s": trace.infer_wait_s - waited,
+    }
+
+
+def _overlap(times: dict[str, float], trained: tuple[float, float]) -> float:
+    """Seconds of the collection [collect_start, collect_end] inside the interval `trained`."""
+    return max(0.0, min(times["collect_end"], trained[1]) - max(times["collect_start"], trained[0]))
+
+
+async def _push(engine: EngineClient, path: Path, version: int) -> float:
+    """Load the saved weights on every engine as `version` (the engines pause meanwhile); the seconds it took."""
+    t0 = time.perf_counter()
+    await engine.update_weights_from_disk(str(path), weight_version=str(version))
+    return time.perf_counter() - t0
 
 
 def _due(step: int, every: int, steps: int) -> bool:

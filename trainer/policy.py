@@ -8,12 +8,14 @@ accumulated over the whole step's samples (micro-batches of `micro_batch_size` s
 loss of each micro-batch is scaled by its share of the step's weighted tokens, so one optimizer
 step sees the token-mean loss over everything sampled, whatever the batching.
 
-A `threading.Lock` guards the weights: the loop may run the update in a worker thread while rollout
-features for the next step are computed, and neither may see half-updated weights.
+A `threading.Lock` guards the weights: the update, saves and `hidden_at` hold it, and so does `FeatureModel.sync`,
+which copies the weights into the frozen copy that computes the next step's rollout features on a thread of its
+own while this step trains (`run.max_staleness >= 1`, `trainer.compute`), so no one sees half-updated weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -66,6 +68,9 @@ class Policy:
         opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, weight_decay=ocfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
         self.lock = threading.Lock()
+        # The weight version: RL updates pushed to the engines so far (0 = the starting weights). The loop advances
+        # it with each push; samples are judged stale against it (trainer.staleness).
+        self.version = 0
         # Logprobs are taken under the sampling temperature, the distribution the engine sampled from.
         self.temperature = temperature if temperature > 0 else 1.0
         self.ref_model = None
@@ -96,19 +101,12 @@ class Policy:
     ) -> list[torch.Tensor]:
         """Last-layer hidden state at each given position of each sequence: one [len(pos_i), H] float32
         tensor per sequence (CPU). One forward per sequence, batched; no gradient."""
-        out: list[torch.Tensor] = []
         with self.lock:
             self.model.eval()
-            for i in range(0, len(seqs), batch):
-                chunk = seqs[i : i + batch]
-                ids = _pad(chunk, self.pad_id, torch.long, self.device)
-                att = _pad([[1] * len(s) for s in chunk], 0, torch.long, self.device)
-                with self.accelerator.autocast():
-                    h = self.model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
-                for j, pos in enumerate(positions[i : i + batch]):
-                    out.append(h[j, torch.tensor(pos, device=h.device)].float().cpu())
-            self.model.train()
-        return out
+            try:
+                return _hidden_states(self.model, self.accelerator, self.pad_id, seqs, positions, batch)
+            finally:
+                self.model.train()
 
     # ------------------------------------------------------------------ RL update
     def rl_update(self, samples: Sequence[TrainSample]) -> dict[str, float]:
@@ -222,3 +220,72 @@ class Policy:
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+class FeatureModel:
+    """A frozen copy of the policy's model that computes prefix features while the policy trains.
+
+    `hidden_at` gives the same numbers as `Policy.hidden_at` on the same weights (same module, same autocast, eval
+    mode); `sync()` copies the policy's current weights in, tensor by tensor under the policy's lock, so a copy
+    never sees half an update. Between syncs it keeps the weights of the last one: the loop syncs it at every
+    weight push, so it follows the weights the engines serve. Run both on one thread (`trainer.compute.infer`).
+
+    Memory: one more copy of the weights in float32, as the policy holds them (no gradients, no optimizer state):
+    a few MB for the tiny model, 4 bytes a parameter for a large one (32 GB for 8B). `TraceStep.publish` makes it
+    only when `run.max_staleness >= 1`; with 0 the policy computes its own features. On a GPU it runs on a CUDA
+    stream of its own, so its forwards do not queue behind the optimizer's kernels on the default stream (this
+    GPU path has not been run yet). Under FSDP the copy would need the full state dict: not supported.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        with policy.lock:
+            self.model = copy.deepcopy(policy.accelerator.unwrap_model(policy.model)).eval().requires_grad_(False)
+        self.stream = torch.cuda.Stream(policy.device) if policy.device.type == "cuda" else None
+        if self.stream is not None:  # the copy was made on the default stream
+            self.stream.wait_stream(torch.cuda.default_stream(policy.device))
+
+    def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Take the policy's current weights (after an update: the version about to be pushed)."""
+        src = self.policy.accelerator.unwrap_model(self.policy.model)
+        with self.policy.lock, self._on_stream():
+            if self.stream is not None:  # the optimizer's last kernels (default stream) come first
+                self.stream.wait_stream(torch.cuda.default_stream(self.policy.device))
+            self.model.load_state_dict(src.state_dict())
+            if self.stream is not None:  # and the next update may not overwrite them before the copy is done
+                self.stream.synchronize()
+
+    @torch.no_grad()
+    def hidden_at(
+        self, seqs: Sequence[list[int]], positions: Sequence[list[int]], batch: int = 16
+    ) -> list[torch.Tensor]:
+        """As `Policy.hidden_at`, on the copy."""
+        p = self.policy
+        with self._on_stream():
+            return _hidden_states(self.model, p.accelerator, p.pad_id, seqs, positions, batch)
+
+
+def _hidden_states(
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    pad_id: int,
+    seqs: Sequence[list[int]],
+    positions: Sequence[list[int]],
+    batch: int,
+) -> list[torch.Tensor]:
+    """The forward behind `hidden_at`: model in eval mode, no gradient."""
+    out: list[torch.Tensor] = []
+    device = accelerator.device
+    for i in range(0, len(seqs), batch):
+        chunk = seqs[i : i + batch]
+        ids = _pad(chunk, pad_id, torch.long, device)
+        att = _pad([[1] * len(s) for s in chunk], 0, torch.long, device)
+        with accelerator.autocast():
+            h = model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
+        for j, pos in enumerate(positions[i : i + batch]):
+            out.append(h[j, torch.tensor(pos, device=h.device)].float().cpu())
+    return out

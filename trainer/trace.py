@@ -11,14 +11,22 @@
 Who owns what: the allocator decides counts only; the runner owns env/engine traffic; the policy
 owns the weights (and the lock around them); this class owns the predictor, the priors and the
 prompt sampler, which are all checkpointed with `state_dict()`.
+
+Threads (`trainer.compute`): `update` runs on the torch thread. With `run.max_staleness >= 1` collection's own
+torch work (`afeaturise`, `apredict`) runs on the inference thread, on a frozen copy of the policy's model
+(`features`) and a snapshot of the predictor (`served`), both refreshed by `publish()` after every update, so the
+next step's rollouts never wait for this step's update and a refit never races a prediction. With 0 it runs on
+the torch thread on the live policy and predictor, as collection and update never overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +35,12 @@ import torch
 
 from trainer.advantages import build_training_samples, effective_ratio, mixed_per_100_leaves, nonzero_adv_token_frac
 from trainer.allocation import anchors_from_tree, make_allocator, split_rounds
-from trainer.compute import compute
+from trainer.compute import compute, infer
 from trainer.config import TrainConfig
-from trainer.policy import Policy
+from trainer.policy import FeatureModel, Policy
 from trainer.predictor import BetaPrior, SuccessPredictor, calibration, collect_training_set, structural_features
 from trainer.rollout import RolloutRunner
+from trainer.staleness import drop_stale
 from trainer.tree import Ledger, RolloutTree
 
 
@@ -97,11 +106,19 @@ class TraceStep:
         self.predictor: SuccessPredictor | None = None
         self.fitted = False
         self.success_count = [1.0, 2.0]  # running (successes, total) with a weak 0.5 prior: unseen-root fallback
+        # Collection's side when it overlaps the update (max_staleness >= 1), set by publish(): the frozen feature
+        # model and the predictor as of the last fit (None before the first). infer_wait_s: the seconds collection's
+        # featurise/predict calls have waited for their thread, in all (the loop logs it per step).
+        self.overlap = cfg.run.max_staleness >= 1
+        self.features: FeatureModel | None = None
+        self.served: SuccessPredictor | None = None
+        self.infer_wait_s = 0.0
 
     # ------------------------------------------------------------------ features and values
-    def featurise(self, trees: list[RolloutTree]) -> None:
+    def featurise(self, trees: list[RolloutTree], hidden_at: Callable[..., list[torch.Tensor]] | None = None) -> None:
         """Set `features` on every node that lacks them: hidden state at the node's last token (one
-        forward per leaf path, each node computed once) + structural features."""
+        forward per leaf path, each node computed once) + structural features. hidden_at: the model to take the
+        hidden states from, default the policy's (collection passes the frozen copy's when overlapping)."""
         seqs: list[list[int]] = []
         positions: list[list[int]] = []
         owners: list[list[tuple[RolloutTree, int]]] = []
@@ -124,7 +141,7 @@ class TraceStep:
         if not owners:
             return
         if self.cfg.predictor.use_hidden_state:
-            hidden = self.policy.hidden_at(seqs, positions)
+            hidden = (hidden_at or self.policy.hidden_at)(seqs, positions)
         else:
             hidden = [torch.zeros(len(p), 0) for p in positions]
         for h, own in zip(hidden, owners, strict=True):
@@ -133,10 +150,41 @@ class TraceStep:
                 node.features = row.tolist() + structural_features(node, tree)
 
     def _predict(self, nodes_features: list[list[float]], fallback: float) -> list[float]:
-        if self.predictor is None or not self.fitted or not nodes_features:
+        predictor = self.served if self.overlap else (self.predictor if self.fitted else None)
+        if predictor is None or not nodes_features:
             return [fallback] * len(nodes_features)
         x = torch.tensor(nodes_features, dtype=torch.float32)
-        return [float(v) for v in self.predictor.predict(x)]
+        return [float(v) for v in predictor.predict(x)]
+
+    async def afeaturise(self, trees: list[RolloutTree]) -> None:
+        """`featurise` for collection: on the inference thread and the frozen copy when overlapping."""
+        assert not self.overlap or self.features is not None, "publish() makes the feature model: call it first"
+        await self._infer(self.featurise, trees, self.features.hidden_at if self.features is not None else None)
+
+    async def apredict(self, nodes_features: list[list[float]], fallback: float) -> list[float]:
+        """`_predict` for collection: on the inference thread and the served snapshot when overlapping."""
+        return await self._infer(self._predict, nodes_features, fallback)
+
+    async def _infer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        queued = time.perf_counter()
+
+        def run() -> Any:
+            self.infer_wait_s += time.perf_counter() - queued  # only ever written on this one thread
+            return fn(*args)
+
+        return await (infer if self.overlap else compute)(run)
+
+    async def publish(self) -> None:
+        """Hand the weights of the latest update to collection's side (no-op unless overlapping): a snapshot of the
+        predictor, taken on the torch thread where it is fit, and the frozen feature model, made or synced on the
+        inference thread. The loop calls it once before the first step and after every update."""
+        if not self.overlap:
+            return
+        self.served = await compute(lambda: copy.deepcopy(self.predictor) if self.fitted else None)
+        if self.features is None:
+            self.features = await infer(FeatureModel, self.policy)
+        else:
+            await infer(self.features.sync)
 
     @property
     def base_rate(self) -> float:
@@ -151,8 +199,8 @@ class TraceStep:
             await asyncio.gather(*(self.runner.new_tree(c.env.dataset, c.env.train_split, i, step=step) for i in idxs))
         )
         # Stage 1: root values = per-prompt Beta posterior centred on the predictor's V(root) (or the base rate).
-        await compute(self.featurise, trees)
-        root_v = await compute(self._predict, [t.root.features for t in trees], self.base_rate)
+        await self.afeaturise(trees)
+        root_v = await self.apredict([t.root.features for t in trees], self.base_rate)
         v = [
             min(max(self.prior.mean(t.prompt_id, prior_mean=rv), 1e-4), 1 - 1e-4)
             for t, rv in zip(trees, root_v, strict=True)
@@ -169,9 +217,9 @@ class TraceStep:
             for r in range(a.rounds):
                 for t, _ in active:
                     t.backup()
-                await compute(self.featurise, [t for t, _ in active])
+                await self.afeaturise([t for t, _ in active])
                 cands = [n for t, _ in active for n in t.anchors(c.env.max_turns)]
-                preds = await compute(self._predict, [n.features for n in cands], self.base_rate)
+                preds = await self.apredict([n.features for n in cands], self.base_rate)
                 for n, p in zip(cands, preds, strict=True):
                     n.predicted = p
                 jobs = []
@@ -214,6 +262,7 @@ class TraceStep:
             self.success_count[1] += len(rs)
         # No process term for allocators that do not expand: uniform and root-only are then exactly GRPO.
         samples = build_training_samples(trees, self.cfg.advantage, process=self.allocator.expands)
+        samples, stale = drop_stale(samples, self.policy.version, self.cfg.run.max_staleness)  # trainer.staleness
         pol = self.policy.rl_update(samples) if samples else {}
         ledger = sum((t.ledger for t in trees), Ledger())
         rewards = [r for t in trees for r in t.rewards()]
@@ -235,6 +284,7 @@ class TraceStep:
             "prompts_pool": float(batch.pool_size),
             "prompts_selected": float(batch.selected),
             "samples": float(len(samples)),
+            "stale_samples": float(stale),
             "rollout_time_s": batch.rollout_time_s,
             "update_time_s": time.perf_counter() - t0,
         }

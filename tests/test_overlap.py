@@ -1,0 +1,125 @@
+"""Rollout/training overlap (DESIGN §3: "Rollouts for step t+1 run while step t trains (bounded staleness);
+nothing generation needs may queue behind the optimizer").
+
+Guards the bug where, with run.max_staleness >= 1, step t+1's collection needed featurisation and prediction on
+the single torch thread, so it queued behind step t's update and weight save and no generation overlapped the
+update; and the one where `TrainSample.min_weight_version` was computed and never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.advantages import TrainSample
+from trainer.config import ModelConfig, OptimConfig, TrainConfig, load_train_config
+from trainer.loop import train
+from trainer.policy import FeatureModel, Policy
+from trainer.predictor import SuccessPredictor
+from trainer.staleness import drop_stale
+from trainer.trace import TraceStep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sample(version: int) -> TrainSample:
+    return TrainSample([1, 2], [0, 1], [0.0, 1.0], [0.0, 1.0], [0.0, -1.0], "p", 0, 1, min_weight_version=version)
+
+
+def test_stale_samples_are_dropped_and_counted_never_silently() -> None:
+    samples = [_sample(v) for v in (3, 2, 1, 0)]
+    kept, dropped = drop_stale(samples, version=3, max_staleness=1)
+    assert [s.min_weight_version for s in kept] == [3, 2] and dropped == 2
+    # Fully on-policy: every rollout of a step ran on the version its update starts from, so nothing goes.
+    kept, dropped = drop_stale(samples[:1], version=3, max_staleness=0)
+    assert kept == samples[:1] and dropped == 0
+    assert drop_stale(samples, version=3, max_staleness=3) == (samples, 0)
+    with pytest.raises(AssertionError, match=r"newer than the policy's 2"):
+        drop_stale(samples, version=2, max_staleness=1)
+
+
+def test_feature_copy_gives_the_policy_s_numbers_and_follows_it_only_at_sync(tiny_model: Path) -> None:
+    policy = Policy(tiny_model, ModelConfig(device="cpu"), OptimConfig(lr=1e-2))
+    copy = FeatureModel(policy)
+    seqs, positions = [[5, 6, 7, 8, 9], [10, 11, 12]], [[0, 4], [2]]
+    for a, b in zip(policy.hidden_at(seqs, positions), copy.hidden_at(seqs, positions), strict=True):
+        assert torch.equal(a, b)
+    before = copy.hidden_at(seqs, positions)
+    policy.sft_update([[5, 6, 7, 8, 9]], [[0, 1, 1, 1, 1]])  # a real optimizer step changes the policy's weights
+    moved = policy.hidden_at(seqs, positions)
+    assert not torch.equal(moved[0], before[0]), "the update must change the features for this test to mean much"
+    assert all(torch.equal(a, b) for a, b in zip(copy.hidden_at(seqs, positions), before, strict=True)), "frozen"
+    copy.sync()
+    for a, b in zip(moved, copy.hidden_at(seqs, positions), strict=True):
+        assert torch.equal(a, b)
+
+
+async def test_collection_predicts_with_the_snapshot_of_the_last_publish(tiny_model: Path) -> None:
+    """A refit of the live predictor (update, torch thread) never changes what collection predicts until publish."""
+    cfg = TrainConfig()
+    cfg.run.max_staleness, cfg.model.device = 1, "cpu"
+    trace = TraceStep(cfg, Policy(tiny_model, cfg.model, cfg.optim), runner=None, n_train=1000)  # type: ignore[arg-type]
+    await trace.publish()
+    assert trace.features is not None and trace.served is None
+    x = [[0.1 * i, 1.0 - 0.1 * i, float(i % 2)] for i in range(8)]
+    assert await trace.apredict(x, 0.25) == [0.25] * 8, "nothing fit yet: the base rate"
+    trace.predictor, trace.fitted = SuccessPredictor(3, seed=0), True
+    trace.predictor.fit(torch.tensor(x), torch.tensor([1.0, 0.0] * 4), epochs=5)
+    assert await trace.apredict(x, 0.25) == [0.25] * 8, "fit but not published"
+    await trace.publish()
+    served = await trace.apredict(x, 0.25)
+    trace.predictor.fit(torch.tensor(x), torch.tensor([0.0, 1.0] * 4), epochs=50)
+    assert await trace.apredict(x, 0.25) == served
+    await trace.publish()
+    assert await trace.apredict(x, 0.25) != served
+
+
+# ---------------------------------------------------------------------------------------------- the real loop
+SMALL = [  # tests/test_train_smoke.py's SMALL, less what this test does not need (trees, KL)
+    "run.prompts_per_step=3",
+    "sft.max_examples=24",
+    "sft.batch_size=12",
+    "allocation.root_budget=6",
+    "allocation.m_max=3",
+    "rollout.max_new_tokens=32",
+    "env.train_limit=5",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One TRACE cache for the module: the tiny model and its SFT warm start are built once."""
+    return tmp_path_factory.mktemp("trace-cache")
+
+
+@pytest.mark.slow
+def test_next_step_generates_while_this_step_trains(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACE_CACHE_DIR", str(cache_dir))
+    out = tmp_path / "run"
+    sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=3", "run.max_staleness=1", "run.eval_every=0"]
+    sets += ["run.save_every=0", "run.save_trees=true"]
+    asyncio.run(train(load_train_config(REPO / "configs" / "debug.toml", sets)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for prev, r in itertools.pairwise(rows):
+        # Step t+1's collection interval overlaps step t's update, measured from the loop's own timestamps...
+        assert r["collect_start"] < prev["update_end"] and r["collect_end"] > prev["update_start"], (prev, r)
+        assert r["overlap_s"] > 0, r
+        # ...and its featurisation and prediction never queued behind that update (they did for its whole length).
+        assert r["collect_wait_s"] < 0.25 * prev["update_s"], (r["collect_wait_s"], prev["update_s"])
+    # Generation really ran on the old weights during the update: step t+1 has nodes of version t.
+    trees = [json.loads(ln) for ln in (out / "trees" / "step_00001.jsonl").read_text().splitlines()]
+    versions = [n["weight_version"] for t in trees for n in t["nodes"][1:]]
+    assert 0 in versions, f"no node of step 1 was generated before step 0's push: {sorted(set(versions))}"
+    for r in rows:
+        assert r["stale_samples"] == 0 and r["samples"] > 0, r  # staleness <= 1 = max_staleness: nothing dropped
+        assert r["push_s"] > 0 and r["sync_s"] >= r["push_s"], r
+    summary = {k: [round(r[k], 3) for r in rows] for k in ("rollout_s", "update_s", "sync_s", "push_s", "overlap_s")}
+    print("overlap timings:", summary, "collect_wait_s:", [round(r["collect_wait_s"], 4) for r in rows])
