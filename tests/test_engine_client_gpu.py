@@ -1,6 +1,8 @@
-"""EngineClient against real SGLang on a GPU: the same client and assertions as the CPU tests.
+"""EngineClient against real SGLang (on a GPU, or on CPU): the same client and assertions as the CPU tests.
 
-Skipped unless CUDA works and sglang is importable (`pip install 'trace-rl[sglang]'`). One test,
+Skipped unless sglang is importable (`pip install 'trace-rl[sglang]'`) and either CUDA works or SGLang's CPU
+engine is switched on (`SGLANG_USE_CPU_ENGINE=1` with the `common_ops` shim on PYTHONPATH: `bash .ci/sglang-tier`
+sets both, ../shared/SGLANG_CPU.md says why). One test,
 because starting SGLang takes a minute or more: it builds the tiny model, launches two SGLang
 servers with `SGLangServer` (small memory fraction each, so both fit on one GPU) and checks
 - a round trip: ids in, ids and one logprob per id out, finish reasons "length" and "stop";
@@ -16,6 +18,7 @@ The server flags favour a fast start over speed: triton attention, torch samplin
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -32,8 +35,8 @@ def _why_skip() -> str | None:
         return "sglang is not installed (pip install 'trace-rl[sglang]')"
     import torch
 
-    if not torch.cuda.is_available():
-        return "no CUDA device"
+    if not torch.cuda.is_available() and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        return "no CUDA device (on CPU: bash .ci/sglang-tier)"
     return None
 
 
@@ -54,6 +57,24 @@ SERVER_ARGS = [
     "pytorch",
     "--disable-prefill-cuda-graph",  # 0.5.23 deprecates --disable-cuda-graph
     "--disable-decode-cuda-graph",
+    "--random-seed",
+    "0",
+]
+# SGLang's CPU engine (../shared/SGLANG_CPU.md): torch attention, a bounded KV pool (else sized from RAM).
+CPU_SERVER_ARGS = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "bfloat16",
+    "--attention-backend",
+    "torch_native",
+    "--max-total-tokens",
+    "65536",
+    "--context-length",
+    "4096",
+    "--disable-overlap-schedule",
+    "--sampling-backend",
+    "pytorch",
     "--random-seed",
     "0",
 ]
@@ -86,8 +107,9 @@ async def test_real_sglang_round_trip_prefix_cache_routing_and_weight_update(tmp
     prompt = tok.encode(text, add_special_tokens=False)
     assert len(prompt) > 32, len(prompt)
 
+    args = CPU_SERVER_ARGS if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" else SERVER_ARGS
     servers = [
-        SGLangServer(model_dir, port=free_port(), extra_args=SERVER_ARGS, log_path=tmp_path / f"sglang-{i}.log")
+        SGLangServer(model_dir, port=free_port(), extra_args=args, log_path=tmp_path / f"sglang-{i}.log")
         for i in range(2)
     ]
     async with servers[0], servers[1]:
