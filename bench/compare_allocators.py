@@ -4,11 +4,13 @@
         [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
 
 Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
-warm start is cached per seed, so every allocator of a seed starts from identical weights), with the
-same leaf budget per step (allocators without stage 2 spend the whole budget at the roots). FILE.json
-maps each allocator to its mean figures over steps and seeds: effective ratio, share of trained
-tokens with non-zero advantage, reward, leaves, tokens generated / prefilled / served from cache,
-predictor AUC, and dev EM after K steps; per-seed rows go to FILE.runs.json. A markdown table is
+warm start is cached per seed, so every allocator of a seed starts from identical weights), with
+exactly allocation.leaf_budget leaves per step for every allocator (allocators without stage 2 spend
+it all at the roots; the trainer asserts it). FILE.json maps each allocator to its mean figures over
+steps and seeds: effective ratio (mixed prompts / prompts that received rollouts), mixed prompts per
+100 leaves (the equal-cost contrast figure), share of trained tokens with non-zero advantage, reward,
+leaves and the leaf budget, tokens generated / prefilled / served from cache, predictor AUC, and dev
+EM after K steps; per-seed rows go to FILE.runs.json. A markdown table is
 printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png).
 """
 
@@ -29,9 +31,11 @@ from trainer.loop import train
 ALL = ("trace", "uniform", "root-only", "random-node")
 FIGURES = (
     "effective_ratio",
+    "mixed_per_100_leaves",
     "nonzero_adv_token_frac",
     "reward_mean",
     "leaves",
+    "leaf_budget",
     "generated_tokens",
     "prefill_tokens",
     "cached_prefill_tokens",
@@ -79,7 +83,15 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
 
 
 def table(summary: dict[str, dict[str, float]]) -> str:
-    cols = ("effective_ratio", "nonzero_adv_token_frac", "reward_mean", "dev_em", "leaves", "generated_tokens")
+    cols = (
+        "effective_ratio",
+        "mixed_per_100_leaves",
+        "nonzero_adv_token_frac",
+        "reward_mean",
+        "dev_em",
+        "leaves",
+        "generated_tokens",
+    )
     lines = ["| allocator | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for a, s in summary.items():
         lines.append(f"| {a} | " + " | ".join(f"{s[c]:.3f}" if s[c] < 100 else f"{s[c]:.0f}" for c in cols) + " |")

@@ -138,10 +138,11 @@ def test_uniform_roots_reproduce_grpo_groups():
     assert uniform_roots(3, 10) == [4, 3, 3]
     assert uniform_roots(4, 5, m_min=2) == [3, 2, 0, 0]
     assert uniform_roots(4, 1, m_min=2) == [0, 0, 0, 0]
-    cfg = AllocationConfig(type="uniform", root_budget=16, m_max=4, expansion_factor=1.0)
+    cfg = AllocationConfig(type="uniform", leaf_budget=32, root_budget=16, m_max=4)
     alloc = make_allocator("uniform")
     budget = alloc.stage1_budget(cfg)
     assert budget == 32  # no expansion: the roots get the continuations' share too (equal sampling cost)
+    assert make_allocator("trace").stage1_budget(cfg) == 16
     assert alloc.roots([0.0, 0.3, 0.9, 1.0], budget, cfg) == [8, 8, 8, 8]  # m_max does not cap GRPO groups
     assert alloc.prefixes([Anchor(1, 1.0, 0.5)], 5, random.Random(0), cfg) == [0]
 
@@ -161,8 +162,13 @@ def test_budget_never_exceeded(name):
     rng = random.Random(1)
     alloc = make_allocator(name)
     for _ in range(40):
+        root = rng.randint(1, 40)
         cfg = AllocationConfig(
-            type=name, root_budget=rng.randint(1, 40), m_min=rng.randint(0, 3), max_per_anchor=rng.randint(0, 5)
+            type=name,
+            leaf_budget=root + rng.randint(0, 40),
+            root_budget=root,
+            m_min=rng.randint(0, 3),
+            max_per_anchor=rng.randint(0, 5),
         )
         v = [rng.random() for _ in range(rng.randint(1, 12))]
         budget = alloc.stage1_budget(cfg)
@@ -188,8 +194,9 @@ def test_make_allocator_per_stage_and_registry():
         make_allocator(stage1="greedy", stage2="active")
     with pytest.raises(AssertionError, match="allocation type"):
         AllocationConfig(type="nope")
-    assert AllocationConfig(root_budget=10, expansion_factor=0.3).leaf_budget == 13
-    assert AllocationConfig(expansion_factor=0.1).continuation_budget(30) == 3
+    assert not make_allocator("uniform").selects and not make_allocator("random-node").selects
+    assert make_allocator("trace").selects and make_allocator("root-only").selects
+    assert AllocationConfig().leaf_budget == 128 and AllocationConfig().root_budget == 64
 
 
 def test_anchors_from_tree():

@@ -126,3 +126,24 @@ def test_stop_spec_uses_single_token_tags(tiny_model: Path) -> None:
     assert spec.stop is None
     assert tok.convert_tokens_to_ids("</search>") in spec.stop_token_ids
     assert tok.eos_token_id in spec.stop_token_ids
+
+
+async def test_trainer_max_turns_wins_over_the_server_default(runner: RolloutRunner, env_client: EnvClient) -> None:
+    """Regression: new_tree did not send max_turns, so an attached env server with its default of 8 played
+    longer episodes than the trainer's env.max_turns, which its anchor logic assumes (no anchor at depth >=
+    max_turns). Every rollout of a tree (all fork the root's snapshot) now ends by the trainer's max_turns."""
+    assert (await env_client.info()).limits.max_turns == 8  # the server's own limit is larger
+    tree = await runner.new_tree("synthetic", "dev", 5, max_turns=2)
+    leaves = await runner.expand(tree, 0, 4)
+    assert all(tree.nodes[i].depth <= 2 for i in leaves)
+    assert all(tree.nodes[i].status == FinishStatus.TRUNCATED for i in leaves if tree.nodes[i].depth == 2)
+    # Deterministic: from the root's snapshot, two actions that do not answer end the episode, truncated.
+    [eid] = (await env_client.episodes_from_snapshot(tree.root.snapshot_id, 1)).episode_ids
+    first = await env_client.step(eid, action="<search> Kelmar </search>")
+    second = await env_client.step(eid, action="<search> Kelmar </search>")
+    assert not first.done and second.done and second.truncated and second.turn == 2
+    # Without max_turns the server's default applies: the same two actions leave the episode open.
+    free = await runner.new_tree("synthetic", "dev", 5)
+    [eid] = (await env_client.episodes_from_snapshot(free.root.snapshot_id, 1)).episode_ids
+    await env_client.step(eid, action="<search> Kelmar </search>")
+    assert not (await env_client.step(eid, action="<search> Kelmar </search>")).done

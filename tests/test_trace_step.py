@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from trainer.trace import PromptSampler
 
 
@@ -30,3 +32,15 @@ def test_state_round_trip_reproduces_the_order() -> None:
     t = PromptSampler(7, seed=3)
     t.load_state_dict(s.state_dict())
     assert [s.take(3) for _ in range(4)] == [t.take(3) for _ in range(4)]
+
+
+def test_a_pool_larger_than_the_batch_returns_the_unfunded_first() -> None:
+    """Stage 1 draws a pool of candidates and gives back those it did not fund: they lead the next pool, and no
+    prompt appears twice in one draw, across an epoch boundary too."""
+    s = PromptSampler(10, seed=0)
+    pool = s.take(8)
+    s.give_back(pool[2:])  # funded two
+    nxt = s.take(8)
+    assert nxt[:6] == pool[2:] and len(set(nxt)) == 8  # two fresh ones from the rest of the epoch (or the next)
+    with pytest.raises(AssertionError, match="11 distinct prompts of a split of 10"):
+        s.take(11)

@@ -8,10 +8,26 @@ Contract:
 - Stage 2, `allocate_prefixes`: split one prompt's continuation budget over its anchors (open non-root nodes
   of its tree) maximising sum_a V_pref(a, k_a), V_pref = 1 - [r V + (1-r)(1-V)]^k (the probability that at
   least one of k continuations flips the observed outcome r), with k_a <= max_per_anchor.
-- Both spend the whole budget whenever the caps allow it (equal sampling cost across allocators): the sum of
-  the allocation is min(budget, capacity), never more than the budget. Ties break towards lower indices, so
-  every allocation is a deterministic function of its inputs (and of the rng for "random").
-- `Allocator` (one ABC, two methods) is chosen by name from `ALLOCATORS`, or per stage with `make_allocator`.
+- Both spend the whole budget whenever the caps allow it: the sum of the allocation is min(budget, capacity),
+  never more than the budget. Ties break towards lower indices, so every allocation is a deterministic function
+  of its inputs (and of the rng for "random").
+- `Allocator` (one ABC: roots, prefixes, spill_roots) is chosen by name from `ALLOCATORS`, or per stage with
+  `make_allocator`.
+
+The leaf budget (DESIGN §1 "Budget accounting"): every allocator generates exactly `leaf_budget` rollouts
+(leaves) per step, and `TraceStep.collect` asserts it. Allocators that do not expand (uniform, root-only) spend
+it all at stage 1. Allocators that expand spend `root_budget` at stage 1; each funded prompt's continuation
+budget is its share of (leaf_budget - roots spent), proportional to its root rollouts and exact (`share`:
+largest remainders, nothing lost to flooring), split evenly over the rounds. A continuation its prompt cannot
+place in a round (no open anchor, every anchor at max_per_anchor) goes, in this order (`place_continuations`,
+`spill_roots`):
+  1. to another anchor of the same prompt (the stage-2 allocators fill every anchor before leaving any over);
+  2. to other funded prompts' anchors with room, in proportion to their root rollouts (capped by their room);
+  3. to new root rollouts: prompts of the pool stage 1 left unfunded (an active stage 1 values them as it did
+     at stage 1; a uniform stage 1 takes the next prompts of the stream in groups of its group size), and only
+     what cannot form a group of m_min goes as extra bare rollouts of funded prompts (chosen by their stage-1
+     values, never by outcomes already seen; beyond m_max only when nothing else can take it).
+So a budget is never dropped, and leaves are equal across allocators by construction, not by luck.
 
 Solvers. V_root is concave in m only from m = 1 on: its marginal gains are 0 (0 -> 1; one rollout is never
 mixed), 2v(1-v) (1 -> 2), then v(1-v)(v^(m-1) + (1-v)^(m-1)), decreasing. So greedy marginal gain is exact
@@ -128,8 +144,9 @@ def _greedy_box(v: list[float], budget: int, lo: int, hi: int) -> list[int]:
 
 def _dp(v: list[float], budget: int, options: Sequence[int]) -> list[int]:
     """Exact: best[b] = max objective of the prompts so far using exactly b rollouts (-inf: unreachable)."""
-    options = list(options)
-    cap = min(budget, len(v) * max(options))
+    options = sorted(options)
+    assert options, "no options"
+    cap = min(budget, len(v) * options[-1])
     best = np.full(cap + 1, -np.inf)
     best[0] = 0.0
     choice = np.zeros((len(v), cap + 1), dtype=np.int32)
@@ -155,6 +172,31 @@ def _dp(v: list[float], budget: int, options: Sequence[int]) -> list[int]:
         b -= out[i]
     assert b == 0, f"dp backtrack left {b}"
     return out
+
+
+def top_up_roots(v: Sequence[float], m: Sequence[int], budget: int, cap: int | None = None) -> list[int]:
+    """Extra bare rollouts for prompts that already have m_i >= 1: greedy marginal gain of V_root from m_i
+    (exact, V_root being concave in m from 1 on), at most `cap` in all per prompt (None = no cap); returns the
+    extras, summing to min(budget, room)."""
+    assert all(mi >= 1 for mi in m) and budget >= 0, f"m={list(m)} budget={budget}"
+    _check_probs("v", v)
+    room = [math.inf if cap is None else max(cap - mi, 0) for mi in m]
+    extra = [0] * len(m)
+    heap = [
+        (-(root_value(x, mi + 1) - root_value(x, mi)), i)
+        for i, (x, mi) in enumerate(zip(v, m, strict=True))
+        if room[i] > 0
+    ]
+    heapq.heapify(heap)
+    left = budget
+    while left > 0 and heap:
+        _, i = heapq.heappop(heap)
+        extra[i] += 1
+        left -= 1
+        if extra[i] < room[i]:
+            k = m[i] + extra[i]
+            heapq.heappush(heap, (-(root_value(v[i], k + 1) - root_value(v[i], k)), i))
+    return extra
 
 
 def uniform_roots(n_prompts: int, budget: int, m_min: int = 1) -> list[int]:
@@ -254,6 +296,84 @@ def split_rounds(total: int, rounds: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(rounds)]
 
 
+# ---- the leaf budget: exact shares and spill-over -------------------------------------------------------------
+
+
+def share(total: int, weights: Sequence[int], caps: Sequence[int] | None = None) -> list[int]:
+    """`total` split in proportion to integer `weights`, exactly: each gets floor(total * w / W) and the remainder
+    goes one by one to the largest fractional parts (ties to lower indices), so nothing is lost to flooring.
+    With `caps`, none gets more than its cap: what a capped one cannot take is split again over the others
+    (water-filling); the sum is min(total, sum(caps)). Weights all 0 (among those below their cap) split evenly.
+    """
+    n = len(weights)
+    caps = [total] * n if caps is None else list(caps)
+    assert total >= 0 and len(caps) == n, f"total={total} weights={len(weights)} caps={len(caps)}"
+    assert all(isinstance(w, int) and w >= 0 for w in weights) and min(caps, default=0) >= 0, f"{weights=} {caps=}"
+    out = [0] * n
+    left = min(total, sum(caps))
+    while left > 0:
+        open_ = [i for i in range(n) if out[i] < caps[i]]
+        w = [weights[i] for i in open_]
+        if sum(w) == 0:
+            w = [1] * len(open_)
+        tw = sum(w)
+        base = [left * wi // tw for wi in w]
+        order = sorted(range(len(open_)), key=lambda j: (-(left * w[j] % tw), j))
+        for j in order[: left - sum(base)]:
+            base[j] += 1
+        for j, i in enumerate(open_):  # every open item has room >= 1, and some base is >= 1: progress
+            give = min(base[j], caps[i] - out[i])
+            out[i] += give
+            left -= give
+    return out
+
+
+def place_continuations(
+    budgets: Sequence[int], capacities: Sequence[int], weights: Sequence[int]
+) -> tuple[list[int], int]:
+    """One round's continuations per prompt after spill-over, and what no anchor can take (-> new roots).
+
+    budgets[i]: prompt i's share this round; capacities[i]: what its anchors can take this round (anchors x
+    max_per_anchor); weights[i]: its root rollouts. A prompt keeps min(budget, capacity), which its stage-2
+    allocator spreads over its own anchors; the excess of all prompts goes to the prompts with room left, in
+    proportion to their weights, capped by their room (`share`).
+    """
+    assert len(budgets) == len(capacities) == len(weights), f"{len(budgets)=} {len(capacities)=} {len(weights)=}"
+    kept = [min(b, c) for b, c in zip(budgets, capacities, strict=True)]
+    spill = sum(budgets) - sum(kept)
+    moved = share(spill, weights, [c - k for c, k in zip(capacities, kept, strict=True)])
+    return [k + x for k, x in zip(kept, moved, strict=True)], spill - sum(moved)
+
+
+def plan_round(
+    allocator: Allocator,
+    tree_anchors: Sequence[Sequence[Anchor]],
+    want: Sequence[int],
+    weights: Sequence[int],
+    rng: random.Random,
+    cfg: AllocationConfig,
+) -> tuple[list[list[int]], int]:
+    """One expansion round over the funded prompts: continuations per anchor of each prompt, and how many
+    continuations no anchor can take (for `spill_roots`). want[i]: prompt i's share this round; weights[i]: its
+    root rollouts. Spill-over order: the prompt's other anchors (its allocator fills every anchor before leaving
+    any over), then other prompts' anchors (`place_continuations`); the count returned is what is left."""
+    caps = [len(an) * cfg.max_per_anchor for an in tree_anchors]
+    budgets, unplaced = place_continuations(want, caps, weights)
+    out = []
+    for an, b in zip(tree_anchors, budgets, strict=True):
+        ks = allocator.prefixes(an, b, rng, cfg)
+        assert sum(ks) == b, f"{allocator.name} placed {sum(ks)} of {b} continuations on {len(an)} anchors"
+        out.append(ks)
+    return out, unplaced
+
+
+def uniform_group(budget: int, group_size: int, prompts_per_step: int) -> int:
+    """Rollouts per prompt of a uniform stage 1 spending `budget`: `group_size`, or budget // prompts_per_step
+    when group_size is 0 (then it takes prompts_per_step prompts, as plain GRPO does)."""
+    assert budget >= 0 and group_size >= 0 and prompts_per_step >= 1, f"{budget=} {group_size=} {prompts_per_step=}"
+    return group_size or budget // prompts_per_step
+
+
 # ---- config and interface ------------------------------------------------------------------------------------
 
 
@@ -261,14 +381,20 @@ def split_rounds(total: int, rounds: int) -> list[int]:
 class AllocationConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node"."""
+    leaf_budget: int = 128
+    """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
+    the rules). Allocators that do not expand spend it all on prompt roots."""
     root_budget: int = 64
-    """M: root rollouts per step over the candidate pool (stage 1)."""
+    """M: stage 1's share of leaf_budget for allocators that expand (trace, random-node); the rest,
+    leaf_budget - M, are stage 2's continuations (the paper's M * N: leaf_budget = M (1 + N))."""
     m_min: int = 2
     """Fewest rollouts of a selected prompt (a prompt gets 0 or m_min..m_max); 2 is the fewest that can be mixed."""
     m_max: int = 8
-    """Most rollouts of one prompt at stage 1."""
-    expansion_factor: float = 1.0
-    """N: a prompt with m_i root rollouts gets floor(m_i * N) continuations at stage 2 (over all rounds)."""
+    """Most rollouts of one prompt at an active stage 1."""
+    group_size: int = 0
+    """Rollouts per prompt of a uniform stage 1 (GRPO's group size G): uniform takes leaf_budget // G prompts
+    from the stream, random-node root_budget // G, the remainder one by one to the first. 0 = the stage-1
+    budget // run.prompts_per_step, i.e. prompts_per_step prompts a step."""
     rounds: int = 1
     """Expansion rounds (expand, observe, back up, re-score); each prompt's continuations are split evenly."""
     max_per_anchor: int = 4
@@ -276,21 +402,14 @@ class AllocationConfig:
 
     def __post_init__(self) -> None:
         assert self.type in ALLOCATORS, f"allocation type {self.type!r} not in {sorted(ALLOCATORS)}"
-        assert self.root_budget >= 1, f"root_budget={self.root_budget}"
+        assert self.leaf_budget >= 1 and self.root_budget >= 1, (
+            f"leaf_budget={self.leaf_budget} root_budget={self.root_budget}"
+        )
         assert 0 <= self.m_min <= self.m_max and self.m_max >= 1, f"m_min={self.m_min} m_max={self.m_max}"
-        assert self.expansion_factor >= 0, f"expansion_factor={self.expansion_factor}"
+        assert self.group_size >= 0, f"group_size={self.group_size}"
         assert self.rounds >= 1 and self.max_per_anchor >= 0, (
             f"rounds={self.rounds} max_per_anchor={self.max_per_anchor}"
         )
-
-    def continuation_budget(self, m: int) -> int:
-        """floor(m * N), robust to float error (m * N = 2.9999999 for an intended 3 counts as 3)."""
-        return math.floor(m * self.expansion_factor + 1e-9)
-
-    @property
-    def leaf_budget(self) -> int:
-        """Leaves per step when every prompt's continuation budget is spent: M + floor(M * N)."""
-        return self.root_budget + self.continuation_budget(self.root_budget)
 
 
 STAGE1 = ("active", "uniform")
@@ -298,15 +417,26 @@ STAGE2 = ("active", "uniform", "random", "none")
 
 
 class Allocator(ABC):
-    """The allocator seam: how many root rollouts each prompt gets, and how many continuations each anchor gets."""
+    """The allocator seam: how many root rollouts each prompt gets, how many continuations each anchor gets, and
+    where continuations no anchor can take go as new roots."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
 
     @property
     def expands(self) -> bool:
         """Whether `prefixes` ever allocates continuations."""
         return True
 
+    @property
+    def selects(self) -> bool:
+        """Whether stage 1 values a candidate pool and funds the best (else it takes prompts as the stream gives
+        them, `uniform_group` rollouts each, and never looks at values)."""
+        return True
+
     def stage1_budget(self, cfg: AllocationConfig) -> int:
-        """Roots to allocate: M when stage 2 spends the continuations, else all the leaves M + floor(M N), so
+        """Roots to allocate: root_budget when stage 2 spends the rest of the leaves, else all of leaf_budget, so
         that every allocator generates the same number of leaves per step (equal sampling cost)."""
         return cfg.root_budget if self.expands else cfg.leaf_budget
 
@@ -325,6 +455,20 @@ class Allocator(ABC):
         """Continuations per anchor of one prompt's tree (one round); sums to at most `budget`;
         at most cfg.max_per_anchor each (AllocationConfig's default when cfg is None)."""
 
+    @abstractmethod
+    def spill_roots(
+        self,
+        funded_v: Sequence[float],
+        funded_m: Sequence[int],
+        new_v: Sequence[float],
+        budget: int,
+        cfg: AllocationConfig,
+    ) -> tuple[list[int], list[int]]:
+        """Re-spend `budget` rollouts that no anchor could take as new root rollouts: (extra bare rollouts per
+        funded prompt, rollouts per new candidate), summing to exactly `budget` (module docstring, step 3).
+        funded_v/funded_m: stage-1 values and root rollouts of the funded prompts; new_v: values of the candidates
+        that may be funded now (unfunded pool prompts, or the next prompts of the stream)."""
+
 
 class StagedAllocator(Allocator):
     """Stage 1 in STAGE1 ("active" = allocate_roots, "uniform" = uniform_roots) and stage 2 in STAGE2
@@ -341,10 +485,43 @@ class StagedAllocator(Allocator):
     def expands(self) -> bool:
         return self.stage2 != "none"
 
+    @property
+    def selects(self) -> bool:
+        return self.stage1 == "active"
+
     def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
         if self.stage1 == "uniform":
             return uniform_roots(len(prompts_v), budget, cfg.m_min)
         return allocate_roots(prompts_v, budget, cfg.m_min, cfg.m_max)
+
+    def spill_roots(
+        self,
+        funded_v: Sequence[float],
+        funded_m: Sequence[int],
+        new_v: Sequence[float],
+        budget: int,
+        cfg: AllocationConfig,
+    ) -> tuple[list[int], list[int]]:
+        assert len(funded_v) == len(funded_m) and budget >= 0, f"{len(funded_v)=} {len(funded_m)=} {budget=}"
+        if self.stage1 == "uniform":  # new prompts of the stream, evenly; extra bare rollouts only without any
+            new = uniform_roots(len(new_v), budget, 1)
+            extra = uniform_roots(len(funded_m), budget - sum(new), 1)
+            assert sum(extra) + sum(new) == budget, f"spill_roots: {budget} rollouts and no prompt to take them"
+            return extra, new
+        new = allocate_roots(new_v, budget, cfg.m_min, cfg.m_max) if new_v else []
+        left = budget - sum(new)
+        m = list(funded_m)
+        v = list(funded_v)
+        if not m and left:  # nothing funded at all: the best candidate takes what could not form a group
+            assert new_v, f"{left} rollouts to re-spend and neither a funded prompt nor a candidate to take them"
+            best = max(range(len(new_v)), key=lambda i: (root_value(new_v[i], 2), -i))
+            new[best] += left
+            return [], new
+        extra = top_up_roots(v, m, left, cfg.m_max)
+        beyond = top_up_roots(v, [a + b for a, b in zip(m, extra, strict=True)], left - sum(extra))
+        extra = [a + b for a, b in zip(extra, beyond, strict=True)]
+        assert sum(extra) + sum(new) == budget, f"spill_roots placed {sum(extra)} + {sum(new)} of {budget}"
+        return extra, new
 
     def prefixes(
         self,

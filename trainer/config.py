@@ -20,7 +20,7 @@ import tyro
 
 from shared import config as shared_config
 from trainer.advantages import AdvantageConfig
-from trainer.allocation import ALLOCATORS, AllocationConfig
+from trainer.allocation import ALLOCATORS, AllocationConfig, uniform_group
 from trainer.rollout import RolloutConfig
 from trainer.tracking import check_report_to
 
@@ -36,7 +36,14 @@ class RunConfig:
     seed: int = 0
     """Seeds data order, sampling rngs, the predictor and the tiny model."""
     prompts_per_step: int = 16
-    """B: the candidate pool of prompts drawn each step (stage 1 picks among them)."""
+    """Prompts a step trains on at the baseline's group size: uniform GRPO takes this many a step
+    (allocation.leaf_budget // prompts_per_step rollouts each, unless allocation.group_size says otherwise)."""
+    pool_size: int = 64
+    """B: candidate prompts an active stage 1 (trace, root-only) values each step, drawn from the data stream; it
+    funds the best and gives the rest back to the stream (they come first next step). A few times the prompts a
+    step can fund (4 x prompts_per_step by default; root_budget / m_min is the most stage 1 can fund), so that
+    stage 1 really chooses. Capped by the training split (env.train_limit). Allocators with a uniform stage 1
+    (uniform, random-node) draw only the prompts they use."""
     max_staleness: int = 0
     """Rollouts for step t+1 may start while step t trains when >= 1 (0 = fully on-policy)."""
     eval_every: int = 5
@@ -207,7 +214,9 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(root_budget=32, m_max=6))
+    allocation: AllocationConfig = field(
+        default_factory=lambda: AllocationConfig(leaf_budget=64, root_budget=32, m_max=6)
+    )  # the CPU demo: 64 leaves a step, 32 roots + 32 continuations for the allocators that expand
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -235,11 +244,7 @@ class TrainConfig:
             self.model.path = str(Path(self.model.path).resolve())
         if self.run.steps < 0 or self.run.prompts_per_step < 1:
             raise ValueError(f"run.steps={self.run.steps} must be >= 0 and prompts_per_step >= 1")
-        if self.allocation.m_max * self.run.prompts_per_step < self.allocation.root_budget:
-            raise ValueError(
-                f"allocation.root_budget {self.allocation.root_budget} cannot be spent: prompts_per_step "
-                f"{self.run.prompts_per_step} x m_max {self.allocation.m_max} is smaller"
-            )
+        self._check_leaf_budget()
         sft = self.sft
         if not 0.0 <= sft.decay_frac <= 1.0 or min(sft.epochs, sft.batch_size, sft.micro_batch_size) < 1:
             raise ValueError(
@@ -253,6 +258,45 @@ class TrainConfig:
         if self.rollout.max_new_tokens + self.rollout.min_turn_tokens > self.rollout.max_context_tokens:
             raise ValueError("rollout.max_context_tokens must exceed max_new_tokens + min_turn_tokens")
         return self
+
+    def _check_leaf_budget(self) -> None:
+        """Refuse settings under which an allocator cannot spend exactly allocation.leaf_budget rollouts a step
+        (trainer/allocation.py, "The leaf budget"); each message names the field to change."""
+        a, run = self.allocation, self.run
+        alloc = ALLOCATORS[a.type]()
+        stage1 = alloc.stage1_budget(a)
+        if run.pool_size < 1:
+            raise ValueError(f"run.pool_size must be >= 1, got {run.pool_size}")
+        if alloc.expands and a.root_budget > a.leaf_budget:
+            raise ValueError(
+                f"allocation.root_budget {a.root_budget} > allocation.leaf_budget {a.leaf_budget}: stage 1 alone "
+                "would spend more than the step's leaves; lower root_budget or raise leaf_budget"
+            )
+        if alloc.selects:
+            if stage1 < max(a.m_min, 1):
+                raise ValueError(
+                    f"allocation.{'root_budget' if alloc.expands else 'leaf_budget'} {stage1} < allocation.m_min "
+                    f"{a.m_min}: stage 1 could fund no prompt; raise it or lower m_min"
+                )
+            if run.pool_size * a.m_max < a.leaf_budget:
+                raise ValueError(
+                    f"run.pool_size {run.pool_size} x allocation.m_max {a.m_max} = {run.pool_size * a.m_max} < "
+                    f"allocation.leaf_budget {a.leaf_budget}: {a.type} cannot spend the leaf budget on its candidate "
+                    "pool; raise run.pool_size (or allocation.m_max)"
+                )
+            if run.pool_size < run.prompts_per_step:
+                raise ValueError(
+                    f"run.pool_size {run.pool_size} < run.prompts_per_step {run.prompts_per_step}: stage 1 would "
+                    "choose among fewer prompts than a step trains on; raise run.pool_size (e.g. 4 x prompts_per_step)"
+                )
+        else:
+            g = uniform_group(stage1, a.group_size, run.prompts_per_step)
+            field_ = "allocation.group_size" if a.group_size else f"{stage1} // run.prompts_per_step"
+            if g < max(a.m_min, 1) or g > stage1:
+                raise ValueError(
+                    f"{a.type}'s group size {g} ({field_}) must be in [max(allocation.m_min, 1), {stage1}] for a "
+                    f"uniform stage 1 spending {stage1}; set allocation.group_size, or change run.prompts_per_step"
+                )
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))

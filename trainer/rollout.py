@@ -9,7 +9,8 @@ Contract:
 - Branching from any node = `POST /v1/snapshots/{node.snapshot_id}/episodes {n: k}` on the env
   server + generation from `tree.history_ids(node)`; every request of one tree carries the tree's
   route key, so one engine serves it and its radix/prefix cache holds the shared prefixes.
-- Limits end an episode cleanly: the env's max turns -> TRUNCATED; a history that cannot fit
+- Limits end an episode cleanly: the env's max turns (sent on every create by the trainer: env.max_turns,
+  not the server's default) -> TRUNCATED; a history that cannot fit
   another turn in `max_context_tokens` -> TRUNCATED. Engine aborts (a weight update with pause
   mode "abort") are retried from the same prefix; engine/env failures raise.
 - A finished leaf's reward is the env server's `StepResult.reward` of its last step, taken as is:
@@ -109,9 +110,17 @@ class RolloutRunner:
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return prompt_ids(self.tok, messages)
 
-    async def new_tree(self, dataset: str, split: str, index: int, **meta: Any) -> RolloutTree:
-        """Create the env episode for a prompt and a tree holding its root (no rollouts yet)."""
-        ep = await self.env.create(dataset=dataset, split=split, index=index)
+    async def new_tree(
+        self, dataset: str, split: str, index: int, *, max_turns: int | None = None, **meta: Any
+    ) -> RolloutTree:
+        """Create the env episode for a prompt and a tree holding its root (no rollouts yet).
+
+        `max_turns` is sent with the create, so that every rollout of the tree (all start from the root's
+        snapshot, which carries it) ends truncated after that many turns, whatever the server's own default: the
+        trainer passes env.max_turns, which its anchor logic assumes. None = the server's default (its
+        --max-turns), for callers that do not care."""
+        fields = {} if max_turns is None else {"max_turns": max_turns}
+        ep = await self.env.create(dataset=dataset, split=split, index=index, **fields)
         messages = [{"role": m.role, "content": m.content} for m in ep.messages]
         ids = self.encode_prompt(messages)
         if len(ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:

@@ -26,7 +26,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,19 +34,33 @@ import numpy as np
 import torch
 
 from trainer.advantages import build_training_samples, effective_ratio, mixed_per_100_leaves, nonzero_adv_token_frac
-from trainer.allocation import anchors_from_tree, make_allocator, split_rounds
+from trainer.allocation import (
+    anchors_from_tree,
+    make_allocator,
+    plan_round,
+    share,
+    split_rounds,
+    uniform_group,
+)
 from trainer.compute import compute, infer
 from trainer.config import TrainConfig
 from trainer.policy import FeatureModel, Policy
-from trainer.predictor import BetaPrior, SuccessPredictor, calibration, collect_training_set, structural_features
+from trainer.predictor import (
+    BetaPrior,
+    SuccessPredictor,
+    collect_training_set,
+    split_calibration,
+    structural_features,
+)
 from trainer.rollout import RolloutRunner
 from trainer.staleness import drop_stale
 from trainer.tree import Ledger, RolloutTree
 
 
 class PromptSampler:
-    """Deterministic data order: a seeded permutation per epoch; prompts stage 1 leaves at 0 go back to
-    the front of the queue for the next batch (DESIGN: "left for a later batch")."""
+    """The data stream every allocator draws from: a seeded permutation per epoch; prompts stage 1 leaves at 0
+    (the candidates of the pool it did not fund) go back to the front of the queue for the next batch (DESIGN:
+    "left for a later batch"). `take(k)` gives k distinct prompts (k <= n)."""
 
     def __init__(self, n: int, seed: int) -> None:
         assert n > 0, "the training split is empty"
@@ -60,6 +74,7 @@ class PromptSampler:
         return perm
 
     def take(self, k: int) -> list[int]:
+        assert 0 <= k <= self.n, f"asked for {k} distinct prompts of a split of {self.n}"
         out = self.returned[:k]
         self.returned = self.returned[k:]
         while len(out) < k:
@@ -101,6 +116,7 @@ class TraceStep:
         self.runner = runner
         self.allocator = make_allocator(cfg.allocation.type)
         self.sampler = PromptSampler(n_train, cfg.run.seed)
+        self._check_split(n_train)
         self.prior = BetaPrior(cfg.predictor.prior_a, cfg.predictor.prior_b)
         self.rng = random.Random(cfg.run.seed)
         self.predictor: SuccessPredictor | None = None
@@ -192,13 +208,106 @@ class TraceStep:
 
     # ------------------------------------------------------------------ collection (event loop)
     async def collect(self, step: int) -> StepBatch:
+        """One step's rollouts: exactly allocation.leaf_budget leaves, for every allocator (the rules:
+        trainer/allocation.py, "The leaf budget"); `batch.trees` are exactly the prompts that received rollouts."""
         t0 = time.perf_counter()
-        c, a = self.cfg, self.cfg.allocation
-        idxs = self.sampler.take(c.run.prompts_per_step)
-        trees = list(
-            await asyncio.gather(*(self.runner.new_tree(c.env.dataset, c.env.train_split, i, step=step) for i in idxs))
+        c, a, alloc = self.cfg, self.cfg.allocation, self.allocator
+        stage1 = alloc.stage1_budget(a)
+        # Stage 1: an active stage 1 values a candidate pool and funds the best (the rest go back to the stream);
+        # a uniform one takes stage1 // group prompts as the stream gives them and never looks at values.
+        if alloc.selects:
+            n_draw = min(c.run.pool_size, self.sampler.n)
+        else:
+            n_draw = stage1 // uniform_group(stage1, a.group_size, c.run.prompts_per_step)
+        idxs = self.sampler.take(n_draw)
+        pool = await self._new_trees(idxs, step)
+        v = await self.value_roots(pool)
+        m = alloc.roots(v, stage1, a)
+        funded = [i for i, mi in enumerate(m) if mi > 0]
+        await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in funded))
+        count = {"roots": sum(m), "continuations": 0, "continuations_moved": 0, "respent_as_roots": 0}
+        left = a.leaf_budget - sum(m)  # stage 2's continuations; for allocators that do not expand, normally 0
+        # Stage 2: prefix expansion, round by round; each funded prompt's share of the continuations is exact.
+        if alloc.expands and funded:
+            shares = share(left, [m[i] for i in funded])
+            per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
+            left = 0
+            for r in range(a.rounds):
+                live = [i for i in range(len(pool)) if m[i] > 0]  # with prompts an earlier round's spill funded
+                for i in live:
+                    pool[i].backup()
+                await self.afeaturise([pool[i] for i in live])
+                cands = [n for i in live for n in pool[i].anchors(c.env.max_turns)]
+                preds = await self.apredict([n.features for n in cands], self.base_rate)
+                for n, p in zip(cands, preds, strict=True):
+                    n.predicted = p
+                anchors = [anchors_from_tree(pool[i], c.env.max_turns) for i in live]
+                want = [per_round[i][r] if i in per_round else 0 for i in live]
+                plan, unplaced = plan_round(alloc, anchors, want, [m[i] for i in live], self.rng, a)
+                count["continuations"] += sum(map(sum, plan))
+                count["continuations_moved"] += sum(max(sum(ks) - w, 0) for ks, w in zip(plan, want, strict=True))
+                jobs = []
+                for i, an, ks in zip(live, anchors, plan, strict=True):
+                    jobs += [self.runner.expand(pool[i], x.node_id, k) for x, k in zip(an, ks, strict=True) if k]
+                jobs += await self._spill_roots(pool, idxs, v, m, unplaced, step, count)
+                await asyncio.gather(*jobs)
+        await asyncio.gather(*await self._spill_roots(pool, idxs, v, m, left, step, count))
+        if alloc.selects:
+            self.sampler.give_back([idx for idx, mi in zip(idxs, m, strict=True) if mi == 0])
+        trees = [t for t, mi in zip(pool, m, strict=True) if mi > 0]
+        for t in trees:
+            t.backup()
+            self.engine_release(t)
+        leaves = sum(t.ledger.leaves for t in trees)
+        assert leaves == a.leaf_budget, (
+            f"step {step}: {alloc.name} generated {leaves} leaves, allocation.leaf_budget is {a.leaf_budget} "
+            f"(stage-1 roots {count['roots']}, continuations {count['continuations']}, re-spent as roots "
+            f"{count['respent_as_roots']}, over {len(trees)} prompts of {len(pool)} candidates)"
         )
-        # Stage 1: root values = per-prompt Beta posterior centred on the predictor's V(root) (or the base rate).
+        # Calibration of the predictions made at allocation time against the outcomes that followed (roots against
+        # their bare rollouts, anchors against their own outcomes: unbiased samples, trainer.predictor).
+        calib = split_calibration(trees)
+        batch = StepBatch(step, trees, len(pool), len(trees), calib, time.perf_counter() - t0)
+        # The step's budget accounting (pool_size / selected: candidates drawn / prompts funded). roots: stage 1's;
+        # continuations: placed at anchors (continuations_moved of them on another prompt's anchors);
+        # respent_as_roots: continuations no anchor could take, run as new roots. They sum to leaf_budget.
+        # TODO(lead): update() (or the loop) should merge batch.metrics into the step's row.
+        batch.metrics = {"leaf_budget": float(a.leaf_budget), **{k: float(x) for k, x in count.items()}}
+        return batch
+
+    def _check_split(self, n_train: int) -> None:
+        """TrainConfig.validate's leaf-budget checks again, now that the training split's size is known."""
+        a, run, alloc = self.cfg.allocation, self.cfg.run, self.allocator
+        stage1 = alloc.stage1_budget(a)
+        if alloc.selects and min(run.pool_size, n_train) * a.m_max < a.leaf_budget:
+            raise ValueError(
+                f"a candidate pool of min(run.pool_size {run.pool_size}, {n_train} training prompts) x allocation."
+                f"m_max {a.m_max} cannot spend allocation.leaf_budget {a.leaf_budget}; raise env.train_limit or "
+                "allocation.m_max, or lower leaf_budget"
+            )
+        if not alloc.selects and stage1 // uniform_group(stage1, a.group_size, run.prompts_per_step) > n_train:
+            raise ValueError(
+                f"{a.type} takes {stage1 // uniform_group(stage1, a.group_size, run.prompts_per_step)} prompts a step "
+                f"but the training split has {n_train}; raise env.train_limit or allocation.group_size"
+            )
+
+    async def _new_trees(self, idxs: list[int], step: int) -> list[RolloutTree]:
+        """Root-only trees for these prompts of the train split; episodes capped at env.max_turns."""
+        c = self.cfg
+        return list(
+            await asyncio.gather(
+                *(
+                    self.runner.new_tree(c.env.dataset, c.env.train_split, i, max_turns=c.env.max_turns, step=step)
+                    for i in idxs
+                )
+            )
+        )
+
+    async def value_roots(self, trees: list[RolloutTree]) -> list[float]:
+        """Stage-1 values, also written to `root.predicted`: the predictor's V(root) from the prompt's own features
+        (the base rate before its first fit), which is exactly the value of a prompt never trained on; a prompt seen
+        before gets its Beta posterior centred there (the prior's a + b pseudo-counts, plus its past bare-rollout
+        outcomes), clipped to [1e-4, 1 - 1e-4]."""
         await self.afeaturise(trees)
         root_v = await self.apredict([t.root.features for t in trees], self.base_rate)
         v = [
@@ -207,37 +316,45 @@ class TraceStep:
         ]
         for t, vi in zip(trees, v, strict=True):
             t.root.predicted = vi
-        m = self.allocator.roots(v, self.allocator.stage1_budget(a), a)
-        self.sampler.give_back([i for i, mi in zip(idxs, m, strict=True) if mi == 0])
-        active = [(t, mi) for t, mi in zip(trees, m, strict=True) if mi > 0]
-        await asyncio.gather(*(self.runner.expand(t, 0, mi) for t, mi in active))
-        # Stage 2: prefix expansion, round by round.
-        if self.allocator.expands:
-            budgets = {t.prompt_id: split_rounds(a.continuation_budget(mi), a.rounds) for t, mi in active}
-            for r in range(a.rounds):
-                for t, _ in active:
-                    t.backup()
-                await self.afeaturise([t for t, _ in active])
-                cands = [n for t, _ in active for n in t.anchors(c.env.max_turns)]
-                preds = await self.apredict([n.features for n in cands], self.base_rate)
-                for n, p in zip(cands, preds, strict=True):
-                    n.predicted = p
-                jobs = []
-                for t, _ in active:
-                    anchors = anchors_from_tree(t, c.env.max_turns)
-                    ks = self.allocator.prefixes(anchors, budgets[t.prompt_id][r], self.rng, a)
-                    jobs += [self.runner.expand(t, an.node_id, k) for an, k in zip(anchors, ks, strict=True) if k > 0]
-                await asyncio.gather(*jobs)
-        trees = [t for t, _ in active]
-        for t in trees:
-            t.backup()
-            self.engine_release(t)
-        # Calibration of the predictions made at allocation time against the outcomes that followed.
-        pairs = [
-            (n.predicted, n.value) for t in trees for n in t.nodes if n.predicted is not None and n.value is not None
-        ]
-        calib = calibration([p for p, _ in pairs], [o for _, o in pairs])
-        return StepBatch(step, trees, len(idxs), len(active), calib, time.perf_counter() - t0)
+        return v
+
+    async def _spill_roots(
+        self,
+        pool: list[RolloutTree],
+        idxs: list[int],
+        v: list[float],
+        m: list[int],
+        n: int,
+        step: int,
+        count: dict[str, int],
+    ) -> list[Coroutine[Any, Any, list[int]]]:
+        """Re-spend `n` rollouts that no anchor could take as new root rollouts (`Allocator.spill_roots`): new
+        prompts first (unfunded pool candidates, or the next prompts of the stream for a uniform stage 1, which are
+        appended to pool/idxs/v/m), extra bare rollouts of funded prompts only for what cannot form a group.
+        Updates m in place; returns the rollouts to run."""
+        if n == 0:
+            return []
+        a, alloc = self.cfg.allocation, self.allocator
+        if not alloc.selects:  # the next prompts of the stream, in groups of the uniform group size
+            g = uniform_group(alloc.stage1_budget(a), a.group_size, self.cfg.run.prompts_per_step)
+            drawn = self.sampler.take(min(n // g, self.sampler.n))
+            fresh = [i for i in drawn if i not in idxs]  # a prompt appears once a step
+            self.sampler.give_back([i for i in drawn if i in idxs])
+            trees = await self._new_trees(fresh, step)
+            v += await self.value_roots(trees)
+            pool += trees
+            idxs += fresh
+            m += [0] * len(fresh)
+        funded = [i for i, mi in enumerate(m) if mi > 0]
+        new = [i for i, mi in enumerate(m) if mi == 0]
+        extra, k_new = alloc.spill_roots([v[i] for i in funded], [m[i] for i in funded], [v[i] for i in new], n, a)
+        jobs = []
+        for i, k in [*zip(funded, extra, strict=True), *zip(new, k_new, strict=True)]:
+            if k:
+                m[i] += k
+                jobs.append(self.runner.expand(pool[i], 0, k))
+        count["respent_as_roots"] += n
+        return jobs
 
     def engine_release(self, tree: RolloutTree) -> None:
         self.runner.engine.release(tree.prompt_id)

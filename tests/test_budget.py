@@ -1,0 +1,242 @@
+"""The leaf budget (trainer/allocation.py, "The leaf budget"): every allocator spends exactly
+allocation.leaf_budget rollouts a step, continuations that cannot be placed are re-spent in a fixed order and
+never dropped, the config refuses settings that cannot spend the budget, and stage 1 chooses among a candidate
+pool, valuing prompts it has never seen by the predictor.
+
+Guards against the bugs of the equal-cost comparison: a prompt's continuation budget with no open anchor was
+dropped, per-prompt flooring lost leaves at a fractional expansion factor, root-only spent fewer leaves than
+trace when prompts x m_max capped it, and stage 1 chose among the very prompts it funded."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from shared.client import EnvClient
+from trainer.allocation import (
+    ALLOCATORS,
+    AllocationConfig,
+    anchors_from_tree,
+    make_allocator,
+    place_continuations,
+    plan_round,
+    share,
+    top_up_roots,
+)
+from trainer.config import TrainConfig, load_train_config
+from trainer.engine_client import EngineClient
+from trainer.evaluate import split_size
+from trainer.predictor import SuccessPredictor
+from trainer.rollout import RolloutConfig, RolloutRunner
+from trainer.trace import TraceStep
+from trainer.tree import FinishStatus, RolloutTree
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- exact shares
+def test_share_is_exact_proportional_and_capped() -> None:
+    rng = random.Random(0)
+    assert share(4, [3, 3, 2]) == [2, 1, 1]  # remainders .5, .5, 0: ties to the lower index
+    assert share(7, [1, 1], [2, 10]) == [2, 5]  # the capped one's excess goes to the other
+    assert share(5, [0, 0, 0]) == [2, 2, 1]  # no weight: evenly
+    assert share(9, [1, 1], [2, 3]) == [2, 3]  # more than the caps: sum = min(total, sum(caps))
+    for _ in range(300):
+        n = rng.randint(1, 6)
+        w = [rng.randint(0, 5) for _ in range(n)]
+        total = rng.randint(0, 40)
+        out = share(total, w)
+        assert sum(out) == total, (total, w, out)
+        if sum(w):
+            assert all(abs(o - total * x / sum(w)) < 1 for o, x in zip(out, w, strict=True)), (total, w, out)
+        caps = [rng.randint(0, 8) for _ in range(n)]
+        out = share(total, w, caps)
+        assert sum(out) == min(total, sum(caps)) and all(o <= c for o, c in zip(out, caps, strict=True))
+
+
+def test_fractional_expansion_loses_no_leaf() -> None:
+    """The debug config's old rule, floor(m_i * 0.5) per prompt, spent 3 of 4 continuations for m = (3, 3, 2)."""
+    assert sum(share(12 - 8, [3, 3, 2])) == 4
+
+
+# ---------------------------------------------------------------------------------------------- spill-over order
+def _tree(pid: str, n_anchor_chains: int, n_turn1: int, predicted: float = 0.5) -> RolloutTree:
+    """A hand-built backed-up tree: `n_anchor_chains` bare rollouts of two turns (their first turn is an open
+    anchor) and `n_turn1` bare rollouts that answered at turn 1 (no anchor)."""
+    t = RolloutTree.new(pid, "q", ["a"], [1, 2], "s0")
+    for j in range(n_anchor_chains):
+        mid = t.add_child(0, [5], [1], [-0.1], snapshot_id=f"{pid}-s{j}")
+        t.add_child(mid.node_id, [6], [1], [-0.1], status=FinishStatus.ANSWERED, reward=float(j % 2))
+    for _ in range(n_turn1):
+        t.add_child(0, [7], [1], [-0.1], status=FinishStatus.ANSWERED, reward=0.0)
+    t.backup()
+    for n in t.anchors():
+        n.predicted = predicted
+    return t
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(ALLOCATORS) if make_allocator(n).expands])
+def test_spill_order_same_prompt_then_other_prompts_then_new_roots(name: str) -> None:
+    alloc = make_allocator(name)
+    cfg = AllocationConfig(type=name, leaf_budget=20, root_budget=6, max_per_anchor=2)
+    a = _tree("a", n_anchor_chains=2, n_turn1=0)  # 2 anchors: room for 4
+    b = _tree("b", n_anchor_chains=1, n_turn1=1)  # 1 anchor: room for 2
+    c = _tree("c", n_anchor_chains=0, n_turn1=2)  # every rollout answered at turn 1: no anchor
+    anchors = [anchors_from_tree(t) for t in (a, b, c)]
+    assert [len(x) for x in anchors] == [2, 1, 0]
+    rng = random.Random(0)
+    # 1. The same prompt's other anchors first: a wants 3, more than one anchor takes; nothing moves.
+    plan, left = plan_round(alloc, anchors, [3, 0, 0], [2, 2, 2], rng, cfg)
+    assert [sum(k) for k in plan] == [3, 0, 0] and left == 0 and max(plan[0]) == 2
+    # 2. Then other prompts' anchors: b wants 3 (room 2) and c wants 2 (room 0); a has room 4 - 1.
+    plan, left = plan_round(alloc, anchors, [1, 3, 2], [2, 2, 2], rng, cfg)
+    assert [sum(k) for k in plan] == [4, 2, 0] and left == 0
+    # 3. Then new roots: every anchor is full and 3 remain.
+    plan, left = plan_round(alloc, anchors, [4, 3, 2], [2, 2, 2], rng, cfg)
+    assert [sum(k) for k in plan] == [4, 2, 0] and left == 3
+    assert all(k <= cfg.max_per_anchor for ks in plan for k in ks)
+
+
+def test_other_prompts_take_the_spill_in_proportion_to_their_roots() -> None:
+    kept, left = place_continuations([0, 0, 6], [10, 10, 0], [1, 3, 2])
+    assert kept == [2, 4, 0] and left == 0  # 6 split 1 : 3 over the two with room (1.5 / 4.5 -> 2 / 4)
+    kept, left = place_continuations([0, 0, 6], [1, 10, 0], [1, 1, 2])
+    assert kept == [1, 5, 0] and left == 0  # the first is capped at 1: the rest goes to the second
+
+
+def test_spill_roots_new_prompts_first_then_funded_prompts() -> None:
+    cfg = AllocationConfig(type="trace", leaf_budget=20, root_budget=6, m_min=2, m_max=3)
+    trace = make_allocator("trace")
+    # New candidates first, valued as at stage 1: the one near 0.5 before the settled one.
+    extra, new = trace.spill_roots([0.5, 0.5], [3, 3], [0.01, 0.5], 3, cfg)
+    assert extra == [0, 0] and new == [0, 3]
+    # What cannot form a group of m_min goes as extra bare rollouts of funded prompts, below m_max first.
+    extra, new = trace.spill_roots([0.5, 0.5], [3, 2], [0.5], 1, cfg)
+    assert extra == [0, 1] and new == [0]
+    # Nothing else can take it: beyond m_max, never dropped.
+    extra, new = trace.spill_roots([0.5], [3], [], 2, cfg)
+    assert extra == [2] and new == []
+    # A uniform stage 1 ignores values: new prompts of the stream evenly, else the funded prompts evenly.
+    rn = make_allocator("random-node")
+    assert rn.spill_roots([0.9, 0.1], [2, 2], [0.0, 1.0], 5, cfg) == ([0, 0], [3, 2])
+    assert rn.spill_roots([0.9, 0.1], [2, 2], [], 3, cfg) == ([2, 1], [])
+    assert top_up_roots([0.5, 0.05], [2, 2], 3, cap=4) == [2, 1]
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("sets", "field"),
+    [
+        (['allocation.type="root-only"', "run.pool_size=16", "allocation.m_max=2"], "run.pool_size"),
+        (['allocation.type="trace"', "allocation.root_budget=80"], "allocation.root_budget"),
+        (['allocation.type="trace"', "allocation.root_budget=1", "allocation.m_min=2"], "m_min"),
+        (['allocation.type="root-only"', "allocation.leaf_budget=1", "allocation.m_min=2"], "m_min"),
+        (['allocation.type="uniform"', "allocation.group_size=1"], "allocation.group_size"),
+        (['allocation.type="uniform"', "allocation.group_size=65"], "allocation.group_size"),
+        (['allocation.type="uniform"', "run.prompts_per_step=64"], "run.prompts_per_step"),
+        (['allocation.type="random-node"', "run.prompts_per_step=32"], "run.prompts_per_step"),
+        (['allocation.type="trace"', "run.pool_size=8"], "run.pool_size"),
+        (["run.pool_size=0"], "run.pool_size"),
+    ],
+)
+def test_config_refuses_budgets_an_allocator_cannot_spend(sets: list[str], field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_train_config(None, sets)
+
+
+@pytest.mark.parametrize("config", [None, "debug.toml", "compare.toml", "qwen3-8b-hotpotqa.toml"])
+def test_shipped_configs_keep_their_leaf_totals(config: str | None) -> None:
+    path = None if config is None else REPO / "configs" / config
+    want = {None: (64, 32), "debug.toml": (12, 8), "compare.toml": (64, 32), "qwen3-8b-hotpotqa.toml": (1536, 512)}
+    for name in ALLOCATORS:
+        cfg = load_train_config(path, [f'allocation.type="{name}"'])
+        assert (cfg.allocation.leaf_budget, cfg.allocation.root_budget) == want[config]
+    assert TrainConfig().run.pool_size == 4 * TrainConfig().run.prompts_per_step
+
+
+# ---------------------------------------------------------------------------------------------- candidate pool
+async def test_stage1_funds_the_unseen_prompts_whose_features_say_mixed() -> None:
+    """A predictor fitted on synthetic features where feature 0 = 1 means p ~ 0.5 (else p ~ 0.02) values twelve
+    prompts never seen before from their own features; stage 1 funds exactly the four that carry the signal."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 8, generator=gen)
+    x[:, 0] = (torch.rand(3000, generator=gen) < 0.4).float()
+    p = torch.where(x[:, 0] > 0.5, 0.5, 0.02)
+    y = (torch.rand(3000, generator=gen) < p).float()
+    predictor = SuccessPredictor(8, hidden=16, lr=1e-2, seed=0)
+    predictor.fit(x, y, epochs=30)
+
+    cfg = load_train_config(None, ["predictor.use_hidden_state=false", "run.pool_size=16", "run.prompts_per_step=4"])
+    cfg.allocation = AllocationConfig(type="trace", leaf_budget=24, root_budget=12, m_min=2, m_max=3)
+    step = TraceStep(cfg, policy=None, runner=None, n_train=100)  # type: ignore[arg-type]  # features given
+    step.predictor, step.fitted = predictor, True
+    mixed = {1, 4, 7, 10}
+    pool = []
+    for i in range(12):
+        t = RolloutTree.new(f"unseen-{i}", "q", [], [1, 2, 3], f"s{i}")
+        t.root.features = [1.0 if i in mixed else 0.0, *torch.randn(7, generator=gen).tolist()]
+        pool.append(t)
+    v = await step.value_roots(pool)
+    assert all(0.2 < v[i] < 0.8 for i in mixed) and all(v[i] < 0.15 for i in range(12) if i not in mixed), v
+    m = step.allocator.roots(v, step.allocator.stage1_budget(cfg.allocation), cfg.allocation)
+    assert {i for i, mi in enumerate(m) if mi} == mixed, m
+    # An unseen prompt's value is the predictor's; a seen one's is its Beta posterior centred there.
+    rv = float(predictor.predict(torch.tensor([pool[1].root.features]))[0])
+    assert v[1] == pytest.approx(rv, abs=1e-6)
+    step.prior.update("unseen-1", [1.0, 1.0, 1.0, 1.0])
+    pool[1].root.predicted = None
+    [seen] = await step.value_roots([pool[1]])
+    assert seen == pytest.approx((rv * 2 + 4) / (2 + 4), abs=1e-6)  # prior a + b = 2 pseudo-counts
+
+
+# ---------------------------------------------------------------------------------------------- real trees
+@pytest.mark.parametrize("max_turns", [1, 3])
+async def test_every_allocator_spends_exactly_the_leaf_budget_on_real_trees(
+    max_turns: int, make_env_server, engine_url: str, tiny_model: Path
+) -> None:
+    """Real rollouts (the tiny model on the CPU engine, the synthetic world on a real env server). With
+    env.max_turns = 1 every rollout ends at turn 1, so no tree has an anchor: every continuation of trace and
+    random-node must come back as new roots. With 3 turns and max_per_anchor = 1 anchors fill up and spill."""
+    server = await make_env_server(max_turns=8)  # the trainer's max_turns, sent on create, must win
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    async with EnvClient(server.url) as env, EngineClient([engine_url]) as engine:
+        n_train = split_size(await env.info(), "synthetic", "train")
+        runner = RolloutRunner(env, engine, tok, RolloutConfig(max_new_tokens=12, max_context_tokens=512))
+        for name in sorted(ALLOCATORS):
+            cfg = load_train_config(
+                None,
+                [
+                    f'allocation.type="{name}"',
+                    "allocation.leaf_budget=11",  # odd: shares, groups and rounds do not divide it
+                    "allocation.root_budget=5",
+                    "allocation.m_min=2",
+                    "allocation.m_max=3",
+                    "allocation.max_per_anchor=1",
+                    "allocation.rounds=2",
+                    "run.prompts_per_step=2",
+                    "run.pool_size=6",
+                    f"env.max_turns={max_turns}",
+                    "predictor.use_hidden_state=false",
+                ],
+            )
+            step = TraceStep(cfg, policy=None, runner=runner, n_train=n_train)  # type: ignore[arg-type]
+            for s in range(2):  # the second step draws the prompts the first gave back
+                batch = await step.collect(s)
+                leaves = [n for t in batch.trees for n in t.leaves()]
+                assert len(leaves) == sum(t.ledger.leaves for t in batch.trees) == 11, (name, max_turns)
+                assert all(t.leaves() for t in batch.trees), "batch.trees = exactly the prompts with rollouts"
+                assert len({t.prompt_id for t in batch.trees}) == len(batch.trees)
+                assert all(n.depth <= max_turns for n in leaves)
+                mt = batch.metrics
+                assert mt["leaf_budget"] == 11 and mt["roots"] + mt["continuations"] + mt["respent_as_roots"] == 11
+                assert batch.selected == len(batch.trees) <= batch.pool_size
+                if max_turns == 1:
+                    assert mt["continuations"] == 0
+                if not make_allocator(name).expands:
+                    assert mt["roots"] == 11
+                for t in batch.trees:
+                    t.validate()
