@@ -38,11 +38,12 @@ solved exactly by a dynamic programme over prompts x budget: O(B * M * (m_max - 
 is milliseconds at B ~ 1k prompts, M ~ 4k rollouts. V_pref is concave in k from k = 0 (gains q^k (1-q), q the
 match probability), so greedy is exact for stage 2.
 
-Fractional outcomes in stage 2 (our generalisation; the paper states r in {0, 1}): an anchor's r is the
-backed-up mean outcome Vhat of the scored leaves below it, and q = r V + (1-r)(1-V) is the probability that a
-new continuation matches an outcome drawn from the observed ones *in a single draw*, raised to k. For r in
-{0, 1} it is exactly the paper's formula; for a node whose subtree is already mixed it still values extra
-continuations, least where V agrees with the observed mean.
+Observed outcome in stage 2: an anchor's r is the own outcome O of the rollout through it (tree.py: the reward
+at the end of the chain that created the anchor), the paper's r_ij, not a mean over the continuations added
+since; an anchor with no own outcome (its chain ended unscored) falls back to its value. For fractional
+rewards (F1; the paper states r in {0, 1}) q = r V + (1-r)(1-V) is the probability that a new continuation
+matches an outcome drawn from the observed one *in a single draw*, raised to k; for r in {0, 1} it is exactly
+the paper's formula.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class Anchor:
     """A stage-2 candidate branch point of one prompt's tree."""
 
     node_id: int  # the node in its RolloutTree
-    r: float  # observed outcome through it: the backed-up mean reward Vhat of the scored leaves below, in [0, 1]
+    r: float  # observed outcome r_ij: the own outcome of the rollout through the anchor (tree.py), in [0, 1]
     v: float  # the predictor's V(H) at this prefix, in [0, 1]
 
 
@@ -235,7 +236,8 @@ def anchors_from_tree(tree: RolloutTree, max_turns: int | None = None) -> list[A
     out = []
     for node in tree.anchors(max_turns):
         assert node.predicted is not None, f"prompt {tree.prompt_id!r} node {node.node_id}: no predicted V(H)"
-        out.append(Anchor(node.node_id, float(node.value), float(node.predicted)))
+        r = node.outcome if node.outcome is not None else node.value  # the paper's r_ij: the rollout's own outcome
+        out.append(Anchor(node.node_id, float(r), float(node.predicted)))
     return out
 
 

@@ -107,15 +107,18 @@ async def evaluate(
     limit: int,
     prefix: str = "eval",
     concurrency: int | None = None,
+    max_turns: int | None = None,
 ) -> dict[str, float]:
-    """Greedy EM/F1 on the first `limit` questions of `dataset/split`: {"<prefix>_em", "<prefix>_f1"}."""
+    """Greedy EM/F1 on the first `limit` questions of `dataset/split`: {"<prefix>_em", "<prefix>_f1"}.
+    `max_turns` is sent with every create (None: the server's default), as training sends env.max_turns."""
     env = runner.env
     n = min(limit, split_size(await env.info(), dataset, split))
     live = asyncio.Semaphore(concurrency or runner.cfg.max_concurrency)
 
     async def one(index: int) -> GreedyResult:
         async with live:
-            ep = await env.create(dataset=dataset, split=split, index=index)
+            turns = {} if max_turns is None else {"max_turns": max_turns}
+            ep = await env.create(dataset=dataset, split=split, index=index, **turns)
             try:
                 return await play_greedy(runner, ep)
             finally:  # a failed delete must not hide the error that ended the question
@@ -139,7 +142,8 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
         urls = await stack.enter_async_context(services.engines(cfg, model, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         tok = AutoTokenizer.from_pretrained(str(model))
-        res = await evaluate(greedy_runner(env, engine, tok, cfg.rollout), cfg.env.dataset, split, limit=limit)
+        greedy = greedy_runner(env, engine, tok, cfg.rollout)
+        res = await evaluate(greedy, cfg.env.dataset, split, limit=limit, max_turns=cfg.env.max_turns)
     return {"model": str(model), "dataset": cfg.env.dataset, "split": split, **res}
 
 

@@ -91,10 +91,12 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         greedy = greedy_runner(env, engine, policy.tokenizer, cfg.rollout)
 
         async def evals() -> dict[str, float]:
-            res = await evaluate(greedy, cfg.env.dataset, cfg.env.eval_split, limit=cfg.run.eval_size)
+            turns = cfg.env.max_turns
+            res = await evaluate(greedy, cfg.env.dataset, cfg.env.eval_split, limit=cfg.run.eval_size, max_turns=turns)
             if cfg.run.eval_train:
                 limit = min(cfg.run.eval_size, n_train)
-                res.update(await evaluate(greedy, cfg.env.dataset, cfg.env.train_split, limit=limit, prefix="train"))
+                split = cfg.env.train_split
+                res.update(await evaluate(greedy, cfg.env.dataset, split, limit=limit, prefix="train", max_turns=turns))
             return res
 
         before = await evals() if first == 0 and cfg.run.eval_every > 0 and cfg.run.eval_before_train else {}

@@ -271,7 +271,6 @@ class TraceStep:
         # The step's budget accounting (pool_size / selected: candidates drawn / prompts funded). roots: stage 1's;
         # continuations: placed at anchors (continuations_moved of them on another prompt's anchors);
         # respent_as_roots: continuations no anchor could take, run as new roots. They sum to leaf_budget.
-        # TODO(lead): update() (or the loop) should merge batch.metrics into the step's row.
         batch.metrics = {"leaf_budget": float(a.leaf_budget), **{k: float(x) for k, x in count.items()}}
         return batch
 
@@ -406,6 +405,7 @@ class TraceStep:
             "update_time_s": time.perf_counter() - t0,
         }
         m.update({f"policy_{k}" if k not in ("loss", "grad_norm", "trained_tokens") else k: v for k, v in pol.items()})
+        m.update(batch.metrics)  # collect()'s budget accounting: leaf_budget, roots, continuations, ...
         return m
 
     # ------------------------------------------------------------------ checkpoint
