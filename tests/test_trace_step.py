@@ -44,3 +44,22 @@ def test_a_pool_larger_than_the_batch_returns_the_unfunded_first() -> None:
     assert nxt[:6] == pool[2:] and len(set(nxt)) == 8  # two fresh ones from the rest of the epoch (or the next)
     with pytest.raises(AssertionError, match="11 distinct prompts of a split of 10"):
         s.take(11)
+
+
+def test_a_checkpoint_taken_while_the_next_step_collects_resumes_that_step_from_its_start() -> None:
+    """Regression: with run.max_staleness >= 1, step t+1's collection has drawn its prompts (and rng values) when
+    step t's checkpoint is written; the checkpoint held the state after that draw, so a resumed run skipped that
+    batch. `state_dict(at_step=t+1)` holds the state collect(t+1) started from."""
+    from trainer.config import TrainConfig
+    from trainer.trace import TraceStep
+
+    live = TraceStep(TrainConfig(), None, None, 64)  # type: ignore[arg-type]  # no policy/runner: state only
+    live.remember_draw_state(1)  # collect(1) starts ...
+    drawn, rolled = live.sampler.take(8), live.rng.random()  # ... and draws, while step 0's checkpoint is written
+    saved = live.state_dict(at_step=1)
+    resumed = TraceStep(TrainConfig(), None, None, 64)  # type: ignore[arg-type]
+    resumed.load_state_dict(saved)
+    assert resumed.sampler.take(8) == drawn and resumed.rng.random() == rolled
+    after = TraceStep(TrainConfig(), None, None, 64)  # type: ignore[arg-type]
+    after.load_state_dict(live.state_dict())  # without at_step: the state as it is now, past the draw
+    assert after.sampler.take(8) != drawn

@@ -42,7 +42,7 @@ def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep)
     state = {
         "next_step": next_step,
         "reference_model": policy.reference,
-        "trace": trace.state_dict(),
+        "trace": trace.state_dict(at_step=next_step),  # data order from before step next_step drew, if it has
         "python_rng": random.getstate(),
         "torch_rng": torch.get_rng_state(),
     }

@@ -129,6 +129,10 @@ class TraceStep:
         self.features: FeatureModel | None = None
         self.served: SuccessPredictor | None = None
         self.infer_wait_s = 0.0
+        # The data-order state each collect(step) started from (the last two steps). With overlap, step t+1's
+        # collection has already drawn its prompts when step t's checkpoint is written: the checkpoint must hold
+        # the state before that draw, or a resumed run would skip (or repeat) that batch.
+        self._drawn_from: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ features and values
     def featurise(self, trees: list[RolloutTree], hidden_at: Callable[..., list[torch.Tensor]] | None = None) -> None:
@@ -211,6 +215,7 @@ class TraceStep:
         """One step's rollouts: exactly allocation.leaf_budget leaves, for every allocator (the rules:
         trainer/allocation.py, "The leaf budget"); `batch.trees` are exactly the prompts that received rollouts."""
         t0 = time.perf_counter()
+        self.remember_draw_state(step)
         c, a, alloc = self.cfg, self.cfg.allocation, self.allocator
         stage1 = alloc.stage1_budget(a)
         # Stage 1: an active stage 1 values a candidate pool and funds the best (the rest go back to the stream);
@@ -409,11 +414,20 @@ class TraceStep:
         return m
 
     # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict[str, Any]:
+    def remember_draw_state(self, step: int) -> None:
+        """Record the sampler and rng state as collect(step) starts, before it draws anything."""
+        self._drawn_from[step] = {"sampler": self.sampler.state_dict(), "rng": self.rng.getstate()}
+        for old in [k for k in self._drawn_from if k < step - 1]:
+            del self._drawn_from[old]
+
+    def state_dict(self, at_step: int | None = None) -> dict[str, Any]:
+        """The state to resume from. at_step: the step the resumed run starts with; when that step's collection
+        has already begun (it overlaps the previous update), its data order is taken from before it drew."""
+        drawn = self._drawn_from.get(at_step) if at_step is not None else None
         return {
-            "sampler": self.sampler.state_dict(),
+            "sampler": drawn["sampler"] if drawn else self.sampler.state_dict(),
             "prior": self.prior.state_dict(),
-            "rng": self.rng.getstate(),
+            "rng": drawn["rng"] if drawn else self.rng.getstate(),
             "predictor": self.predictor.state_dict() if self.predictor is not None else None,
             "predictor_dim": self.predictor.input_dim if self.predictor is not None else None,
             "fitted": self.fitted,
