@@ -1,7 +1,7 @@
 """TRACE vs its baselines at equal leaf budget (DESIGN §1 "Baselines", "Budget accounting").
 
     python bench/compare_allocators.py --steps K --seeds S --out FILE.json [--config configs/compare.toml]
-        [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
+        [--eval-every E] [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
 
 Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
 warm start is cached per seed, so every allocator of a seed starts from identical weights), with
@@ -24,6 +24,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from simulate_allocation import mean_ci  # bench/ is the script's own folder, first on sys.path
 
 from trainer.config import load_train_config
 from trainer.loop import train
@@ -48,7 +50,9 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
 
 
-def run_one(config: str | None, sets: list[str], allocator: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
+def run_one(
+    config: str | None, sets: list[str], allocator: str, seed: int, steps: int, out: Path, eval_every: int | None = None
+) -> dict[str, Any]:
     run_dir = out / f"{allocator}-s{seed}"
     cfg = load_train_config(
         config,
@@ -58,7 +62,7 @@ def run_one(config: str | None, sets: list[str], allocator: str, seed: int, step
             f"run.seed={seed}",
             f"run.steps={steps}",
             f'run.output_dir="{run_dir}"',
-            f"run.eval_every={steps}",
+            f"run.eval_every={eval_every or steps}",
             "run.save_every=0",
             "run.plot=false",
         ],
@@ -68,29 +72,59 @@ def run_one(config: str | None, sets: list[str], allocator: str, seed: int, step
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     res: dict[str, Any] = {k: _mean([r.get(k) for r in rows]) for k in FIGURES}
     res["dev_em"] = rows[-1].get("eval_em")
+    res.update(dev_em_curve(rows))
     res["wall_s"] = time.perf_counter() - t0
     res["allocator"], res["seed"] = allocator, seed
     return res
 
 
-def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, dict[str, float]]:
-    out = {}
+def dev_em_curve(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's leaves per step (all equal, or an AssertionError naming the steps) and its dev EM against
+    cumulative leaves: [[0, EM before training], [leaves after step k, EM then], ...]."""
+    leaves = [int(r["leaves"]) for r in rows]
+    assert len(set(leaves)) == 1, f"unequal leaves per step {leaves}: not an equal-cost run"
+    curve = [[0, rows[0]["eval_em_before"]]] if rows and rows[0].get("eval_em_before") is not None else []
+    total = 0
+    for r in rows:
+        total += int(r["leaves"])
+        if r.get("eval_em") is not None:
+            curve.append([total, r["eval_em"]])
+    return {"leaves_per_step": leaves[0], "dev_em_curve": curve}
+
+
+def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, dict[str, Any]]:
+    """Per allocator: the mean of every figure over seeds, and the equal-cost figures of issue 12's comparison."""
+    out: dict[str, dict[str, Any]] = {}
+    per_step = {r["leaves_per_step"] for r in runs}
+    assert len(per_step) == 1, f"allocators ran at different leaves per step {sorted(per_step)}: not equal cost"
     for a in allocators:
         mine = [r for r in runs if r["allocator"] == a]
         out[a] = {k: _mean([r[k] for r in mine]) for k in (*FIGURES, "dev_em", "wall_s")}
         out[a]["seeds"] = len(mine)
+        out[a]["leaves_per_step"] = mine[0]["leaves_per_step"]
+        finals = [float(r["dev_em"]) for r in mine if r["dev_em"] is not None]
+        out[a]["dev_em_final"], out[a]["dev_em_final_ci95"] = mean_ci(finals)
+        points = sorted({p[0] for r in mine for p in r["dev_em_curve"]})
+        out[a]["dev_em_curve"] = [
+            [x, _mean([p[1] for r in mine for p in r["dev_em_curve"] if p[0] == x])] for x in points
+        ]
+        out[a]["dev_em_curve_ci95"] = [
+            [x, mean_ci([p[1] for r in mine for p in r["dev_em_curve"] if p[0] == x])[1]] for x in points
+        ]
     return out
 
 
-def table(summary: dict[str, dict[str, float]]) -> str:
+def table(summary: dict[str, dict[str, Any]]) -> str:
     cols = (
+        "leaves_per_step",
         "effective_ratio",
         "mixed_per_100_leaves",
         "nonzero_adv_token_frac",
         "reward_mean",
-        "dev_em",
-        "leaves",
+        "dev_em_final",
+        "dev_em_final_ci95",
         "generated_tokens",
+        "prefill_tokens",
     )
     lines = ["| allocator | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for a, s in summary.items():
@@ -98,7 +132,7 @@ def table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, dict[str, float]], path: Path) -> None:
+def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,6 +148,25 @@ def plot(summary: dict[str, dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name in names:
+        xs = [p[0] for p in summary[name]["dev_em_curve"]]
+        ys = [p[1] for p in summary[name]["dev_em_curve"]]
+        half = [0.0 if math.isnan(p[1]) else p[1] for p in summary[name]["dev_em_curve_ci95"]]
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.fill_between(
+            xs,
+            [y - h for y, h in zip(ys, half, strict=True)],
+            [y + h for y, h in zip(ys, half, strict=True)],
+            alpha=0.2,
+        )
+    ax.set_xlabel("cumulative leaves")
+    ax.set_ylabel("greedy dev EM")
+    ax.set_title(f"dev EM vs leaves (mean, 95% band over {summary[names[0]]['seeds']} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".dev_em.png"), dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--out", default="runs/compare_allocators.json")
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "compare.toml"))
+    p.add_argument("--eval-every", type=int, default=None, help="dev EM every E steps (default: at the end only)")
     p.add_argument("--allocators", default=",".join(ALL))
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args(argv)
@@ -132,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in range(args.seeds):
         for a in allocators:
-            r = run_one(args.config, args.set, a, seed, args.steps, work)
+            r = run_one(args.config, args.set, a, seed, args.steps, work, args.eval_every)
             print(f"{a:12s} seed {seed}: " + ", ".join(f"{k}={r[k]:.3f}" for k in ("effective_ratio", "dev_em")))
             runs.append(r)
     summary = summarise(runs, allocators)

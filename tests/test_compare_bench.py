@@ -1,0 +1,47 @@
+"""bench/compare_allocators.py's equal-cost bookkeeping, on hand-made metrics rows (the runs themselves are a
+benchmark, not a test): leaves per step must be equal, and the dev-EM curve is built on cumulative leaves."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # the script imports its sibling simulate_allocation, as when run from bench/
+_spec = importlib.util.spec_from_file_location("compare_allocators", BENCH / "compare_allocators.py")
+cmp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cmp)  # type: ignore[union-attr]
+
+
+def _rows(ems: dict[int, float], before: float, leaves: int = 64, steps: int = 4) -> list[dict]:
+    rows = [{"step": s, "leaves": leaves, **({"eval_em": ems[s]} if s in ems else {})} for s in range(steps)]
+    rows[0]["eval_em_before"] = before
+    return rows
+
+
+def test_curve_is_on_cumulative_leaves_and_unequal_leaves_fail() -> None:
+    got = cmp.dev_em_curve(_rows({1: 0.2, 3: 0.3}, before=0.1))
+    assert got == {"leaves_per_step": 64, "dev_em_curve": [[0, 0.1], [128, 0.2], [256, 0.3]]}
+    bad = _rows({3: 0.3}, before=0.1)
+    bad[2]["leaves"] = 63
+    with pytest.raises(AssertionError, match="unequal leaves per step"):
+        cmp.dev_em_curve(bad)
+
+
+def test_summary_has_the_final_em_interval_and_the_mean_curve() -> None:
+    figures = dict.fromkeys(cmp.FIGURES, 0.0)
+    runs = []
+    for seed, final in enumerate((0.2, 0.3, 0.4)):
+        run = {**figures, "allocator": "trace", "seed": seed, "dev_em": final, "wall_s": 1.0}
+        runs.append({**run, **cmp.dev_em_curve(_rows({3: final}, before=0.1))})
+    s = cmp.summarise(runs, ["trace"])["trace"]
+    assert s["leaves_per_step"] == 64 and s["seeds"] == 3
+    assert s["dev_em_final"] == pytest.approx(0.3)
+    assert s["dev_em_final_ci95"] == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-3)  # t(2) * sd / sqrt(n)
+    assert s["dev_em_curve"] == [[0, pytest.approx(0.1)], [256, pytest.approx(0.3)]]
+    other = [{**runs[0], "allocator": "uniform", "leaves_per_step": 32}]
+    with pytest.raises(AssertionError, match="different leaves per step"):
+        cmp.summarise([*runs, *other], ["trace", "uniform"])
