@@ -43,11 +43,18 @@ def world() -> World:
     return generate_world(seed=0, size=300)
 
 
-@pytest.fixture(scope="module", params=[(0, 300), (7, 60)], ids=["s0-n300", "s7-n60"])
+@pytest.fixture(scope="module", params=[0, 1], ids=["s0-n300-h0.3", "s1-n300-h0.3"])
+def heldout_world(request) -> World:
+    return generate_world(seed=request.param, size=300, heldout_frac=0.3)
+
+
+@pytest.fixture(
+    scope="module", params=[(0, 300, 0.0), (7, 60, 0.0), (1, 300, 0.3)], ids=["s0-n300", "s7-n60", "s1-n300-h0.3"]
+)
 def indexed(request, world, tmp_path_factory) -> tuple[World, TantivyRetriever]:
-    seed, size = request.param
-    w = world if (seed, size) == (0, 300) else generate_world(seed=seed, size=size)
-    index_dir = tmp_path_factory.mktemp(f"index-{seed}-{size}") / "index"
+    seed, size, heldout_frac = request.param
+    w = world if (seed, size, heldout_frac) == (0, 300, 0.0) else generate_world(seed, size, heldout_frac)
+    index_dir = tmp_path_factory.mktemp(f"index-{seed}-{size}-{heldout_frac}") / "index"
     build_index(((p.id, p.contents) for p in w.passages), index_dir)
     retriever = TantivyRetriever(index_dir)
     yield w, retriever
@@ -87,12 +94,13 @@ def test_same_seed_same_world_different_seed_different(world):
     assert [q.question for q in other.splits["train"]] != [q.question for q in world.splits["train"]]
 
 
-def test_files_are_byte_identical_across_processes(tmp_path):
+@pytest.mark.parametrize("heldout_frac", [0.0, 0.3])
+def test_files_are_byte_identical_across_processes(tmp_path, heldout_frac):
     """Guards against hash()/set-order dependence: another interpreter with another hash seed writes the same bytes."""
-    write_world(generate_world(seed=3, size=60), tmp_path / "here")
+    write_world(generate_world(seed=3, size=60, heldout_frac=heldout_frac), tmp_path / "here")
     code = (
         "import sys; from pathlib import Path; from tools.synthetic import generate_world, write_world; "
-        "write_world(generate_world(seed=3, size=60), Path(sys.argv[1]))"
+        f"write_world(generate_world(seed=3, size=60, heldout_frac={heldout_frac}), Path(sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], check=True, env=env, cwd=REPO)
@@ -234,8 +242,8 @@ def test_load_or_build_world_loser_of_a_race_uses_the_winners_copy(tmp_path, mon
     real = synthetic.generate_world
     final = tmp_path / f"synthetic-v{GENERATOR_VERSION}-s2-n40"
 
-    def winner_finishes_first(seed: int, size: int) -> World:
-        w = real(seed=seed, size=size)
+    def winner_finishes_first(seed: int, size: int, heldout_frac: float) -> World:
+        w = real(seed=seed, size=size, heldout_frac=heldout_frac)
         write_world(w, final)  # the other process's rename lands while this one is still building
         return w
 
@@ -306,3 +314,89 @@ def test_trace_world_cli(tmp_path, capsys):
     assert main(["--cache-dir", str(tmp_path / "c"), "--size", "60"]) == 0
     built = Path(capsys.readouterr().out.strip())
     assert built.parent == tmp_path / "c" and (built / "train.jsonl").is_file()
+    assert main(["--out", str(tmp_path / "h"), "--size", "60", "--heldout-frac", "0.3"]) == 0
+    assert json.loads((tmp_path / "h" / "manifest.json").read_text())["heldout_frac"] == 0.3
+    assert main(["--out", str(tmp_path / "bad"), "--size", "60", "--heldout-frac", "1"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out entities (heldout_frac > 0, issue 12)
+
+
+def _words_of(text: str) -> str:
+    """`text` as space-separated lowercase words with a space on each side, for whole-word phrase tests."""
+    return " " + " ".join(re.findall(r"\w+", text.lower())) + " "
+
+
+def test_heldout_entities_are_a_seeded_share_of_people_orgs_and_works(heldout_world, world):
+    """The corpus is the shared-entity world's (same seed), and round(0.3 * n) of each held-out kind is held out."""
+    w = heldout_world
+    assert w.heldout_frac == 0.3
+    if w.seed == 0:
+        assert w.passages == world.passages
+    n = synthetic._core_counts(300)
+    assert len(w.heldout_ids) == sum(round(0.3 * n[k]) for k in ("person", "org", "work")) == 73
+    assert w.heldout_ids == sorted(set(w.heldout_ids))
+    assert generate_world(seed=w.seed, size=300, heldout_frac=0.3) == w
+    other = generate_world(seed=w.seed, size=300, heldout_frac=0.2)
+    assert len(other.heldout_ids) < len(w.heldout_ids) and other.passages == w.passages
+
+
+def test_no_train_question_involves_a_heldout_entity(heldout_world):
+    w = heldout_world
+    held = set(w.heldout_ids)
+    titles = {p.id: p.title for p in w.passages}
+    held_names = [_words_of(titles[pid]) for pid in w.heldout_ids]
+    for q in w.splits["train"]:
+        assert not held & set(q.supporting_ids), (q, sorted(held & set(q.supporting_ids)))
+        texts = [q.question, *q.golden_answers, *(s.text for s in q.oracle)]
+        for text in map(_words_of, texts):
+            hit = [name for name in held_names if name in text]
+            assert not hit, (q, hit)
+
+
+def test_every_dev_and_test_question_starts_at_a_heldout_entity(heldout_world):
+    w = heldout_world
+    held = set(w.heldout_ids)
+    titles = {p.id: p.title for p in w.passages}
+    for split in ("dev", "test"):
+        for q in w.splits[split]:
+            first = q.supporting_ids[0]
+            assert first in held and _words_of(titles[first]) in _words_of(q.question), (split, q)
+            if q.kind == "comparison":
+                assert set(q.supporting_ids) <= held, (split, q)
+
+
+def test_heldout_split_sizes_and_mix(heldout_world, world):
+    """Dev and test keep their size and (kind, hops) mix; train is short only of bridges (module docstring)."""
+    mix = {s: collections.Counter((q.kind, q.hops) for q in qs) for s, qs in heldout_world.splits.items()}
+    shared = {s: collections.Counter((q.kind, q.hops) for q in qs) for s, qs in world.splits.items()}
+    assert mix["dev"] == mix["test"] == shared["dev"], mix
+    for key in [("single", 1), ("comparison", 2)]:
+        assert mix["train"][key] == shared["train"][key], (key, mix["train"])
+    for key in [("bridge", 2), ("bridge", 3)]:
+        assert 0.7 * shared["train"][key] <= mix["train"][key] <= shared["train"][key], (key, mix["train"])
+    texts = [q.question for qs in heldout_world.splits.values() for q in qs]
+    assert len(set(texts)) == len(texts)
+
+
+@pytest.mark.parametrize("frac", [-0.1, 1.0, True, "0.3"])
+def test_rejects_bad_heldout_fracs(frac):
+    with pytest.raises(ValueError, match="heldout_frac must be a number"):
+        generate_world(seed=0, size=60, heldout_frac=frac)
+
+
+def test_a_heldout_frac_too_small_to_fill_dev_is_an_error():
+    """At size 40, 1% rounds to no held-out entity of any kind: a dev set with no questions must not pass silently."""
+    with pytest.raises(ValueError, match="leaves no questions"):
+        generate_world(seed=0, size=40, heldout_frac=0.01)
+
+
+def test_heldout_world_cache_folder_and_manifest(tmp_path):
+    path = load_or_build_world(tmp_path, seed=2, size=60, heldout_frac=0.3)
+    assert path == tmp_path / f"synthetic-v{GENERATOR_VERSION}-s2-n60-h0.3"
+    manifest = json.loads((path / "manifest.json").read_text())
+    w = generate_world(seed=2, size=60, heldout_frac=0.3)
+    assert manifest["heldout_frac"] == 0.3 and manifest["heldout_ids"] == w.heldout_ids != []
+    assert load_or_build_world(tmp_path, seed=2, size=60) == tmp_path / f"synthetic-v{GENERATOR_VERSION}-s2-n60"

@@ -11,8 +11,8 @@ Books", "Orlan Tides" / "Orlan Embers") and whose passages use the same template
 
 Contract (what always holds; ``tests/test_synthetic.py`` checks it):
 
-- Deterministic: the world is a function of ``(seed, size, GENERATOR_VERSION)`` only; files written are
-  byte-identical across runs and processes (one ``random.Random(seed)``, no ``hash()``, no set iteration).
+- Deterministic: the world is a function of ``(seed, size, heldout_frac, GENERATOR_VERSION)`` only; files written
+  are byte-identical across runs and processes (one ``random.Random(seed)``, no ``hash()``, no set iteration).
 - Names are unique over all entities (case-insensitive), made of one or two short invented words (two
   syllables, 4-6 letters) or an invented word plus a fixed English type word. No invented word is a template
   word or a stopword, and no two invented words could stem alike, so a name's words occur only in passages that
@@ -28,10 +28,22 @@ Contract (what always holds; ``tests/test_synthetic.py`` checks it):
   entities in the order the question names them, so the order does not give the answer away).
 - No single or bridge answer appears in its own question text. Comparison questions never tie.
 - Splits are disjoint in question text (hence in (template, entities)) and stratified by (kind, hops). All
-  splits share one corpus and one set of entities: dev/test questions are *new questions* (other facts and other
-  compositions of hops) about the same world, not questions about unseen entities. That is the usual held-out
-  setting of multi-hop QA over a fixed corpus; unseen entities are what a tiny model fails on for the wrong
-  reason (miscopied names: 83.5% vs 13.5% success in the DESIGN appendix's feasibility run).
+  splits share one corpus (every passage, so search works for every split). By default (``heldout_frac=0``) they
+  also share one set of entities: dev/test questions are *new questions* (other facts and other compositions of
+  hops) about the same world, not questions about unseen entities. That is the usual held-out setting of
+  multi-hop QA over a fixed corpus; unseen entities are what a tiny model fails on for the wrong reason
+  (miscopied names: 83.5% vs 13.5% success in the DESIGN appendix's feasibility run).
+- Held-out entities (``heldout_frac > 0``, issue 12: dev EM must measure searching, hopping and copying names,
+  not memorised facts). ``round(heldout_frac * n)`` of the ``n`` core people, of the organisations and of the
+  works are held out (``_HELDOUT_KINDS`` says why not cities or countries), drawn with the world's rng after the
+  passages, so the corpus is byte for byte the one ``heldout_frac=0`` gives. No train question involves a
+  held-out entity: none is searched (so no held-out passage is in its ``supporting_ids``), named in its text, or
+  its answer. Every dev/test question's first hop is a held-out entity (a comparison's two entities both are), so
+  the fact it reads there is stated only in a passage that no train oracle reads (passages state outgoing
+  relations only); its later hops may be seen entities. Dev and test share the held-out set. A passage a train
+  question reads may still name a held-out entity in passing (a seen organisation founded by a held-out person),
+  never a fact that a dev/test question asks about it. Questions whose first hop is seen but which involve a
+  held-out entity later are in no split. The manifest records ``heldout_frac`` and ``heldout_ids`` (passage ids).
 
 Not guaranteed by construction but measured by the tests with the project's BM25 index: each oracle query
 retrieves its passage at rank 1 (100% for seeds 0-4 at size 300, and at sizes 40-1000), and searching a bridge
@@ -42,7 +54,12 @@ returns both passages (~99%).
 
 Sizes at the default ``size=300``: 300 core + ~640 distractor passages, 1,500 train / 200 dev / 200 test
 questions (about 25% single, 35% 2-hop bridge, 25% 3-hop bridge, 15% comparison); generated in well under a
-second. ``MIN_SIZE`` = 40.
+second. ``MIN_SIZE`` = 40. With ``heldout_frac=0.3``: 73 held-out entities (32 people, 18 organisations, 23
+works); dev and test keep 200 questions each with the same mix (50/70/50/30); train keeps its 375 single and 225
+comparison questions but has only 449-522 of the 525 2-hop and 292-336 of the 375 3-hop bridges it would take
+(seeds 0-4), 1,341-1,458 in all: a stratum short of candidates gives what it has and is never topped up from
+another, so the mix stays honest. At size 40 it is 27/27 dev/test and ~180 train. A ``heldout_frac`` that leaves
+some split without some (kind, hops) is a ValueError.
 """
 
 from __future__ import annotations
@@ -54,12 +71,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 GENERATOR_VERSION = 1
-"""Bump whenever the output for a given (seed, size) changes: it names the cache directory."""
+"""Bump whenever the output for a given (seed, size, heldout_frac) changes: it names the cache directory."""
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public types
@@ -100,6 +117,8 @@ class World:
     size: int
     passages: list[Passage]  # sorted by id
     splits: dict[str, list[Question]]  # "train", "dev", "test"
+    heldout_frac: float = 0.0  # share of core people, organisations and works held out of train (0: none)
+    heldout_ids: list[str] = field(default_factory=list)  # passage ids of the held-out entities, sorted
 
 
 SPLITS = ("train", "dev", "test")
@@ -724,10 +743,14 @@ def _check_candidate(c: _Cand, text_of: dict[str, str]) -> None:
 # Public API
 
 
-def generate_world(seed: int = 0, size: int = 300) -> World:
-    """Generates the world for (seed, size); pure and deterministic. `size` = number of core entities."""
+def generate_world(seed: int = 0, size: int = 300, heldout_frac: float = 0.0) -> World:
+    """Generates the world for (seed, size, heldout_frac); pure and deterministic. `size` = number of core entities;
+    `heldout_frac` in [0, 1) = share of each held-out kind of core entity that no train question involves (see the
+    module docstring; 0 gives the shared-entity world, unchanged)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
         raise ValueError(f"size must be an int >= {MIN_SIZE} (core entities), got {size!r}")
+    if isinstance(heldout_frac, bool) or not isinstance(heldout_frac, int | float) or not 0 <= heldout_frac < 1:
+        raise ValueError(f"heldout_frac must be a number in [0, 1), got {heldout_frac!r}")
     rng = random.Random(seed)
     graph = _build_graph(rng, size)
 
@@ -743,10 +766,40 @@ def generate_world(seed: int = 0, size: int = 300) -> World:
     text_of = {p.id: p.contents for p in passages}
 
     sizes = _split_sizes(size)
-    total = sum(sizes.values())
-    pool = _single_and_bridge(graph) + _comparisons(graph, rng, per_template=max(10, total // 10))
-    for c in pool:
-        _check_candidate(c, text_of)
+    per_template = max(10, sum(sizes.values()) // 10)
+    heldout: list[_Entity] = []
+    if heldout_frac == 0:
+        pool = _single_and_bridge(graph) + _comparisons(graph, rng, per_template)
+        for c in pool:
+            _check_candidate(c, text_of)
+        chosen_by_split = _split_shared(pool, sizes, rng)
+    else:
+        heldout = _pick_heldout(graph, heldout_frac, rng)
+        chosen_by_split = _split_heldout(graph, heldout, sizes, per_template, rng, text_of)
+        missing = [
+            (s, stratum)
+            for s in SPLITS
+            for stratum in _STRATA
+            if not any(c.stratum == stratum for c in chosen_by_split[s])
+        ]
+        if missing:
+            raise ValueError(
+                f"heldout_frac={heldout_frac} at size={size} leaves no questions of (split, stratum) {missing}; "
+                "use a larger size or a heldout_frac nearer 0.3"
+            )
+    out: dict[str, list[Question]] = {}
+    for s in SPLITS:
+        cands = chosen_by_split[s]
+        rng.shuffle(cands)
+        out[s] = [_to_question(f"{s}-{i:06d}", c) for i, c in enumerate(cands)]
+    texts = [q.question for qs in out.values() for q in qs]
+    assert len(set(texts)) == len(texts), "question texts repeat"
+    heldout_ids = sorted(e.pid for e in heldout)
+    return World(seed, size, passages, out, heldout_frac=float(heldout_frac), heldout_ids=heldout_ids)
+
+
+def _split_shared(pool: list[_Cand], sizes: dict[str, int], rng: random.Random) -> dict[str, list[_Cand]]:
+    """heldout_frac = 0: each stratum's share of every split, drawn from one pool (dev, test, then train)."""
     chosen_by_split: dict[str, list[_Cand]] = {s: [] for s in SPLITS}
     for stratum, frac in _STRATA.items():
         want = {s: round(n * frac) for s, n in sizes.items()}
@@ -755,14 +808,65 @@ def generate_world(seed: int = 0, size: int = 300) -> World:
         for s in ("dev", "test", "train"):  # held-out splits are filled first; train takes what is left
             chosen_by_split[s] += chosen[start : start + want[s]]
             start += want[s]
-    out: dict[str, list[Question]] = {}
-    for s in SPLITS:
-        cands = chosen_by_split[s]
-        rng.shuffle(cands)
-        out[s] = [_to_question(f"{s}-{i:06d}", c) for i, c in enumerate(cands)]
-    texts = [q.question for qs in out.values() for q in qs]
-    assert len(set(texts)) == len(texts), "question texts repeat"
-    return World(seed=seed, size=size, passages=passages, splits=out)
+    return chosen_by_split
+
+
+_HELDOUT_KINDS = (_Person, _Org, _Work)
+"""Kinds of core entity that `heldout_frac` holds out. Not countries (12 at size 300) nor cities (45): they are the
+hubs every person, organisation and work points to, and a train question involving a held-out entity is dropped,
+so holding out 30% of them costs train far more than it gives dev. Measured at size 300, seeds 0-2, with cities
+also held out: train would have ~230 3-hop bridge candidates instead of ~310 (375 wanted) and ~420 2-hop ones
+instead of ~490 (525 wanted); dev would gain only the 3 city templates and city comparisons (countries: one more
+template, k.capital, over 3-4 held-out countries)."""
+
+
+def _pick_heldout(g: _Graph, frac: float, rng: random.Random) -> list[_Entity]:
+    """round(frac * n) of the n core entities of each kind in `_HELDOUT_KINDS`, uniformly at random."""
+    out: list[_Entity] = []
+    for kind in _HELDOUT_KINDS:
+        core = [e for e in g.all() if isinstance(e, kind) and e.core]
+        out += rng.sample(core, round(frac * len(core)))
+    return out
+
+
+def _split_heldout(
+    g: _Graph,
+    heldout: list[_Entity],
+    sizes: dict[str, int],
+    per_template: int,
+    rng: random.Random,
+    text_of: dict[str, str],
+) -> dict[str, list[_Cand]]:
+    """heldout_frac > 0: dev/test draw from the questions whose first hop is held out (comparisons: both entities
+    held out), train from those that involve no held-out entity (in their path or as their answer); a question that
+    involves one later on is used by no split. A stratum short of candidates gives what it has (dev and test
+    halving it), never filled from another stratum."""
+    is_held = set(heldout)  # identity-hashed (eq=False); only tested for membership, never iterated
+    by_name = {e.name: e for e in g.all() if e.core}
+
+    def involved(c: _Cand) -> list[_Entity]:
+        return [*c.path, *([by_name[c.answer]] if c.answer in by_name else [])]
+
+    def only(keep: bool) -> _Graph:  # the graph with the held-out kinds cut to held (True) or seen (False) ones
+        persons, orgs, works = ([e for e in es if (e in is_held) == keep] for es in (g.persons, g.orgs, g.works))
+        return _Graph([] if keep else g.countries, [] if keep else g.cities, persons, orgs, works)
+
+    pool = _single_and_bridge(g)
+    held_pool = [c for c in pool if c.path[0] in is_held] + _comparisons(only(True), rng, per_template)
+    train_pool = [c for c in pool if not any(e in is_held for e in involved(c))]
+    train_pool += _comparisons(only(False), rng, per_template)
+    for c in held_pool + train_pool:
+        _check_candidate(c, text_of)
+    chosen_by_split: dict[str, list[_Cand]] = {s: [] for s in SPLITS}
+    for stratum, frac in _STRATA.items():
+        want = {s: round(n * frac) for s, n in sizes.items()}
+        assert want["dev"] == want["test"], want
+        held = _balanced_take([c for c in held_pool if c.stratum == stratum], want["dev"] + want["test"], rng)
+        n_dev = min(want["dev"], (len(held) + 1) // 2)
+        chosen_by_split["dev"] += held[:n_dev]
+        chosen_by_split["test"] += held[n_dev:]
+        chosen_by_split["train"] += _balanced_take([c for c in train_pool if c.stratum == stratum], want["train"], rng)
+    return chosen_by_split
 
 
 def _question_record(q: Question) -> dict:
@@ -781,13 +885,17 @@ def _question_record(q: Question) -> dict:
 
 def _manifest(world: World) -> dict:
     counts = {"passages": len(world.passages), **{s: len(world.splits[s]) for s in SPLITS}}
-    return {"generator_version": GENERATOR_VERSION, "seed": world.seed, "size": world.size, "counts": counts}
+    out: dict = {"generator_version": GENERATOR_VERSION, "seed": world.seed, "size": world.size, "counts": counts}
+    if world.heldout_frac > 0:  # absent at 0, so the shared-entity world's files are unchanged
+        out |= {"heldout_frac": world.heldout_frac, "heldout_ids": list(world.heldout_ids)}
+    return out
 
 
 def write_world(world: World, out_dir: Path) -> None:
     """Writes out_dir/corpus.jsonl ({"id", "contents"} per line, FlashRAG format),
     out_dir/{split}.jsonl ({"id","question","golden_answers","metadata":{"hops","kind","oracle":[{"kind","text"}],
-    "supporting_ids"}}), and out_dir/manifest.json ({"generator_version", "seed", "size", "counts"}); atomically
+    "supporting_ids"}}), and out_dir/manifest.json ({"generator_version", "seed", "size", "counts"}, plus
+    "heldout_frac" and "heldout_ids" when heldout_frac > 0); atomically
     (written to a temporary sibling directory, then renamed). Raises FileExistsError if out_dir already exists and
     is not empty (it is left untouched)."""
     out_dir = Path(out_dir)
@@ -819,17 +927,24 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "trace"
 
 
-def load_or_build_world(cache_dir: Path | None = None, seed: int = 0, size: int = 300) -> Path:
+def world_dir_name(seed: int, size: int, heldout_frac: float = 0.0) -> str:
+    """The cache folder's name: f"synthetic-v{GENERATOR_VERSION}-s{seed}-n{size}", plus f"-h{heldout_frac}" (the
+    float's shortest repr, e.g. "-h0.3") when heldout_frac > 0."""
+    name = f"synthetic-v{GENERATOR_VERSION}-s{seed}-n{size}"
+    return name + f"-h{float(heldout_frac)!r}" if heldout_frac > 0 else name
+
+
+def load_or_build_world(
+    cache_dir: Path | None = None, seed: int = 0, size: int = 300, heldout_frac: float = 0.0
+) -> Path:
     """Returns a directory holding the written world; cached under cache_dir (default: $TRACE_CACHE_DIR or
-    ~/.cache/trace) / f"synthetic-v{GENERATOR_VERSION}-s{seed}-n{size}"; builds only when missing. Safe when two
+    ~/.cache/trace) / `world_dir_name(seed, size, heldout_frac)`; builds only when missing. Safe when two
     processes build at once (atomic rename; the loser uses the winner's copy)."""
-    out = Path(cache_dir if cache_dir is not None else default_cache_dir()) / (
-        f"synthetic-v{GENERATOR_VERSION}-s{seed}-n{size}"
-    )
+    out = Path(cache_dir if cache_dir is not None else default_cache_dir()) / world_dir_name(seed, size, heldout_frac)
     if (out / "manifest.json").is_file():
         return out
     try:
-        write_world(generate_world(seed=seed, size=size), out)
+        write_world(generate_world(seed=seed, size=size, heldout_frac=heldout_frac), out)
     except FileExistsError:
         pass  # another process won the race; its copy is complete (it appeared by an atomic rename)
     assert (out / "manifest.json").is_file(), f"{out} exists but holds no manifest.json; delete it and retry"
@@ -880,17 +995,24 @@ class WorldConfig:
     out: str | None = None
     """Write the world into this folder (must not exist or be empty)."""
     cache_dir: str | None = None
-    """Instead of --out: build into CACHE_DIR/synthetic-v<version>-s<seed>-n<size> unless already there, and print
-    that folder (what the trainer uses)."""
+    """Instead of --out: build into CACHE_DIR/synthetic-v<version>-s<seed>-n<size>[-h<heldout-frac>] unless already
+    there, and print that folder (what the trainer uses)."""
     seed: int = 0
     size: int = 300
     """Core entities (>= MIN_SIZE = 40); about 5x as many questions."""
+    heldout_frac: float = 0.0
+    """In [0, 1). > 0: this share of the core people, organisations and works is held out of train, and every
+    dev/test question starts at a held-out entity (issue 12: dev EM then measures searching and hopping, not
+    memorised facts). Same corpus as at 0; at 0.3, size 300: dev/test 200 each, train ~1,400 (fewer 2-3-hop
+    bridges; module docstring)."""
 
     def validate(self) -> WorldConfig:
         if (self.out is None) == (self.cache_dir is None):
             raise ValueError("give exactly one of --out DIR or --cache-dir DIR")
         if self.size < MIN_SIZE:
             raise ValueError(f"--size must be >= {MIN_SIZE}, got {self.size}")
+        if not 0 <= self.heldout_frac < 1:
+            raise ValueError(f"--heldout-frac must be in [0, 1), got {self.heldout_frac}")
         return self
 
 
@@ -907,10 +1029,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         if cfg.cache_dir is not None:
-            print(load_or_build_world(Path(cfg.cache_dir), seed=cfg.seed, size=cfg.size))
+            print(load_or_build_world(Path(cfg.cache_dir), seed=cfg.seed, size=cfg.size, heldout_frac=cfg.heldout_frac))
             return 0
         assert cfg.out is not None
-        world = generate_world(seed=cfg.seed, size=cfg.size)
+        world = generate_world(seed=cfg.seed, size=cfg.size, heldout_frac=cfg.heldout_frac)
         write_world(world, Path(cfg.out))
     except (ValueError, FileExistsError) as e:
         print(f"trace-world: {e}", file=sys.stderr)
