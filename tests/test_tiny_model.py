@@ -3,6 +3,7 @@ deterministic from its seed (tools/tiny_model.py)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -93,3 +94,27 @@ def test_cli_trains_the_tokenizer_on_a_world_folder(tmp_path: Path, capsys) -> N
     assert main(["--out", str(tmp_path / "m2"), "--world", str(tmp_path), "--vocab-size", "512"]) == 2
     assert "not a synthetic world folder" in capsys.readouterr().err
     assert not (tmp_path / "m2" / "model.safetensors").exists()
+
+
+def test_every_seed_learns_the_served_worlds_names(tmp_path: Path, monkeypatch) -> None:
+    """Regression: `model.tiny_seed` also chose the tokenizer's world, so a seed other than 0 learned the names of
+    another world than the one the env server serves (seed 0) and split them into more tokens. The trainer now
+    trains every seed's tokenizer on the served world; the seed still changes the weights."""
+    from trainer import services
+    from trainer.config import TrainConfig
+
+    monkeypatch.setenv("TRACE_CACHE_DIR", str(tmp_path))
+    cfg = TrainConfig()
+    cfg.model.tiny_seed = 1
+    d = services.tiny_model_dir(cfg)
+    assert d.name == "tiny-model-s1-world-n300"  # never an older release's tiny-model-s1 (another tokenizer)
+    tok = AutoTokenizer.from_pretrained(d)
+    titles = [
+        json.loads(line)["contents"].split("\n")[0].strip('"')
+        for line in open(services.world_dir(cfg) / "corpus.jsonl")
+    ]
+    lens = [len(tok.encode(" " + t, add_special_tokens=False)) for t in titles]
+    assert statistics.mean(lens) <= 2.2, f"mean tokens per served entity name {statistics.mean(lens):.2f}"
+    seed0 = build_tiny_model(tmp_path / "s0", seed=0)
+    assert (d / "tokenizer.json").read_bytes() == (seed0 / "tokenizer.json").read_bytes()
+    assert (d / "model.safetensors").read_bytes() != (seed0 / "model.safetensors").read_bytes()

@@ -34,11 +34,7 @@ async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
     if cfg.env.url:
         yield cfg.env.url
         return
-    world = Path(
-        await asyncio.to_thread(
-            _run_tool, "tools.synthetic", "--cache-dir", str(cache_dir()), "--size", str(cfg.env.synthetic_size)
-        )
-    )
+    world = await asyncio.to_thread(world_dir, cfg)
     port = free_port()
     cmd = [sys.executable, "-m", "env_server", "serve", "--port", str(port), "--max-turns", str(cfg.env.max_turns)]
     cmd += ["--data", f"synthetic={world}"]
@@ -77,12 +73,27 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
         yield urls
 
 
+def world_dir(cfg: TrainConfig) -> Path:
+    """The synthetic world a launched env server serves (seed 0, `env.synthetic_size`), written once by
+    `trace-world` into the cache."""
+    return Path(_run_tool("tools.synthetic", "--cache-dir", str(cache_dir()), "--size", str(cfg.env.synthetic_size)))
+
+
 def tiny_model_dir(cfg: TrainConfig) -> Path:
-    """The tiny model's folder, built (seconds, no download) by `trace-tiny-model` when missing."""
-    d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / f"tiny-model-s{cfg.model.tiny_seed}"
+    """The tiny model's folder, built (seconds, no download) by `trace-tiny-model` when missing. Its tokenizer is
+    trained on the texts of the world the env server serves (`world_dir`), whatever `model.tiny_seed` is (which
+    seeds the weights): before, the seed also chose the tokenizer's world, so every seed but 0 learned another
+    world's names and split the served world's names into more tokens (the copy errors the DESIGN names)."""
+    seed, size = cfg.model.tiny_seed, cfg.env.synthetic_size
+    # (0, 300) keeps the folder name of earlier releases: its tokenizer is the same; any other pair gets a new
+    # name, so that a cached model whose tokenizer learned another world is never picked up.
+    name = "tiny-model-s0" if (seed, size) == (0, 300) else f"tiny-model-s{seed}-world-n{size}"
+    d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / name
     if not (d / "config.json").exists():
         log.info("building the tiny model", dir=str(d))
-        _run_tool("tools.tiny_model", "--out", str(d), "--seed", str(cfg.model.tiny_seed))
+        _run_tool(
+            "tools.tiny_model", "--out", str(d), "--seed", str(cfg.model.tiny_seed), "--world", str(world_dir(cfg))
+        )
     return d
 
 
