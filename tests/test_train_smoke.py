@@ -189,6 +189,19 @@ def test_plot_metrics_draws_the_rows(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_em_is_drawn_against_cumulative_leaves() -> None:
+    """metrics.png's last panel: EM against the sampling cost, the evaluation before training at 0 leaves."""
+    from trainer.plots import em_vs_leaves
+
+    rows = [
+        {"step": 0, "leaves": 64, "eval_em_before": 0.2},
+        {"step": 1, "leaves": 64, "eval_em": 0.25, "train_em": 0.5},
+        {"step": 2, "leaves": 64},
+        {"step": 3, "leaves": 64, "eval_em": 0.3},
+    ]
+    assert em_vs_leaves(rows) == {"eval_em": [(0, 0.2), (128, 0.25), (256, 0.3)], "train_em": [(128, 0.5)]}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_train_config(path)
