@@ -6,6 +6,7 @@ server costs milliseconds. Other test modules import the fixtures below by name 
 `from conftest import ...`: keep these names and signatures stable.
 
 Fixtures
+- `cache_dir` (session) -> Path: a TRACE_CACHE_DIR shared by the whole-loop runs (smoke, overlap), built once.
 - `env_cache_dir` (session) -> Path: the TRACE cache folder holding the synthetic world (`TRACE_CACHE_DIR` for
   subprocess servers, `cache_dir=` for in-process ones).
 - `env_resources` (session) -> `Resources`: the synthetic world's datasets and search index, opened once.
@@ -310,3 +311,11 @@ async def engine_url(tiny_model: Path) -> AsyncIterator[str]:
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")
     await server.close()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One TRACE cache (TRACE_CACHE_DIR) for the whole-loop runs of every module: the tiny model, the world and the
+    SFT warm start of the debug config are built once per test session (their cache keys keep different settings
+    apart)."""
+    return tmp_path_factory.mktemp("trace-cache")

@@ -91,12 +91,6 @@ SMALL = [  # tests/test_train_smoke.py's SMALL, less what this test does not nee
 ]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One TRACE cache for the module: the tiny model and its SFT warm start are built once."""
-    return tmp_path_factory.mktemp("trace-cache")
-
-
 @pytest.mark.slow
 def test_next_step_generates_while_this_step_trains(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch

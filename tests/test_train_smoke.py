@@ -57,12 +57,6 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One TRACE cache for the module: the tiny model and its SFT warm start are built once."""
-    return tmp_path_factory.mktemp("trace-cache")
-
-
 @pytest.mark.slow
 def test_debug_config_runs_resumes_and_continues(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
