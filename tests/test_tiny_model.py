@@ -118,3 +118,18 @@ def test_every_seed_learns_the_served_worlds_names(tmp_path: Path, monkeypatch) 
     seed0 = build_tiny_model(tmp_path / "s0", seed=0)
     assert (d / "tokenizer.json").read_bytes() == (seed0 / "tokenizer.json").read_bytes()
     assert (d / "model.safetensors").read_bytes() != (seed0 / "model.safetensors").read_bytes()
+
+
+def test_a_held_out_world_is_served_and_named_apart(tmp_path: Path, monkeypatch) -> None:
+    """env.heldout_frac reaches the world the trainer's env server serves, and the tiny model trained on that
+    world's texts gets a cache folder of its own."""
+    from trainer import services
+    from trainer.config import load_train_config
+
+    monkeypatch.setenv("TRACE_CACHE_DIR", str(tmp_path))
+    cfg = load_train_config(None, ["env.heldout_frac=0.3"])
+    world = services.world_dir(cfg)
+    assert json.loads((world / "manifest.json").read_text())["heldout_frac"] == 0.3
+    assert services.tiny_model_dir(cfg).name == "tiny-model-s0-world-n300-h0.3"
+    with pytest.raises(ValueError, match="heldout_frac"):
+        load_train_config(None, ["env.heldout_frac=1.0"])

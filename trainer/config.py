@@ -127,6 +127,10 @@ class EnvConfig:
     and two passages instead of Search-R1's three keep the tiny demo's contexts short)."""
     synthetic_size: int = 300
     """Size of the synthetic world when the env server is started here."""
+    heldout_frac: float = 0.0
+    """Share of the synthetic world's people, organisations and works held out of every train question (dev/test
+    questions start at them: `trace-world --heldout-frac`), so dev EM measures a skill, not memorised facts. 0 = the
+    built-in world's split (dev/test questions about entities train questions also cover)."""
     prompt_template: str | None = (
         "Answer the question. Look things up with <search> query </search>; give the answer as "
         "<answer> answer </answer>.\nQuestion: {question}"
@@ -240,6 +244,8 @@ class TrainConfig:
                 "drop one of them"
             )
         check_report_to(self.run.report_to)
+        if not 0.0 <= self.env.heldout_frac < 1.0:
+            raise ValueError(f"env.heldout_frac must be in [0, 1), got {self.env.heldout_frac}")
         if self.model.path is not None and Path(self.model.path).exists():  # a folder; anything else is a hub id
             self.model.path = str(Path(self.model.path).resolve())
         if self.run.steps < 0 or self.run.prompts_per_step < 1:

@@ -74,9 +74,13 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
 
 
 def world_dir(cfg: TrainConfig) -> Path:
-    """The synthetic world a launched env server serves (seed 0, `env.synthetic_size`), written once by
-    `trace-world` into the cache."""
-    return Path(_run_tool("tools.synthetic", "--cache-dir", str(cache_dir()), "--size", str(cfg.env.synthetic_size)))
+    """The synthetic world a launched env server serves (seed 0, `env.synthetic_size`, `env.heldout_frac`), written
+    once by `trace-world` into the cache. The held-out split keeps the corpus, so the tiny model's tokenizer (trained
+    on the corpus, the questions and the oracle queries) is built per world all the same."""
+    args = ["--cache-dir", str(cache_dir()), "--size", str(cfg.env.synthetic_size)]
+    if cfg.env.heldout_frac:
+        args += ["--heldout-frac", str(cfg.env.heldout_frac)]
+    return Path(_run_tool("tools.synthetic", *args))
 
 
 def tiny_model_dir(cfg: TrainConfig) -> Path:
@@ -87,7 +91,8 @@ def tiny_model_dir(cfg: TrainConfig) -> Path:
     seed, size = cfg.model.tiny_seed, cfg.env.synthetic_size
     # (0, 300) keeps the folder name of earlier releases: its tokenizer is the same; any other pair gets a new
     # name, so that a cached model whose tokenizer learned another world is never picked up.
-    name = "tiny-model-s0" if (seed, size) == (0, 300) else f"tiny-model-s{seed}-world-n{size}"
+    held = f"-h{cfg.env.heldout_frac:g}" if cfg.env.heldout_frac else ""
+    name = "tiny-model-s0" if (seed, size, held) == (0, 300, "") else f"tiny-model-s{seed}-world-n{size}{held}"
     d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / name
     if not (d / "config.json").exists():
         log.info("building the tiny model", dir=str(d))
@@ -114,6 +119,7 @@ def sft_dir(cfg: TrainConfig, base: Path) -> Path:
             "sft": vars(cfg.sft),
             "max_turns": cfg.env.max_turns,
             "size": cfg.env.synthetic_size,
+            **({"heldout_frac": cfg.env.heldout_frac} if cfg.env.heldout_frac else {}),  # the train split changes
             "topk": cfg.env.topk,
             "prompt": cfg.env.prompt_template,
             "ctx": cfg.rollout.max_context_tokens,
