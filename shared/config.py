@@ -40,7 +40,7 @@ import msgspec
 import tyro
 
 T = TypeVar("T")
-A = TypeVar("A")
+A = TypeVar("A")  # a program's argument dataclass (parse_args)
 
 
 class ConfigError(ValueError):
@@ -98,16 +98,11 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any], cls: type, *, where: st
     for key, value in new.items():
         if key not in hints:
             raise ConfigError(f"{where}: unknown key {path + key!r}; known here: {', '.join(sorted(hints))}")
-        sub = _strip(hints[key])
+        sub = hints[key]  # get_type_hints drops Annotated[...] (tyro's flag metadata)
         if dataclasses.is_dataclass(sub) and isinstance(value, Mapping):
             _merge(into[key], value, sub, where=where, path=f"{path}{key}.")  # type: ignore[arg-type]
         else:
             into[key] = value
-
-
-def _strip(hint: Any) -> Any:
-    """`Annotated[X, ...]` -> X."""
-    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
 
 
 def _nested(dotted: str, value: Any) -> dict[str, Any]:
@@ -128,7 +123,7 @@ def _field_type(cls: type, dotted: str, *, where: str) -> Any:
         if part not in hints:
             here = ".".join(seen) or "top level"
             raise ConfigError(f"{where}: [{here}] has no field {part!r}; fields: {sorted(hints)}")
-        node = _strip(hints[part])
+        node = hints[part]
         seen.append(part)
     return node
 

@@ -28,23 +28,22 @@ from trainer.config import ENV_VARS, TrainConfig
 
 
 @dataclass
-class TrainArgs:
+class _Args:
     cfg: Annotated[TrainConfig, tyro.conf.arg(name="")]
     config: str | None = None
     """TOML config (sections of trainer/config.py); everything after it overrides it."""
     set: list[str] = field(default_factory=list)
     """`section.field=value` overrides in TOML syntax (repeatable), applied before the other flags."""
+
+
+@dataclass
+class TrainArgs(_Args):
     resume: bool = False
     """Continue from the latest checkpoint in the output dir."""
 
 
 @dataclass
-class EvalArgs:
-    cfg: Annotated[TrainConfig, tyro.conf.arg(name="")]
-    config: str | None = None
-    """TOML config (sections of trainer/config.py); everything after it overrides it."""
-    set: list[str] = field(default_factory=list)
-    """`section.field=value` overrides in TOML syntax (repeatable), applied before the other flags."""
+class EvalArgs(_Args):
     split: str | None = None
     """Split to evaluate (default: env.eval_split)."""
     limit: int = 200

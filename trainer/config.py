@@ -305,7 +305,6 @@ class TrainConfig:
                 )
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 ENV_VARS = {"TRACE_ENV_TOKEN": "env.token", "TRACE_AUTH_TOKEN": "env.token"}
 """Environment variables the trainer reads (the first one set wins; TRACE_AUTH_TOKEN is the older name)."""
 
