@@ -117,8 +117,7 @@ async def evaluate(
 
     async def one(index: int) -> GreedyResult:
         async with live:
-            turns = {} if max_turns is None else {"max_turns": max_turns}
-            ep = await env.create(dataset=dataset, split=split, index=index, **turns)
+            ep = await env.create(dataset=dataset, split=split, index=index, max_turns=max_turns)  # None: not sent
             try:
                 return await play_greedy(runner, ep)
             finally:  # a failed delete must not hide the error that ended the question

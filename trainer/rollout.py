@@ -119,8 +119,7 @@ class RolloutRunner:
         snapshot, which carries it) ends truncated after that many turns, whatever the server's own default: the
         trainer passes env.max_turns, which its anchor logic assumes. None = the server's default (its
         --max-turns), for callers that do not care."""
-        fields = {} if max_turns is None else {"max_turns": max_turns}
-        ep = await self.env.create(dataset=dataset, split=split, index=index, **fields)
+        ep = await self.env.create(dataset=dataset, split=split, index=index, max_turns=max_turns)  # None: not sent
         messages = [{"role": m.role, "content": m.content} for m in ep.messages]
         ids = self.encode_prompt(messages)
         if len(ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:
