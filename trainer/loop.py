@@ -64,11 +64,12 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     start = latest_checkpoint(out) if resume else None
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, default=str))
+    conf = config_to_dict(cfg)
+    (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
     t_run = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
         run = cfg.run
-        track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, config_to_dict(cfg), run.wandb_project)
+        track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, conf, run.wandb_project)
         stack.push_async_callback(asyncio.to_thread, track.close)
         env_url = await stack.enter_async_context(services.env_server(cfg, out))
         env = await stack.enter_async_context(EnvClient(env_url, token=cfg.env.token))
