@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -190,6 +190,10 @@ class OptimConfig:
             raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}")
 
 
+Flaw = Literal["early_answer"]
+"""Flawed warm-start strategies (`trainer.sft.flawed_actions` plays them)."""
+
+
 @dataclass
 class SFTConfig:
     enabled: bool = True
@@ -207,6 +211,13 @@ class SFTConfig:
     """Sequences per forward/backward within a batch (length-sorted; the gradient is the batch's either way)."""
     max_examples: int = 1500
     warmup_steps: int = 20
+    flawed_frac: float = 0.0
+    """Share of the bridge questions whose warm-start trajectory is the flawed strategy `flaw` instead of the oracle
+    (0 = oracle only). The flaw is a *decision* RL can fix and that carries over to unseen questions: a model
+    warm-started this way answers some multi-hop questions before its last hop, as a base model does."""
+    flaw: Flaw = "early_answer"
+    """Which flawed strategy (`trainer.sft.FLAWS`): early_answer = answer with the entity just read, one or more
+    hops early."""
     decay_frac: float = 0.2
     """The rate decays linearly to 0 over this last fraction of the steps (constant before, after warmup)."""
 
@@ -257,6 +268,8 @@ class TrainConfig:
                 f"sft: decay_frac={sft.decay_frac} must be in [0, 1], and epochs={sft.epochs}, "
                 f"batch_size={sft.batch_size}, micro_batch_size={sft.micro_batch_size} >= 1"
             )
+        if not 0.0 <= sft.flawed_frac <= 1.0:
+            raise ValueError(f"sft.flawed_frac must be in [0, 1], got {sft.flawed_frac}")
         if self.env.train_limit < 0:
             raise ValueError(f"env.train_limit must be >= 0 (0 = the whole split), got {self.env.train_limit}")
         if self.run.max_staleness < 0:

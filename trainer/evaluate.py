@@ -15,7 +15,10 @@ Contract:
 - `evaluate(runner, dataset, split, limit=N)` maps `play_greedy` over questions 0..N-1 of a split (capped at
   the split's size), at most `concurrency` episodes live at once (default: the runner's
   `max_concurrency`), each created, played and deleted; it returns the mean EM/F1 as
-  {"<prefix>_em", "<prefix>_f1"}. Any question raising fails the evaluation.
+  {"<prefix>_em", "<prefix>_f1"}, and where every question's metadata gives its oracle's `hops` (the synthetic
+  world's do), "<prefix>_early": the share of questions answered after fewer searches than `hops` (the env
+  server's turn count), the decision a flawed warm start (`sft.flawed_frac`) gets wrong. Any question raising
+  fails the evaluation.
 - `evaluate_checkpoint(cfg, split=, limit=)` (`trace-train eval`) starts or attaches the env server and
   engine(s) exactly as training does and runs `evaluate` on the checkpoint at `cfg.model.path`.
 """
@@ -115,17 +118,34 @@ async def evaluate(
     n = min(limit, split_size(await env.info(), dataset, split))
     live = asyncio.Semaphore(concurrency or runner.cfg.max_concurrency)
 
-    async def one(index: int) -> GreedyResult:
+    async def one(index: int) -> tuple[GreedyResult, int | None]:
         async with live:
             ep = await env.create(dataset=dataset, split=split, index=index, max_turns=max_turns)  # None: not sent
             try:
-                return await play_greedy(runner, ep)
+                hops = ep.metadata.get("hops")
+                return await play_greedy(runner, ep), (int(hops) if hops is not None else None)
             finally:  # a failed delete must not hide the error that ended the question
                 with contextlib.suppress(EnvError, ConnectionError):
                     await env.delete(ep.episode_id)
 
     res = await asyncio.gather(*(one(i) for i in range(n)))
-    return {f"{prefix}_em": sum(r.em for r in res) / max(n, 1), f"{prefix}_f1": sum(r.f1 for r in res) / max(n, 1)}
+    out = {
+        f"{prefix}_em": sum(r.em for r, _ in res) / max(n, 1),
+        f"{prefix}_f1": sum(r.f1 for r, _ in res) / max(n, 1),
+    }
+    early = answered_early(res)
+    if early is not None:
+        out[f"{prefix}_early"] = early
+    return out
+
+
+def answered_early(results: list[tuple[GreedyResult, int | None]]) -> float | None:
+    """Share of (result, oracle hops) answered after fewer searches (turns before the answer) than hops; None
+    when some question has no hops (or there are none)."""
+    if not results or any(h is None for _, h in results):
+        return None
+    early = sum(r.status == FinishStatus.ANSWERED and r.turns - 1 < h for r, h in results)  # type: ignore[operator]
+    return early / len(results)
 
 
 async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, limit: int = 200) -> dict[str, Any]:

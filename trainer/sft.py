@@ -16,7 +16,11 @@ Contract:
   schedule (no KL term: there is no reference yet) and saves the result at `dest`, written to
   `dest.tmp` and renamed, so `dest/config.json` existing means the warm start is complete. The caller
   caches `dest` (`services.sft_dir`), so later runs skip SFT.
-- Everything random (which questions, batch order) is seeded by `model.tiny_seed`.
+- `sft.flawed_frac > 0` mixes in a flawed strategy (`FLAWS`): each bridge question is played with it instead of
+  the oracle with that probability, through the same env server (a flawed trajectory may score 0; an oracle one
+  may not). Each example records the searches the env server counted, so the rate of the flawed decision in
+  the data is measured, not assumed (logged as `bridge_answered_early`).
+- Everything random (which questions, which are flawed, batch order) is seeded by `model.tiny_seed`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import dataclasses
 import math
 import random
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ from tqdm import tqdm
 
 from shared.client import EnvClient
 from trainer.compute import compute
-from trainer.config import SFTConfig, TrainConfig
+from trainer.config import Flaw, SFTConfig, TrainConfig
 from trainer.policy import Policy
 from trainer.rollout import prompt_ids
 
@@ -46,6 +51,34 @@ log = structlog.get_logger("trainer")
 class SFTExample:
     input_ids: list[int]
     loss_mask: list[int]
+    kind: str = ""
+    """The question's kind from its metadata ("single", "bridge", "comparison"; "" if it has none)."""
+    hops: int = 0
+    """Searches the question's oracle makes."""
+    searches: int = 0
+    """Searches this trajectory made before its answer, as the env server counted them (its turns minus one)."""
+    flawed: bool = False
+    """Played with the flawed strategy (`flawed_actions`) instead of the oracle."""
+
+
+FLAWS: tuple[str, ...] = typing.get_args(Flaw)
+"""Flawed strategies a warm start can mix in (`sft.flaw`). early_answer: a bridge question answered after k of
+its `hops` searches, k uniform in 1..hops-1, with the entity the last passage read names (the next hop's query):
+the decision of a model that answers before its last hop. Only bridge questions have that decision to get
+wrong (single questions have one hop; a comparison's second entity is in its text)."""
+
+
+def flawed_actions(
+    oracle: list[dict[str, str]], kind: str, rng: random.Random, flaw: str
+) -> list[dict[str, str]] | None:
+    """The flawed version of an oracle trajectory, or None where `flaw` has no decision to get wrong."""
+    if flaw not in FLAWS:
+        raise ValueError(f"unknown sft.flaw {flaw!r}; known: {', '.join(FLAWS)}")
+    searches = [st for st in oracle if st["kind"] == "search"]
+    if kind != "bridge" or len(searches) < 2:
+        return None
+    k = rng.randint(1, len(searches) - 1)
+    return [*searches[:k], {"kind": "answer", "text": searches[k]["text"]}]
 
 
 def oracle_action(step: dict[str, str], think: bool = False) -> str:
@@ -68,8 +101,16 @@ async def oracle_examples(
     seed: int = 0,
     think: bool = False,
     concurrency: int = 32,
+    flawed_frac: float = 0.0,
+    flaw: str = "early_answer",
 ) -> list[SFTExample]:
-    """Play `count` oracle episodes of `dataset/split` through the env server; examples in index order."""
+    """Play `count` oracle episodes of `dataset/split` through the env server; examples in index order.
+    Each question `flawed_actions` applies to is played with the flawed strategy instead, with probability
+    `flawed_frac` (drawn per question from `seed` and its index, so the choice does not depend on the others)."""
+    if not 0.0 <= flawed_frac <= 1.0:
+        raise ValueError(f"sft.flawed_frac must be in [0, 1], got {flawed_frac}")
+    if flaw not in FLAWS:
+        raise ValueError(f"unknown sft.flaw {flaw!r}; known: {', '.join(FLAWS)}")
     info = await env.info()
     sizes = {d.name: d.splits for d in info.datasets}
     if dataset not in sizes or split not in sizes[dataset]:
@@ -84,11 +125,16 @@ async def oracle_examples(
             oracle = ep.metadata.get("oracle")
             if not oracle:
                 raise ValueError(f"{dataset}/{split}[{index}] has no oracle trajectory: SFT warm start needs one")
+            kind, hops = str(ep.metadata.get("kind", "")), int(ep.metadata.get("hops", 0))
+            rng = random.Random(seed * 1_000_003 + index)
+            flawed = flawed_actions(oracle, kind, rng, flaw) if rng.random() < flawed_frac else None
+            actions = flawed or oracle
             messages = [{"role": m.role, "content": m.content} for m in ep.messages]
             prompt = prompt_ids(tokenizer, messages)
             ids, mask = list(prompt), [0] * len(prompt)
+            searches = 0
             try:
-                for st in oracle:
+                for st in actions:
                     text = oracle_action(st, think)
                     act = tokenizer.encode(text, add_special_tokens=False)
                     res = await env.step(ep.episode_id, action=text)
@@ -96,14 +142,15 @@ async def oracle_examples(
                     ids += act + obs
                     mask += [1] * len(act) + [0] * len(obs)
                     if res.done:
-                        if res.reward < 1.0:
+                        searches = res.turn - 1
+                        if res.reward < 1.0 and flawed is None:
                             raise AssertionError(f"oracle of {dataset}/{split}[{index}] scored {res.reward}")
                         break
             finally:
                 await env.delete(ep.episode_id)
             if len(ids) > max_context_tokens:
                 return None  # too long for the context budget: rollouts could not reproduce it either
-            return SFTExample(ids, mask)
+            return SFTExample(ids, mask, kind=kind, hops=hops, searches=searches, flawed=flawed is not None)
 
     out = await asyncio.gather(*(one(i) for i in indices))
     return [ex for ex in out if ex is not None]
@@ -129,7 +176,12 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
         max_context_tokens=cfg.rollout.max_context_tokens,
         seed=cfg.model.tiny_seed,
         think=s.think,
+        flawed_frac=s.flawed_frac,
+        flaw=s.flaw,
     )
+    bridges = [e for e in examples if e.kind == "bridge"]
+    early = sum(e.searches < e.hops for e in bridges)
+    log.info("sft examples", examples=len(examples), bridge=len(bridges), bridge_answered_early=early)
     rng = random.Random(cfg.model.tiny_seed)
     steps = s.epochs * math.ceil(len(examples) / s.batch_size)
     bar = tqdm(total=steps, desc="sft warm start", dynamic_ncols=True)
