@@ -211,6 +211,10 @@ class SFTConfig:
     """Sequences per forward/backward within a batch (length-sorted; the gradient is the batch's either way)."""
     max_examples: int = 1500
     warmup_steps: int = 20
+    context_weight: float = 0.0
+    """Loss weight of the prompt and observation tokens (the agent's own tokens weigh 1): > 0 adds next-token
+    prediction on the question and the retrieved passages, as a base model's pretraining would have, where a
+    name is often copied from just before (a passage's title after the query that found it)."""
     flawed_frac: float = 0.0
     """Share of the bridge questions whose warm-start trajectory is the flawed strategy `flaw` instead of the oracle
     (0 = oracle only). The flaw is a *decision* RL can fix and that carries over to unseen questions: a model

@@ -50,7 +50,8 @@ log = structlog.get_logger("trainer")
 @dataclass
 class SFTExample:
     input_ids: list[int]
-    loss_mask: list[int]
+    loss_mask: list[float]
+    """Per-token loss weight: 1 on the agent's action tokens, `context_weight` on the prompt and observations."""
     kind: str = ""
     """The question's kind from its metadata ("single", "bridge", "comparison"; "" if it has none)."""
     hops: int = 0
@@ -103,6 +104,7 @@ async def oracle_examples(
     concurrency: int = 32,
     flawed_frac: float = 0.0,
     flaw: str = "early_answer",
+    context_weight: float = 0.0,
 ) -> list[SFTExample]:
     """Play `count` oracle episodes of `dataset/split` through the env server; examples in index order.
     Each question `flawed_actions` applies to is played with the flawed strategy instead, with probability
@@ -131,7 +133,7 @@ async def oracle_examples(
             actions = flawed or oracle
             messages = [{"role": m.role, "content": m.content} for m in ep.messages]
             prompt = prompt_ids(tokenizer, messages)
-            ids, mask = list(prompt), [0] * len(prompt)
+            ids, mask = list(prompt), [context_weight] * len(prompt)
             searches = 0
             try:
                 for st in actions:
@@ -140,7 +142,7 @@ async def oracle_examples(
                     res = await env.step(ep.episode_id, action=text)
                     obs = tokenizer.encode(res.observation, add_special_tokens=False) if res.observation else []
                     ids += act + obs
-                    mask += [1] * len(act) + [0] * len(obs)
+                    mask += [1.0] * len(act) + [context_weight] * len(obs)
                     if res.done:
                         searches = res.turn - 1
                         if res.reward < 1.0 and flawed is None:
@@ -178,6 +180,7 @@ async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> N
         think=s.think,
         flawed_frac=s.flawed_frac,
         flaw=s.flaw,
+        context_weight=s.context_weight,
     )
     bridges = [e for e in examples if e.kind == "bridge"]
     early = sum(e.searches < e.hops for e in bridges)
