@@ -79,3 +79,16 @@ def test_answered_early_counts_answers_before_the_last_hop() -> None:
     assert answered_early(res) == 0.25
     assert answered_early([(r(ans, 1), 3), (r(ans, 4), 3)]) == 0.5
     assert answered_early([(r(ans, 1), None)]) is None and answered_early([]) is None
+
+
+async def test_context_weight_weighs_prompt_and_observations_not_actions(env_client: EnvClient, tiny_model) -> None:
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    kw = dict(dataset="synthetic", split="train", count=8, max_context_tokens=4096, seed=1)
+    plain = await oracle_examples(env_client, tok, **kw)  # type: ignore[arg-type]
+    ctx = await oracle_examples(env_client, tok, context_weight=0.25, **kw)  # type: ignore[arg-type]
+    for a, b in zip(plain, ctx, strict=True):
+        assert a.input_ids == b.input_ids
+        assert set(a.loss_mask) == {0, 1} and set(b.loss_mask) == {0.25, 1.0}
+        # The agent's own tokens keep weight 1; every other token (prompt, observations) gets the context weight.
+        assert [m == 1 for m in a.loss_mask] == [m == 1.0 for m in b.loss_mask]
+        assert b.loss_mask[0] == 0.25, "the prompt is weighted too"

@@ -272,8 +272,8 @@ class TrainConfig:
                 f"sft: decay_frac={sft.decay_frac} must be in [0, 1], and epochs={sft.epochs}, "
                 f"batch_size={sft.batch_size}, micro_batch_size={sft.micro_batch_size} >= 1"
             )
-        if not 0.0 <= sft.flawed_frac <= 1.0:
-            raise ValueError(f"sft.flawed_frac must be in [0, 1], got {sft.flawed_frac}")
+        if not 0.0 <= sft.flawed_frac <= 1.0 or sft.context_weight < 0:
+            raise ValueError(f"sft: flawed_frac={sft.flawed_frac} must be in [0, 1], context_weight >= 0")
         if self.env.train_limit < 0:
             raise ValueError(f"env.train_limit must be >= 0 (0 = the whole split), got {self.env.train_limit}")
         if self.run.max_staleness < 0:
