@@ -20,7 +20,7 @@ from tools.tiny_model import build_tiny_model
 from trainer import loop
 from trainer.checkpoint import reference_of
 from trainer.cli import main as train_main
-from trainer.config import ModelConfig, OptimConfig, load_train_config
+from trainer.config import ModelConfig, OptimConfig, TrainConfig, load_train_config
 from trainer.loop import train
 from trainer.policy import Policy
 
@@ -254,5 +254,7 @@ def test_a_model_of_ones_own_is_told_which_demo_values_it_keeps(monkeypatch: pyt
     monkeypatch.setattr(loop, "log", Recorder())
     loop._warn_demo_defaults(load_train_config(REPO / "configs" / "qwen3-8b-hotpotqa.toml"))
     loop._warn_demo_defaults(load_train_config(None, ['model.path="/models/Qwen3-8B"', "optim.lr=1e-6"]))
-    assert len(logs) == 1, "the shipped real-run config sets its own values"
-    assert logs[0]["env.train_limit"] == 64 and logs[0]["optim.kl_coef"] == 0.1 and "optim.lr" not in logs[0]
+    assert logs == [], "the shipped real-run config, and a run that sets its own rate, keep no demo value"
+    loop._warn_demo_defaults(load_train_config(None, ['model.path="/models/Qwen3-8B"', "optim.kl_coef=0.1"]))
+    assert len(logs) == 1 and logs[0]["optim.lr"] == TrainConfig().optim.lr, logs
+    assert "optim.kl_coef" not in logs[0] and "env.train_limit" not in logs[0], "0 (the demo's) is no demo value"
