@@ -258,3 +258,22 @@ def test_a_model_of_ones_own_is_told_which_demo_values_it_keeps(monkeypatch: pyt
     loop._warn_demo_defaults(load_train_config(None, ['model.path="/models/Qwen3-8B"', "optim.kl_coef=0.1"]))
     assert len(logs) == 1 and logs[0]["optim.lr"] == TrainConfig().optim.lr, logs
     assert "optim.kl_coef" not in logs[0] and "env.train_limit" not in logs[0], "0 (the demo's) is no demo value"
+
+
+def test_a_fresh_run_sets_an_earlier_runs_metrics_and_checkpoints_aside(tmp_path: Path) -> None:
+    """Defect found running the comparison bench: a fresh run in the folder of an earlier one appended its rows to
+    the old metrics.jsonl (the bench read both runs' evaluations as one curve), and a later --resume could pick the
+    old run's checkpoint."""
+    from trainer.checkpoint import latest_checkpoint, set_aside_previous_run
+
+    assert set_aside_previous_run(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / "checkpoints" / "step_00030").mkdir(parents=True)
+    first = set_aside_previous_run(tmp_path)
+    assert first == tmp_path / "previous-1" and (first / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert not (tmp_path / "checkpoints").exists() and (first / "checkpoints" / "step_00030").is_dir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        latest_checkpoint(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')
+    assert set_aside_previous_run(tmp_path) == tmp_path / "previous-2", "nothing is overwritten"
+    assert (first / "metrics.jsonl").read_text() == '{"step": 0}\n'

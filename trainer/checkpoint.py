@@ -52,6 +52,23 @@ def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep)
     return d
 
 
+def set_aside_previous_run(out: Path) -> Path | None:
+    """A fresh (not resumed) run in `out`: move an earlier run's `metrics.jsonl` and `checkpoints/` into
+    `out/previous-N/` (N = 1, 2, ...: nothing is overwritten), so the new run's rows are not appended to the old
+    ones and a later --resume cannot pick up the old run's checkpoints. Returns that folder, or None."""
+    old = [p for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
+    if not old:
+        return None
+    n = 1
+    while (out / f"previous-{n}").exists():
+        n += 1
+    dest = out / f"previous-{n}"
+    dest.mkdir()
+    for p in old:
+        p.rename(dest / p.name)
+    return dest
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
     if not ckpts:

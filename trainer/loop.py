@@ -45,7 +45,13 @@ from tqdm import tqdm
 
 from shared.client import EnvClient
 from trainer import services
-from trainer.checkpoint import latest_checkpoint, reference_of, restore_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    latest_checkpoint,
+    reference_of,
+    restore_checkpoint,
+    save_checkpoint,
+    set_aside_previous_run,
+)
 from trainer.compute import compute
 from trainer.config import TrainConfig, config_to_dict
 from trainer.engine_client import EngineClient
@@ -64,6 +70,10 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     start = latest_checkpoint(out) if resume else None
+    if not resume and (moved := set_aside_previous_run(out)) is not None:
+        log.warning(
+            "a fresh run in the folder of an earlier one: its metrics and checkpoints were moved", to=str(moved)
+        )
     conf = config_to_dict(cfg)
     (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
     t_run = time.perf_counter()
