@@ -191,9 +191,13 @@ def test_em_is_drawn_against_cumulative_leaves() -> None:
         {"step": 0, "leaves": 64, "eval_em_before": 0.2},
         {"step": 1, "leaves": 64, "eval_em": 0.25, "train_em": 0.5},
         {"step": 2, "leaves": 64},
-        {"step": 3, "leaves": 64, "eval_em": 0.3},
+        {"step": 3, "leaves": 64, "eval_em": 0.3, "eval_early": 0.1},
     ]
-    assert em_vs_leaves(rows) == {"eval_em": [(0, 0.2), (128, 0.25), (256, 0.3)], "train_em": [(128, 0.5)]}
+    assert em_vs_leaves(rows) == {
+        "eval_em": [(0, 0.2), (128, 0.25), (256, 0.3)],
+        "train_em": [(128, 0.5)],
+        "eval_early": [(256, 0.1)],
+    }
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)

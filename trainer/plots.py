@@ -2,7 +2,8 @@
 
 Contract: `plot_metrics(out)` reads `<out>/metrics.jsonl` and writes `<out>/metrics.png` (one panel each for
 reward, contrast, predictor calibration and the token ledger, against steps, and one of greedy EM against
-cumulative leaves, the sampling cost, as `em_vs_leaves` computes it); it returns the files written, [] when there
+cumulative leaves, the sampling cost, as `em_vs_leaves` computes it, with the share of dev questions answered
+early); it returns the files written, [] when there
 are no rows. A metric measured before the first update (`<key>_before` on the first row) is drawn at step -1. It
 only reads the metrics file, so it can be run again on any finished or interrupted run. matplotlib is imported
 here, on use, with the non-interactive Agg backend.
@@ -22,12 +23,14 @@ PANELS = [
 """(title, metric keys) of each panel, left to right."""
 
 
-EM_KEYS = ("eval_em", "train_em")
+EM_KEYS = ("eval_em", "train_em", "eval_early")
+LABELS = {"eval_em": "dev EM", "train_em": "train EM", "eval_early": "dev answered early"}
 
 
 def em_vs_leaves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{key: [(cumulative leaves, EM)]} for eval_em (dev) and train_em: the evaluation before training at 0 leaves,
-    then each evaluation at the leaves generated up to the end of its step."""
+    """{key: [(cumulative leaves, value)]} for eval_em (dev), train_em and eval_early (the share of dev questions
+    answered before their last hop): the evaluation before training at 0 leaves, then each evaluation at the
+    leaves generated up to the end of its step."""
     out: dict[str, list[tuple[int, float]]] = {}
     for k in EM_KEYS:
         pts = [(0, rows[0][f"{k}_before"])] if rows and rows[0].get(f"{k}_before") is not None else []
@@ -68,7 +71,8 @@ def plot_metrics(out: Path) -> list[Path]:
             ax.legend(fontsize=7)
     ax = axes[-1]
     for k, pts in em_vs_leaves(rows).items():
-        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label="dev EM" if k == "eval_em" else "train EM")
+        style = "--" if k == "eval_early" else "-"
+        ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=LABELS[k])
     ax.set_title("greedy EM vs sampling cost")
     ax.set_xlabel("cumulative leaves")
     if ax.get_lines():
