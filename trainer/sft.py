@@ -20,6 +20,8 @@ Contract:
   the oracle with that probability, through the same env server (a flawed trajectory may score 0; an oracle one
   may not). Each example records the searches the env server counted, so the rate of the flawed decision in
   the data is measured, not assumed (logged as `bridge_answered_early`).
+- `sft.context_weight` weighs the loss on the prompt and observation tokens (the agent's own weigh 1): next-token
+  prediction on the question and the passages, which is what teaches the tiny model to copy names.
 - Everything random (which questions, which are flawed, batch order) is seeded by `model.tiny_seed`.
 """
 
