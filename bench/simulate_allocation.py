@@ -12,7 +12,9 @@ No language model. The task (DESIGN §1's multi-hop search, reduced to its decis
   capped at h) or SEARCH_WRONG (nothing changes). An episode that has taken `max_turns` turns without answering
   is truncated with reward 0.
 - The policy: a softmax over the three actions with logits theta[h, f], one parameter table per kind shared by
-  all its prompts, starting at 0 (uniform). A node's one "token" is its action, with the policy's logprob.
+  all its prompts, starting at 0 (uniform), or with `--warm-early P` at a warm start like the LM testbed's
+  (`sft.flawed_frac`): it searches right and answers once every hop is found, but at an intermediate hop answers
+  early with probability P. A node's one "token" is its action, with the policy's logprob.
 - Truth: `success_table` gives every state's success probability under the current policy exactly (dynamic
   programming over the remaining turns); the optimal policy (search right until f == h, then answer) is known, and
   its success is the same table under a deterministic policy.
@@ -126,6 +128,22 @@ def optimal_probs(hops: np.ndarray) -> np.ndarray:
     return pi
 
 
+def warm_theta(early: float) -> np.ndarray:
+    """Logits theta[MAX_HOPS + 1, N_STATES, N_ACTIONS] of SimConfig.warm_early's warm start."""
+    theta = np.zeros((MAX_HOPS + 1, N_STATES, N_ACTIONS))
+    for h in range(1, MAX_HOPS + 1):
+        for f in range(N_STATES):
+            if f >= h:
+                p = [0.95, 0.025, 0.025]
+            elif f == 0:
+                p = [0.025, 0.95, 0.025]
+            else:
+                rest = 1.0 - early
+                p = [max(early, 1e-3), 0.95 * rest + 1e-3, 0.05 * rest + 1e-3]
+            theta[h, f] = np.log(np.asarray(p) / sum(p))
+    return theta
+
+
 def success_table(task: Task, pi: np.ndarray, max_turns: int, idx: np.ndarray | None = None) -> np.ndarray:
     """V[n, f, d]: exact success probability from state (f found, d turns taken) under policy pi (dynamic
     programming from d = max_turns, where a truncated episode scores 0)."""
@@ -181,6 +199,10 @@ class SimConfig:
     predictor_max_steps: int = 100
     prior_a: float = 1.0
     prior_b: float = 1.0
+    warm_early: float = -1.0
+    """< 0: the policy starts uniform (theta = 0). In [0, 1): a warm start like the LM testbed's (trainer's
+    `sft.flawed_frac`): at 0 < f < h it answers early with this probability (else searches right, 95% of the
+    rest), at f = 0 it searches right and at f == h it answers (95% each)."""
 
     def allocation(self) -> AllocationConfig:
         return AllocationConfig(
@@ -222,7 +244,8 @@ class Simulation:
             max_steps=cfg.predictor_max_steps,
         )
         self.fitted = False
-        self.theta = torch.zeros(MAX_HOPS + 1, N_STATES, N_ACTIONS, dtype=torch.float64, requires_grad=True)
+        init = warm_theta(cfg.warm_early) if cfg.warm_early >= 0 else np.zeros((MAX_HOPS + 1, N_STATES, N_ACTIONS))
+        self.theta = torch.tensor(init, dtype=torch.float64, requires_grad=True)
         self.opt = torch.optim.SGD([self.theta], lr=cfg.lr)
         self.adv_cfg = AdvantageConfig(w_process=cfg.w_process)
         self._pi = self._truth = None  # per step: policy probabilities and exact values of the training prompts

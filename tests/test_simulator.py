@@ -50,6 +50,21 @@ def test_uniform_policy_gradient_reaches_the_optimal_policy() -> None:
     assert pi[1, 0, sim.SEARCH_RIGHT] > 0.9 and pi[1, 1, sim.SEARCH_RIGHT] > 0.9 and pi[1, 2, sim.ANSWER] > 0.9, pi[1]
 
 
+def test_a_warm_start_answers_early_at_the_stated_rate_and_policy_gradient_fixes_it() -> None:
+    """SimConfig.warm_early: the LM testbed's flawed warm start in the simulator. Its early-answer probability is
+    the stated one at every intermediate hop, and GRPO training moves it towards searching on."""
+    cfg = sim.SimConfig(allocator="uniform", seed=2, steps=30, kinds=(2, 3), max_turns=5, warm_early=0.7)
+    s = sim.Simulation(cfg)
+    pi = s.probs(s.task)
+    inner = [(i, f) for i, h in enumerate(s.task.hops) for f in range(1, int(h))]
+    assert all(pi[i, f, sim.ANSWER] == pytest.approx(0.7, abs=0.01) for i, f in inner)
+    assert all(pi[i, int(h), sim.ANSWER] == pytest.approx(0.95, abs=0.01) for i, h in enumerate(s.task.hops))
+    out = s.run()
+    after = s.probs(s.task)
+    assert np.mean([after[i, f, sim.ANSWER] for i, f in inner]) < 0.3, "RL learned to search on"
+    assert out["final_success"] > out["initial_success"] + 0.1, out
+
+
 def visit_weighted(tree: RolloutTree) -> dict[int, float]:
     """The witness, re-implemented here: Vhat(y) = mean of the scored leaves' rewards below y."""
     out = {}
