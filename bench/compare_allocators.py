@@ -2,6 +2,7 @@
 
     python bench/compare_allocators.py --steps K --seeds S --out FILE.json [--config configs/compare.toml]
         [--eval-every E] [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
+    python bench/compare_allocators.py --from-runs FILE.runs.json --out FILE.json   # summarise again, run nothing
 
 Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
 warm start is cached per seed, so every allocator of a seed starts from identical weights), with
@@ -10,7 +11,9 @@ it all at the roots; the trainer asserts it). FILE.json maps each allocator to i
 steps and seeds: effective ratio (mixed prompts / prompts that received rollouts), mixed prompts per
 100 leaves (the equal-cost contrast figure), share of trained tokens with non-zero advantage, reward,
 leaves and the leaf budget, tokens generated / prefilled / served from cache, predictor AUC, and dev
-EM after K steps; per-seed rows go to FILE.runs.json. A markdown table is
+EM after K steps, and against GRPO (uniform): effective_ratio_vs_grpo and leaves_to_grpo_final (the cumulative
+leaves at which the allocator's mean dev-EM curve first reaches GRPO's final dev EM; _frac: over GRPO's own run
+length); per-seed rows go to FILE.runs.json. A markdown table is
 printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png).
 """
 
@@ -111,7 +114,20 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
         out[a]["dev_em_curve_ci95"] = [
             [x, mean_ci([p[1] for r in mine for p in r["dev_em_curve"] if p[0] == x])[1]] for x in points
         ]
+    if "uniform" in out:  # issue 12's goals, against GRPO, from the mean curves
+        grpo = out["uniform"]
+        for s in out.values():
+            s["effective_ratio_vs_grpo"] = s["effective_ratio"] / grpo["effective_ratio"]
+            s["leaves_to_grpo_final"] = leaves_to(s["dev_em_curve"], grpo["dev_em_final"])
+            s["leaves_to_grpo_final_frac"] = (s["leaves_to_grpo_final"] or math.nan) / (
+                grpo["dev_em_curve"][-1][0] if grpo["dev_em_curve"] else math.nan
+            )
     return out
+
+
+def leaves_to(curve: list[list[float]], target: float) -> float | None:
+    """The cumulative leaves at which a mean dev-EM curve first reaches `target` (None: never)."""
+    return next((x for x, y in curve if y >= target), None)
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
@@ -123,12 +139,14 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         "reward_mean",
         "dev_em_final",
         "dev_em_final_ci95",
+        "leaves_to_grpo_final",
         "generated_tokens",
         "prefill_tokens",
     )
     lines = ["| allocator | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for a, s in summary.items():
-        lines.append(f"| {a} | " + " | ".join(f"{s[c]:.3f}" if s[c] < 100 else f"{s[c]:.0f}" for c in cols) + " |")
+        cells = ("n/a" if s.get(c) is None else f"{s[c]:.3f}" if s[c] < 100 else f"{s[c]:.0f}" for c in cols)
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -178,17 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=None, help="dev EM every E steps (default: at the end only)")
     p.add_argument("--allocators", default=",".join(ALL))
     p.add_argument("--set", action="append", default=[])
+    p.add_argument(
+        "--from-runs", default=None, help="summarise FILE.runs.json of a finished comparison again, run nothing"
+    )
     args = p.parse_args(argv)
     allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
     out = Path(args.out)
-    work = out.with_suffix("")
-    work.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for seed in range(args.seeds):
-        for a in allocators:
-            r = run_one(args.config, args.set, a, seed, args.steps, work, args.eval_every)
-            print(f"{a:12s} seed {seed}: " + ", ".join(f"{k}={r[k]:.3f}" for k in ("effective_ratio", "dev_em")))
-            runs.append(r)
+    if args.from_runs:
+        saved = json.loads(Path(args.from_runs).read_text())
+        runs, args.steps, args.seeds = saved["runs"], saved["steps"], saved["seeds"]
+        allocators = [a for a in allocators if any(r["allocator"] == a for r in runs)]
+    else:
+        work = out.with_suffix("")
+        work.mkdir(parents=True, exist_ok=True)
+        runs = []
+        for seed in range(args.seeds):
+            for a in allocators:
+                r = run_one(args.config, args.set, a, seed, args.steps, work, args.eval_every)
+                print(f"{a:12s} seed {seed}: " + ", ".join(f"{k}={r[k]:.3f}" for k in ("effective_ratio", "dev_em")))
+                runs.append(r)
     summary = summarise(runs, allocators)
     md = table(summary)
     print(md)

@@ -45,3 +45,41 @@ def test_summary_has_the_final_em_interval_and_the_mean_curve() -> None:
     other = [{**runs[0], "allocator": "uniform", "leaves_per_step": 32}]
     with pytest.raises(AssertionError, match="different leaves per step"):
         cmp.summarise([*runs, *other], ["trace", "uniform"])
+
+
+def test_goals_against_grpo_come_from_the_mean_curves() -> None:
+    """effective_ratio_vs_grpo, and the leaves each allocator needs to reach GRPO's final dev EM (None: never)."""
+    figures = dict.fromkeys(cmp.FIGURES, 0.0)
+    runs = []
+    for a, ems, ratio in (
+        ("uniform", {1: 0.2, 3: 0.4}, 0.3),
+        ("trace", {1: 0.4, 3: 0.5}, 0.6),
+        ("root-only", {3: 0.3}, 0.3),
+    ):
+        for seed in range(2):
+            run = {**figures, "effective_ratio": ratio, "allocator": a, "seed": seed, "dev_em": ems[3], "wall_s": 1.0}
+            runs.append({**run, **cmp.dev_em_curve(_rows(ems, before=0.1))})
+    s = cmp.summarise(runs, ["uniform", "trace", "root-only"])
+    assert s["trace"]["effective_ratio_vs_grpo"] == pytest.approx(2.0)
+    assert s["uniform"]["leaves_to_grpo_final"] == 256 and s["uniform"]["leaves_to_grpo_final_frac"] == 1.0
+    assert s["trace"]["leaves_to_grpo_final"] == 128 and s["trace"]["leaves_to_grpo_final_frac"] == 0.5
+    assert s["root-only"]["leaves_to_grpo_final"] is None
+    assert "| root-only |" in cmp.table(s) and "n/a" in cmp.table(s)
+
+
+def test_a_finished_comparison_is_summarised_again_from_its_runs(tmp_path: Path) -> None:
+    import json
+
+    figures = dict.fromkeys(cmp.FIGURES, 0.0)
+    runs = []
+    for a, ems in (("uniform", {1: 0.2, 3: 0.4}), ("trace", {1: 0.4, 3: 0.5})):
+        for seed in range(2):
+            run = {**figures, "effective_ratio": 0.5, "allocator": a, "seed": seed, "dev_em": ems[3], "wall_s": 1.0}
+            runs.append({**run, **cmp.dev_em_curve(_rows(ems, before=0.1))})
+    saved = tmp_path / "c.runs.json"
+    saved.write_text(json.dumps({"steps": 4, "seeds": 2, "runs": runs}))
+    out = tmp_path / "again.json"
+    assert cmp.main(["--from-runs", str(saved), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert set(summary) == {"uniform", "trace"} and summary["trace"]["leaves_to_grpo_final"] == 128
+    assert out.with_suffix(".dev_em.png").exists() and "| trace |" in out.with_suffix(".md").read_text()
