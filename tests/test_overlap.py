@@ -117,3 +117,24 @@ def test_next_step_generates_while_this_step_trains(
         assert r["push_s"] > 0 and r["sync_s"] >= r["push_s"], r
     summary = {k: [round(r[k], 3) for r in rows] for k in ("rollout_s", "update_s", "sync_s", "push_s", "overlap_s")}
     print("overlap timings:", summary, "collect_wait_s:", [round(r["collect_wait_s"], 4) for r in rows])
+
+
+def test_predictor_features_skip_the_full_vocabulary_logits(tiny_model: Path) -> None:
+    """Issue 13: the predictor's features ran the whole causal LM with output_hidden_states and no logits_to_keep,
+    so the LM head produced full-vocabulary logits for every token of the batch (tens of GB at 8B). Now the head
+    sees one position per row, and the features are exactly the full forward's last hidden states."""
+    policy = Policy(tiny_model, ModelConfig(device="cpu"), OptimConfig())
+    seqs = [[5, 20, 31, 44, 52, 60], [7, 8, 9]]
+    positions = [[1, 5], [0, 2]]
+    rows: list[int] = []
+    head = policy.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, inp, _out: rows.append(inp[0].shape[1]))
+    try:
+        got = policy.hidden_at(seqs, positions)
+    finally:
+        hook.remove()
+    assert rows == [1], f"the LM head ran on {rows} positions per row"
+    with torch.no_grad():
+        for seq, pos, h in zip(seqs, positions, got, strict=True):
+            full = policy.model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
+            torch.testing.assert_close(h, full[pos].float(), rtol=1e-5, atol=1e-5)

@@ -208,11 +208,11 @@ class Policy:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            self.accelerator.wait_for_everyone()
             model = self.accelerator.unwrap_model(self.model)
             if self.accelerator.is_main_process:
                 model.save_pretrained(out, safe_serialization=True)
                 self.tokenizer.save_pretrained(out)
+            self.accelerator.wait_for_everyone()  # after the write: no rank returns before the folder is complete
         return out
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -285,7 +285,9 @@ def _hidden_states(
         ids = _pad(chunk, pad_id, torch.long, device)
         att = _pad([[1] * len(s) for s in chunk], 0, torch.long, device)
         with accelerator.autocast():
-            h = model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
+            # logits_to_keep=1: the LM head runs on one position per row, not the whole batch's full-vocabulary
+            # logits (tens of GB for a Qwen3-8B batch); the hidden states are the same either way.
+            h = model(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         for j, pos in enumerate(positions[i : i + batch]):
             out.append(h[j, torch.tensor(pos, device=h.device)].float().cpu())
     return out
