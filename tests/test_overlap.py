@@ -138,3 +138,33 @@ def test_predictor_features_skip_the_full_vocabulary_logits(tiny_model: Path) ->
         for seq, pos, h in zip(seqs, positions, got, strict=True):
             full = policy.model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
             torch.testing.assert_close(h, full[pos].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_for_the_engines_are_written_in_the_save_dtype(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 13: the policy was saved in float32 whatever the model's own dtype (32 GB a step at 8B), and SGLang's
+    dtype=auto then served a float32 config in float16. Now the engines' copy is written in model.save_dtype
+    (auto: the dtype the model was stored in), the float32 master is untouched, and a launched SGLang server is
+    told that dtype."""
+    import json
+
+    from safetensors import safe_open
+
+    from trainer.policy import save_dtype
+    from trainer.services import dtype_args
+
+    assert save_dtype("auto", tiny_model) == torch.float32  # the tiny model is stored in float32
+    with pytest.raises(ValueError, match="save_dtype"):
+        save_dtype("fp8", tiny_model)
+    policy = Policy(tiny_model, ModelConfig(device="cpu", save_dtype="bfloat16"), OptimConfig())
+    out = policy.save(tmp_path / "v1")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert next(policy.model.parameters()).dtype == torch.float32, "the master weights stay float32"
+    assert save_dtype("auto", out) == torch.bfloat16, "a bf16 checkpoint's auto is bf16"
+    reread = Policy(out, ModelConfig(device="cpu"), OptimConfig())
+    for (name, a), b in zip(policy.model.named_parameters(), reread.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a.detach().to(torch.bfloat16).float(), msg=name)
+    assert dtype_args(out, []) == ["--dtype", "bfloat16"]
+    assert dtype_args(out, ["--dtype", "float16"]) == [] and dtype_args(out, ["--dtype=half"]) == []
+    assert dtype_args(tiny_model, []) == ["--dtype", "float32"]

@@ -85,6 +85,10 @@ class ModelConfig:
     mixed_precision: str = "auto"
     """accelerate's mixed precision: "auto" (bf16 on CUDA, no on CPU), "no", "bf16", "fp16"."""
     gradient_checkpointing: bool = False
+    save_dtype: str = "auto"
+    """dtype of the weights written for the engines: "auto" = the dtype the model was stored in (its config.json's
+    `dtype`: bfloat16 for Qwen3, float32 for the tiny model), or "bfloat16", "float16", "float32". The policy trains
+    in float32 either way; a launched SGLang server gets the same dtype as --dtype (never its `auto` guess)."""
 
 
 @dataclass

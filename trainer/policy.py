@@ -25,11 +25,25 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.advantages import TrainSample
 from trainer.config import ModelConfig, OptimConfig
 from trainer.loss import policy_loss, sequence_logprobs
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def save_dtype(name: str, model_path: str | Path) -> torch.dtype:
+    """`model.save_dtype` resolved: "auto" reads the dtype `model_path` was stored in (float32 when it says none)."""
+    if name == "auto":
+        stored = getattr(AutoConfig.from_pretrained(str(model_path)), "dtype", None)
+        if isinstance(stored, torch.dtype):
+            return stored
+        name = str(stored or "float32").removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"model.save_dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _pad(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -62,6 +76,7 @@ class Policy:
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        self.save_dtype = save_dtype(mcfg.save_dtype, model_path)
         if mcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.ocfg = ocfg
@@ -210,6 +225,8 @@ class Policy:
         with self.lock:
             model = self.accelerator.unwrap_model(self.model)
             if self.accelerator.is_main_process:
+                if self.save_dtype != next(model.parameters()).dtype:  # a copy in the engines' dtype; the master stays
+                    model = copy.deepcopy(model).to(self.save_dtype)
                 model.save_pretrained(out, safe_serialization=True)
                 self.tokenizer.save_pretrained(out)
             self.accelerator.wait_for_everyone()  # after the write: no rank returns before the folder is complete

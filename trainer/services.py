@@ -61,7 +61,8 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
             port = e.port + i if e.port else free_port()
             log_path = log_dir / f"engine_{i}.log"
             if e.type == "sglang":
-                proc = SGLangServer(model_dir, port=port, extra_args=e.extra_args, log_path=log_path)
+                args = [*dtype_args(model_dir, e.extra_args), *e.extra_args]
+                proc = SGLangServer(model_dir, port=port, extra_args=args, log_path=log_path)
             else:
                 cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir)]
                 cmd += ["--port", str(port), "--max-batch", str(e.max_batch), *e.extra_args]
@@ -71,6 +72,16 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
             log.info("engine started", type=e.type, url=proc.url, log=str(log_path))
             urls.append(proc.url)
         yield urls
+
+
+def dtype_args(model_dir: Path, extra_args: list[str]) -> list[str]:
+    """["--dtype", D] for an SGLang server of `model_dir`: the dtype its config.json says its weights are stored in
+    (what `model.save_dtype` wrote), so SGLang never guesses (its `auto` serves a float32 config in float16). None
+    when the engine's extra_args set --dtype themselves, or the config says nothing."""
+    if any(a == "--dtype" or a.startswith("--dtype=") for a in extra_args):
+        return []
+    stored = json.loads((model_dir / "config.json").read_text()).get("dtype")
+    return ["--dtype", str(stored)] if stored else []
 
 
 def world_dir(cfg: TrainConfig) -> Path:
