@@ -281,3 +281,14 @@ def test_a_fresh_run_sets_an_earlier_runs_metrics_and_checkpoints_aside(tmp_path
     (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')
     assert set_aside_previous_run(tmp_path) == tmp_path / "previous-2", "nothing is overwritten"
     assert (first / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_several_ranks_are_refused_with_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13: `torchrun --nproc-per-node 2 trace-train` ran unguarded (every rank started its own env server and
+    engines, then the first weight sync failed). Until multi-rank training lands it is refused up front, before any
+    service starts."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(["--config", str(REPO / "configs" / "debug.toml")]) == 2
+    assert "launched as 2 ranks" in capsys.readouterr().err

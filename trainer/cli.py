@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -87,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
         return 0
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1:  # until issue 13 lands: every rank would start its own env server and engines, then deadlock
+        print(
+            f"trace-train: launched as {ranks} ranks (WORLD_SIZE={ranks}); training runs in one process for now "
+            "(each rank would start its own env server and engines and train on other sample counts). "
+            "Run it without accelerate launch / torchrun.",
+            file=sys.stderr,
+        )
+        return 2
     from trainer.loop import train
 
     signal.signal(signal.SIGTERM, _sigterm)  # clean up child processes on SIGTERM as on Ctrl-C
