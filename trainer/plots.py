@@ -3,10 +3,9 @@
 Contract: `plot_metrics(out)` reads `<out>/metrics.jsonl` and writes `<out>/metrics.png` (one panel each for
 reward, contrast, predictor calibration and the token ledger, against steps, and one of greedy EM against
 cumulative leaves, the sampling cost, as `em_vs_leaves` computes it, with the share of dev questions answered
-early); it returns the files written, [] when there
-are no rows. A metric measured before the first update (`<key>_before` on the first row) is drawn at step -1. It
-only reads the metrics file, so it can be run again on any finished or interrupted run. matplotlib is imported
-here, on use, with the non-interactive Agg backend.
+early); it returns the files written, [] when there are no rows. A metric measured before the first update
+(`<key>_before` on the first row) is drawn at step -1. It only reads the metrics file, so it can be run again on
+any finished or interrupted run. matplotlib is imported here, on use, with the non-interactive Agg backend.
 """
 
 from __future__ import annotations

@@ -193,9 +193,10 @@ class Policy:
         self, input_ids: Sequence[list[int]], loss_mask: Sequence[list[float]], micro_batch_size: int | None = None
     ) -> float:
         """One optimizer step of next-token cross-entropy, the mean over the batch's tokens weighted by
-        `loss_mask` (1 = trained, 0 = not, or a weight in between); returns the loss. The batch is cut into micro-batches of similar length (sorted; `micro_batch_size` sequences
-        each, default optim.micro_batch_size) so little is padding, and logits are computed only where a token
-        is trained: the same gradient as one padded batch, at about half the cost on the tiny demo."""
+        `loss_mask` (1 = trained, 0 = not, or a weight in between); returns the loss. The batch is cut into
+        micro-batches of similar length (sorted; `micro_batch_size` sequences each, default
+        optim.micro_batch_size) so little is padding, and logits are computed only where a token is trained: the
+        same gradient as one padded batch, at about half the cost on the tiny demo."""
         total = sum(sum(m) for m in loss_mask)
         order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
         mb = micro_batch_size or self.ocfg.micro_batch_size

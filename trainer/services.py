@@ -76,7 +76,7 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
 
 def dtype_args(model_dir: Path, extra_args: list[str]) -> list[str]:
     """["--dtype", D] for an SGLang server of `model_dir`: the dtype its config.json says its weights are stored in
-    (what `model.save_dtype` wrote), so SGLang never guesses (its `auto` serves a float32 config in float16). None
+    (what `model.save_dtype` wrote), so SGLang never guesses (its `auto` serves a float32 config in float16). []
     when the engine's extra_args set --dtype themselves, or the config says nothing."""
     if any(a == "--dtype" or a.startswith("--dtype=") for a in extra_args):
         return []

@@ -75,13 +75,17 @@ def flawed_actions(
     oracle: list[dict[str, str]], kind: str, rng: random.Random, flaw: str
 ) -> list[dict[str, str]] | None:
     """The flawed version of an oracle trajectory, or None where `flaw` has no decision to get wrong."""
-    if flaw not in FLAWS:
-        raise ValueError(f"unknown sft.flaw {flaw!r}; known: {', '.join(FLAWS)}")
+    _check_flaw(flaw)
     searches = [st for st in oracle if st["kind"] == "search"]
     if kind != "bridge" or len(searches) < 2:
         return None
     k = rng.randint(1, len(searches) - 1)
     return [*searches[:k], {"kind": "answer", "text": searches[k]["text"]}]
+
+
+def _check_flaw(flaw: str) -> None:
+    if flaw not in FLAWS:
+        raise ValueError(f"unknown sft.flaw {flaw!r}; known: {', '.join(FLAWS)}")
 
 
 def oracle_action(step: dict[str, str], think: bool = False) -> str:
@@ -113,8 +117,7 @@ async def oracle_examples(
     `flawed_frac` (drawn per question from `seed` and its index, so the choice does not depend on the others)."""
     if not 0.0 <= flawed_frac <= 1.0:
         raise ValueError(f"sft.flawed_frac must be in [0, 1], got {flawed_frac}")
-    if flaw not in FLAWS:
-        raise ValueError(f"unknown sft.flaw {flaw!r}; known: {', '.join(FLAWS)}")
+    _check_flaw(flaw)  # before any episode, whether or not a question is drawn flawed
     info = await env.info()
     sizes = {d.name: d.splits for d in info.datasets}
     if dataset not in sizes or split not in sizes[dataset]:
