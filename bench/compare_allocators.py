@@ -118,10 +118,10 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
         grpo = out["uniform"]
         for s in out.values():
             s["effective_ratio_vs_grpo"] = s["effective_ratio"] / grpo["effective_ratio"]
-            s["leaves_to_grpo_final"] = leaves_to(s["dev_em_curve"], grpo["dev_em_final"])
-            s["leaves_to_grpo_final_frac"] = (s["leaves_to_grpo_final"] or math.nan) / (
-                grpo["dev_em_curve"][-1][0] if grpo["dev_em_curve"] else math.nan
-            )
+            reached = leaves_to(s["dev_em_curve"], grpo["dev_em_final"])
+            run_length = grpo["dev_em_curve"][-1][0] if grpo["dev_em_curve"] else math.nan
+            s["leaves_to_grpo_final"] = reached
+            s["leaves_to_grpo_final_frac"] = math.nan if reached is None else reached / run_length
     return out
 
 

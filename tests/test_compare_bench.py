@@ -64,6 +64,9 @@ def test_goals_against_grpo_come_from_the_mean_curves() -> None:
     assert s["uniform"]["leaves_to_grpo_final"] == 256 and s["uniform"]["leaves_to_grpo_final_frac"] == 1.0
     assert s["trace"]["leaves_to_grpo_final"] == 128 and s["trace"]["leaves_to_grpo_final_frac"] == 0.5
     assert s["root-only"]["leaves_to_grpo_final"] is None
+    # GRPO never above its start (issue 12's 95% run): everyone "reaches" it at 0 leaves, fraction 0, not nan.
+    flat = [{**r, "dev_em_curve": [[0, 0.4], [128, 0.4]], "dev_em": 0.4} for r in runs]
+    assert cmp.summarise(flat, ["uniform", "trace"])["trace"]["leaves_to_grpo_final_frac"] == 0.0
     assert "| root-only |" in cmp.table(s) and "n/a" in cmp.table(s)
 
 
