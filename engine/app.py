@@ -2,7 +2,9 @@
 
 Routes (SGLang 0.5.x names and shapes): `POST /generate`, `GET /health`, `GET /health_generate`,
 `POST /flush_cache`, `POST /update_weights_from_disk`, `GET /get_server_info`, `GET /get_model_info`,
-`POST /abort_request`, `POST /pause_generation`, `POST /continue_generation`.
+`POST /abort_request`, `POST /pause_generation`, `POST /continue_generation`, and the process-group weight routes
+`POST /init_weights_update_group`, `/begin_weight_update`, `/update_weights_from_distributed`, `/end_weight_update`,
+`/destroy_weights_update_group` (SGLang 0.5.23's JSON: `{"success", "message"}`, 200 or 400).
 Errors are SGLang's shape, `{"error": {"message": ...}}`, status 400 for a bad request; nothing a client sends
 crashes the server (one middleware turns every exception into a JSON answer).
 
@@ -22,32 +24,50 @@ ones are aborted, otherwise they finish on the old weights; then the weights are
 cache is flushed (`flush_cache`, default true), `weight_version` is set if given, and waiting calls proceed. While
 generation is paused (`/pause_generation`), the update happens at once, as in SGLang; a flush then needs no request
 running (`retract` or `abort` mode), else the answer is 400 "weights updated, cache not flushed".
+
+Weight updates over a process group (gloo; `engine.weight_group` says how the group is joined): joining and each
+bucket's receive run on threads of their own (they block until the trainer, rank 0, takes part), never on the loop
+or the model's thread; loading a received bucket then goes exactly like a disk update (lock, wait or pause, copy on
+the model thread, `weight_version`, flush). As in SGLang 0.5.23, `/update_weights_from_distributed` outside
+`/begin_weight_update` ... `/end_weight_update` answers 400 with SGLang's message and receives nothing; the bracket
+is a flag here (SGLang uses it to repack quantized weights). Stricter than SGLang: a name the model does not have
+is a 400 (SGLang logs a warning and skips it), and nothing of a refused bucket is loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
 from aiohttp import web
 
 from engine.engine import ENGINE_NAME, BadRequest, Engine, EngineConfig, EngineRequest
+from engine.weight_group import BACKENDS as WEIGHT_GROUP_BACKENDS
+from engine.weight_group import WeightGroup
 from shared.engine_protocol import (
+    OUTSIDE_BRACKET,
     AbortRequest,
+    BeginWeightUpdate,
+    DestroyWeightsUpdateGroup,
+    EndWeightUpdate,
     FinishReason,
     GenerateRequest,
     GenerateResponse,
+    InitWeightsUpdateGroup,
     MetaInfo,
     PauseGeneration,
     SamplingParams,
     UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
     UpdateWeightsResult,
 )
 from shared.version import __version__
@@ -67,6 +87,9 @@ class ServerConfig:
     """Bound of the pending-request queue; `/generate` waits (backpressure) when it is full."""
     batch_window_ms: float = 3.0
     """When the engine is idle, how long the first request waits for others to share its first step."""
+    group_timeout_s: float = 1800.0
+    """Weight-update groups: how long joining, and each receive, waits for the other ranks (torch's default
+    process-group timeout, the one SGLang's groups get)."""
 
 
 def _make_body_type() -> type:
@@ -186,6 +209,32 @@ def parse_generate(body: Any) -> tuple[list[EngineRequest], bool]:
     return reqs, batch
 
 
+T = TypeVar("T")
+
+
+async def in_daemon_thread(fn: Callable[[], T], *, name: str) -> T:
+    """Run a blocking collective (`WeightGroup.join`/`receive`) on a new daemon thread and await its result. Not
+    the default executor: a collective stuck until torch's timeout must not hold up the loop's or the
+    interpreter's shutdown. Cancelling the await leaves the thread to finish on its own."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: tuple[bool, Any] = (True, fn())
+        except BaseException as e:
+            result = (False, e)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(deliver, *result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await fut
+
+
 def _abort_response(req: EngineRequest) -> GenerateResponse:
     meta = MetaInfo(
         id=req.rid,
@@ -213,6 +262,8 @@ class EngineService:
         self.idle.set()
         self.wake = asyncio.Event()  # the scheduler waits on it while paused
         self.update_lock = asyncio.Lock()
+        self.weight_groups: dict[str, WeightGroup] = {}  # group_name -> this engine's membership
+        self.update_session = False  # between /begin_weight_update and /end_weight_update
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -228,6 +279,9 @@ class EngineService:
             req.abort_message = "server shutting down"
             self._resolve(req, _abort_response(req))
         self.executor.shutdown(wait=True, cancel_futures=True)
+        for group in self.weight_groups.values():
+            group.close()
+        self.weight_groups.clear()
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -359,31 +413,160 @@ class EngineService:
     async def update_weights(self, body: UpdateWeightsFromDisk) -> UpdateWeightsResult:
         if body.load_format not in (None, "auto", "safetensors"):
             raise BadRequest(f"load_format={body.load_format!r}: {ENGINE_NAME} loads safetensors only")
+
+        def load() -> None:
+            try:
+                self.engine.load_weights(body.model_path)
+            except (OSError, RuntimeError) as e:
+                raise BadRequest(f"failed to load {body.model_path!r}: {e}") from e
+
+        return await self._apply_update(
+            load,
+            abort_all=body.abort_all_requests,
+            flush=body.flush_cache,
+            weight_version=body.weight_version,
+            done="Succeeded to update model weights.",
+            failed="",
+        )
+
+    async def _apply_update(
+        self,
+        load: Callable[[], None],
+        *,
+        abort_all: bool,
+        flush: bool,
+        weight_version: str | None,
+        done: str,
+        failed: str,
+    ) -> UpdateWeightsResult:
+        """Run `load` on the model thread between steps (after in-flight requests finish, unless paused), then set
+        `weight_version` and flush the prefix cache. A BadRequest from `load` is the answer's message after
+        `failed`; the model is then as it was (every load checks before it copies)."""
         async with self.update_lock:
             was_paused = self.paused
             self.resumed.clear()
             try:
-                if body.abort_all_requests:
+                if abort_all:
                     await self.abort(abort_all=True, message="aborted for a weight update")
                 if not was_paused:
                     await self.idle.wait()  # in-flight requests finish on the old weights (or abort)
                 try:
-                    await self._run(self.engine.load_weights, body.model_path)
+                    await self._run(load)
                 except BadRequest as e:
-                    return UpdateWeightsResult(success=False, message=str(e))
-                except (OSError, RuntimeError) as e:
-                    return UpdateWeightsResult(success=False, message=f"failed to load {body.model_path!r}: {e}")
-                if body.weight_version is not None:
-                    self.engine.weight_version = body.weight_version
-                msg = "Succeeded to update model weights."
-                if body.flush_cache:
+                    return UpdateWeightsResult(success=False, message=f"{failed}{e}")
+                if weight_version is not None:
+                    self.engine.weight_version = weight_version
+                if flush:
                     ok, why = await self.flush_cache()
                     if not ok:
                         return UpdateWeightsResult(success=False, message=f"Weights updated, but {why}")
-                return UpdateWeightsResult(success=True, message=msg)
+                return UpdateWeightsResult(success=True, message=done)
             finally:
                 if not self.paused:
                     self.resumed.set()
+
+    # ------------------------------------------------------------------------------------------ group updates
+
+    async def init_weights_update_group(self, body: InitWeightsUpdateGroup) -> UpdateWeightsResult:
+        """Join the trainer's group as rank `rank_offset` (tp size 1) on a thread of its own: generation goes on
+        while the other ranks join. A group of the same name replaces the old one, as in SGLang."""
+        fail = "Failed to initialize custom process group: "
+        if body.backend not in WEIGHT_GROUP_BACKENDS:
+            return UpdateWeightsResult(
+                success=False, message=f"{fail}backend {body.backend!r}: {ENGINE_NAME} joins over gloo only."
+            )
+        if not body.group_name:
+            return UpdateWeightsResult(success=False, message=f"{fail}group_name is empty.")
+        if not 1 <= body.rank_offset < body.world_size:
+            return UpdateWeightsResult(
+                success=False,
+                message=f"{fail}rank_offset {body.rank_offset} must be in [1, world_size={body.world_size}) "
+                "(rank 0 is the trainer).",
+            )
+        try:
+            group = await in_daemon_thread(
+                partial(
+                    WeightGroup.join,
+                    master_address=body.master_address,
+                    master_port=body.master_port,
+                    rank=body.rank_offset,
+                    world_size=body.world_size,
+                    group_name=body.group_name,
+                    backend=body.backend,
+                    timeout_s=self.cfg.group_timeout_s,
+                ),
+                name=f"weight-group-join-{body.group_name}",
+            )
+        except Exception as e:
+            log.error("weight group join failed", group=body.group_name, error=repr(e))
+            return UpdateWeightsResult(success=False, message=f"{fail}{e}.")
+        old = self.weight_groups.pop(body.group_name, None)
+        if old is not None:
+            old.close()
+        self.weight_groups[body.group_name] = group
+        log.info("weight group joined", group=body.group_name, rank=group.rank, world_size=group.world_size)
+        return UpdateWeightsResult(success=True, message="Succeeded to initialize custom process group.")
+
+    def begin_weight_update(self) -> UpdateWeightsResult:
+        if self.update_session:
+            return UpdateWeightsResult(
+                success=False, message="a weight-update session is already open; call end_weight_update() first"
+            )
+        self.update_session = True
+        return UpdateWeightsResult(success=True, message="Success")
+
+    def end_weight_update(self) -> UpdateWeightsResult:
+        if not self.update_session:
+            return UpdateWeightsResult(
+                success=False, message="no weight-update session is open; call begin_weight_update() first"
+            )
+        self.update_session = False
+        return UpdateWeightsResult(success=True, message="Success")
+
+    async def update_weights_from_distributed(self, body: UpdateWeightsFromDistributed) -> UpdateWeightsResult:
+        """Receive one bucket (on a thread of its own: it blocks until rank 0 broadcasts), then load it like a disk
+        update. Everything is received before anything is checked against the model, so a bucket the model refuses
+        leaves the group in step with the trainer. Refused before receiving (the trainer's broadcast then waits
+        for torch's timeout): outside the begin/end bracket, an unknown group, a load_format other than the
+        default, malformed dtypes or shapes."""
+        if not self.update_session:
+            return UpdateWeightsResult(success=False, message=OUTSIDE_BRACKET)
+        fail = "Failed to receive weights: "
+        group = self.weight_groups.get(body.group_name)
+        if group is None:
+            return UpdateWeightsResult(
+                success=False,
+                message=f"{fail}Group {body.group_name} not in {list(self.weight_groups)}. "
+                "Please call `init_weights_update_group` first.",
+            )
+        if body.load_format not in (None, "auto"):
+            return UpdateWeightsResult(success=False, message=f"{fail}load_format={body.load_format!r} unsupported.")
+        try:
+            named = await in_daemon_thread(
+                partial(group.receive, body.names, body.dtypes, body.shapes), name=f"weight-group-recv-{group.name}"
+            )
+        except Exception as e:
+            log.error("weight group receive failed", group=group.name, error=repr(e))
+            return UpdateWeightsResult(success=False, message=f"{fail}{e}")
+        source = f"group {group.name} ({len(named)} tensors)"
+        done = "Succeeded to update parameter online."
+        if body.weight_version is not None:
+            done += f" Weight version updated to {body.weight_version}."
+        return await self._apply_update(
+            partial(self.engine.load_named_tensors, named, source),
+            abort_all=body.abort_all_requests,
+            flush=body.flush_cache,
+            weight_version=body.weight_version,
+            done=done,
+            failed="Failed to update parameter online: ",
+        )
+
+    def destroy_weights_update_group(self, body: DestroyWeightsUpdateGroup) -> UpdateWeightsResult:
+        group = self.weight_groups.pop(body.group_name, None)
+        if group is None:
+            return UpdateWeightsResult(success=False, message="The group to be destroyed does not exist.")
+        group.close()
+        return UpdateWeightsResult(success=True, message="Succeeded to destroy custom process group.")
 
     async def health_generate(self) -> GenerateResponse:
         req = EngineRequest(
@@ -479,6 +662,36 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
     return _json(result, status=200 if result.success else 400)
 
 
+def _weights_answer(result: UpdateWeightsResult) -> web.Response:
+    """SGLang's weight routes answer `{"success", "message"}`: 200 on success, 400 with the same body otherwise."""
+    return _json({"success": result.success, "message": result.message}, status=200 if result.success else 400)
+
+
+async def init_weights_update_group(request: web.Request) -> web.Response:
+    body = decode(await request.read(), InitWeightsUpdateGroup)
+    return _weights_answer(await request.app[SERVICE].init_weights_update_group(body))
+
+
+async def begin_weight_update(request: web.Request) -> web.Response:
+    decode(await request.read(), BeginWeightUpdate)
+    return _weights_answer(request.app[SERVICE].begin_weight_update())
+
+
+async def end_weight_update(request: web.Request) -> web.Response:
+    decode(await request.read(), EndWeightUpdate)
+    return _weights_answer(request.app[SERVICE].end_weight_update())
+
+
+async def update_weights_from_distributed(request: web.Request) -> web.Response:
+    body = decode(await request.read(), UpdateWeightsFromDistributed)
+    return _weights_answer(await request.app[SERVICE].update_weights_from_distributed(body))
+
+
+async def destroy_weights_update_group(request: web.Request) -> web.Response:
+    body = decode(await request.read(), DestroyWeightsUpdateGroup)
+    return _weights_answer(request.app[SERVICE].destroy_weights_update_group(body))
+
+
 async def get_server_info(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     info = await svc._run(svc.engine.server_info)
@@ -514,6 +727,11 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/health_generate", health_generate)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
+    app.router.add_post("/init_weights_update_group", init_weights_update_group)
+    app.router.add_post("/begin_weight_update", begin_weight_update)
+    app.router.add_post("/update_weights_from_distributed", update_weights_from_distributed)
+    app.router.add_post("/end_weight_update", end_weight_update)
+    app.router.add_post("/destroy_weights_update_group", destroy_weights_update_group)
     app.router.add_get("/get_server_info", get_server_info)
     app.router.add_get("/get_model_info", get_model_info)
     app.router.add_post("/abort_request", abort_request)

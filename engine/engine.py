@@ -195,13 +195,29 @@ class Engine(Scheduler):
             raise BadRequest(
                 f"{path}: checkpoint does not match the model: unexpected {unexpected[:5]}, missing {missing[:5]}"
             )
+        self._check_and_copy(state, str(path))
+        self.model_path = str(path)
+
+    def load_named_tensors(self, named: list[tuple[str, torch.Tensor]], source: str) -> None:
+        """Load some of the model's tensors by Hugging Face name (one bucket of a group update; `source` names it in
+        errors). Every name and shape is checked before anything is copied, so a bad bucket raises BadRequest and
+        leaves the model as it was (earlier buckets of the same update stay loaded, as in SGLang). As SGLang's
+        loader does, with tied embeddings "lm_head.weight" is skipped: "model.embed_tokens.weight" sets both."""
+        tied = self.model.config.tie_word_embeddings
+        state = {k: t for k, t in named if not (tied and k == "lm_head.weight")}
+        self._check_and_copy(state, source)
+
+    def _check_and_copy(self, state: dict[str, torch.Tensor], source: str) -> None:
+        own = self.model.state_dict()
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            raise BadRequest(f"{source}: names the model does not have: {unexpected[:5]}")
         wrong = [(k, tuple(t.shape), tuple(own[k].shape)) for k, t in state.items() if t.shape != own[k].shape]
         if wrong:
-            raise BadRequest(f"{path}: shape mismatch (name, checkpoint, model): {wrong[:5]}")
+            raise BadRequest(f"{source}: shape mismatch (name, sent, model): {wrong[:5]}")
         with torch.no_grad():
             for k, t in state.items():
                 own[k].copy_(t.to(dtype=own[k].dtype))
-        self.model_path = str(path)
 
     def server_info(self) -> dict[str, Any]:
         return {
@@ -209,6 +225,8 @@ class Engine(Scheduler):
             "model_path": self.model_path,
             "weight_version": self.weight_version,
             "device": str(self.device),
+            "tp_size": 1,  # SGLang's server_args field: ranks this server adds to a weight-update group
+            "dp_size": 1,
             "dtype": self.cfg.dtype,
             "max_batch": self.cfg.max_batch,
             "enable_prefix_cache": self.cfg.enable_prefix_cache,

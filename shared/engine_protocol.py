@@ -3,7 +3,8 @@
 Both sides use these structs: `trainer.engine_client` (talking to real SGLang or to our CPU engine)
 and `engine` (the CPU development engine that implements exactly this subset).
 Field names and defaults follow SGLang 0.5.23 (checked against the released wheel's source:
-`srt/managers/io_struct.py` `GenerateReqInput`/`UpdateWeightFromDiskReqInput`,
+`srt/managers/io_struct.py` `GenerateReqInput`/`UpdateWeightFromDiskReqInput` and the process-group
+requests (`InitWeightsUpdateGroupReqInput`, `UpdateWeightsFromDistributedReqInput`, ...),
 `srt/sampling/sampling_params.py`, and the HTTP contract `sglang/api/v1/api_types.py`).
 Unknown fields in answers are ignored, so a real SGLang answer (which carries many more) decodes
 into these. SGLang's own contract *rejects* unknown keys inside `sampling_params` (400), so never
@@ -111,6 +112,8 @@ class UpdateWeightsFromDisk(msgspec.Struct, omit_defaults=True):
 
 
 class UpdateWeightsResult(msgspec.Struct, omit_defaults=True):
+    """The answer of every weight route: `/update_weights_from_disk` and the process-group routes below."""
+
     success: bool
     message: str = ""
     num_paused_requests: int = 0
@@ -130,3 +133,57 @@ class AbortRequest(msgspec.Struct):
 
     rid: str = ""
     abort_all: bool = False
+
+
+# ---- weight updates over a process group (SGLang 0.5.23: `io_struct.py`, `http_server.py`) ------------------------
+# The trainer is rank 0 of a group it creates; engine i joins as ranks `rank_offset .. rank_offset + tp_size - 1`.
+# Every answer is `UpdateWeightsResult`'s `{"success", "message"}`: 200 on success, 400 with the same body on failure.
+# Tensor and group updates must run between `/begin_weight_update` and `/end_weight_update` (0.5.23): outside that
+# bracket `/update_weights_from_distributed` answers 400 with `OUTSIDE_BRACKET` and receives nothing.
+
+OUTSIDE_BRACKET = "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+"""SGLang 0.5.23's message (`scheduler_components/weight_updater.py`) for an update sent outside the bracket."""
+
+
+class InitWeightsUpdateGroup(msgspec.Struct):
+    """`POST /init_weights_update_group`. Answers once the group has formed (every rank joined) or failed, so the
+    trainer must join as rank 0 while this call is in flight. The engine's rank is `rank_offset + tp_rank`; it joins
+    `init_method = tcp://master_address:master_port` with torch's rendezvous and a store prefixed by `group_name`."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int  # 1 (the trainer) + every engine rank in the group
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"  # SGLang's default; "gloo" for engines on CPU
+
+
+class UpdateWeightsFromDistributed(msgspec.Struct):
+    """`POST /update_weights_from_distributed`. The engine allocates one tensor per (name, dtype, shape) and receives
+    each by `broadcast(src=0)` in list order, while rank 0 broadcasts the same tensors in the same order; then it
+    loads them, sets `weight_version` (if given) and flushes its prefix cache (if `flush_cache`)."""
+
+    names: list[str]  # Hugging Face parameter names, e.g. "model.layers.0.mlp.up_proj.weight"
+    dtypes: list[str]  # torch dtype names without "torch.", e.g. "bfloat16"
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    load_format: str | None = None  # None: one broadcast per tensor ("flattened_bucket": one per call, not used here)
+
+
+class BeginWeightUpdate(msgspec.Struct):
+    """`POST /begin_weight_update`: opens the bracket (400 if one is already open)."""
+
+    selector: str = "all"  # "target" | "draft" | "all": which model runners (speculative decoding has two)
+
+
+class EndWeightUpdate(msgspec.Struct):
+    """`POST /end_weight_update` with body `{}`: closes the bracket (400 if none is open)."""
+
+
+class DestroyWeightsUpdateGroup(msgspec.Struct):
+    """`POST /destroy_weights_update_group` (400 "The group to be destroyed does not exist." for an unknown name)."""
+
+    group_name: str = "weight_update_group"

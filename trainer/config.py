@@ -108,6 +108,14 @@ class EngineConfig:
     max_batch: int = 64
     """CPU engine: sequences decoded together."""
     startup_timeout_s: float = 600.0
+    weight_sync: str = "disk"
+    """How new weights reach the engines after a step: "disk" (save a safetensors folder, each engine loads it with
+    /update_weights_from_disk; needs a filesystem the engines share) or "group" (`trainer.weight_sync`: a torch
+    process group with the trainer as rank 0, gloo on CPU and nccl on GPUs, weights broadcast in buckets through
+    /update_weights_from_distributed; needs the engines to reach the trainer's address over TCP)."""
+    sync_bucket_mb: int = 512
+    """weight_sync "group": most MiB of weights per /update_weights_from_distributed call (a bigger tensor goes
+    alone). Each engine allocates a bucket's receive buffers at once, so this bounds that extra memory."""
 
 
 @dataclass

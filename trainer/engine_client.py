@@ -11,6 +11,9 @@ What always holds
   order) and the key stays pinned there, so branches re-sending a shared prefix hit that server's
   radix cache. The pin map is an LRU bounded by `max_route_keys`; `release(key)` drops a pin
   when its tree is done. An evicted or released key is routed afresh (correct, only colder).
+- **Router.** Every `/generate` carries the header `X-SMG-Routing-Key: <route_key>` (`ROUTING_HEADER`), so
+  one sglang-router URL in front of several servers (policy `consistent_hashing` or `manual`) also keeps a tree on
+  one server's radix cache; a key that is not printable ASCII is sent percent-encoded.
 - **Concurrency.** At most `max_concurrency` HTTP calls to engines at once over all servers, and
   at most `max_concurrency_per_server` to one server; callers beyond that wait on semaphores
   (a `generate_many` batch is one call). The per-attempt `timeout_s` starts once a slot is held.
@@ -43,6 +46,10 @@ What always holds
   pause routes (404) is updated without pausing. `/flush_cache` answers 400 while requests are
   in flight; `flush_cache()` asks the server to wait for idle (`?timeout=`, SGLang >= 0.5.23)
   and retries until its deadline.
+- **Weight sync over a process group**: one method per SGLang 0.5.23 route and server, `server_info`,
+  `init_weights_update_group`, `begin_weight_update`, `update_weights_from_distributed`, `end_weight_update`,
+  `destroy_weights_update_group`, plus `pause_generation`/`continue_generation`; none is retried (see the section
+  below). `trainer.weight_sync.WeightSync` drives them together with the trainer's side of the group.
 
 Cancelling a `generate` closes its connection; SGLang aborts requests whose client disconnected.
 """
@@ -57,12 +64,22 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
 import structlog
 
-from shared.engine_protocol import GenerateResponse, SamplingParams, UpdateWeightsResult
+from shared.engine_protocol import (
+    BeginWeightUpdate,
+    DestroyWeightsUpdateGroup,
+    EndWeightUpdate,
+    GenerateResponse,
+    InitWeightsUpdateGroup,
+    SamplingParams,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsResult,
+)
 from shared.retry import SERVER_ERRORS, RetryPolicy, StatusError, with_retries
 
 log = structlog.get_logger(__name__)
@@ -74,6 +91,10 @@ PAUSE_MODES = ("abort", "retract", "in_place")
 _FLUSH_BUSY = (400, 409, 503)
 _MAX_BACKOFF_S = 30.0
 _BODY_IN_ERRORS = 500  # characters of an answer quoted in an error message
+
+# sglang-router (SGLang's gateway) hashes this header to pick a worker (its consistent_hashing and manual
+# policies), so one router URL in front of several servers keeps a tree's branches on one radix cache.
+ROUTING_HEADER = "X-SMG-Routing-Key"
 
 _json_encoder = msgspec.json.Encoder()
 _one_decoder = msgspec.json.Decoder(GenerateResponse)
@@ -158,6 +179,18 @@ class _Server:
         self.sem = asyncio.Semaphore(limit)
         self.in_flight = 0  # sequences sent and not yet answered (queued on the semaphore included)
         self.keys = 0  # route keys pinned here
+
+
+def routing_header_value(route_key: str) -> str:
+    """The `X-SMG-Routing-Key` value for `route_key`: the key itself when it is printable ASCII (what HTTP headers
+    carry), else its percent-encoding (the same key always gives the same value, which is all the router needs)."""
+    if route_key.isascii() and route_key.isprintable():
+        return route_key
+    return quote(route_key, safe="")
+
+
+def _encode(struct: msgspec.Struct) -> bytes:
+    return _json_encoder.encode(struct)
 
 
 def sampling_dict(params: SamplingParams) -> dict[str, Any]:
@@ -349,11 +382,14 @@ class EngineClient:
 
         server = self._route(route_key)
         server.in_flight += n
+        headers = {ROUTING_HEADER: routing_header_value(route_key)}
         try:
             async with self._global, server.sem:
                 t0 = time.perf_counter()
                 try:
-                    status, data = await self._call(server.url, "POST", "/generate", body, timeout_s=self.timeout_s)
+                    status, data = await self._call(
+                        server.url, "POST", "/generate", body, timeout_s=self.timeout_s, headers=headers
+                    )
                 except EngineTimeout:
                     self.stats.timeouts += 1
                     await self._abort_rids(server.url, rid_list)
@@ -495,18 +531,83 @@ class EngineClient:
         return results
 
     async def _update_one(self, url: str, body: bytes) -> UpdateWeightsResult:
-        status, data = await self._call(url, "POST", "/update_weights_from_disk", body, timeout_s=self.timeout_s)
+        return await self._weights_call(url, "/update_weights_from_disk", body, retry=True)
+
+    async def _weights_call(self, url: str, path: str, body: bytes, *, retry: bool) -> UpdateWeightsResult:
+        """POST to a weight route; anything but 200 with `success: true` raises `EngineRequestError`."""
+        status, data = await self._call(url, "POST", path, body, timeout_s=self.timeout_s, retry=retry)
         if status != 200:
-            raise EngineRequestError(url, "/update_weights_from_disk", status, _error_message(data))
+            raise EngineRequestError(url, path, status, _error_message(data))
         try:
             result = _update_decoder.decode(data)
         except msgspec.DecodeError as e:
             raise EngineProtocolError(
-                f"{url}/update_weights_from_disk: answer does not match UpdateWeightsResult ({e}): {_quote(data)}"
+                f"{url}{path}: answer does not match UpdateWeightsResult ({e}): {_quote(data)}"
             ) from None
         if not result.success:
-            raise EngineRequestError(url, "/update_weights_from_disk", status, result.message or "success=false")
+            raise EngineRequestError(url, path, status, result.message or "success=false")
         return result
+
+    # ---- weights over a process group (driven by `trainer.weight_sync.WeightSync`) ---------
+    # One server per call: each joins the group with its own rank. None of these is retried: a second
+    # /init_weights_update_group or /update_weights_from_distributed would wait for a collective that rank 0 is
+    # not running, and /begin_weight_update is not idempotent (a second one answers 400).
+
+    async def server_info(self) -> dict[str, dict[str, Any]]:
+        """`GET /get_server_info` on every server: URL -> its JSON object (SGLang: its server arguments, e.g.
+        `tp_size`, `dp_size`, `device`, plus scheduler info; the CPU engine: `tp_size` 1, `device`, ...)."""
+
+        async def one(url: str) -> dict[str, Any]:
+            status, data = await self._call(url, "GET", "/get_server_info", None, timeout_s=self._control_timeout())
+            if status != 200:
+                raise EngineRequestError(url, "/get_server_info", status, _error_message(data))
+            info = msgspec.json.decode(data)
+            if not isinstance(info, dict):
+                raise EngineProtocolError(f"{url}/get_server_info: expected a JSON object, got {_quote(data)}")
+            return info
+
+        return await self._on_all(one, "get_server_info")
+
+    async def pause_generation(self, url: str, mode: str = "abort") -> bool:
+        """`/pause_generation` on one server; False when it has no such route (404). See `update_weights_from_disk`
+        for the modes."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
+        return await self._pause(self._known(url), mode)
+
+    async def continue_generation(self, url: str) -> None:
+        """`/continue_generation` on one server (a server without the route is fine)."""
+        await self._continue(self._known(url))
+
+    async def init_weights_update_group(self, url: str, req: InitWeightsUpdateGroup) -> UpdateWeightsResult:
+        """Ask one server to join the weight-update group; answers once the group formed, so rank 0 must be joining
+        at the same time (another thread)."""
+        return await self._weights_call(self._known(url), "/init_weights_update_group", _encode(req), retry=False)
+
+    async def begin_weight_update(self, url: str, selector: str = "all") -> UpdateWeightsResult:
+        """Open the update bracket on one server (SGLang 0.5.23 refuses group and tensor updates outside it)."""
+        body = _encode(BeginWeightUpdate(selector=selector))
+        return await self._weights_call(self._known(url), "/begin_weight_update", body, retry=False)
+
+    async def update_weights_from_distributed(self, url: str, req: UpdateWeightsFromDistributed) -> UpdateWeightsResult:
+        """One bucket: the server receives `req.names` by broadcast from rank 0, which must be broadcasting the same
+        tensors in the same order meanwhile (another thread), then loads them."""
+        return await self._weights_call(self._known(url), "/update_weights_from_distributed", _encode(req), retry=False)
+
+    async def end_weight_update(self, url: str) -> UpdateWeightsResult:
+        """Close the update bracket on one server."""
+        return await self._weights_call(self._known(url), "/end_weight_update", _encode(EndWeightUpdate()), retry=False)
+
+    async def destroy_weights_update_group(self, url: str, group_name: str) -> UpdateWeightsResult:
+        """Ask one server to leave and destroy the weight-update group `group_name`."""
+        body = _encode(DestroyWeightsUpdateGroup(group_name=group_name))
+        return await self._weights_call(self._known(url), "/destroy_weights_update_group", body, retry=False)
+
+    def _known(self, url: str) -> str:
+        clean = url.rstrip("/")
+        if clean not in self._by_url:
+            raise ValueError(f"{url!r} is not one of this client's servers {self.urls}")
+        return clean
 
     async def _pause(self, url: str, mode: str) -> bool:
         """`/pause_generation`; False when the server has no such route (404)."""
@@ -545,9 +646,18 @@ class EngineClient:
     # ---- transport -------------------------------------------------------------------------
 
     async def _call(
-        self, url: str, method: str, path: str, body: bytes | None, *, timeout_s: float, retry: bool = True
+        self,
+        url: str,
+        method: str,
+        path: str,
+        body: bytes | None,
+        *,
+        timeout_s: float,
+        retry: bool = True,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        """One HTTP exchange, retried on connection errors and 5xx. Returns (status, body) for < 500."""
+        """One HTTP exchange, retried on connection errors and 5xx. Returns (status, body) for < 500.
+        `headers` are sent on top of the session's (Content-Type, Authorization)."""
         session = self._get_session()
         tries = 0
 
@@ -558,7 +668,7 @@ class EngineClient:
                 self.stats.retries += 1
             try:
                 async with session.request(
-                    method, url + path, data=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                    method, url + path, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
                 ) as resp:
                     data = await resp.read()
             except (TimeoutError, asyncio.TimeoutError):  # noqa: UP041 (distinct classes on Python 3.10)
