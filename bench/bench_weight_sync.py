@@ -109,6 +109,7 @@ async def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[s
     disk_save: list[float] = []
     disk_load: list[float] = []
     pushes: list[float] = []
+    transfers: list[float] = []
     buckets = 0
     async with launch_engine(cmd, url, cwd=REPO, log_path=work / f"{name}-engine.log", startup_timeout_s=600):
         async with EngineClient([url], timeout_s=1200, retries=0) as client:
@@ -133,6 +134,7 @@ async def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[s
                     disk_save.append(save_s)
                     disk_load.append(load_s)
                     pushes.append(timings.total_s)
+                    transfers.append(timings.transfer_s)
                     print(
                         f"  round {r}: disk save {disk_save[-1]:.2f}s + load {disk_load[-1]:.2f}s, "
                         f"group push {pushes[-1]:.2f}s ({buckets} buckets)"
@@ -157,6 +159,7 @@ async def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[s
         "group": {
             "open_s": open_s,
             "push_s": pushes,
+            "transfer_s": transfers,  # of push_s: the buckets (HTTP + broadcast + the engine's load and flush)
             "median_s": statistics.median(pushes),
             "s_per_gb": statistics.median(pushes) / gb,
             "buckets": buckets,
