@@ -5,13 +5,15 @@ trainer's rank 0 and the engines' ranks are real torch gloo groups on 127.0.0.1.
 plus seeded noise, saved with `save_pretrained` so a fresh engine can load the same weights from disk: that fresh
 engine's greedy logprobs are the reference a push must reproduce exactly (same bits in float32, same ops).
 Checked: a push equals the disk load and reports its weight version with the cache flushed; small buckets (many
-calls) give the same; two engines in one group (world size 3); SGLang's bracket rule (400 outside begin/end); a
+calls) give the same; two engines in one group (world size 3); generations in flight come back aborted and
+generation resumes after the push; SGLang's bracket rule (400 outside begin/end); a
 bad bucket (wrong shape, unknown name) is a clear error that leaves the old weights serving and the group usable;
-an engine without the routes fails the group's creation with its URL in the error. The file takes ~15 s on 2 cores.
+an engine without the routes fails the group's creation with its URL in the error. The file takes ~20 s on 2 cores.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -132,6 +134,28 @@ async def test_two_engines_in_one_group(
         for key, url in (("a", urls[0]), ("b", urls[1])):  # new keys go to the least-loaded server, then list order
             g = await client.generate(PROMPT, GREEDY, route_key=key)
             assert g.server == url and (g.output_ids, g.logprobs) == want and g.weight_version == "3"
+
+
+async def test_a_push_aborts_generations_in_flight_and_resumes_generation(
+    tiny_model: Path, new_weights: tuple[State, Path], make_engine: MakeEngine
+) -> None:
+    state, new_dir = new_weights
+    url = await make_engine(tiny_model)
+    want = await reference(make_engine, new_dir)
+    long = SamplingParams(max_new_tokens=3000, temperature=1.0, ignore_eos=True)  # ~10 s of decoding
+    async with EngineClient([url], **FAST) as client, WeightSync.open(client) as sync:
+        task = asyncio.create_task(client.generate(PROMPT, long, route_key="long"))
+        for _ in range(500):
+            if (await client.server_info())[url]["running"]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the long generation never started")
+        await sync.push(state, version="9")
+        g = await task
+        assert g.aborted and len(g.output_ids) < long.max_new_tokens and g.weight_version != "9"
+        ids, lps, version, _ = await greedy(client)  # generation resumed, on the new weights
+        assert (ids, lps) == want and version == "9"
 
 
 async def test_update_outside_the_bracket_answers_400_as_sglang(tiny_model: Path, make_engine: MakeEngine) -> None:

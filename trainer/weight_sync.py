@@ -7,7 +7,8 @@ Public API
     # or, held for a whole run: sync = await WeightSync.create(engine, ...); ...; await sync.close()
 
 `engine` is the run's `trainer.engine_client.EngineClient`; the same calls drive real SGLang 0.5.23 (nccl between
-GPUs, gloo on CPU) and our CPU engine (gloo), which implements the same five routes.
+GPUs, gloo on CPU) and our CPU engine (gloo), which implements the same five routes. Its URLs must be the engines
+themselves, not a router in front of them: each engine joins the group with ranks of its own.
 
 The group (`create`). The trainer is rank 0; engine i joins as ranks `rank_offset_i .. rank_offset_i + tp_i - 1`
 with `rank_offset_0 = 1` (tp_i = `tp_size` from its `/get_server_info`, 1 when absent; dp or pp sizes above 1 are
@@ -73,7 +74,7 @@ BACKENDS = ("gloo", "nccl")
 DEFAULT_BUCKET_BYTES = 512 << 20
 # After the first engine error in a bucket, how long the broadcast and the other engines get to finish. An engine
 # that refuses a bucket after receiving it has received everything, so the broadcast completes within the time the
-# slowest engine needs for one bucket; 30 s covers 512 MB at ~20 MB/s.
+# slowest engine needs for one bucket; 30 s covers 512 MB at 18 MB/s.
 FAILURE_GRACE_S = 30.0
 _TIED = ("lm_head.weight", "model.embed_tokens.weight")
 
@@ -335,16 +336,17 @@ class WeightSync:
 
     async def close(self) -> None:
         """Destroy the group on every engine (but those blocked in a receive), then on this side. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        urls = [u for u in self.engine.urls if u not in self._stuck]
-        _, errors = await _on_each(urls, lambda u: self.engine.destroy_weights_update_group(u, self.group_name))
-        if any(t.is_alive() for t in self._threads):
-            log.warning("weight_group_left_running", group=self.group_name, why=self._broken)
-        else:
-            dist.destroy_process_group(self._pg)
-        self._pg = None
+        async with self._lock:  # after a running push
+            if self._closed:
+                return
+            self._closed = True
+            urls = [u for u in self.engine.urls if u not in self._stuck]
+            _, errors = await _on_each(urls, lambda u: self.engine.destroy_weights_update_group(u, self.group_name))
+            if any(t.is_alive() for t in self._threads):  # destroying a group under a running collective is unsafe
+                log.warning("weight_group_left_running", group=self.group_name, why=self._broken)
+            else:
+                dist.destroy_process_group(self._pg)
+            self._pg = None
         if errors:
             raise WeightSyncError(_describe(f"destroying weight group {self.group_name!r}", errors))
 
@@ -354,14 +356,14 @@ class WeightSync:
         self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *, version: str
     ) -> PushTimings:
         """Send every tensor to every engine and make `version` their weight version (see the module docstring)."""
-        if self._closed:
-            raise WeightSyncError(f"weight group {self.group_name!r} is closed")
-        if self._broken is not None:
-            raise WeightSyncError(
-                f"weight group {self.group_name!r} is out of step ({self._broken}); close it and create a new one"
-            )
         pairs = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        async with self._lock:
+        async with self._lock:  # checked under the lock: a push waiting here sees what the one before it did
+            if self._closed:
+                raise WeightSyncError(f"weight group {self.group_name!r} is closed")
+            if self._broken is not None:
+                raise WeightSyncError(
+                    f"weight group {self.group_name!r} is out of step ({self._broken}); close it and create a new one"
+                )
             return await self._push(pairs, version)
 
     async def _push(self, pairs: Iterable[tuple[str, torch.Tensor]], version: str) -> PushTimings:
