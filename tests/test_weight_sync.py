@@ -6,9 +6,9 @@ plus seeded noise, saved with `save_pretrained` so a fresh engine can load the s
 engine's greedy logprobs are the reference a push must reproduce exactly (same bits in float32, same ops).
 Checked: a push equals the disk load and reports its weight version with the cache flushed; small buckets (many
 calls) give the same; two engines in one group (world size 3); generations in flight come back aborted and
-generation resumes after the push; SGLang's bracket rule (400 outside begin/end); a
-bad bucket (wrong shape, unknown name) is a clear error that leaves the old weights serving and the group usable;
-an engine without the routes fails the group's creation with its URL in the error. The file takes ~20 s on 2 cores.
+generation resumes after the push; SGLang's bracket rule (400 outside begin/end); a bad bucket (wrong shape,
+unknown name) is a clear error that leaves the old weights serving and the group usable; an engine without the
+routes fails the group's creation with its URL in the error. The file takes ~20 s on 2 cores.
 """
 
 from __future__ import annotations
