@@ -9,7 +9,7 @@ On CPU, from the repository root:
 
 One test, because SGLang takes a minute to start on 2 cores: it launches one server on the tiny model (bfloat16),
 checks SGLang's bracket rule (400 outside begin/end), forms a group (gloo on CPU, nccl on CUDA: chosen from the
-server's reported device), pushes new weights in bfloat16 in several buckets, and checks the new weight version,
+server's reported device; on CUDA the server runs on GPU 1, since NCCL refuses two ranks on one GPU), pushes new weights in bfloat16 in several buckets, and checks the new weight version,
 the flushed cache and new logprobs; then it loads the same weights from disk with `/update_weights_from_disk` and
 checks that the greedy ids and logprobs are exactly those after the push.
 """
@@ -32,8 +32,12 @@ def _why_skip() -> str | None:
         return "sglang is not installed (pip install 'trace-rl[sglang]')"
     import torch
 
-    if not torch.cuda.is_available() and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
+        return None
+    if not torch.cuda.is_available():
         return "no CUDA device (on CPU: SGLANG_USE_CPU_ENGINE=1 and the common_ops shim, ../shared/SGLANG_CPU.md)"
+    if torch.cuda.device_count() < 2:
+        return "nccl needs the trainer (GPU 0) and the server (GPU 1) on different GPUs; one GPU here"
     return None
 
 
@@ -44,7 +48,7 @@ ON_CPU = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
 # ../shared/SGLANG_CPU.md: torch attention, a bounded KV pool (else it is sized from RAM), no overlap scheduler.
 CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--max-total-tokens", "65536"]
 CPU_ARGS += ["--disable-overlap-schedule"]
-GPU_ARGS = ["--mem-fraction-static", "0.15", "--attention-backend", "triton"]
+GPU_ARGS = ["--base-gpu-id", "1", "--mem-fraction-static", "0.15", "--attention-backend", "triton"]
 GPU_ARGS += ["--disable-prefill-cuda-graph", "--disable-decode-cuda-graph"]
 COMMON_ARGS = ["--dtype", "bfloat16", "--context-length", "4096", "--sampling-backend", "pytorch"]
 COMMON_ARGS += ["--random-seed", "0"]

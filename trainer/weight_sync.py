@@ -29,7 +29,8 @@ old weights) are flushed once every weight has arrived. The bracket is closed an
 happened, except on an engine left blocked in a receive (below). Returns `PushTimings`.
 
 Input: (Hugging Face parameter name, tensor) pairs (or a mapping), already in the engines' dtype; gloo sends them
-from CPU, nccl copies each bucket to this process's current CUDA device first. Tied embeddings: a
+from CPU, nccl copies each bucket to this process's current CUDA device first (which must not be an engine's GPU:
+NCCL refuses two ranks of one group on the same device). Tied embeddings: a
 "lm_head.weight" that is the same tensor as "model.embed_tokens.weight" (a tied model's state dict holds both) is
 not sent. SGLang's loader sets the tied head from the embedding and skips a sent "lm_head.weight" (its Qwen3 model
 has no such parameter when tied), and so does the CPU engine; a separate copy of it is sent like any tensor.
