@@ -283,12 +283,14 @@ def test_a_fresh_run_sets_an_earlier_runs_metrics_and_checkpoints_aside(tmp_path
     assert (first / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 
-def test_several_ranks_are_refused_with_a_clear_error(
+def test_what_cannot_run_on_several_ranks_is_refused_before_anything_starts(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 13: `torchrun --nproc-per-node 2 trace-train` ran unguarded (every rank started its own env server and
-    engines, then the first weight sync failed). Until multi-rank training lands it is refused up front, before any
-    service starts."""
+    """Several ranks train (tests/test_distributed.py); what cannot is refused up front with what to change, before
+    any process group or service starts: `trace-train eval` (one process), and a KL reference under FSDP."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train_main(["--config", str(REPO / "configs" / "debug.toml")]) == 2
-    assert "launched as 2 ranks" in capsys.readouterr().err
+    assert train_main(["eval", "--model", str(REPO)]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert train_main(["--config", str(REPO / "configs" / "debug.toml"), "--optim.kl-coef", "0.1"]) == 2
+    assert "optim.kl_coef=0.1 under FSDP" in capsys.readouterr().err

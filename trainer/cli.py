@@ -25,7 +25,7 @@ import tyro
 
 from shared.config import parse_args
 from shared.logging import setup_logging
-from trainer.config import ENV_VARS, TrainConfig
+from trainer.config import ENV_VARS, TrainConfig, uses_cpu
 
 
 @dataclass
@@ -68,6 +68,17 @@ def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _many_ranks_refused(cfg: TrainConfig) -> str | None:
+    """Why this config cannot train on several ranks (None: it can)."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and cfg.optim.kl_coef > 0:
+        return (
+            f"optim.kl_coef={cfg.optim.kl_coef} under FSDP: the KL reference is not sharded yet; set optim.kl_coef = 0 "
+            "or train with DDP (configs/accelerate/ddp.yaml)"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     eval_mode = bool(argv) and argv[0] == "eval"
@@ -78,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = args.cfg
     setup_logging(cfg.run.log_level)
     if isinstance(args, EvalArgs):
+        from trainer.distributed import launched_ranks
         from trainer.evaluate import evaluate_checkpoint
 
+        if launched_ranks() > 1:
+            print(
+                "trace-train eval: runs in one process; launch it without torchrun / accelerate launch", file=sys.stderr
+            )
+            return 2
         if cfg.model.path is None:
             print("trace-train eval: --model DIR is required", file=sys.stderr)
             return 2
@@ -88,15 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
         return 0
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    if ranks > 1:  # until issue 13 lands: every rank would start its own env server and engines, then deadlock
-        print(
-            f"trace-train: launched as {ranks} ranks (WORLD_SIZE={ranks}); training runs in one process for now "
-            "(each rank would start its own env server and engines and train on other sample counts). "
-            "Run it without accelerate launch / torchrun.",
-            file=sys.stderr,
-        )
+    from trainer.distributed import Ranks, follow, launched_ranks
+
+    if launched_ranks() > 1 and (why := _many_ranks_refused(cfg)) is not None:
+        print(f"trace-train: launched as {launched_ranks()} ranks: {why}", file=sys.stderr)
         return 2
+    ranks = Ranks.start(cpu=uses_cpu(cfg.model))
+    if not ranks.leader:  # rank 0 runs the trainer; this rank joins its policy's collective calls
+        follow(ranks)
+        return 0
     from trainer.loop import train
 
     signal.signal(signal.SIGTERM, _sigterm)  # clean up child processes on SIGTERM as on Ctrl-C
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trace-train: interrupted; child processes stopped", file=sys.stderr)
         return 130
+    ranks.stop()  # only after a clean run: a failed rank 0 exits non-zero and the launcher stops the others
     print(f"done: metrics in {out / 'metrics.jsonl'}")
     return 0
 

@@ -334,6 +334,15 @@ class TrainConfig:
                 )
 
 
+def uses_cpu(model: ModelConfig) -> bool:
+    """Whether the policy trains on CPU: model.device "cpu", or "auto" without CUDA."""
+    if model.device == "cpu":
+        return True
+    import torch  # here: parsing a config needs no torch
+
+    return model.device == "auto" and not torch.cuda.is_available()
+
+
 ENV_VARS = {"TRACE_ENV_TOKEN": "env.token", "TRACE_AUTH_TOKEN": "env.token"}
 """Environment variables the trainer reads (the first one set wins; TRACE_AUTH_TOKEN is the older name)."""
 

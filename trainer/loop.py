@@ -135,7 +135,8 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                     row.update({f"{k}_before": v for k, v in before.items()})
                 if _due(step, cfg.run.eval_every, cfg.run.steps):
                     row.update(await evals())
-                row.update(step=step, weight_version=policy.version, step_time_s=time.perf_counter() - t0)
+                row.update(step=step, weight_version=policy.version, world_size=policy.world_size)
+                row.update(step_time_s=time.perf_counter() - t0)
                 _append_metrics(out, row)
                 await asyncio.to_thread(track.log, row)  # run.report_to: wandb / tensorboard, off the event loop
                 if cfg.run.save_trees:

@@ -18,17 +18,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.advantages import TrainSample
-from trainer.config import ModelConfig, OptimConfig
+from trainer.config import ModelConfig, OptimConfig, uses_cpu
+from trainer.distributed import Ranks, current, micro_batches, token_shares
 from trainer.loss import policy_loss, sequence_logprobs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -55,6 +64,11 @@ def _pad(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: 
 
 
 class Policy:
+    """The model being trained, on this rank. On several ranks (`trainer.distributed`) rank 0's methods announce
+    themselves to the followers first, and every method that needs the other ranks (the updates, `save`,
+    `engine_weights`, the optimizer state, and `hidden_at` under FSDP) is a collective they join; the followers call
+    the same methods with the data arguments left out (rank 0 scatters their shares)."""
+
     def __init__(
         self,
         model_path: str | Path,
@@ -64,15 +78,21 @@ class Policy:
         seed: int = 0,
         temperature: float = 1.0,
         reference: str | Path | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
         """reference: the model (folder or hub id) of the frozen KL reference (optim.kl_coef > 0), default
         `model_path`. A resumed run passes the weights it started from, so the KL term keeps pulling towards them
-        and not towards the checkpoint. `self.reference` records it (a local folder as an absolute path)."""
-        cpu = mcfg.device == "cpu" or (mcfg.device == "auto" and not torch.cuda.is_available())
+        and not towards the checkpoint. `self.reference` records it (a local folder as an absolute path).
+        ranks: the training ranks (default: this process's, `trainer.distributed.current()`)."""
+        self.ranks = ranks or current()
+        kwargs = dict(seed=seed, temperature=temperature, reference=None if reference is None else str(reference))
+        self.ranks.announce("policy", model_path=str(model_path), mcfg=mcfg, ocfg=ocfg, **kwargs)
+        cpu = uses_cpu(mcfg)
         mp = mcfg.mixed_precision
         if mp == "auto":
             mp = "no" if cpu else "bf16"
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+        self.accelerator = _accelerator(cpu, mp)
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
@@ -80,6 +100,11 @@ class Policy:
         if mcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.ocfg = ocfg
+        if self.sharded and ocfg.kl_coef > 0:
+            raise ValueError(
+                f"optim.kl_coef={ocfg.kl_coef} under FSDP: the KL reference is a replicated copy, not sharded yet; "
+                "set optim.kl_coef = 0, or train with DDP (configs/accelerate/ddp.yaml)"
+            )
         opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, weight_decay=ocfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
         self.lock = threading.Lock()
@@ -100,144 +125,313 @@ class Policy:
                 ref = ref.to(torch.bfloat16)
             self.ref_model = ref.eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Under FSDP, the engines' weights of the last `save` (rank 0, CPU, save_dtype): the full weights the
+        # feature model (`FeatureModel`) loads, since no rank holds them otherwise.
+        self.saved_state: dict[str, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def world_size(self) -> int:
+        return self.ranks.size
+
     def set_lr(self, lr: float) -> None:
+        """The optimizer's rate; on several ranks it reaches the followers with the next update."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ predictor features
     @torch.no_grad()
     def hidden_at(
-        self, seqs: Sequence[list[int]], positions: Sequence[list[int]], batch: int = 16
+        self, seqs: Sequence[list[int]] | None = None, positions: Sequence[list[int]] | None = None, batch: int = 16
     ) -> list[torch.Tensor]:
         """Last-layer hidden state at each given position of each sequence: one [len(pos_i), H] float32
-        tensor per sequence (CPU). One forward per sequence, batched; no gradient."""
+        tensor per sequence (CPU). One forward per sequence, batched; no gradient. Rank 0 alone computes them on
+        its whole model (one rank, DDP); under FSDP every rank computes a token-balanced share of the sequences,
+        with the same number of forwards, and rank 0 gathers them (the followers get [])."""
+        if not self.sharded:
+            assert seqs is not None and positions is not None
+            with self.lock:
+                model = self.accelerator.unwrap_model(self.model)  # not DDP's forward: it would sync buffers
+                model.eval()
+                try:
+                    return _hidden_states(model, self.accelerator, self.pad_id, seqs, positions, batch)
+                finally:
+                    model.train()
+        self.ranks.announce("hidden_at", batch=batch)
+        parts = None
+        if self.ranks.leader:
+            assert seqs is not None and positions is not None
+            shares = token_shares([len(s) for s in seqs], self.ranks.size)
+            forwards = max(micro_batches(len(sh), batch) for sh in shares)
+            parts = [([seqs[i] for i in sh], [positions[i] for i in sh], forwards) for sh in shares]
+        my_seqs, my_pos, forwards = self.ranks.scatter(parts)
+        pad = forwards * batch - len(my_seqs)  # the same number of forwards (all-gathers) on every rank
         with self.lock:
             self.model.eval()
             try:
-                return _hidden_states(self.model, self.accelerator, self.pad_id, seqs, positions, batch)
+                hs = _hidden_states(
+                    self.model,
+                    self.accelerator,
+                    self.pad_id,
+                    [*my_seqs, *[[self.pad_id]] * pad],
+                    [*my_pos, *[[0]] * pad],
+                    batch,
+                )[: len(my_seqs)]
             finally:
                 self.model.train()
+        gathered = self.ranks.gather(hs)
+        if gathered is None:
+            return []
+        out: list[torch.Tensor | None] = [None] * len(seqs or [])
+        for sh, part in zip(shares, gathered, strict=True):
+            for i, h in zip(sh, part, strict=True):
+                out[i] = h
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ RL update
-    def rl_update(self, samples: Sequence[TrainSample]) -> dict[str, float]:
-        """One optimizer step per PPO epoch over all samples; returns averaged loss metrics."""
-        if not samples:
-            return {"loss": 0.0, "trained_tokens": 0.0}
-        samples = sorted(samples, key=lambda s: len(s.input_ids))  # micro-batches of similar length pad less
+    def rl_update(self, samples: Sequence[TrainSample] | None = None, lr: float | None = None) -> dict[str, float]:
+        """One optimizer step per PPO epoch over all samples; returns averaged loss metrics (over all ranks)."""
+        if self.ranks.leader:
+            if not samples:
+                return {"loss": 0.0, "trained_tokens": 0.0}
+            self.ranks.announce("rl_update", lr=self.lr)
+        elif lr is not None:
+            self.set_lr(lr)
         # Per-sample factor on the token weights: 1 (token-mean) or 1 / the sample's trained tokens (seq-mean).
         seq = self.ocfg.loss_agg == "seq-mean-token-mean"
-        scale = [1.0 / max(1, sum(s.loss_mask)) if seq else 1.0 for s in samples]
-        total_w = sum(sum(s.weights) * c for s, c in zip(samples, scale, strict=True))
-        assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
+
+        def scale(s: TrainSample) -> float:
+            return 1.0 / max(1, sum(s.loss_mask)) if seq else 1.0
+
         mb = self.ocfg.micro_batch_size
+        parts = None
+        if self.ranks.leader:
+            assert samples is not None
+            total_w = sum(sum(s.weights) * scale(s) for s in samples)
+            assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
+            shares = token_shares([len(s) for s in samples], self.ranks.size)
+            n_mb = max(micro_batches(len(sh), mb) for sh in shares)
+            parts = [([samples[i] for i in sh], total_w, n_mb) for sh in shares]
+        mine, total_w, n_mb = self.ranks.scatter(parts)
+        # N ranks: DDP / FSDP average the ranks' gradients, so each loss is scaled by N to sum them instead.
+        gain = float(self.ranks.size)
         agg: dict[str, float] = {}
         with self.lock:
             self.model.train()
-            old: list[torch.Tensor | None] = [None] * len(samples)
+            old: list[torch.Tensor | None] = [None] * len(mine)
             for epoch in range(self.ocfg.ppo_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
-                for i in range(0, len(samples), mb):
-                    chunk = samples[i : i + mb]
+                for k in range(n_mb):
+                    i = k * mb
+                    chunk = list(mine[i : i + mb]) or [self._blank_sample()]  # zero weight: only joins the sync
                     ids = _pad([s.input_ids for s in chunk], self.pad_id, torch.long, self.device)
                     att = _pad([[1] * len(s) for s in chunk], 0, torch.long, self.device)
                     # sequence_logprobs()[b, t] is the logprob of token t, so per-token tensors align as they are.
                     mask = _pad([s.loss_mask for s in chunk], 0, torch.float32, self.device)
                     adv = _pad([s.advantages for s in chunk], 0.0, torch.float32, self.device)
                     w = _pad([s.weights for s in chunk], 0.0, torch.float32, self.device)
-                    w = w * torch.tensor(scale[i : i + mb], dtype=torch.float32, device=self.device)[:, None]
+                    w = w * torch.tensor([scale(s) for s in chunk], dtype=torch.float32, device=self.device)[:, None]
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, torch.float32, self.device)
-                    with self.accelerator.autocast():
-                        logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature, needed=mask)
-                    logp = logp.float()
-                    if epoch == 0:
-                        for j in range(len(chunk)):
-                            old[i + j] = logp[j].detach()
-                    old_lp = torch.stack([old[i + j] for j in range(len(chunk))])  # type: ignore[misc]
-                    ref_lp = None
-                    if self.ref_model is not None:
-                        with torch.no_grad(), self.accelerator.autocast():
-                            ref_lp = sequence_logprobs(
-                                self.ref_model, ids, att, temperature=self.temperature, needed=mask
-                            ).float()
-                    loss, m = policy_loss(
-                        logp,
-                        old_lp,
-                        eng,
-                        adv,
-                        w,
-                        mask,
-                        clip_eps=self.ocfg.clip_eps,
-                        clip_eps_high=self.ocfg.clip_eps_high,
-                        tis_cap=self.ocfg.tis_cap,
-                        kl_coef=self.ocfg.kl_coef,
-                        ref_logp=ref_lp,
-                    )
-                    share = float((w * mask).sum()) / total_w
-                    self.accelerator.backward(loss * share)
-                    for k, v in m.items():
-                        agg[k] = agg.get(k, 0.0) + float(v) * share / self.ocfg.ppo_epochs
+                    with self._sync_unless(k == n_mb - 1):
+                        with self.accelerator.autocast():
+                            logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature, needed=mask)
+                        logp = logp.float()
+                        if epoch == 0:
+                            for j in range(min(len(chunk), len(mine) - i)):
+                                old[i + j] = logp[j].detach()
+                        if i >= len(mine):  # a blank micro-batch
+                            old_lp = logp.detach()
+                        else:
+                            old_lp = torch.stack([old[i + j] for j in range(len(chunk))])  # type: ignore[misc]
+                        ref_lp = None
+                        if self.ref_model is not None:
+                            with torch.no_grad(), self.accelerator.autocast():
+                                ref_lp = sequence_logprobs(
+                                    self.ref_model, ids, att, temperature=self.temperature, needed=mask
+                                ).float()
+                        loss, m = policy_loss(
+                            logp,
+                            old_lp,
+                            eng,
+                            adv,
+                            w,
+                            mask,
+                            clip_eps=self.ocfg.clip_eps,
+                            clip_eps_high=self.ocfg.clip_eps_high,
+                            tis_cap=self.ocfg.tis_cap,
+                            kl_coef=self.ocfg.kl_coef,
+                            ref_logp=ref_lp,
+                        )
+                        share = float((w * mask).sum()) / total_w
+                        self.accelerator.backward(loss * (share * gain))
+                    for key, v in m.items():  # means weighted by each call's share; "tokens" (weights) add up
+                        f = 1.0 if key == "tokens" else share
+                        agg[key] = agg.get(key, 0.0) + float(v) * f / self.ocfg.ppo_epochs
                     agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * share / self.ocfg.ppo_epochs
                 gn = self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
-                agg["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
                 self.optimizer.step()
-        agg["trained_tokens"] = float(sum(sum(s.loss_mask) for s in samples))
+        agg["trained_tokens"] = float(sum(sum(s.loss_mask) for s in mine))
+        agg = self.ranks.sum(agg)
+        agg["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
         return agg
+
+    def _blank_sample(self) -> TrainSample:
+        """A micro-batch row that trains nothing (weight 0): a rank with fewer micro-batches runs these, so that
+        every rank joins every gradient sync."""
+        z = [0, 0]
+        return TrainSample(
+            [self.pad_id] * 2, z, [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], prompt_id="", tree_index=-1, leaf_id=-1
+        )
+
+    def _sync_unless(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Gradient accumulation on several ranks: no gradient sync but at the step's last micro-batch."""
+        if last or not self.ranks.many:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
 
     # ------------------------------------------------------------------ SFT
     def sft_update(
-        self, input_ids: Sequence[list[int]], loss_mask: Sequence[list[float]], micro_batch_size: int | None = None
+        self,
+        input_ids: Sequence[list[int]] | None = None,
+        loss_mask: Sequence[list[float]] | None = None,
+        micro_batch_size: int | None = None,
+        lr: float | None = None,
     ) -> float:
         """One optimizer step of next-token cross-entropy, the mean over the batch's tokens weighted by
         `loss_mask` (1 = trained, 0 = not, or a weight in between); returns the loss. The batch is cut into
         micro-batches of similar length (sorted; `micro_batch_size` sequences each, default
         optim.micro_batch_size) so little is padding, and logits are computed only where a token is trained: the
-        same gradient as one padded batch, at about half the cost on the tiny demo."""
-        total = sum(sum(m) for m in loss_mask)
-        order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+        same gradient as one padded batch, at about half the cost on the tiny demo. On several ranks each trains
+        a token-balanced share, as `rl_update` does."""
         mb = micro_batch_size or self.ocfg.micro_batch_size
+        parts = None
+        if self.ranks.leader:
+            self.ranks.announce("sft_update", micro_batch_size=mb, lr=self.lr)
+            assert input_ids is not None and loss_mask is not None
+            total = sum(sum(m) for m in loss_mask)
+            shares = token_shares([len(x) for x in input_ids], self.ranks.size)
+            n_mb = max(micro_batches(len(sh), mb) for sh in shares)
+            parts = [([input_ids[i] for i in sh], [loss_mask[i] for i in sh], total, n_mb) for sh in shares]
+        elif lr is not None:
+            self.set_lr(lr)
+        my_ids, my_mask, total, n_mb = self.ranks.scatter(parts)
+        gain = float(self.ranks.size)
         loss_sum = 0.0
         with self.lock:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            for i in range(0, len(order), mb):
-                part = order[i : i + mb]
-                ids = _pad([input_ids[j] for j in part], self.pad_id, torch.long, self.device)
-                att = _pad([[1] * len(input_ids[j]) for j in part], 0, torch.long, self.device)
-                mask = _pad([loss_mask[j] for j in part], 0, torch.float32, self.device)
-                with self.accelerator.autocast():
-                    logp = sequence_logprobs(self.model, ids, att, needed=mask)
-                loss = -(logp.float() * mask).sum() / max(total, 1)
-                self.accelerator.backward(loss)
+            for k in range(n_mb):
+                part = range(k * mb, min((k + 1) * mb, len(my_ids)))
+                rows = [my_ids[j] for j in part] or [[self.pad_id] * 2]  # a blank row: only joins the sync
+                masks = [my_mask[j] for j in part] or [[0.0, 0.0]]
+                ids = _pad(rows, self.pad_id, torch.long, self.device)
+                att = _pad([[1] * len(x) for x in rows], 0, torch.long, self.device)
+                mask = _pad(masks, 0, torch.float32, self.device)
+                with self._sync_unless(k == n_mb - 1):
+                    with self.accelerator.autocast():
+                        logp = sequence_logprobs(self.model, ids, att, needed=mask)
+                    loss = -(logp.float() * mask).sum() / max(total, 1)
+                    self.accelerator.backward(loss * gain)
                 loss_sum += float(loss.detach())
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
             self.optimizer.step()
-        return loss_sum
+        return self.ranks.sum({"loss": loss_sum})["loss"]
 
     # ------------------------------------------------------------------ weights
-    def save(self, out_dir: str | Path) -> Path:
-        """save_pretrained (safetensors) + tokenizer: a folder an engine can load."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def engine_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """The full weights in the engines' dtype (`model.save_dtype`, or `dtype`), on rank 0's CPU (None on the
+        followers):
+        gathered the supported way on several ranks (torch.distributed.checkpoint's full state dict, CPU
+        offload, rank 0 only) and cast tensor by tensor (tied tensors stay one tensor); the float32 master is
+        never copied whole."""
+        self.ranks.announce("engine_weights", dtype=dtype)
         with self.lock:
-            model = self.accelerator.unwrap_model(self.model)
-            if self.accelerator.is_main_process:
-                if self.save_dtype != next(model.parameters()).dtype:  # a copy in the engines' dtype; the master stays
-                    model = copy.deepcopy(model).to(self.save_dtype)
-                model.save_pretrained(out, safe_serialization=True)
+            return self._engine_weights(dtype or self.save_dtype)
+
+    def _engine_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        if self.ranks.many:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.model, options=opts)
+            if not self.ranks.leader:
+                return None
+        else:
+            state = self.accelerator.unwrap_model(self.model).state_dict()
+        cast: dict[int, torch.Tensor] = {}  # by storage: tied weights stay tied
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            key = t.untyped_storage().data_ptr()
+            if key not in cast:
+                cast[key] = (t.to(dtype, copy=True) if t.is_floating_point() else t).detach().cpu()
+            return cast[key]
+
+        weights = {name: one(t) for name, t in state.items()}
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model.config, "tie_word_embeddings", False):  # a gathered state dict has two copies: keep one
+            names = {id(m): n for n, m in model.named_modules()}
+            src, dst = (names.get(id(m)) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+            if src is not None and dst is not None and f"{dst}.weight" in weights:
+                weights[f"{dst}.weight"] = weights[f"{src}.weight"]
+        return weights
+
+    def save(self, out_dir: str | Path) -> Path:
+        """save_pretrained (safetensors, `engine_weights`) + tokenizer: a folder an engine can load. Rank 0 writes;
+        on several ranks the others join the gather and return once the folder is complete."""
+        out = Path(out_dir)
+        self.ranks.announce("save", out_dir=str(out))
+        with self.lock:
+            weights = self._engine_weights(self.save_dtype)
+            if weights is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                model = self.accelerator.unwrap_model(self.model)
+                model.save_pretrained(out, state_dict=dict(weights), safe_serialization=True)  # it drops tied keys
+                config = copy.deepcopy(model.config)  # its dtype says what the weights were written in
+                config.dtype = self.save_dtype
+                config.save_pretrained(out)
                 self.tokenizer.save_pretrained(out)
-            self.accelerator.wait_for_everyone()  # after the write: no rank returns before the folder is complete
+                if self.sharded:
+                    self.saved_state = weights
         return out
 
     def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        """The optimizer's state for a checkpoint (on rank 0; {} on the followers): on several ranks the full
+        state gathered to rank 0's CPU, keyed by parameter name."""
+        self.ranks.announce("optimizer_state")
+        with self.lock:
+            if not self.ranks.many:
+                return self.optimizer.state_dict()
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+    def load_optimizer_state(self, state: dict[str, Any] | None = None) -> None:
+        """Restore `optimizer_state()`'s result (given on rank 0; broadcast to the others on several ranks)."""
+        self.ranks.announce("load_optimizer_state")
+        with self.lock:
+            if not self.ranks.many:
+                assert state is not None
+                self.optimizer.load_state_dict(state)
+                return
+            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state or {}, options=opts)
+
+
+def _accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
+    """accelerate's Accelerator for this rank. FSDP is asked for the way accelerate reads it (`accelerate launch`
+    with an FSDP config, or ACCELERATE_USE_FSDP=true and FSDP_* variables under torchrun); accelerate shards only
+    on accelerators, so on CPU ranks (gloo) its state is switched to FSDP here, and its own FSDP2 preparation then
+    runs as it would on GPUs: the path the CPU tests exercise."""
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and acc.num_processes > 1 and acc.distributed_type == DistributedType.MULTI_CPU:
+        acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    return acc
 
 
 class FeatureModel:
@@ -252,13 +446,22 @@ class FeatureModel:
     a few MB for the tiny model, 4 bytes a parameter for a large one (32 GB for 8B). `TraceStep.publish` makes it
     only when `run.max_staleness >= 1`; with 0 the policy computes its own features. On a GPU it runs on a CUDA
     stream of its own, so its forwards do not queue behind the optimizer's kernels on the default stream (this
-    GPU path has not been run yet). Under FSDP the copy would need the full state dict: not supported.
+    GPU path has not been run yet). Under FSDP no rank holds the whole model: the copy is then built from, and synced
+    to, the weights of the policy's last `save` (`Policy.saved_state`, gathered for the engines anyway), in the
+    engines' dtype (bf16 for Qwen3: 2 bytes a parameter on rank 0's device).
     """
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         with policy.lock:
-            self.model = copy.deepcopy(policy.accelerator.unwrap_model(policy.model)).eval().requires_grad_(False)
+            if policy.sharded:
+                config = policy.accelerator.unwrap_model(policy.model).config
+                model = AutoModelForCausalLM.from_config(config, dtype=policy.save_dtype)
+                model.load_state_dict(self._saved())
+                model = model.to(policy.device)
+            else:
+                model = copy.deepcopy(policy.accelerator.unwrap_model(policy.model))
+            self.model = model.eval().requires_grad_(False)
         self.stream = torch.cuda.Stream(policy.device) if policy.device.type == "cuda" else None
         if self.stream is not None:  # the copy was made on the default stream
             self.stream.wait_stream(torch.cuda.default_stream(policy.device))
@@ -273,9 +476,14 @@ class FeatureModel:
         with self.policy.lock, self._on_stream():
             if self.stream is not None:  # the optimizer's last kernels (default stream) come first
                 self.stream.wait_stream(torch.cuda.default_stream(self.policy.device))
-            self.model.load_state_dict(src.state_dict())
+            self.model.load_state_dict(self._saved() if self.policy.sharded else src.state_dict())
             if self.stream is not None:  # and the next update may not overwrite them before the copy is done
                 self.stream.synchronize()
+
+    def _saved(self) -> dict[str, torch.Tensor]:
+        state = self.policy.saved_state
+        assert state is not None, "under FSDP the feature model loads the weights of the policy's last save: none yet"
+        return state
 
     @torch.no_grad()
     def hidden_at(

@@ -1,0 +1,163 @@
+"""Training on several ranks (trainer/distributed.py): rank 0 leads, the others join the policy's collective calls.
+
+The equivalence tests launch this file itself under torchrun (gloo on CPU, the code path NCCL takes on GPUs) as
+1 and as 2 ranks: both runs make the same calls on the same fixed batch — an RL update, an SFT update, the optimizer
+state gathered and restored, a second RL update, the engines' weights gathered, prefix features — and the
+2-rank results must equal the 1-rank ones within float tolerance. The batch is uneven on purpose (7 samples of
+different lengths, micro-batches of 2): the ranks get different numbers of samples, so the one with fewer runs a
+zero-weight micro-batch to join the last gradient sync. Under DDP and under FSDP2 (accelerate's own FSDP2
+preparation, switched on over gloo by ACCELERATE_USE_FSDP=true as `accelerate launch` would).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_token_shares_balance_tokens_and_cover_every_item_once() -> None:
+    from trainer.distributed import micro_batches, token_shares
+
+    lengths = [50, 10, 10, 10, 10, 10, 40, 5]
+    shares = token_shares(lengths, 2)
+    assert sorted(i for s in shares for i in s) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in s) for s in shares]
+    assert abs(loads[0] - loads[1]) <= max(lengths), loads
+    assert loads == [75, 70]  # 50 | 40, then the 10s to whichever holds fewer tokens, 5 last
+    for s in shares:
+        assert [lengths[i] for i in s] == sorted(lengths[i] for i in s), "ascending within a share"
+    assert token_shares([3], 2) == [[0], []], "a rank may get nothing (it then runs blank micro-batches)"
+    assert token_shares([], 3) == [[], [], []]
+    assert [micro_batches(n, 4) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
+
+
+def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    if fsdp:
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    cmd += [__file__, str(out), str(model)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+    import torch
+
+    out = tmp_path_factory.mktemp("one-rank") / "result.pt"
+    _launch(1, out, tiny_model)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_rank_updates_equal_the_one_rank_updates(
+    fsdp: bool, one_rank: dict, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Issue 13: one update on 2 ranks (token-balanced shares, zero-weight padding, losses scaled to sum the
+    ranks' gradients) gives the parameters of the 1-rank update on the same batch; so do the SFT update, an
+    optimizer state gathered to rank 0 and restored, the weights gathered for the engines (bf16, tied tensors
+    kept tied) and, under FSDP2, the prefix features computed as a collective."""
+    import torch
+
+    out = tmp_path / "result.pt"
+    _launch(2, out, tiny_model, fsdp=fsdp)
+    two = torch.load(out, weights_only=False)
+    one = one_rank
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["sharded"] is fsdp and one["sharded"] is False
+    for stage in ("rl", "sft", "rl2"):
+        m1, m2 = one[f"{stage}_metrics"], two[f"{stage}_metrics"]
+        for key in m1:
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), (stage, key)
+        p1, p2 = one[f"{stage}_params"], two[f"{stage}_params"]
+        assert p1.keys() == p2.keys()
+        moved = max(float((p1[k] - one["start"][k]).abs().max()) for k in p1)
+        assert moved > 1e-4, f"{stage}: the update moved nothing, the comparison would be empty"
+        diff = max(float((p1[k] - p2[k]).abs().max()) for k in p1)
+        assert diff < 1e-5, f"{stage}: 2-rank parameters differ from 1-rank by {diff}"
+    w1, w2 = one["engine_weights"], two["engine_weights"]
+    assert w1.keys() == w2.keys()
+    assert all(w2[k].dtype == torch.bfloat16 for k in w2)
+    assert max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1) <= 1e-2  # bf16 rounding of equal
+    assert two["tied"], "the engines' lm_head and embedding are one tensor, as in the model"
+    for h1, h2 in zip(one["hidden"], two["hidden"], strict=True):
+        assert torch.allclose(h1, h2, atol=1e-4), "features on 2 ranks equal those on 1"
+    assert two["saved_config"]["dtype"] == "bfloat16"
+    assert two["saved"].keys() == one["saved"].keys()
+    assert all(torch.equal(two["saved"][k], w2[k]) for k in two["saved"]), "rank 0 wrote the gathered weights"
+    # The feature copy: the policy's own float32 weights on one rank or DDP; under FSDP2 the last save's (bf16).
+    for h1, h2 in zip(one["feature_hidden"], two["feature_hidden"], strict=True):
+        assert float((h1 - h2).norm() / h1.norm()) < (0.02 if fsdp else 1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the torchrun worker
+def _samples() -> list:
+    from trainer.advantages import TrainSample
+
+    rng = random.Random(0)
+    out = []
+    for k, n in enumerate([9, 30, 14, 22, 6, 40, 17]):
+        ids = [rng.randrange(5, 200) for _ in range(n)]
+        mask = [0] * 3 + [1] * (n - 3)
+        adv = [0.0] * 3 + [rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 1.0)] * (n - 3)
+        w = [0.0] * 3 + [rng.choice([1.0, 0.5])] * (n - 3)
+        eng = [0.0] * 3 + [-rng.uniform(2.0, 6.0) for _ in range(n - 3)]
+        out.append(TrainSample(ids, mask, adv, w, eng, prompt_id=f"p{k}", tree_index=k, leaf_id=k))
+    return out
+
+
+def _worker(out: str, model: str) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.config import ModelConfig, OptimConfig
+    from trainer.distributed import Ranks, follow
+    from trainer.policy import FeatureModel, Policy
+
+    ranks = Ranks.start(cpu=True)
+    if not ranks.leader:
+        follow(ranks)
+        return
+    torch.manual_seed(0)
+    ocfg = OptimConfig(lr=1e-3, micro_batch_size=2, kl_coef=0.0, clip_eps_high=None)
+    policy = Policy(model, ModelConfig(device="cpu", save_dtype="bfloat16"), ocfg, seed=0)
+
+    def params() -> dict[str, torch.Tensor]:
+        return {k: v.float().clone() for k, v in (policy.engine_weights(torch.float32) or {}).items()}
+
+    res: dict = {"world_size": ranks.size, "sharded": policy.sharded, "start": params()}
+    samples = _samples()
+    res["rl_metrics"] = policy.rl_update(samples)
+    res["rl_params"] = params()
+    ids = [s.input_ids for s in samples]
+    res["sft_metrics"] = {"loss": policy.sft_update(ids, [[1.0] * len(x) for x in ids], 2)}
+    res["sft_params"] = params()
+    policy.load_optimizer_state(policy.optimizer_state())
+    res["rl2_metrics"] = policy.rl_update(samples)
+    res["rl2_params"] = params()
+    weights = policy.engine_weights()
+    assert weights is not None
+    res["engine_weights"] = weights
+    res["tied"] = weights["lm_head.weight"].data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
+    positions = [[0, len(x) - 1] for x in ids[:5]]
+    res["hidden"] = policy.hidden_at(ids[:5], positions, batch=2)
+    saved = policy.save(Path(out).parent / "weights")
+    res["saved_config"] = json.loads((saved / "config.json").read_text())
+    res["saved"] = {k: v.clone() for k, v in load_file(saved / "model.safetensors").items()}
+    res["feature_hidden"] = FeatureModel(policy).hidden_at(ids[:5], positions, batch=2)
+    ranks.stop()
+    torch.save(res, out)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
