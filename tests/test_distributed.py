@@ -39,6 +39,50 @@ def test_token_shares_balance_tokens_and_cover_every_item_once() -> None:
     assert [micro_batches(n, 4) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
 
 
+def test_engines_get_gpus_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13: launched SGLang servers all landed on GPU 0, beside the training ranks. engine.gpus gives each
+    server its slice (its CUDA_VISIBLE_DEVICES) and GPUs a training rank uses are refused."""
+    from trainer.config import TrainConfig, load_train_config
+    from trainer.services import engine_gpus, training_gpus
+
+    assert engine_gpus([6, 7], 2, list(range(6))) == [[6], [7]]
+    assert engine_gpus([4, 5, 6, 7], 2, [0, 1, 2, 3]) == [[4, 5], [6, 7]]
+    assert engine_gpus([], 3, [0]) == []
+    with pytest.raises(ValueError, match=r"includes GPUs \[5\] that training ranks use"):
+        engine_gpus([5, 6], 2, list(range(6)))
+    with pytest.raises(ValueError, match="split evenly"):
+        load_train_config(sets=["engine.gpus=[6, 7, 8]", "engine.num_servers=2"])
+    cfg = TrainConfig()
+    cfg.model.device = "cuda"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert training_gpus(cfg) == [4, 5], "ranks take the first visible devices, one each"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert training_gpus(cfg) == [0, 1]
+    cfg.model.device = "cpu"
+    assert training_gpus(cfg) == []
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
+def test_shipped_accelerate_configs_load_and_leave_the_engines_their_gpus(name: str) -> None:
+    """configs/accelerate/{ddp,fsdp2}.yaml are accelerate's own config files: its loader reads them, and the GPUs
+    they train on leave the engine GPUs their header names (engine.gpus = [6, 7]) free."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from trainer.config import load_train_config
+    from trainer.services import engine_gpus
+
+    c = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert c.distributed_type == (DistributedType.FSDP if name == "fsdp2" else DistributedType.MULTI_GPU)
+    if name == "fsdp2":
+        assert c.fsdp_config["fsdp_version"] == 2 and c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    training = [int(g) for g in c.gpu_ids.split(",")]
+    assert len(training) == c.num_processes
+    cfg = load_train_config(REPO / "configs" / "qwen3-8b-hotpotqa.toml", sets=["engine.gpus=[6, 7]"])
+    assert engine_gpus(cfg.engine.gpus, 2, training) == [[6], [7]]
+
+
 def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)

@@ -105,6 +105,11 @@ class EngineConfig:
     """First port for launched engines (0 = free ports)."""
     extra_args: list[str] = field(default_factory=list)
     """Extra command-line arguments for launched engines (e.g. ["--mem-fraction-static", "0.7"])."""
+    gpus: list[int] = field(default_factory=list)
+    """Physical GPU ids for the launched engines, split evenly among `num_servers` in order (server i gets the i-th
+    slice as its CUDA_VISIBLE_DEVICES, so SGLang's --base-gpu-id stays 0; give a server as many as its --tp). [] =
+    every server sees the devices the trainer sees. They must not be GPUs a training rank uses: e.g. 8 GPUs, 6
+    training ranks (accelerate's gpu_ids 0-5) and engines on [6, 7]."""
     max_batch: int = 64
     """CPU engine: sequences decoded together."""
     startup_timeout_s: float = 600.0
@@ -269,6 +274,11 @@ class TrainConfig:
             raise ValueError(
                 f"engine.urls {self.engine.urls} attaches to running engines, engine.type 'sglang' launches one: "
                 "drop one of them"
+            )
+        if self.engine.gpus and (self.engine.urls or len(self.engine.gpus) % self.engine.num_servers):
+            raise ValueError(
+                f"engine.gpus {self.engine.gpus} is split evenly among the {self.engine.num_servers} launched engines "
+                "(engine.num_servers); give a multiple of it, and none when attaching by engine.urls"
             )
         check_report_to(self.run.report_to)
         if not 0.0 <= self.env.heldout_frac < 1.0:

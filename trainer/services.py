@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, uses_cpu
 from trainer.sglang_launcher import SGLangServer, free_port, launch_engine, url_for
 
 log = structlog.get_logger("trainer")
@@ -55,23 +55,50 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
     if e.urls:
         yield list(e.urls)
         return
+    slices = engine_gpus(e.gpus, e.num_servers, training_gpus(cfg))
     async with contextlib.AsyncExitStack() as stack:
         urls = []
         for i in range(e.num_servers):
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slices[i]))} if slices else {}
             port = e.port + i if e.port else free_port()
             log_path = log_dir / f"engine_{i}.log"
             if e.type == "sglang":
                 args = [*dtype_args(model_dir, e.extra_args), *e.extra_args]
-                proc = SGLangServer(model_dir, port=port, extra_args=args, log_path=log_path)
+                proc = SGLangServer(model_dir, port=port, extra_args=args, log_path=log_path, env=env)
             else:
                 cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir)]
                 cmd += ["--port", str(port), "--max-batch", str(e.max_batch), *e.extra_args]
-                proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_path)
+                proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_path, env=env)
             proc.startup_timeout_s = e.startup_timeout_s
             await stack.enter_async_context(proc)
-            log.info("engine started", type=e.type, url=proc.url, log=str(log_path))
+            log.info("engine started", type=e.type, url=proc.url, log=str(log_path), gpus=slices[i] if slices else None)
             urls.append(proc.url)
         yield urls
+
+
+def training_gpus(cfg: TrainConfig) -> list[int]:
+    """Physical ids of the GPUs this node's training ranks use ([] on CPU): LOCAL_WORLD_SIZE ranks on the first
+    devices of CUDA_VISIBLE_DEVICES (all devices when unset), one each, as accelerate places them."""
+    if uses_cpu(cfg.model):
+        return []
+    n = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [int(x) for x in visible.split(",") if x.strip()] if visible else list(range(n))
+    return ids[:n]
+
+
+def engine_gpus(gpus: list[int], servers: int, training: list[int]) -> list[list[int]]:
+    """engine.gpus split into one slice per launched server ([] when none are given); refuses GPUs a training
+    rank uses, so generation never lands beside the training ranks."""
+    if not gpus:
+        return []
+    if clash := sorted(set(gpus) & set(training)):
+        raise ValueError(
+            f"engine.gpus {gpus} includes GPUs {clash} that training ranks use ({training}: LOCAL_WORLD_SIZE ranks on "
+            "CUDA_VISIBLE_DEVICES); give the engines other GPUs, or train on fewer (accelerate's gpu_ids)"
+        )
+    per = len(gpus) // servers
+    return [gpus[i * per : (i + 1) * per] for i in range(servers)]
 
 
 def dtype_args(model_dir: Path, extra_args: list[str]) -> list[str]:
