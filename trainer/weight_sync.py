@@ -41,7 +41,11 @@ SGLang may have loaded part of it), the group is still in step and the sync stay
 finish (an engine refused before receiving, died, or the broadcast raised), the engines that answered are given
 `FAILURE_GRACE_S`, then the sync is marked broken: every later push raises, and `close()` skips the engines still
 blocked in a receive (they wait out the group timeout, torch's 30 min default on SGLang). Gloo cannot abort a
-blocked collective, so rank 0's thread also waits out `timeout_s`; it is a daemon thread.
+blocked collective, so rank 0's thread also waits out `timeout_s`; it is a daemon thread (named "weight-sync-..."),
+but a process that exits while one is blocked may abort at exit ("terminate called without an active exception":
+the thread leaves torch's C++ code after Python's finalisation), so after a failure let `timeout_s` pass first.
+A failed `create` leaves the same kind of thread in the rendezvous, and an SGLang engine that did join it blocked
+in `/init_weights_update_group` until its own timeout.
 
 Threads: every blocking collective (rendezvous, broadcast) runs on a daemon thread of its own, never on the event
 loop; one push at a time (a lock); `close()` destroys the group on the engines, then on this side.
@@ -283,6 +287,13 @@ class WeightSync:
             backend = _backend_for(devices)
         if backend == "nccl" and not torch.cuda.is_available():
             raise WeightSyncError("backend nccl needs CUDA on the trainer, and torch sees no CUDA device here")
+        if backend == "nccl" and dist.is_initialized() and dist.distributed_c10d._get_default_group().bound_device_id:
+            # torch's helper would then build the NCCL communicator by splitting the default group's, which the
+            # engines are not part of
+            raise WeightSyncError(
+                "this process's default process group is bound to a device (init_process_group(device_id=...)), so "
+                "torch would split the weight group's NCCL communicator from it; initialise it without device_id"
+            )
         world_size = next_rank
         name = group_name or f"trace-weights-{uuid.uuid4().hex[:12]}"
         port = master_port or free_port(master_address)
