@@ -144,6 +144,40 @@ def test_two_rank_updates_equal_the_one_rank_updates(
         assert float((h1 - h2).norm() / h1.norm()) < (0.02 if fsdp else 1e-5)
 
 
+@pytest.mark.slow
+def test_debug_config_on_two_ranks_runs_end_to_end_and_resumes(tmp_path: Path, cache_dir: Path) -> None:
+    """Issue 13: `torchrun --nproc-per-node 2 trace-train --config configs/debug.toml` (gloo) runs end to end with
+    exactly one env server and one engine (rank 0's), every metrics row carrying world_size; the SFT warm start and
+    the RL updates run on both ranks, checkpoints gather the optimizer state, and `--resume` on 2 ranks restores it
+    and continues."""
+    from test_train_smoke import SMALL
+
+    out = tmp_path / "run"
+    env = {**os.environ, "TRACE_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer.cli"]
+    base += ["--config", str(REPO / "configs" / "debug.toml"), "--output-dir", str(out)]
+    base += [x for s in SMALL for x in ("--set", s)]
+    for steps, extra in ((2, []), (3, ["--resume"])):
+        proc = subprocess.run([*base, "--steps", str(steps), *extra], env=env, capture_output=True, text=True,
+                              timeout=900, cwd=REPO)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["world_size"] == 2 for r in rows)
+    assert all(r["trained_tokens"] > 0 and r["leaves"] == rows[0]["leaves"] > 0 for r in rows)
+    assert rows[2]["weight_version"] == 3
+    logs = sorted(p.name for p in out.glob("*.log"))
+    assert logs == ["engine_0.log", "env_server.log"], f"one env server and one engine for both ranks: {logs}"
+    state = torch_load(out / "checkpoints" / "step_00003" / "optimizer.pt")
+    assert state["state"] and all(isinstance(k, str) for k in state["state"]), "gathered, keyed by parameter name"
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=False)
+
+
 # ------------------------------------------------------------------------------------------ the torchrun worker
 def _samples() -> list:
     from trainer.advantages import TrainSample
