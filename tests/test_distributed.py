@@ -145,6 +145,7 @@ def test_two_rank_updates_equal_the_one_rank_updates(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_debug_config_on_two_ranks_runs_end_to_end_and_resumes(tmp_path: Path, cache_dir: Path) -> None:
     """Issue 13: `torchrun --nproc-per-node 2 trace-train --config configs/debug.toml` (gloo) runs end to end with
     exactly one env server and one engine (rank 0's), every metrics row carrying world_size; the SFT warm start and
@@ -158,17 +159,20 @@ def test_debug_config_on_two_ranks_runs_end_to_end_and_resumes(tmp_path: Path, c
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer.cli"]
     base += ["--config", str(REPO / "configs" / "debug.toml"), "--output-dir", str(out)]
     base += [x for s in SMALL for x in ("--set", s)]
-    for steps, extra in ((2, []), (3, ["--resume"])):
+    # The resumed part sends weights over a process group (gloo) instead of disk: step 3's samples must come from
+    # weight version 3, which only that push gives the engine (max_staleness 0 would drop older ones).
+    for steps, extra in ((2, []), (4, ["--resume", "--engine.weight-sync", "group"])):
         proc = subprocess.run([*base, "--steps", str(steps), *extra], env=env, capture_output=True, text=True,
                               timeout=900, cwd=REPO)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["world_size"] == 2 for r in rows)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(r["world_size"] == 2 for r in rows)
     assert all(r["trained_tokens"] > 0 and r["leaves"] == rows[0]["leaves"] > 0 for r in rows)
-    assert rows[2]["weight_version"] == 3
+    assert all(r["stale_samples"] == 0 for r in rows), "every push reached the engine"
+    assert rows[3]["weight_version"] == 4
     logs = sorted(p.name for p in out.glob("*.log"))
     assert logs == ["engine_0.log", "env_server.log"], f"one env server and one engine for both ranks: {logs}"
-    state = torch_load(out / "checkpoints" / "step_00003" / "optimizer.pt")
+    state = torch_load(out / "checkpoints" / "step_00004" / "optimizer.pt")
     assert state["state"] and all(isinstance(k, str) for k in state["state"]), "gathered, keyed by parameter name"
 
 

@@ -91,6 +91,9 @@ class ModelConfig:
     in float32 either way; a launched SGLang server gets the same dtype as --dtype (never its `auto` guess)."""
 
 
+WEIGHT_SYNC = ("disk", "group")
+
+
 @dataclass
 class EngineConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--engine",))] = "cpu"
@@ -118,6 +121,8 @@ class EngineConfig:
     /update_weights_from_disk; needs a filesystem the engines share) or "group" (`trainer.weight_sync`: a torch
     process group with the trainer as rank 0, gloo on CPU and nccl on GPUs, weights broadcast in buckets through
     /update_weights_from_distributed; needs the engines to reach the trainer's address over TCP)."""
+    sync_address: str = "127.0.0.1"
+    """weight_sync "group": the address of this machine (rank 0) that the engines connect to for the group."""
     sync_bucket_mb: int = 512
     """weight_sync "group": most MiB of weights per /update_weights_from_distributed call (a bigger tensor goes
     alone). Each engine allocates a bucket's receive buffers at once, so this bounds that extra memory."""
@@ -279,6 +284,11 @@ class TrainConfig:
             raise ValueError(
                 f"engine.gpus {self.engine.gpus} is split evenly among the {self.engine.num_servers} launched engines "
                 "(engine.num_servers); give a multiple of it, and none when attaching by engine.urls"
+            )
+        if self.engine.weight_sync not in WEIGHT_SYNC or self.engine.sync_bucket_mb < 1:
+            raise ValueError(
+                f"engine.weight_sync must be one of {WEIGHT_SYNC} (got {self.engine.weight_sync!r}) and "
+                f"engine.sync_bucket_mb >= 1 (got {self.engine.sync_bucket_mb})"
             )
         check_report_to(self.run.report_to)
         if not 0.0 <= self.env.heldout_frac < 1.0:

@@ -5,10 +5,14 @@ This module holds the loop and only what it needs directly; the pieces it drives
 `trainer.sft` (the warm start), `trainer.evaluate` (greedy evaluation, the same path as `trace-train eval`
 and `trace-eval --agent policy`), `trainer.checkpoint` (save, find, restore), `trainer.plots`.
 
+On several ranks (`trainer.distributed`) this loop runs on rank 0 only; the policy's updates, saves and gathers
+are collectives the other ranks join.
+
 The loop (fits on one screen, helpers below it): rollouts for step t+1 are started before step t's
 update when `run.max_staleness >= 1`, so generation and training overlap; with 0 every rollout
 uses the weights of the step before it. After each update the weights go to the engines
-(save -> /update_weights_from_disk -> cache flushed) with a new weight version, which every node
+(save -> /update_weights_from_disk -> cache flushed; or, with engine.weight_sync "group", gathered in memory and
+broadcast over a process group with the engines, `trainer.weight_sync`) with a new weight version, which every node
 of later trees records; samples staler than `run.max_staleness` versions are dropped and counted
 (`trainer.staleness`). The push starts only once the update is done, and the engines pause while
 it loads (`push_s`): generation of step t+1 stops for that long, and resumes on the new weights.
@@ -62,6 +66,7 @@ from trainer.rollout import RolloutRunner
 from trainer.sft import run_sft
 from trainer.trace import StepBatch, TraceStep
 from trainer.tracking import Trackers
+from trainer.weight_sync import WeightSync
 
 log = structlog.get_logger("trainer")
 
@@ -88,6 +93,11 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         await engine.wait_ready(cfg.engine.startup_timeout_s)  # attached engines may still be loading
+        sync = None
+        if cfg.engine.weight_sync == "group":  # weights go over a process group with the engines, not through disk
+            e = cfg.engine
+            opened = WeightSync.open(engine, master_address=e.sync_address, bucket_bytes=e.sync_bucket_mb << 20)
+            sync = await stack.enter_async_context(opened)
         runner = RolloutRunner(env, engine, policy.tokenizer, cfg.rollout)
         n_train = split_size(await env.info(), cfg.env.dataset, cfg.env.train_split)
         if cfg.env.train_limit:
@@ -125,8 +135,12 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 row = await compute(trace.update, batch)
                 u1 = time.perf_counter() - t_run
                 policy.version += 1
-                path = await compute(policy.save, out / "weights" / f"v{policy.version % 2 + 1}")
-                _, push_s = await asyncio.gather(trace.publish(), _push(engine, path, policy.version))
+                if sync is None:
+                    path = await compute(policy.save, out / "weights" / f"v{policy.version % 2 + 1}")
+                    push = _push(engine, path, policy.version)
+                else:
+                    push = _push_group(sync, await compute(policy.engine_weights), policy.version)
+                _, push_s = await asyncio.gather(trace.publish(), push)
                 s1 = time.perf_counter() - t_run
                 times.update(update_start=u0, update_end=u1, sync_end=s1, update_s=u1 - u0, sync_s=s1 - u1)
                 row.update(times, push_s=push_s, overlap_s=_overlap(times, trained))
@@ -216,6 +230,14 @@ async def _push(engine: EngineClient, path: Path, version: int) -> float:
     """Load the saved weights on every engine as `version` (the engines pause meanwhile); the seconds it took."""
     t0 = time.perf_counter()
     await engine.update_weights_from_disk(str(path), weight_version=str(version))
+    return time.perf_counter() - t0
+
+
+async def _push_group(sync: WeightSync, weights: dict[str, Any] | None, version: int) -> float:
+    """Send the gathered weights to every engine over the group as `version`; the seconds it took."""
+    assert weights is not None, "rank 0 gathers the weights"
+    t0 = time.perf_counter()
+    await sync.push(weights, version=str(version))
     return time.perf_counter() - t0
 
 

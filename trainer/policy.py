@@ -125,8 +125,8 @@ class Policy:
                 ref = ref.to(torch.bfloat16)
             self.ref_model = ref.eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # Under FSDP, the engines' weights of the last `save` (rank 0, CPU, save_dtype): the full weights the
-        # feature model (`FeatureModel`) loads, since no rank holds them otherwise.
+        # Under FSDP, the engines' weights last gathered (`save`, `engine_weights`; rank 0, CPU, save_dtype): the full
+        # weights the feature model (`FeatureModel`) loads, since no rank holds them otherwise.
         self.saved_state: dict[str, torch.Tensor] | None = None
 
     @property
@@ -378,6 +378,8 @@ class Policy:
             src, dst = (names.get(id(m)) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
             if src is not None and dst is not None and f"{dst}.weight" in weights:
                 weights[f"{dst}.weight"] = weights[f"{src}.weight"]
+        if self.sharded and dtype == self.save_dtype:
+            self.saved_state = weights
         return weights
 
     def save(self, out_dir: str | Path) -> Path:
@@ -395,8 +397,6 @@ class Policy:
                 config.dtype = self.save_dtype
                 config.save_pretrained(out)
                 self.tokenizer.save_pretrained(out)
-                if self.sharded:
-                    self.saved_state = weights
         return out
 
     def optimizer_state(self) -> dict[str, Any]:

@@ -128,7 +128,7 @@ class EngineProcess:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
-                    env={**os.environ, **self.env},
+                    env={**_child_environ(), **self.env},
                     cwd=self.cwd,
                     start_new_session=True,
                 )
@@ -215,6 +215,21 @@ class EngineProcess:
             f.seek(max(0, f.tell() - 64 * 1024))
             text = f.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
+
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                  "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
+def _child_environ() -> dict[str, str]:
+    """This process's environment without what torchrun / accelerate launch set for the training ranks (RANK,
+    WORLD_SIZE, MASTER_PORT, TORCHELASTIC_*, ACCELERATE_*): a server launched by rank 0 is not a training rank, and
+    torch.distributed code in it (SGLang's own groups, the weight group) must not take those for its own."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "ACCELERATE_", "FSDP_"))
+    }
 
 
 def launch_engine(cmd: Sequence[str], url: str, **kwargs: Any) -> EngineProcess:

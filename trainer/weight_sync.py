@@ -520,8 +520,11 @@ def _join_as_rank0(
     outside the default world with the same store keys; calling what SGLang calls keeps the keys identical."""
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
-    host = f"[{master_address}]" if ":" in master_address else master_address
-    store, _, _ = next(dist.rendezvous(f"tcp://{host}:{port}", 0, world_size, timeout=timeout))
+    # What `dist.rendezvous("tcp://...", rank=0)` builds outside torchrun: rank 0 serves a multi-tenant TCPStore the
+    # others connect to. Built directly, because under torchrun / accelerate launch (TORCHELASTIC_USE_AGENT_STORE)
+    # that rendezvous would instead connect as a client to a store it assumes the launcher's agent serves on this
+    # port, and wait forever. The keys are the same either way (the engines connect as clients in both cases).
+    store = dist.TCPStore(master_address, port, world_size, is_master=True, timeout=timeout, multi_tenant=True)
     store.set_timeout(timeout)
     pg, _ = _new_process_group_helper(
         world_size,
