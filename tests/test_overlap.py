@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,19 @@ def test_weights_for_the_engines_are_written_in_the_save_dtype(tiny_model: Path,
     assert dtype_args(out, []) == ["--dtype", "bfloat16"]
     assert dtype_args(out, ["--dtype", "float16"]) == [] and dtype_args(out, ["--dtype=half"]) == []
     assert dtype_args(tiny_model, []) == ["--dtype", "float32"]
+
+
+def test_kl_reference_in_bf16_keeps_rope_buffers_in_float32(tiny_model: Path) -> None:
+    """Issue 13 (memory plan): the bf16 KL reference was made with `.to(bfloat16)`, which also cast RoPE's inv_freq
+    buffer, so its logprobs drifted from the policy's with position (0.0024 -> 0.0106 mean |logprob| gap at
+    positions 2000-4000 on the tiny model). Only its parameters are cast now. In a child process: accelerate keeps
+    one mixed-precision setting per process."""
+    code = (
+        "import sys, torch; from trainer.policy import Policy; from trainer.config import ModelConfig, OptimConfig;"
+        f"p = Policy({str(tiny_model)!r}, ModelConfig(device='cpu', mixed_precision='bf16'), OptimConfig(kl_coef=0.1));"
+        "ps = {t.dtype for t in p.ref_model.parameters()};"
+        "bs = {n: t.dtype for n, t in p.ref_model.named_buffers() if 'inv_freq' in n};"
+        "print(ps, bs); sys.exit(0 if ps == {torch.bfloat16} and bs and set(bs.values()) == {torch.float32} else 1)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

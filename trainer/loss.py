@@ -154,11 +154,11 @@ def sequence_logprobs(
         keep = (needed[:, 1:].bool() & am[:, 1:].bool()).any(0).nonzero().squeeze(-1)
         if keep.numel() == 0:
             keep = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-        logits = model(input_ids=input_ids, logits_to_keep=keep).logits  # [B, K, V]
+        logits = model(input_ids=input_ids, logits_to_keep=keep, use_cache=False).logits  # [B, K, V]
         targets = input_ids[:, keep + 1]
         cols = keep + 1
     else:
-        logits = model(input_ids=input_ids).logits[:, :-1]  # [B, T-1, V]
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]  # [B, T-1, V]
         targets = input_ids[:, 1:]
         cols = None
     rows = []

@@ -122,7 +122,8 @@ class Policy:
             else:
                 ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).to(self.device)
             if mp == "bf16":  # it only runs forward under autocast: half the memory of an fp32 copy
-                ref = ref.to(torch.bfloat16)
+                for p in ref.parameters():  # parameters only: RoPE's inv_freq buffer stays float32, as in the policy
+                    p.data = p.data.to(torch.bfloat16)
             self.ref_model = ref.eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Under FSDP, the engines' weights last gathered (`save`, `engine_weights`; rank 0, CPU, save_dtype): the full
@@ -512,8 +513,27 @@ def _hidden_states(
         att = _pad([[1] * len(s) for s in chunk], 0, torch.long, device)
         with accelerator.autocast():
             # logits_to_keep=1: the LM head runs on one position per row, not the whole batch's full-vocabulary
-            # logits (tens of GB for a Qwen3-8B batch); the hidden states are the same either way.
-            h = model(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            # logits (tens of GB for a Qwen3-8B batch). The last hidden state is taken from the final norm's output
+            # (a hook) rather than `output_hidden_states`, which keeps every layer's; and no KV cache is built.
+            h = _last_hidden(model, input_ids=ids, attention_mask=att, logits_to_keep=1, use_cache=False)
         for j, pos in enumerate(positions[i : i + batch]):
             out.append(h[j, torch.tensor(pos, device=h.device)].float().cpu())
     return out
+
+
+def _last_hidden(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
+    """The model's last hidden state (after the final norm, as `hidden_states[-1]`) for `inputs`: captured from the
+    decoder's final norm by a forward hook, so no other layer's output is kept. Models without a `norm` on their
+    decoder fall back to `output_hidden_states`."""
+    unwrapped = getattr(model, "module", model)  # DDP's wrapper (rank 0's own forwards use the module itself)
+    norm = getattr(unwrapped.get_decoder(), "norm", None) if hasattr(unwrapped, "get_decoder") else None
+    if norm is None:
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    assert len(seen) == 1, f"the final norm ran {len(seen)} times in one forward"
+    return seen[0]
