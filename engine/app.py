@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +52,7 @@ from aiohttp import web
 from engine.engine import ENGINE_NAME, BadRequest, Engine, EngineConfig, EngineRequest
 from engine.weight_group import BACKENDS as WEIGHT_GROUP_BACKENDS
 from engine.weight_group import WeightGroup
+from shared.daemon import start_daemon
 from shared.engine_protocol import (
     OUTSIDE_BRACKET,
     AbortRequest,
@@ -213,26 +213,10 @@ T = TypeVar("T")
 
 
 async def in_daemon_thread(fn: Callable[[], T], *, name: str) -> T:
-    """Run a blocking collective (`WeightGroup.join`/`receive`) on a new daemon thread and await its result. Not
-    the default executor: a collective stuck until torch's timeout must not hold up the loop's or the
-    interpreter's shutdown. Cancelling the await leaves the thread to finish on its own."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def deliver(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def run() -> None:
-        try:
-            result: tuple[bool, Any] = (True, fn())
-        except BaseException as e:
-            result = (False, e)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-            loop.call_soon_threadsafe(deliver, *result)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await fut
+    """Run a blocking collective (`WeightGroup.join`/`receive`) on a new daemon thread and await its result
+    (`shared.daemon`: a collective stuck until torch's timeout must not hold up the loop's or the interpreter's
+    shutdown)."""
+    return await start_daemon(fn, name)[0]
 
 
 def _abort_response(req: EngineRequest) -> GenerateResponse:

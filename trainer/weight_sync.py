@@ -67,6 +67,7 @@ import structlog
 import torch
 import torch.distributed as dist
 
+from shared.daemon import start_daemon
 from shared.engine_protocol import InitWeightsUpdateGroup, UpdateWeightsFromDistributed
 from trainer.engine_client import PAUSE_MODES, EngineClient, EngineError
 from trainer.sglang_launcher import free_port
@@ -175,29 +176,6 @@ def plan_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
         bucket.nbytes += size
     if bucket.names:
         yield bucket
-
-
-def _start_thread(fn: Callable[[], T], name: str) -> tuple[asyncio.Future[T], threading.Thread]:
-    """Run a blocking collective on a new daemon thread; its result arrives in the returned future. Not the default
-    executor: a collective blocked until the group timeout must not hold up the loop's or the interpreter's exit."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def deliver(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def run() -> None:
-        try:
-            result: tuple[bool, Any] = (True, fn())
-        except BaseException as e:
-            result = (False, e)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-            loop.call_soon_threadsafe(deliver, *result)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return fut, thread
 
 
 class WeightSync:
@@ -561,7 +539,7 @@ async def _together(
     both sides wait for each other. Returns (work's result, each URL's answer). After the first failure the rest
     get `grace_s`; whatever still runs then is abandoned (HTTP calls cancelled, the thread left to its timeout).
     Raises `_CollectiveFailed` when the collective did not finish, else `WeightSyncError` when an engine failed."""
-    collective, thread = _start_thread(work, name=f"weight-sync-{what[:40]}")
+    collective, thread = start_daemon(work, name=f"weight-sync-{what[:40]}")
     threads.append(thread)
     tasks = {url: asyncio.ensure_future(c) for url, c in calls.items()}
     pending: set[asyncio.Future[Any]] = {collective, *tasks.values()}
