@@ -16,9 +16,9 @@ Bytes per rank, by holder (N parameters; n ranks sharding them, n = 1 under DDP;
 - features (run.max_staleness >= 1): `FeatureModel`. On one GPU and under DDP a float32 deep copy of the model, 4N
   on rank 0; under FSDP a copy in the engines' dtype (bf16, 2N) on rank 0's GPU, loaded from the last save; 4N / n
   or 2N / n if it were sharded. Its forward runs while the policy trains, so its transient (`feature_forward`) can
-  land on top of the training peak: `_hidden_states` keeps every layer's hidden state (output_hidden_states=True;
-  float32 with a float32 copy) and a KV cache (use_cache defaults to the config's True; with a float32 copy the keys
-  are float32 after the q/k RMSNorm, the values bf16), for `hidden_at`'s batch of 16 sequences.
+  land on top of the training peak: `_hidden_states` keeps the last hidden state only (a hook on the final norm) and
+  builds no KV cache, for `hidden_at`'s batch of 16 sequences (before d7e0a8d it kept every layer's hidden state and
+  a KV cache: 70.9 GB for 8B).
 - engines' weights (`Policy.engine_weights`, for `save`): `model.save_dtype` (bf16 for Qwen3), 2N in rank 0's host
   memory; on several ranks the full float32 state dict is first gathered there (cpu_offload): 4N more host memory
   while it is cast, and under FSDP the last save's bf16 weights stay there for the feature model (2N).
@@ -49,9 +49,8 @@ time in backward; the LM head and the logits are outside the checkpoints.
 
 Peak (per rank) = the states above + the largest of these moments (the activation peak):
 - forward end: held activations + autocast's bf16 weight casts (r = 4) + the bf16 logits while their float32 copy is
-  made (2BKV) + the float32 keys of the KV cache the training forward builds (r = 4, no checkpointing: the model's
-  config has use_cache true; checkpointed layers turn it off);
-- the reference forward (kl_coef > 0): held activations + its KV cache (bf16 keys and values) + its bf16 logits;
+  made (2BKV) (no KV cache: `sequence_logprobs` passes use_cache=False since d7e0a8d);
+- the reference forward (kl_coef > 0): held activations + its bf16 logits;
 - head backward: held activations + 12BKV with accelerate's wrapper (`sequence_logprobs` takes each row's
   log-softmax from a view `logits[b]` of one float32 tensor, whose backward is a full [B, K, V] float32 gradient per
   row, summed by autograd), max(12KV, 4BKV) without it (FSDP2): fitted to the check's measurements (B = 1, 2, 4, 8);
@@ -248,36 +247,34 @@ def activation_peak(
     does not wrap the forward)."""
     if fp32_outputs is None:
         fp32_outputs = r == 4
-    B, T, K, V, L = w.micro_batch, w.seq_len, w.kept, s.vocab_size, s.num_layers
+    B, K, V = w.micro_batch, w.kept, s.vocab_size
     held = sum(held_activations(s, w, r).values())
     moments = {
         "forward_end": held
         # autocast's cache of bf16 weight casts lives until its block exits (without checkpointing: in `held`)
         + (2 * (linear_numel(s) - V * s.hidden_size) if r == 4 and w.checkpointing else 0)
-        + 2 * B * K * V
-        + (L * B * T * s.kv_dim * 4 if r == 4 and not w.checkpointing else 0),
+        + 2 * B * K * V,  # no KV cache: the training forward passes use_cache=False (since d7e0a8d)
         "head_backward": held + (12 * B * K * V if fp32_outputs else max(12 * K * V, 4 * B * K * V)),
         "optimizer_step": 4 * sum(shard_numel(shape, n) for _, shape in param_shapes(s)),
     }
     if w.checkpointing:  # one layer recomputed: its saved tensors and (r = 4) its weights recast, the logits gone
         layer_w = sum(numel(shape) for name, shape in layer_shapes(s) if name.endswith("_proj.weight"))
         moments["layer_recompute"] = (
-            held - 4 * B * K * V + B * T * layer_saved_per_token(s, r) + (2 * layer_w if r == 4 else 0)
+            held - 4 * B * K * V + B * w.seq_len * layer_saved_per_token(s, r) + (2 * layer_w if r == 4 else 0)
         )
     if kl_ref:
-        moments["reference_forward"] = held + L * B * T * s.kv_dim * 4 + 2 * B * K * V
+        moments["reference_forward"] = held + 2 * B * K * V  # its logits; no KV cache (use_cache=False)
     moments["peak"] = max(moments.values())
     return moments
 
 
 def feature_forward(s: ModelShape, w: Workload, r: int) -> int:
-    """`FeatureModel.hidden_at`'s transient for a copy with r-byte parameters (4: float32, 2: bf16): every hidden
-    state (L + 1, r bytes) and the KV cache (keys r bytes after the q/k RMSNorm, values bf16) of a batch of
-    `feature_batch` sequences of `seq_len` tokens, and one layer's working set in its MLP (the norm's output and
-    its bf16 cast, then silu(gate), up and their product, bf16: (r + 2)H + 6I a token)."""
+    """`FeatureModel.hidden_at`'s transient for a copy with r-byte parameters (4: float32, 2: bf16), as the code runs
+    it since d7e0a8d: the last hidden state only (taken from the final norm by a hook, r bytes) and no KV cache, of a
+    batch of `feature_batch` sequences of `seq_len` tokens, plus one layer's working set in its MLP (the norm's
+    output and its bf16 cast, then silu(gate), up and their product, bf16: (r + 2)H + 6I a token)."""
     b, T, H = w.feature_batch, w.seq_len, s.hidden_size
-    states = (s.num_layers + 1) * b * T * H * r + s.num_layers * b * T * s.kv_dim * (r + 2)
-    return states + b * T * ((r + 2) * H + 6 * s.intermediate_size)
+    return b * T * H * r + b * T * ((r + 2) * H + 6 * s.intermediate_size)
 
 
 def notes(s: ModelShape, w: Workload) -> dict[str, int]:
