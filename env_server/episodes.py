@@ -14,15 +14,21 @@ What always holds:
   episode cap, or when explicit snapshots alone fill theirs, 429 before anything changes.
 - Export walks the parent chain once (O(turns)) into a self-contained `SnapshotBlob`; import
   rebuilds the chain, so another server continues with the same observations and rewards.
+- An imported blob is untrusted input: its size is the request body cap (`max_body_bytes`, 413 past it), its
+  free-form values (`task.metadata`, each turn's `info`) nest at most `MAX_BLOB_DEPTH` levels, and its task
+  passes `check_task`, the same checks `create` applies; anything else is 422 before the store changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -192,13 +198,18 @@ def export_blob(node: StateNode, *, corpus_id: str, reward_metric: str) -> bytes
     return _blob_encoder.encode(blob)
 
 
-def import_blob(data: bytes, *, corpus_id: str, reward_metric: str) -> StateNode:
-    """Rebuild the node chain of a blob from `export_blob`; raise EnvError (422) on a corrupt or foreign blob."""
+def import_blob(data: bytes, *, corpus_id: str, reward_metric: str, max_turns: int) -> StateNode:
+    """Rebuild the node chain of a blob from `export_blob`; raise EnvError (422) on a corrupt, foreign or invalid
+    blob. `max_turns` is this server's cap: the blob's task must pass `check_task` with it, as a created task does."""
     try:
         blob = _blob_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise EnvError(
             ErrorCode.INVALID_VALUE, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}"
+        ) from None
+    except RecursionError:  # nesting past the interpreter's limit, which msgspec's decoder shares
+        raise EnvError(
+            ErrorCode.INVALID_VALUE, f"snapshot blob nests too deeply (the limit is {MAX_BLOB_DEPTH} levels)"
         ) from None
     if blob.version != SNAPSHOT_FORMAT_VERSION:
         raise EnvError(
@@ -216,13 +227,93 @@ def import_blob(data: bytes, *, corpus_id: str, reward_metric: str) -> StateNode
             ErrorCode.INVALID_VALUE,
             f"snapshot was judged with reward_metric={blob.reward_metric!r}, this server uses {reward_metric!r}",
         )
+    _check_depth(blob.task.metadata, "task.metadata")
+    check_task(blob.task, max_turns, where="snapshot task: ", answers_field="golden_answers")
     if len(blob.turns) > blob.task.max_turns:
         raise EnvError(
             ErrorCode.INVALID_VALUE, f"snapshot has {len(blob.turns)} turns > max_turns {blob.task.max_turns}"
         )
-    if any(t.done for t in blob.turns[:-1]):
-        raise EnvError(ErrorCode.INVALID_VALUE, "snapshot has a finished turn before its last one")
+    for i, t in enumerate(blob.turns, start=1):
+        _check_depth(t.info, f"turns[{i - 1}].info")
+        if t.done and i < len(blob.turns):
+            raise EnvError(ErrorCode.INVALID_VALUE, "snapshot has a finished turn before its last one")
+        if not t.done and i == blob.task.max_turns:
+            raise EnvError(
+                ErrorCode.INVALID_VALUE, f"snapshot turn {i} reaches max_turns {i} without ending the episode"
+            )
+        if t.truncated and not t.done:
+            raise EnvError(ErrorCode.INVALID_VALUE, f"snapshot turn {i} is truncated but not done")
+        if not math.isfinite(t.reward):
+            raise EnvError(ErrorCode.INVALID_VALUE, f"snapshot turn {i} has reward {t.reward}; rewards are finite")
     node = StateNode(parent=None, task=blob.task, turn=0, record=None)
     for i, rec in enumerate(blob.turns, start=1):
         node = StateNode(parent=node, task=blob.task, turn=i, record=rec)
     return node
+
+
+# ---------------------------------------------------------------------------------------------- task checks
+MAX_BLOB_DEPTH = 32
+"""How deep an imported blob's free-form values (`task.metadata`, a turn's `info`) may nest (a dict or list is one
+level). The server's own nest at most 3 (`metadata.oracle[i]` is a dict in a list in a dict); 32 leaves room for a dataset's own metadata while
+staying far below the interpreter's recursion limit (1000 frames), which msgspec's decoder and encoder share: a blob
+nested ~1000 levels deep made import answer 500 (RecursionError), and one just under it would have failed later,
+when exported or encoded into an answer."""
+
+NON_BLANK = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+"""A regex matching one character that is not white space, written as an explicit class so that it means the same
+in Python, ECMA-262 (JSON Schema's dialect) and Rust regexes: the union of Python's `str.isspace` and ECMA's `\\s`.
+A question or gold answer must contain one; `/openapi.json` publishes the same pattern."""
+_NON_BLANK = re.compile(NON_BLANK)
+INT64 = (-(2**63), 2**63 - 1)
+"""A seed must fit in a signed 64-bit integer: JSON integers are unbounded, but snapshot blobs are MessagePack."""
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` has no character matched by `NON_BLANK` (empty, or only white space)."""
+    return _NON_BLANK.search(text) is None
+
+
+def check_max_turns(max_turns: int, cap: int, where: str = "") -> None:
+    if not 1 <= max_turns <= cap:
+        raise EnvError(ErrorCode.INVALID_VALUE, f"{where}max_turns must be in [1, {cap}], got {max_turns}")
+
+
+def check_seed(seed: int | None, where: str = "") -> None:
+    if seed is not None and not INT64[0] <= seed <= INT64[1]:
+        raise EnvError(ErrorCode.INVALID_VALUE, f"{where}seed must fit in a signed 64-bit integer, got {seed}")
+
+
+def check_question(question: str | None, where: str = "") -> None:
+    if not question or is_blank(question):
+        raise EnvError(ErrorCode.INVALID_VALUE, f"{where}question must be a non-empty string")
+
+
+def check_answers(answers: list[str] | None, where: str = "", field_name: str = "answers") -> None:
+    if not answers or any(is_blank(a) for a in answers):
+        raise EnvError(
+            ErrorCode.INVALID_VALUE, f"{where}{field_name} must be a non-empty list of non-blank strings, got {answers}"
+        )
+
+
+def check_task(task: TaskRecord, max_turns_cap: int, *, where: str = "", answers_field: str = "answers") -> None:
+    """The checks every task passes before it enters the store, whether `create` built it or a blob carried it:
+    max_turns in [1, cap], a 64-bit seed, a non-blank question and a non-empty list of non-blank gold answers (the
+    judge cannot score an answer without one). Raises EnvError 422 prefixed with `where`."""
+    check_max_turns(task.max_turns, max_turns_cap, where)
+    check_seed(task.seed, where)
+    check_question(task.question, where)
+    check_answers(task.golden_answers, where, answers_field)
+
+
+def _check_depth(value: Any, name: str) -> None:
+    """Raise EnvError 422 when `value` nests deeper than `MAX_BLOB_DEPTH` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > MAX_BLOB_DEPTH:
+                raise EnvError(
+                    ErrorCode.INVALID_VALUE,
+                    f"snapshot {name} nests deeper than {MAX_BLOB_DEPTH} levels; this server refuses such blobs",
+                )
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))

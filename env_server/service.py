@@ -16,6 +16,9 @@ What always holds:
   and a step that reaches max turns (truncated) get 0.0. All judge metrics still go in `info`.
 - A snapshot blob carries the server's `reward_metric` and `corpus_id`; importing one judged otherwise is
   refused, so a continued episode gets the rewards it would have got here.
+- `/v1/batch` answers one result per op, in order, whatever happens to the others: an op that hits a bug gets an
+  `internal_error` result (logged with its traceback) and the other ops keep theirs, so the ids of episodes the batch
+  created always reach the client.
 - Search never blocks the event loop: the local index runs it in its own thread pool (`search_threads`,
   owned by `Resources`); a remote retriever is awaited. A backend failure is 502 and the step is not applied.
 """
@@ -34,7 +37,16 @@ import structlog
 
 from env_server.config import BUILTIN_WORLD, ServerConfig
 from env_server.datasets import DatasetRegistry, read_questions
-from env_server.episodes import EpisodeStore, export_blob, import_blob
+from env_server.episodes import (
+    EpisodeStore,
+    check_answers,
+    check_max_turns,
+    check_question,
+    check_seed,
+    check_task,
+    export_blob,
+    import_blob,
+)
 from env_server.metrics import ServerMetrics
 from env_server.retrieval import RemoteRetriever, Retriever, RetrieverError, TantivyRetriever
 from env_server.tools import (
@@ -158,10 +170,8 @@ class EnvService:
     # ------------------------------------------------------------------ calls
     def create(self, req: CreateEpisode) -> EpisodeCreated:
         max_turns = self.cfg.max_turns if req.max_turns is None else req.max_turns
-        if not 1 <= max_turns <= self.cfg.max_turns:
-            raise EnvError(ErrorCode.INVALID_VALUE, f"max_turns must be in [1, {self.cfg.max_turns}], got {max_turns}")
-        if req.seed is not None and not -(2**63) <= req.seed < 2**63:  # JSON ints are unbounded; blobs are msgpack
-            raise EnvError(ErrorCode.INVALID_VALUE, f"seed must fit in a signed 64-bit integer, got {req.seed}")
+        check_max_turns(max_turns, self.cfg.max_turns)
+        check_seed(req.seed)
         by_ref = req.dataset is not None or req.split is not None or req.index is not None
         by_text = req.question is not None or req.answers is not None
         if by_ref == by_text:
@@ -178,10 +188,9 @@ class EnvService:
             # What would give the answer away (the oracle trajectory, the gold passage ids) only on request.
             metadata = {k: v for k, v in row.metadata.items() if k not in _ORACLE_KEYS or req.include_oracle}
         else:
-            if not req.question or not req.question.strip():
-                raise EnvError(ErrorCode.INVALID_VALUE, "question must be a non-empty string")
-            if not req.answers or not all(a.strip() for a in req.answers):
-                raise EnvError(ErrorCode.INVALID_VALUE, "answers must be a non-empty list of non-empty strings")
+            check_question(req.question)
+            check_answers(req.answers)
+            assert req.question is not None and req.answers is not None
             question, golds, qid = req.question, list(req.answers), None
         task = TaskRecord(
             question=question,
@@ -193,6 +202,7 @@ class EnvService:
             seed=req.seed,
             metadata=metadata,
         )
+        check_task(task, self.cfg.max_turns)  # the same checks an imported blob's task passes
         eid, sid, _ = self.store.create(task)
         self.metrics.episodes_created.inc()
         prompt = self.prompt_template.format(question=question)
@@ -298,12 +308,9 @@ class EnvService:
         return export_blob(node, corpus_id=self.corpus_id, reward_metric=self.cfg.reward_metric)
 
     def import_snapshot(self, data: bytes) -> SnapshotCreated:
-        node = import_blob(data, corpus_id=self.corpus_id, reward_metric=self.cfg.reward_metric)
-        if node.task.max_turns > self.cfg.max_turns:
-            raise EnvError(
-                ErrorCode.INVALID_VALUE,
-                f"snapshot allows {node.task.max_turns} turns; this server caps max_turns at {self.cfg.max_turns}",
-            )
+        node = import_blob(
+            data, corpus_id=self.corpus_id, reward_metric=self.cfg.reward_metric, max_turns=self.cfg.max_turns
+        )
         self.store.check_capacity(0, 1)
         return SnapshotCreated(self.store.add_snapshot(node))
 
@@ -331,6 +338,13 @@ class EnvService:
             except EnvError as e:
                 self.metrics.errors.labels(e.code.value if isinstance(e.code, ErrorCode) else str(e.code)).inc()
                 return {"ok": False, **msgspec.to_builtins(e.to_body())}
+            except Exception:
+                # A bug in one op is that op's 500, as the single call would answer; the other ops were applied (or
+                # are still running) and their answers, such as the ids of created episodes, must reach the client.
+                log.exception("unhandled error in a batch op", op=type(op).__name__)
+                err = EnvError(ErrorCode.INTERNAL, "internal error in this op; see the server log")
+                self.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
+                return {"ok": False, **msgspec.to_builtins(err.to_body())}
             return {"ok": True, **msgspec.to_builtins(ans)}
 
         # Tasks start in order and every op on an existing episode takes its lock (FIFO) before its first real
