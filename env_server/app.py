@@ -11,16 +11,23 @@ Contract: DESIGN §2 (routes, bodies, error shape and status codes). Who owns wh
   `{"error": {code, message}}` in the request's format; nothing a client sends produces a 500 (a 500 is a
   bug, logged with its traceback).
 - `cleanup_ctx` builds the resources off the event loop (unless given), starts the reaper task and cancels
-  and awaits it on shutdown; on shutdown new work gets 503 while in-flight requests finish (aiohttp waits
-  `shutdown_timeout_s` for them).
+  and awaits it on shutdown.
+- Draining (`drain`, which `trace-env serve` runs on SIGTERM/SIGINT before closing anything): the listening socket
+  stays open and kept-alive connections keep being read; new work answers 503 `shutting_down` and `/health` answers
+  503, both with `Retry-After` (seconds until the drain window ends at the latest) and `Connection: close`; requests
+  already in flight (counted by the middleware, `DRAIN`) run to the end. The window closes when none is left, or
+  after `shutdown_timeout_s`; only then does the runner stop listening. An app shut down by its own runner (tests,
+  embedding) sets the same state in `on_shutdown`, after aiohttp has closed the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -47,11 +54,39 @@ log = structlog.get_logger("env_server")
 
 
 # ---------------------------------------------------------------------------------------------- HTTP layer
+@dataclass
+class Drain:
+    """Requests in flight, so that a drain can wait for them; and when the drain window ends at the latest."""
+
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever in_flight == 0
+    deadline: float | None = None  # time.monotonic() at which the window closes at the latest; None = not draining
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        assert self.in_flight >= 0, f"in_flight went negative: {self.in_flight}"
+        if self.in_flight == 0:
+            self.idle.set()
+
+    def retry_after_s(self) -> int:
+        """Seconds until the window closes at the latest (>= 1): when to try this address again."""
+        left = 0.0 if self.deadline is None else self.deadline - time.monotonic()
+        return max(1, math.ceil(left))
+
+
 CONFIG = web.AppKey("config", ServerConfig)
 SERVICE = web.AppKey("service", EnvService)
 METRICS = web.AppKey("metrics", ServerMetrics)
 SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 RESOURCES = web.AppKey("resources", Resources)
+DRAIN = web.AppKey("drain", Drain)
 
 _OPEN_ROUTES = ("/health", "/openapi.json")  # liveness and API discovery need no token
 _BLOB_TYPES = (  # a snapshot blob is MessagePack
@@ -75,6 +110,8 @@ def _answer(request: web.Request, obj: Any, status: int = 200) -> web.Response:
 def _error(request: web.Request, err: EnvError) -> web.Response:
     request.app[METRICS].errors.labels(getattr(err.code, "value", str(err.code))).inc()
     resp = _answer(request, err.to_body(), status=err.status)
+    if err.code == ErrorCode.SHUTTING_DOWN:  # `Connection: close` too (error_middleware): reconnect, maybe elsewhere
+        resp.headers["Retry-After"] = str(request.app[DRAIN].retry_after_s())
     if err.code == ErrorCode.TOO_LARGE:
         # The rest of the body is never read into memory (aiohttp discards it for at most its 10 s lingering
         # time, as nginx does); `Connection: close` tells the client to stop sending and not reuse the socket.
@@ -98,6 +135,19 @@ async def error_middleware(
     t0 = time.perf_counter()
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
+        resp = await _handle(request, handler)
+    finally:
+        request.app[METRICS].requests.labels(route).observe(time.perf_counter() - t0)
+    if request.app[SHUTTING_DOWN].is_set():
+        resp.force_close()  # answered, but no connection is kept to a server that is about to close
+    return resp
+
+
+async def _handle(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The shutdown gate, the token check and the handler, with every error turned into the contract's shape."""
+    try:
         if request.app[SHUTTING_DOWN].is_set() and request.path not in _OPEN_ROUTES:
             raise EnvError(ErrorCode.SHUTTING_DOWN, "server is shutting down; send new work to another replica")
         token = request.app[CONFIG].auth_token
@@ -105,7 +155,12 @@ async def error_middleware(
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 raise EnvError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer <token>)")
-        return await handler(request)
+        drain = request.app[DRAIN]
+        drain.enter()
+        try:
+            return await handler(request)
+        finally:
+            drain.leave()
     except EnvError as e:
         return _error(request, e)
     except web.HTTPRequestEntityTooLarge as e:
@@ -122,8 +177,6 @@ async def error_middleware(
     except Exception:
         log.exception("unhandled error", method=request.method, path=request.path)
         return _error(request, EnvError(ErrorCode.INTERNAL, "internal error; see the server log"))
-    finally:
-        request.app[METRICS].requests.labels(route).observe(time.perf_counter() - t0)
 
 
 def _svc(request: web.Request) -> EnvService:
@@ -136,7 +189,10 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "starting", "version": __version__}, status=503)
     shutting_down = request.app[SHUTTING_DOWN].is_set()
     # 503 while draining, so load balancers and container health checks stop sending new work here.
-    return _answer(request, svc.health(shutting_down), status=503 if shutting_down else 200)
+    resp = _answer(request, svc.health(shutting_down), status=503 if shutting_down else 200)
+    if shutting_down:
+        resp.headers["Retry-After"] = str(request.app[DRAIN].retry_after_s())
+    return resp
 
 
 async def info(request: web.Request) -> web.Response:
@@ -249,9 +305,32 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
             await res.aclose()
 
 
-async def _on_shutdown(app: web.Application) -> None:
+async def drain(app: web.Application, timeout_s: float, hurry: asyncio.Event | None = None) -> int:
+    """Start draining (module docstring): from now on new work and `/health` answer 503 while the socket stays open.
+    Returns when no request is in flight, after `timeout_s`, or when `hurry` is set (a second signal), whichever
+    comes first, with the number of requests still in flight. The caller then closes the runner."""
+    d = app[DRAIN]
+    d.deadline = time.monotonic() + timeout_s
     app[SHUTTING_DOWN].set()
-    log.info("shutting down: new work gets 503, in-flight requests finish")
+    log.info("draining: new work gets 503, in-flight requests finish", in_flight=d.in_flight, timeout_s=timeout_s)
+    waits = [asyncio.create_task(d.idle.wait())]
+    if hurry is not None:
+        waits.append(asyncio.create_task(hurry.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    if d.in_flight:
+        log.warning("drain ended with requests in flight; they are cancelled", in_flight=d.in_flight)
+    return d.in_flight
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    if not app[SHUTTING_DOWN].is_set():  # not drained first (`drain`): the runner has already stopped listening
+        app[SHUTTING_DOWN].set()
+        log.info("shutting down: new work gets 503, in-flight requests finish")
 
 
 def init_app(cfg: ServerConfig, resources: Resources | None = None) -> web.Application:
@@ -262,6 +341,7 @@ def init_app(cfg: ServerConfig, resources: Resources | None = None) -> web.Appli
     app[CONFIG] = cfg
     app[METRICS] = ServerMetrics()
     app[SHUTTING_DOWN] = asyncio.Event()
+    app[DRAIN] = Drain()
     if resources is not None:
         app[RESOURCES] = resources
     setup_routes(app)

@@ -48,15 +48,22 @@ class IndexConfig:
         return self
 
 
+CLOSE_GRACE_S = 1.0
+"""After the drain, how long the runner waits for requests that are still being answered when it closes: those that
+arrived in the drain's last moment (a 503 takes microseconds); the drain itself already waited for real work."""
+
+
 async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> None:
-    """Run until SIGINT/SIGTERM (or cancellation); then stop accepting, answer 503 to new work and let
-    in-flight requests finish. `ready` gets the bound URL once the server listens."""
+    """Run until SIGINT/SIGTERM (or cancellation). On the signal, drain (`env_server.app.drain`): keep listening,
+    answer new work and /health with 503 + Retry-After, and let in-flight requests finish, for at most
+    `shutdown_timeout_s` (a second signal cuts it short); then close. `ready` gets the bound URL once listening."""
     from aiohttp import web
 
-    from env_server.app import init_app
+    from env_server.app import drain, init_app
 
     log = structlog.get_logger("env_server")
-    runner = web.AppRunner(init_app(cfg), shutdown_timeout=cfg.shutdown_timeout_s, access_log=None)
+    app = init_app(cfg)
+    runner = web.AppRunner(app, shutdown_timeout=CLOSE_GRACE_S, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
@@ -71,10 +78,13 @@ async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> 
         ready.set_result(url)
     try:
         await stop.wait()
+        hurry = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, hurry.set)
+        await drain(app, cfg.shutdown_timeout_s, hurry)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        log.info("draining")
         await runner.cleanup()
         log.info("stopped")
 

@@ -41,6 +41,13 @@ class ServerConfig:
     """Where the on-disk search index lives (default: `<corpus>.index`, or the synthetic world's cache)."""
     retriever_url: str | None = None
     """Use an external Search-R1-style `/retrieve` server instead of the local index."""
+    retriever_timeout_s: Annotated[float, tyro.conf.arg(aliases=("--retriever-timeout",))] = 15.0
+    """Seconds one request to --retriever-url may take (connecting included) before it counts as failed."""
+    retriever_retries: int = 2
+    """Further tries after a failed or timed-out retriever request (waits of 0.25 s, 0.5 s, ... between them); then
+    the step answers 502 and is not applied. The defaults bound a step at 3 x 15 s + 0.75 s = 45.75 s, under the
+    60 s the project's client (`shared.client.EnvClient`) waits by default: a step that outlived its client would
+    hold the episode's lock for nothing."""
     auth_token: str | None = None
     """Bearer token required on every route but /health (env TRACE_ENV_TOKEN, or TRACE_AUTH_TOKEN). None = open."""
     max_episodes: int = 10_000
@@ -72,7 +79,8 @@ class ServerConfig:
     search_threads: int = 4
     """Threads running local searches off the event loop."""
     shutdown_timeout_s: Annotated[float, tyro.conf.arg(aliases=("--shutdown-timeout",))] = 30.0
-    """On SIGTERM/SIGINT: new work gets 503 and in-flight requests get this long to finish."""
+    """On SIGTERM/SIGINT the server drains: it keeps listening, answers new work and /health with 503 (Retry-After),
+    and closes once the requests in flight have finished, or after this many seconds. A second signal closes at once."""
     log_level: str = "info"
     """debug, info, warning or error. Logs are JSON lines when stderr is not a TTY."""
 
@@ -106,6 +114,12 @@ class ServerConfig:
                 raise ValueError(f"--data {name}={path}: no such file or folder")
         if self.corpus and not Path(self.corpus).is_file():
             raise ValueError(f"--corpus {self.corpus}: no such file")
+        if self.retriever_timeout_s <= 0:
+            raise ValueError(f"retriever_timeout_s must be > 0, got {self.retriever_timeout_s}")
+        if self.retriever_retries < 0:
+            raise ValueError(f"retriever_retries must be >= 0, got {self.retriever_retries}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
         if self.search_threads < 1:
             raise ValueError(f"search_threads must be >= 1, got {self.search_threads}")
         return self

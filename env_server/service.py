@@ -119,7 +119,7 @@ def build_resources(cfg: ServerConfig) -> Resources:
         index_dir = cfg.resolved_cache_dir() / "synthetic-builtin.index"  # the package folder may be read-only
         retriever = TantivyRetriever.open_or_build(BUILTIN_WORLD / "corpus.jsonl", index_dir, executor=executor)
     elif cfg.retriever_url:
-        retriever = RemoteRetriever(cfg.retriever_url)
+        retriever = RemoteRetriever(cfg.retriever_url, timeout_s=cfg.retriever_timeout_s, retries=cfg.retriever_retries)
     elif cfg.corpus:
         index_dir = Path(cfg.index_dir) if cfg.index_dir else Path(cfg.corpus + ".index")
         retriever = TantivyRetriever.open_or_build(Path(cfg.corpus), index_dir, executor=executor)

@@ -7,14 +7,23 @@ process where a signal is involved, and loopback stand-ins for a retriever that 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import inspect
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import msgpack
 import pytest
-from conftest import JSON, LiveServer, RawHTTP, metric_value
+from conftest import JSON, LiveServer, RawHTTP, SlowRetriever, metric_value, start_server_process, stop_process
 
+from env_server.config import ServerConfig, parse_serve_args
 from env_server.episodes import MAX_BLOB_DEPTH
+from env_server.retrieval import RemoteRetriever
+from shared.client import EnvClient
 from shared.wire import TaskRecord
 
 pytestmark = pytest.mark.timeout(60)
@@ -209,3 +218,182 @@ async def test_batch_answers_per_op_when_one_op_hits_a_bug(make_env_server: Make
         assert (await http.call("GET", "/health")).status == 200
     finally:
         await http.aclose()
+
+
+# ---------------------------------------------------------------------------------------------- defect 3
+@pytest.fixture
+async def stalled_retriever() -> AsyncIterator[tuple[str, list[float]]]:
+    """A TCP server on loopback that accepts every connection, reads what comes and never answers; yields its URL and
+    the (monotonic) times at which connections arrived."""
+    arrived: list[float] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.append(time.monotonic())
+        while await reader.read(65536):  # until the client gives up and closes
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", arrived
+    server.close()
+
+
+async def test_stalled_retriever_is_bounded_by_config_and_the_502_says_what_was_tried(
+    make_env_server: Make, stalled_retriever: tuple[str, list[float]]
+) -> None:
+    """Issue 14 defect 3: a retriever that accepts the connection and never answers made a step take 92.6 s (three
+    tries of 30 s, no flag), longer than the project's client waits, with the episode locked throughout. The timeout
+    and retries are config (`--retriever-timeout`, `--retriever-retries`), and the 502 names the attempts and the
+    timeout; the step is not applied."""
+    url, arrived = stalled_retriever
+    srv = await make_env_server(resources=None, retriever_url=url, retriever_timeout_s=0.5, retriever_retries=1)
+    http = RawHTTP(srv.url)
+    try:
+        eid = (await create(http))["episode_id"]
+        t0 = time.monotonic()
+        r = await http.call("POST", f"/v1/episodes/{eid}/step", {"action": "<search> anything </search>"})
+        took = time.monotonic() - t0
+        assert r.status == 502 and r.error_code() == "upstream_error", r.body
+        msg = r.body["error"]["message"]
+        assert "2 attempts" in msg and "timeout 0.5 s" in msg and "no answer within 0.5 s" in msg, msg
+        assert len(arrived) == 2, arrived  # one try and one retry, each on a connection of its own
+        assert 1.0 <= took < 5.0, took  # 2 x 0.5 s + a 0.25 s wait, not 2 x 30 s
+        # Not applied, and the episode's lock is free again: the next call on it answers at once.
+        r = await http.call("POST", f"/v1/episodes/{eid}/step", {"action": "<answer> Nobody </answer>"})
+        assert r.status == 200 and r.body["turn"] == 1 and r.body["reward"] == 1.0, r.body
+    finally:
+        await http.aclose()
+
+
+def test_retriever_timeout_flags_and_the_default_bound() -> None:
+    """Issue 14 defect 3: `--retriever-timeout` and `--retriever-retries` reach the config, and with the defaults the
+    longest a step can wait on a stalled retriever stays under the project's client's default timeout."""
+    cfg = parse_serve_args(
+        ["--retriever-url", "http://127.0.0.1:9", "--retriever-timeout", "2.5", "--retriever-retries", "0"]
+    )
+    assert (cfg.retriever_timeout_s, cfg.retriever_retries) == (2.5, 0)
+    with pytest.raises(ValueError, match="retriever_timeout_s"):
+        ServerConfig(retriever_timeout_s=0).validate()
+    default = ServerConfig()
+    worst = RemoteRetriever(
+        "http://127.0.0.1:9", timeout_s=default.retriever_timeout_s, retries=default.retriever_retries
+    ).worst_case_s
+    client_timeout = inspect.signature(EnvClient).parameters["timeout_s"].default
+    assert worst == 45.75 and worst < client_timeout, (worst, client_timeout)
+
+
+# ---------------------------------------------------------------------------------------------- defect 4
+class KeptAlive:
+    """One HTTP/1.1 connection kept open across requests (no pool that could quietly reconnect)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> KeptAlive:
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:
+        data = json.dumps(body).encode() if body is not None else b""
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        self.writer.write(head.encode() + data)
+        await self.writer.drain()
+        status_line = await asyncio.wait_for(self.reader.readline(), 10)
+        assert status_line, "the server closed the kept-alive connection instead of answering"
+        headers: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode().partition(":")
+            headers[k.strip().lower()] = v.strip()
+        payload = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, json.loads(payload) if payload else None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_sigterm_drains_keeps_accepting_answers_503_then_closes(
+    make_slow_retriever: Callable[[float], Awaitable[SlowRetriever]],
+) -> None:
+    """Issue 14 defect 4: on SIGTERM the listening socket closed first (new connections refused, kept-alive requests
+    dropped, /health unreachable) although the docs promised 503 while in-flight requests finish. Now, in a real
+    `trace-env serve` process: during the drain a kept-alive connection and a new one both get 503 with Retry-After
+    for new work and from /health, the in-flight step finishes (200), and the process closes right after, exit 0."""
+    slow = await make_slow_retriever(2.0)
+    proc, url = await asyncio.to_thread(
+        start_server_process, ["--retriever-url", slow.url, "--log-level", "warning", "--shutdown-timeout", "20"]
+    )
+    kept = await KeptAlive.open(url)
+    try:
+        status, _, ep = await kept.call("POST", "/v1/episodes", {"question": "q", "answers": ["a"]})
+        assert status == 200
+        async with EnvClient(url, retries=0) as env:
+            in_flight = asyncio.create_task(env.step(ep["episode_id"], action="<search> slow search </search>"))
+            for _ in range(500):  # until the step is inside the server, waiting on the retriever
+                if slow.calls:
+                    break
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert proc.poll() is None and not in_flight.done()  # draining
+
+            status, headers, body = await kept.call("POST", "/v1/episodes", {"question": "q", "answers": ["a"]})
+            assert status == 503 and body["error"]["code"] == "shutting_down", body
+            assert 1 <= int(headers["retry-after"]) <= 20 and headers["connection"] == "close", headers
+            late = RawHTTP(url)  # new connections are still accepted
+            try:
+                r = await late.call("POST", "/v1/episodes", {"question": "q", "answers": ["a"]})
+                assert r.status == 503 and r.error_code() == "shutting_down"
+                assert 1 <= int(r.headers["Retry-After"]) <= 20
+                health = await late.call("GET", "/health")
+                assert health.status == 503 and health.body["status"] == "shutting_down"
+                assert 1 <= int(health.headers["Retry-After"]) <= 20
+            finally:
+                await late.aclose()
+
+            res = await in_flight
+            assert res.turn == 1 and "slow search" in res.observation
+            finished = time.monotonic()
+        rc = await asyncio.to_thread(proc.wait, 15)
+        assert rc == 0
+        assert time.monotonic() - finished < 5, "closed once nothing was in flight, not after the whole timeout"
+        with pytest.raises(aiohttp.ClientConnectionError):  # and then it is closed
+            async with aiohttp.ClientSession() as s, s.get(url + "/health"):
+                pass
+    finally:
+        kept.close()
+        _, err = stop_process(proc)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+
+
+async def test_a_second_sigterm_ends_the_drain_at_once(
+    make_slow_retriever: Callable[[float], Awaitable[SlowRetriever]],
+) -> None:
+    """Issue 14 defect 4 (the way out): a drain waits for in-flight work up to --shutdown-timeout; a second signal
+    closes at once, cutting off what is still in flight."""
+    slow = await make_slow_retriever(30.0)
+    proc, url = await asyncio.to_thread(
+        start_server_process, ["--retriever-url", slow.url, "--log-level", "warning", "--shutdown-timeout", "60"]
+    )
+    try:
+        async with EnvClient(url, retries=0) as env:
+            ep = await env.create(question="q", answers=["a"])
+            in_flight = asyncio.create_task(env.step(ep.episode_id, action="<search> never answered </search>"))
+            for _ in range(500):
+                if slow.calls:
+                    break
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert proc.poll() is None  # draining: the step is still in flight
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.to_thread(proc.wait, 15)
+            assert rc == 0 and time.monotonic() - t0 < 5
+            with pytest.raises(ConnectionError, match="Server disconnected"):  # cut off, as the second signal asks
+                await in_flight
+    finally:
+        _, err = stop_process(proc)
+    assert "Traceback" not in err, err[-2000:]

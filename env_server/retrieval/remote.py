@@ -9,9 +9,12 @@ configs use the latter). Search-R1's own BM25 server sends documents without "id
 Contracts: one aiohttp session (created on first use inside the running loop, closed by `aclose`); at most
 `max_concurrency` requests in flight; batches over `MAX_BATCH` queries split into concurrent requests. Blank queries
 are answered [] locally and never sent; queries are cut to `max_query_chars`. Connection errors (any aiohttp.ClientError), timeouts
-(`timeout_s` per attempt) and 5xx answers are retried `retries` times (`shared.retry`) with exponential backoff starting
-at `backoff_s`; a 4xx or a malformed answer raises `RetrieverError` at once, naming the URL and what was wrong.
-Lists longer than `topk` are cut to `topk`.
+(`timeout_s` per attempt, connecting included) and 5xx answers are retried `retries` times (`shared.retry`) with
+exponential backoff starting at `backoff_s`; when the attempts run out, `RetrieverError` says how many were made, the
+timeout of each and the last error. A 4xx or a malformed answer raises `RetrieverError` at once, naming the URL and
+what was wrong. Lists longer than `topk` are cut to `topk`. `worst_case_s` is the longest one request can take
+(every attempt timing out, plus the waits between them): a retriever that accepts connections and never answers
+holds a step (and its episode's lock) that long.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class RemoteRetriever(Retriever):
         self,
         url: str,
         *,
-        timeout_s: float = 30,
+        timeout_s: float = 15.0,
         max_concurrency: int = 16,
         retries: int = 2,
         backoff_s: float = 0.25,
@@ -54,7 +57,9 @@ class RemoteRetriever(Retriever):
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/retrieve") else f"{base}/retrieve"
         self.corpus_id: str = f"remote:{self.endpoint}"
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
+        # ceil_threshold=inf: aiohttp would otherwise round a timeout of 5 s or more up to the next whole second.
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, ceil_threshold=math.inf)
         self.retries = retries
         self.backoff_s = backoff_s
         # Refused/reset connections, truncated bodies, timeouts and 5xx answers; never a 4xx or a malformed answer.
@@ -66,6 +71,13 @@ class RemoteRetriever(Retriever):
         self._semaphore: asyncio.Semaphore | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+
+    @property
+    def worst_case_s(self) -> float:
+        """The longest one request can take: every attempt times out, with the backoff waits between them."""
+        return self._retry.attempts * self.timeout_s + sum(
+            self._retry.wait_s(n) for n in range(1, self._retry.attempts)
+        )
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -111,9 +123,13 @@ class RemoteRetriever(Retriever):
         try:
             body = await with_retries(self._retry, once, event="retriever_retry", endpoint=self.endpoint)
         except (StatusError, TimeoutError, aiohttp.ClientError) as e:  # all transient: the attempts ran out
-            last_error = str(e) if isinstance(e, StatusError) else f"{type(e).__name__}: {e}"
+            if isinstance(e, TimeoutError):
+                last_error = f"no answer within {self.timeout_s:g} s"
+            else:
+                last_error = str(e) if isinstance(e, StatusError) else f"{type(e).__name__}: {e}"
             raise RetrieverError(
-                f"{self.endpoint} failed after {self._retry.attempts} attempts; last error: {last_error}"
+                f"{self.endpoint} failed after {self._retry.attempts} attempts (timeout {self.timeout_s:g} s each, "
+                f"retries={self.retries}); last error: {last_error}"
             ) from e
         return self._parse(body, len(queries), topk)
 
