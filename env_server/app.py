@@ -7,9 +7,13 @@ Contract: DESIGN §2 (routes, bodies, error shape and status codes). Who owns wh
   answers exactly what the single call would.
 - App state lives under typed `web.AppKey`s: `CONFIG`, `METRICS`, `SHUTTING_DOWN`, `SERVICE` (set at
   start-up) and `RESOURCES` (only when the caller passed its own `Resources`, which it then closes).
-- One middleware checks the bearer token and the shutdown state, and turns every error into
-  `{"error": {code, message}}` in the request's format; nothing a client sends produces a 500 (a 500 is a
-  bug, logged with its traceback).
+- One middleware checks the bearer token (`Authorization: Bearer <token>`, the scheme in any case, RFC 7235) and
+  the shutdown state, and turns every error into `{"error": {code, message}}` in the request's format; nothing a
+  client sends produces a 500 (a 500 is a bug, logged with its traceback). 429 and 503 carry `Retry-After`.
+- Bodies are read through `_read`: over `max_body_bytes` is 413, and a body that has not fully arrived within
+  `body_timeout_s` is 408, so a stalled upload holds neither a handler nor a drain for long; both answer with
+  `Connection: close` (aiohttp discards what still comes for at most its 10 s lingering time, then closes). A request with no body at all is an empty object whatever its Content-Type (aiohttp's client sends
+  `application/octet-stream` when it has no data).
 - `cleanup_ctx` builds the resources off the event loop (unless given), starts the reaper task and cancels
   and awaits it on shutdown.
 - Draining (`drain`, which `trace-env serve` runs on SIGTERM/SIGINT before closing anything): the listening socket
@@ -89,6 +93,9 @@ RESOURCES = web.AppKey("resources", Resources)
 DRAIN = web.AppKey("drain", Drain)
 
 _OPEN_ROUTES = ("/health", "/openapi.json")  # liveness and API discovery need no token
+CAPACITY_RETRY_AFTER_S = 1
+"""`Retry-After` of a 429: capacity comes back as clients delete finished episodes, which a trainer does all the time;
+idle ones expire on the TTL. A second is a hint, not a promise (a batch over `max_batch_ops` must be split)."""
 _BLOB_TYPES = (  # a snapshot blob is MessagePack
     "",
     "application/octet-stream",
@@ -112,20 +119,47 @@ def _error(request: web.Request, err: EnvError) -> web.Response:
     resp = _answer(request, err.to_body(), status=err.status)
     if err.code == ErrorCode.SHUTTING_DOWN:  # `Connection: close` too (error_middleware): reconnect, maybe elsewhere
         resp.headers["Retry-After"] = str(request.app[DRAIN].retry_after_s())
-    if err.code == ErrorCode.TOO_LARGE:
+    if err.code == ErrorCode.CAPACITY:
+        resp.headers["Retry-After"] = str(CAPACITY_RETRY_AFTER_S)
+    if err.code == ErrorCode.TOO_LARGE or err.status == 408:
         # The rest of the body is never read into memory (aiohttp discards it for at most its 10 s lingering
         # time, as nginx does); `Connection: close` tells the client to stop sending and not reuse the socket.
         resp.force_close()
     return resp
 
 
+async def _read(request: web.Request) -> bytes:
+    """The whole body: 413 past `max_body_bytes`, 408 when it has not arrived within `body_timeout_s`."""
+    cfg = request.app[CONFIG]
+    if request.content_length is not None and request.content_length > cfg.max_body_bytes:
+        raise EnvError(
+            ErrorCode.TOO_LARGE, f"body is {request.content_length} bytes; the limit is {cfg.max_body_bytes}"
+        )
+    try:
+        async with asyncio.timeout(cfg.body_timeout_s):
+            return await request.read()  # aiohttp stops at client_max_size (= max_body_bytes) and raises 413
+    except TimeoutError:
+        raise EnvError(
+            "request_timeout",
+            f"the request body did not arrive within {cfg.body_timeout_s:g} s (the server's body_timeout_s); "
+            "send the whole body at once",
+            status=408,
+        ) from None
+
+
 async def _body(request: web.Request, typ: type[Any]) -> Any:
-    limit = request.app[CONFIG].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise EnvError(ErrorCode.TOO_LARGE, f"body is {request.content_length} bytes; the limit is {limit}")
+    if not request.body_exists:  # no body: all defaults, whatever the Content-Type says
+        return codec.decode(b"", typ)
     fmt = codec.media_type(request.headers.get("Content-Type"))  # 415 before reading a body we cannot decode
-    data = await request.read()  # aiohttp stops at client_max_size (= limit) and raises 413
-    return codec.decode(data, typ, fmt)
+    return codec.decode(await _read(request), typ, fmt)
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    """`Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 7235 §2.1), the token exact."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    # Header bytes that are not UTF-8 arrive as surrogates (aiohttp decodes with surrogateescape): compare bytes.
+    given = credentials.strip(" ").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, token.encode()) and scheme.lower() == "bearer"
 
 
 @web.middleware
@@ -151,10 +185,8 @@ async def _handle(
         if request.app[SHUTTING_DOWN].is_set() and request.path not in _OPEN_ROUTES:
             raise EnvError(ErrorCode.SHUTTING_DOWN, "server is shutting down; send new work to another replica")
         token = request.app[CONFIG].auth_token
-        if token and request.path not in _OPEN_ROUTES:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise EnvError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer <token>)")
+        if token and request.path not in _OPEN_ROUTES and not _authorized(request, token):
+            raise EnvError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer <token>)")
         drain = request.app[DRAIN]
         drain.enter()
         try:
@@ -228,13 +260,10 @@ async def get_snapshot(request: web.Request) -> web.Response:
 
 
 async def import_snapshot(request: web.Request) -> web.Response:
-    limit = request.app[CONFIG].max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise EnvError(ErrorCode.TOO_LARGE, f"body is {request.content_length} bytes; the limit is {limit}")
     ct = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if ct not in _BLOB_TYPES:
         raise EnvError(ErrorCode.UNSUPPORTED_MEDIA, f"send the blob as application/octet-stream, got {ct!r}")
-    return _answer(request, _svc(request).import_snapshot(await request.read()))
+    return _answer(request, _svc(request).import_snapshot(await _read(request)))
 
 
 async def snapshot_episodes(request: web.Request) -> web.Response:

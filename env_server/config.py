@@ -68,6 +68,9 @@ class ServerConfig:
     """Largest n for one fork call."""
     max_body_bytes: int = 8 * 1024 * 1024
     """Request body cap; a larger body answers 413 without being read past the cap."""
+    body_timeout_s: Annotated[float, tyro.conf.arg(aliases=("--body-timeout",))] = 15.0
+    """Seconds a client has to send a whole request body once its headers arrived; a slower or stalled upload gets
+    408 and its connection is closed. 15 s lets a body at the 8 MiB cap arrive at 0.6 MB/s."""
     max_action_chars: int = 32_768
     """Longest action text a step accepts (422 past it): a model's turn, not a document."""
     reward_metric: str = "em"
@@ -118,6 +121,8 @@ class ServerConfig:
             raise ValueError(f"retriever_timeout_s must be > 0, got {self.retriever_timeout_s}")
         if self.retriever_retries < 0:
             raise ValueError(f"retriever_retries must be >= 0, got {self.retriever_retries}")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
         if self.search_threads < 1:

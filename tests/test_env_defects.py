@@ -300,6 +300,10 @@ class KeptAlive:
         head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
         self.writer.write(head.encode() + data)
         await self.writer.drain()
+        return await self.answer()
+
+    async def answer(self) -> tuple[int, dict[str, str], Any]:
+        """Read one answer: (status, lower-cased headers, JSON body or None)."""
         status_line = await asyncio.wait_for(self.reader.readline(), 10)
         assert status_line, "the server closed the kept-alive connection instead of answering"
         headers: dict[str, str] = {}
@@ -397,3 +401,97 @@ async def test_a_second_sigterm_ends_the_drain_at_once(
     finally:
         _, err = stop_process(proc)
     assert "Traceback" not in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- defect 5
+async def test_a_stalled_request_body_is_408_and_closed(make_env_server: Make) -> None:
+    """Issue 14 defect 5 (body timeout): reading a request body had no timeout, so stalled uploads (headers sent,
+    body never finished) held their handlers as long as the client liked (200 of them for 45 s). Now each gets 408
+    with `Connection: close` after `body_timeout_s` (aiohttp then discards what still comes for at most its 10 s
+    lingering time, as for a 413), on JSON routes and on the blob import alike, while other requests are served."""
+    srv = await make_env_server(body_timeout_s=0.5)
+    http = RawHTTP(srv.url)
+    stalled = []
+    try:
+        for path, ct in (("/v1/episodes", "application/json"), ("/v1/snapshots", "application/octet-stream")):
+            for _ in range(10):
+                conn = await KeptAlive.open(srv.url)
+                head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ct}\r\nContent-Length: 1000\r\n\r\n"
+                conn.writer.write(head.encode() + b"{")  # 1 byte of the promised 1000, then nothing
+                stalled.append(conn)
+        t0 = time.monotonic()
+        assert (await http.call("GET", "/health")).status == 200  # served while they stall
+        for conn in stalled:
+            status, headers, body = await conn.answer()
+            assert status == 408 and body["error"]["code"] == "request_timeout", (status, body)
+            assert "body_timeout_s" in body["error"]["message"] and headers["connection"] == "close", (headers, body)
+        assert time.monotonic() - t0 < 3
+        assert (await create(http))["turn"] == 0
+    finally:
+        for conn in stalled:
+            conn.close()
+        await http.aclose()
+
+
+async def test_429_has_retry_after(make_env_server: Make) -> None:
+    """Issue 14 defect 5: a 429 (capacity) answered without `Retry-After`."""
+    srv = await make_env_server(max_episodes=1, max_batch_ops=2)
+    http = RawHTTP(srv.url)
+    try:
+        eid = (await create(http))["episode_id"]
+        for method, path, body in (
+            ("POST", "/v1/episodes", {"question": "q", "answers": ["a"]}),
+            ("POST", f"/v1/episodes/{eid}/fork", {"n": 1}),
+            ("POST", "/v1/batch", {"ops": [{"op": "snapshot", "episode_id": eid}] * 3}),
+        ):
+            r = await http.call(method, path, body)
+            assert r.status == 429 and r.error_code() == "capacity_exceeded", r.body
+            assert int(r.headers["Retry-After"]) >= 1, r.headers
+    finally:
+        await http.aclose()
+
+
+async def test_bearer_scheme_is_case_insensitive(make_env_server: Make) -> None:
+    """Issue 14 defect 5: `Authorization: bearer <token>` was refused (the scheme was compared case-sensitively;
+    RFC 7235 says it is case-insensitive). The token itself stays exact, and header bytes that are not UTF-8 are a
+    401, not the 500 (UnicodeEncodeError) they were."""
+    srv = await make_env_server(auth_token="s3cret")
+    http = RawHTTP(srv.url)
+    try:
+        for value, status in (
+            ("Bearer s3cret", 200),
+            ("bearer s3cret", 200),
+            ("BEARER s3cret", 200),
+            ("bEaReR  s3cret", 200),
+            ("Bearer S3CRET", 401),
+            ("Basic s3cret", 401),
+            ("s3cret", 401),
+            ("Bearer", 401),
+        ):
+            r = await http.call("GET", "/v1/info", headers={"Authorization": value})
+            assert r.status == status, (value, r.status)
+        conn = await KeptAlive.open(srv.url)
+        try:
+            conn.writer.write(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+            assert (await asyncio.wait_for(conn.reader.readline(), 5)).split()[1] == b"401"
+        finally:
+            conn.close()
+    finally:
+        await http.aclose()
+
+
+async def test_empty_post_with_octet_stream_is_not_415(http: RawHTTP, env_server: LiveServer) -> None:
+    """Issue 14 defect 5: `POST .../snapshot` with no body and `Content-Type: application/octet-stream` (what
+    aiohttp's client sends when it has no data) answered 415; a call with no body takes no content type. A body
+    in an unsupported type is still 415."""
+    eid = (await create(http))["episode_id"]
+    for headers in ({"Content-Type": "application/octet-stream"}, {"Content-Type": "text/xml"}, {"Content-Type": None}):
+        r = await http.call("POST", f"/v1/episodes/{eid}/snapshot", raw=b"", headers=headers)
+        assert r.status == 200 and r.body["snapshot_id"].startswith("snp_"), (headers, r.status, r.body)
+        r = await http.call("POST", f"/v1/episodes/{eid}/fork", raw=b"", headers=headers)
+        assert r.status == 200 and len(r.body["episode_ids"]) == 1, (headers, r.body)
+    async with aiohttp.ClientSession() as plain:  # no data at all: aiohttp picks the content type itself
+        async with plain.post(f"{env_server.url}/v1/episodes/{eid}/snapshot") as resp:
+            assert resp.status == 200, await resp.text()
+    r = await http.call("POST", f"/v1/episodes/{eid}/snapshot", raw=b"{}", headers={"Content-Type": "text/xml"})
+    assert r.status == 415 and r.error_code() == "unsupported_media_type"
