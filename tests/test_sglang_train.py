@@ -2,11 +2,13 @@
 
 `trace-train --config configs/debug.toml --engine sglang` as a child process, in a temporary output folder and the
 test session's temporary TRACE_CACHE_DIR (the `cache_dir` fixture: world, tiny model and SFT warm start are built
-there). The trainer launches one SGLang server itself (`trainer.services.engines`, `--dtype` from the served model's
-config.json); on a machine without CUDA, `engine.extra_args` carry SGLang's CPU flags (../shared/SGLANG_CPU.md).
+there once), once per way weights reach the engine (`engine.weight_sync`): "disk" (`/update_weights_from_disk`)
+and "group" (`trainer.weight_sync` over a gloo or nccl group, `/update_weights_from_distributed`). The trainer
+launches one SGLang server itself (`trainer.services.engines`, `--dtype` from the served model's config.json); on a
+machine without CUDA, `engine.extra_args` carry SGLang's CPU flags (../shared/SGLANG_CPU.md).
 Checked: exit 0, metrics.jsonl has the config's 2 step rows with tokens generated, prefixes served from SGLang's
-radix cache and the weight version of each step, the evaluations before and after, and the engine's log shows
-SGLang served it (`/update_weights_from_disk` after each step).
+radix cache and each step's weight version, the evaluations before and after, and the server's access log has one
+weight update per step through the chosen route and none through the other.
 
 Skipped, like tests/test_sglang_engine.py, unless sglang is importable and CUDA works or SGLANG_USE_CPU_ENGINE=1.
 """
@@ -57,12 +59,16 @@ CPU_ENGINE_ARGS = [
 GPU_ENGINE_ARGS = ["--mem-fraction-static", "0.3", "--disable-prefill-cuda-graph", "--disable-decode-cuda-graph"]
 
 
+ROUTES = {"disk": "/update_weights_from_disk", "group": "/update_weights_from_distributed"}
+
+
 @pytest.mark.timeout(2400)
-def test_debug_config_on_sglang(tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("weight_sync", ["disk", "group"])
+def test_debug_config_on_sglang(weight_sync: str, tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "run"
     cpu = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
     extra = CPU_ENGINE_ARGS if cpu else GPU_ENGINE_ARGS
-    sets = [f'run.output_dir="{out}"', f"engine.extra_args={json.dumps(extra)}"]
+    sets = [f'run.output_dir="{out}"', f"engine.extra_args={json.dumps(extra)}", f'engine.weight_sync="{weight_sync}"']
     cmd = [sys.executable, "-m", "trainer.cli", "--config", str(REPO / "configs" / "debug.toml"), "--engine", "sglang"]
     cmd += [x for s in sets for x in ("--set", s)]
     env = {**os.environ, "TRACE_CACHE_DIR": str(cache_dir)}
@@ -78,5 +84,7 @@ def test_debug_config_on_sglang(tmp_path: Path, cache_dir: Path) -> None:
     assert "eval_em_before" in rows[0] and "eval_em" in rows[-1], (rows[0].keys(), rows[-1].keys())
     assert 0.0 <= rows[0]["eval_em_before"] <= 1.0 and 0.0 <= rows[-1]["eval_em"] <= 1.0
 
-    text = (out / "engine_0.log").read_text(errors="replace")  # the launched server's output
-    assert "sglang" in text.lower() and text.count("/update_weights_from_disk") >= 2, text[-3000:]
+    log = (out / "engine_0.log").read_text(errors="replace")  # the launched server's output, uvicorn's access log
+    used, other = ROUTES[weight_sync], ROUTES["group" if weight_sync == "disk" else "disk"]
+    assert "sglang" in log.lower(), log[-3000:]
+    assert log.count(f'POST {used} HTTP/1.1" 200') == 2 and other not in log, log[-3000:]
