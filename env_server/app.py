@@ -218,7 +218,9 @@ def _svc(request: web.Request) -> EnvService:
 async def health(request: web.Request) -> web.Response:
     svc = request.app.get(SERVICE)
     if svc is None:
-        return web.json_response({"status": "starting", "version": __version__}, status=503)
+        return web.json_response(
+            {"status": "starting", "version": __version__}, status=503, headers={"Retry-After": "1"}
+        )
     shutting_down = request.app[SHUTTING_DOWN].is_set()
     # 503 while draining, so load balancers and container health checks stop sending new work here.
     resp = _answer(request, svc.health(shutting_down), status=503 if shutting_down else 200)

@@ -12,6 +12,17 @@ What always holds (`tests/test_openapi.py` checks it against the live app):
   the request's format unless `Accept` says otherwise (DESIGN §2).
 - `/openapi.json` and `/health` need no token (a client must be able to discover the API and probe liveness);
   the document says whether this server requires the bearer token on the other routes.
+- The request schemas say what the server enforces, with this server's limits (`_constrain`): `n` of a fork in
+  [1, max_fork_n], `topk` in [1, max_topk], `max_turns` in [1, max_turns], a 64-bit `seed`, `action` at most
+  max_action_chars long, a non-blank question and gold answers (`env_server.episodes.NON_BLANK`), and `oneOf` for
+  the two either/or bodies (create: the dataset trio or question + answers; step: action or tool_call). A body the
+  schema refuses is refused by the server (4xx), and a 422 for a body the schema allows comes only from what the
+  schema does not say (a dataset, split or index this server does not serve; an imported blob whose turns no server
+  could have made, or whose values nest too deep). Counts over the server's capacity (queries or ops per call,
+  live episodes) are 429, with `Retry-After`, as every 503 is. Batch ops are checked one by one, each answering
+  its own result, so their schemas stay loose.
+- Links from each answer that carries an `episode_id`/`snapshot_id` to the operations that take it, so a client or
+  a test generator (schemathesis' stateful phase) can follow an episode's life.
 """
 
 from __future__ import annotations
@@ -24,8 +35,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from env_server.app import CONFIG
-from shared.version import API_VERSION, __version__
+from env_server.app import CONFIG, SERVICE
+from env_server.config import ServerConfig
+from env_server.episodes import INT64, MAX_BLOB_DEPTH, NON_BLANK
+from shared.version import API_VERSION, SNAPSHOT_FORMAT_VERSION, __version__
 from shared.wire import (
     BatchRequest,
     BatchResult,
@@ -131,6 +144,7 @@ HAND_WRITTEN: dict[str, dict[str, Any]] = {
 ERROR_MEANING: dict[int, str] = {
     400: "malformed body: not JSON/MessagePack, or a field of the wrong type or unknown (the message names it)",
     401: "missing or wrong bearer token (only when the server runs with --auth-token)",
+    408: "the request body did not arrive within the server's body_timeout_s; the connection is closed",
     404: "unknown (deleted, expired) episode or snapshot",
     409: "the episode is done; fork one of its snapshots to continue from an earlier turn",
     413: "body over the server's limit (`limits.max_body_bytes`)",
@@ -142,7 +156,7 @@ ERROR_MEANING: dict[int, str] = {
     503: "the server is shutting down; send new work to another replica",
 }
 
-_BODY_ERRORS = (400, 413, 415)
+_BODY_ERRORS = (400, 408, 413, 415)
 _ALWAYS = (401, 500, 503)
 
 
@@ -230,7 +244,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Import a blob from GET /v1/snapshots/{snapshot_id} (any server with the same corpus)",
         BINARY,
         SnapshotCreated,
-        (400, 413, 415, 422, 429),
+        (400, 408, 413, 415, 422, 429),
         tag="snapshots",
     ),
     Operation(
@@ -277,6 +291,37 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again (429: capacity; 503: until the drain ends at the latest)",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+"""The header every 429 and 503 answer carries."""
+
+_EPISODE_OPS = ("step_episode", "fork_episode", "snapshot_episode", "delete_episode")
+_SNAPSHOT_OPS = ("export_snapshot", "episodes_from_snapshot", "delete_snapshot")
+LINKS: dict[str, dict[str, str]] = {
+    # operationId whose 200 answer carries ids -> {id parameter: runtime expression}
+    "create_episode": {"episode_id": "$response.body#/episode_id", "snapshot_id": "$response.body#/snapshot_id"},
+    "step_episode": {"episode_id": "$response.body#/episode_id", "snapshot_id": "$response.body#/snapshot_id"},
+    "fork_episode": {"episode_id": "$response.body#/episode_ids/0"},
+    "episodes_from_snapshot": {"episode_id": "$response.body#/episode_ids/0"},
+    "snapshot_episode": {"snapshot_id": "$response.body#/snapshot_id"},
+    "import_snapshot": {"snapshot_id": "$response.body#/snapshot_id"},
+}
+"""OpenAPI links: which answers name an episode or snapshot that later operations take."""
+
+
+def _links(op_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for param, expr in LINKS.get(op_id, {}).items():
+        for target in _EPISODE_OPS if param == "episode_id" else _SNAPSHOT_OPS:
+            out[target] = {"operationId": target, "parameters": {param: expr}}
+    return out
+
+
 def _name(t: type | str) -> str:
     return t if isinstance(t, str) else t.__name__
 
@@ -293,8 +338,12 @@ def _operation(op: Operation) -> dict[str, Any]:
     if op.request == BINARY:
         out["requestBody"] = {
             "required": True,
-            "description": "The blob exactly as exported (application/octet-stream or a MessagePack type).",
-            "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": MSGPACK}}},
+            "description": "The blob exactly as exported: MessagePack bytes of `SnapshotBlob`, sent as "
+            "application/octet-stream or as application/msgpack (whose schema says what the server checks).",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "contentMediaType": MSGPACK}},
+                MSGPACK: {"schema": _ref("SnapshotBlob")},
+            },
         }
     elif op.request is not None:
         out["requestBody"] = {"required": op.body_required, "content": _media(_ref(_name(op.request)))}
@@ -313,8 +362,14 @@ def _operation(op: Operation) -> dict[str, Any]:
         responses["200"] = {"description": "OpenAPI 3.1 document", "content": {JSON: {"schema": {"type": "object"}}}}
     else:
         responses["200"] = {"description": _name(op.response), "content": _media(_ref(_name(op.response)))}
+    if links := _links(op.op_id):
+        responses["200"]["links"] = links
     if op.op_id == "health":
-        responses["503"] = {"description": "starting or shutting down", "content": _media(_ref("Health"))}
+        responses["503"] = {
+            "description": "starting or shutting down",
+            "headers": RETRY_AFTER,
+            "content": _media(_ref("Health")),
+        }
     errors: set[int] = set(op.errors)
     if not op.open:
         errors |= set(_ALWAYS)
@@ -322,24 +377,137 @@ def _operation(op: Operation) -> dict[str, Any]:
             errors |= set(_BODY_ERRORS)
     for status in sorted(errors):
         responses[str(status)] = {"description": ERROR_MEANING[status], "content": _media(_ref("ErrorBody"))}
+        if status in (429, 503):
+            responses[str(status)]["headers"] = RETRY_AFTER
     out["responses"] = responses
     if op.open:
         out["security"] = []
     return out
 
 
-@functools.lru_cache(maxsize=2)
-def _document_bytes(auth_required: bool) -> bytes:
-    return json.dumps(build_openapi(auth_required=auth_required)).encode()
+def _constrain(components: dict[str, Any], cfg: ServerConfig, corpus_id: str | None) -> None:
+    """Write the server's checks into the request schemas (module docstring), with `cfg`'s limits; `corpus_id` (when
+    known) is the one an imported blob must carry."""
+
+    def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"anyOf": [schema, {"type": "null"}], "default": None}
+
+    non_blank = {"type": "string", "minLength": 1, "pattern": NON_BLANK}
+    null = {"type": "null"}  # in a oneOf branch: this field absent or null
+
+    fork = components["ForkRequest"]["properties"]
+    fork["n"] = {"type": "integer", "minimum": 1, "maximum": cfg.max_fork_n, "default": 1}
+    retrieve = components["RetrieveRequest"]["properties"]
+    retrieve["topk"] = {"type": "integer", "minimum": 1, "maximum": cfg.max_topk, "default": cfg.topk}
+    retrieve["queries"]["description"] = "More than `limits.max_batch_ops` queries answer 429."
+    components["BatchRequest"]["properties"]["ops"]["description"] = (
+        "More than `limits.max_batch_ops` ops answer 429. Each op is checked as its call is: a bad op gets its own "
+        "`ok: false` result, so ops are not constrained here."
+    )
+
+    create = components["CreateEpisode"]
+    props = create["properties"]
+    props["index"] = nullable({"type": "integer", "minimum": 0})
+    props["max_turns"] = nullable({"type": "integer", "minimum": 1, "maximum": cfg.max_turns})
+    props["max_turns"]["description"] = "Default and cap: the server's max_turns (`limits.max_turns`)."
+    props["seed"] = nullable({"type": "integer", "minimum": INT64[0], "maximum": INT64[1]})
+    create["oneOf"] = [
+        {
+            "title": "by dataset",
+            "required": ["dataset", "split", "index"],
+            "properties": {
+                "dataset": {"type": "string"},
+                "split": {"type": "string"},
+                "index": {"type": "integer"},
+                "question": null,
+                "answers": null,
+            },
+        },
+        {
+            "title": "by question",
+            "required": ["question", "answers"],
+            "properties": {
+                "question": non_blank,
+                "answers": {"type": "array", "minItems": 1, "items": non_blank},
+                "dataset": null,
+                "split": null,
+                "index": null,
+            },
+        },
+    ]
+
+    # An imported blob (POST /v1/snapshots as application/msgpack): what `import_blob` checks, where a schema can.
+    blob = components["SnapshotBlob"]["properties"]
+    blob["version"] = {"const": SNAPSHOT_FORMAT_VERSION}
+    blob["reward_metric"] = {"const": cfg.reward_metric}
+    if corpus_id is not None:
+        blob["corpus_id"] = {"const": corpus_id}
+    blob["turns"]["maxItems"] = cfg.max_turns
+    blob["turns"]["description"] = (
+        "At most `task.max_turns`; only the last may be done, a turn at max_turns must be, truncated implies done."
+    )
+    task = components["TaskRecord"]["properties"]
+    task["question"] = non_blank
+    task["golden_answers"] = {"type": "array", "minItems": 1, "items": non_blank}
+    task["max_turns"] = {"type": "integer", "minimum": 1, "maximum": cfg.max_turns}
+    task["seed"] = nullable({"type": "integer", "minimum": INT64[0], "maximum": INT64[1]})
+    task["metadata"]["description"] = f"Nests at most {MAX_BLOB_DEPTH} levels, as each turn's `info` does."
+    components["TurnRecord"]["maxItems"] = 6
+
+    step = components["StepRequest"]
+    step["properties"]["action"] = nullable({"type": "string", "maxLength": cfg.max_action_chars})
+    step["oneOf"] = [
+        {
+            "title": "model text",
+            "required": ["action"],
+            "properties": {"action": {"type": "string"}, "tool_call": null},
+        },
+        {
+            "title": "tool call",
+            "required": ["tool_call"],
+            "properties": {"tool_call": _ref("ToolCall"), "action": null},
+        },
+    ]
 
 
-def build_openapi(*, auth_required: bool = False) -> dict[str, Any]:
-    """The OpenAPI 3.1 document; `auth_required` = the server runs with a bearer token."""
+@dataclass(frozen=True)
+class _Served:
+    """What the served document depends on: the token requirement, the limits and the corpus."""
+
+    auth_required: bool
+    max_fork_n: int
+    max_topk: int
+    topk: int
+    max_turns: int
+    max_action_chars: int
+    reward_metric: str
+    corpus_id: str | None
+
+
+@functools.lru_cache(maxsize=8)
+def _document_bytes(served: _Served) -> bytes:
+    cfg = ServerConfig(
+        max_fork_n=served.max_fork_n,
+        max_topk=served.max_topk,
+        topk=served.topk,
+        max_turns=served.max_turns,
+        max_action_chars=served.max_action_chars,
+        reward_metric=served.reward_metric,
+    )
+    return json.dumps(build_openapi(auth_required=served.auth_required, cfg=cfg, corpus_id=served.corpus_id)).encode()
+
+
+def build_openapi(
+    *, auth_required: bool = False, cfg: ServerConfig | None = None, corpus_id: str | None = None
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document; `auth_required` = the server runs with a bearer token; `cfg` gives the limits the
+    request schemas state (default: the default config's); `corpus_id` = the corpus an imported blob must name."""
     _, components = msgspec.json.schema_components(STRUCTS, ref_template=REF)
     clash = sorted(set(components) & set(HAND_WRITTEN))
     assert not clash, f"hand-written schema names clash with wire structs: {clash}"
     components.update(HAND_WRITTEN)
     components["BatchResult"]["properties"]["results"]["items"] = _ref("BatchOpResult")
+    _constrain(components, cfg or ServerConfig(), corpus_id)
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
@@ -369,5 +537,16 @@ def build_openapi(*, auth_required: bool = False) -> dict[str, Any]:
 
 async def openapi_json(request: web.Request) -> web.Response:
     """`GET /openapi.json` handler."""
-    body = _document_bytes(bool(request.app[CONFIG].auth_token))
-    return web.Response(body=body, content_type=JSON)
+    c = request.app[CONFIG]
+    svc = request.app.get(SERVICE)
+    served = _Served(
+        bool(c.auth_token),
+        c.max_fork_n,
+        c.max_topk,
+        c.topk,
+        c.max_turns,
+        c.max_action_chars,
+        c.reward_metric,
+        svc.corpus_id if svc is not None else None,
+    )
+    return web.Response(body=_document_bytes(served), content_type=JSON)

@@ -1,6 +1,7 @@
 """`GET /openapi.json` against the live app: the document lists exactly the app's routes, its schemas are valid
-JSON Schema, and REAL answers of a running server (successes and every error status we can provoke, JSON and
-MessagePack) validate against the schema documented for their operation and status.
+JSON Schema, REAL answers of a running server (successes and every error status we can provoke, JSON and
+MessagePack) validate against the schema and headers documented for their operation and status, and the request
+schemas refuse exactly what the server refuses. (tests/test_schemathesis.py runs a schema-driven fuzzer on top.)
 
 Guards against drift: a route added to `setup_routes` without an `OPERATIONS` entry, an answer whose shape or
 status the document does not describe.
@@ -47,6 +48,11 @@ class Spec:
         assert str(r.status) in op["responses"], f"{method} {template} answered undocumented {r.status}: {r.body}"
         content = op["responses"][str(r.status)]["content"]
         assert r.content_type in content, f"{method} {template} {r.status}: {r.content_type} not in {list(content)}"
+        for name, header in op["responses"][str(r.status)].get("headers", {}).items():  # e.g. Retry-After on 429/503
+            value = {k.lower(): v for k, v in r.headers.items()}.get(name.lower())
+            assert value is not None or not header["required"], f"{method} {template} {r.status}: no {name} header"
+            if value is not None:
+                jsonschema.validate(int(value) if header["schema"]["type"] == "integer" else value, header["schema"])
         if r.content_type in (JSON, MSGPACK):
             self.validate(r.body, content[r.content_type]["schema"])
         self.checked.add((method, template, r.status))
@@ -199,3 +205,76 @@ async def test_auth_capacity_size_upstream_and_shutdown_errors_are_documented(ma
     finally:
         for client in (anon, http, to_broken):
             await client.aclose()
+
+
+async def test_request_schemas_state_what_the_server_enforces(make_env_server: Make) -> None:
+    """Issue 14 item 6: the document was looser than the server (no bounds on `n` or `topk`, no `oneOf` for the
+    two either/or bodies). Now, with this server's own limits, a body the request schema refuses is refused by the
+    server (400/422), and a body it allows is accepted."""
+    srv = await make_env_server(max_fork_n=5, max_topk=7, max_turns=4, max_action_chars=50)
+    http = RawHTTP(srv.url)
+    try:
+        spec = await _spec(http)
+        schemas = spec.doc["components"]["schemas"]
+        assert schemas["ForkRequest"]["properties"]["n"] == {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 5,
+            "default": 1,
+        }
+        assert schemas["RetrieveRequest"]["properties"]["topk"]["maximum"] == 7
+        assert [b["title"] for b in schemas["CreateEpisode"]["oneOf"]] == ["by dataset", "by question"]
+        assert [b["title"] for b in schemas["StepRequest"]["oneOf"]] == ["model text", "tool call"]
+        info = (await http.call("GET", "/v1/info")).body
+        assert schemas["SnapshotBlob"]["properties"]["corpus_id"] == {"const": info["corpus_id"]}
+
+        def body_schema(template: str) -> dict[str, Any]:
+            return spec.doc["paths"][template]["post"]["requestBody"]["content"][JSON]["schema"]
+
+        async def fresh() -> str:
+            return (await http.call("POST", "/v1/episodes", {"question": "q", "answers": ["a"]})).body["episode_id"]
+
+        call = {"name": "search", "arguments": {"query": "Kelmar"}}
+        cases: list[tuple[str, dict[str, Any]]] = [
+            ("/v1/episodes", {"question": "q", "answers": ["a"]}),
+            ("/v1/episodes", {"question": "q", "answers": ["a"], "dataset": None, "max_turns": 4, "seed": -(2**63)}),
+            ("/v1/episodes", {"dataset": "synthetic", "split": "dev", "index": 0}),
+            ("/v1/episodes", {}),
+            ("/v1/episodes", {"question": " \t", "answers": ["a"]}),
+            ("/v1/episodes", {"question": "\ufeff", "answers": ["a"]}),
+            ("/v1/episodes", {"question": "q", "answers": []}),
+            ("/v1/episodes", {"question": "q", "answers": ["\u3000"]}),
+            ("/v1/episodes", {"question": "q", "answers": ["a"], "dataset": "synthetic"}),
+            ("/v1/episodes", {"dataset": "synthetic", "split": "dev"}),
+            ("/v1/episodes", {"dataset": "synthetic", "split": "dev", "index": -1}),
+            ("/v1/episodes", {"question": "q", "answers": ["a"], "max_turns": 0}),
+            ("/v1/episodes", {"question": "q", "answers": ["a"], "max_turns": 5}),
+            ("/v1/episodes", {"question": "q", "answers": ["a"], "seed": 2**63}),
+            ("/v1/episodes/{episode_id}/step", {"action": "<search> Kelmar </search>"}),
+            ("/v1/episodes/{episode_id}/step", {"tool_call": call}),
+            ("/v1/episodes/{episode_id}/step", {"tool_call": call, "action": None}),
+            ("/v1/episodes/{episode_id}/step", {}),
+            ("/v1/episodes/{episode_id}/step", {"action": None}),
+            ("/v1/episodes/{episode_id}/step", {"action": "x", "tool_call": call}),
+            ("/v1/episodes/{episode_id}/step", {"action": "x" * 51}),
+            ("/v1/episodes/{episode_id}/fork", {}),
+            ("/v1/episodes/{episode_id}/fork", {"n": 5}),
+            ("/v1/episodes/{episode_id}/fork", {"n": 0}),
+            ("/v1/episodes/{episode_id}/fork", {"n": 6}),
+            ("/retrieve", {"queries": ["Kelmar"], "topk": 7}),
+            ("/retrieve", {"queries": ["Kelmar"], "topk": 0}),
+            ("/retrieve", {"queries": ["Kelmar"], "topk": 8}),
+        ]
+        for template, body in cases:
+            allowed = jsonschema.Draft202012Validator(
+                {**body_schema(template), "components": spec.doc["components"]}
+            ).is_valid(body)
+            path = template.replace("{episode_id}", await fresh()) if "{" in template else template
+            for fmt in (JSON, MSGPACK):
+                r = await spec.call(http, "POST", template, path, body, fmt=fmt)
+                if allowed:
+                    assert r.status == 200, (template, body, fmt, r.body)
+                else:
+                    assert r.status in (400, 422), (template, body, fmt, r.status, r.body)
+    finally:
+        await http.aclose()
