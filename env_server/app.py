@@ -5,8 +5,9 @@ Contract: DESIGN §2 (routes, bodies, error shape and status codes). Who owns wh
   here only decode the request body, call the service and encode its answer in the request's format
   (JSON or MessagePack; `Accept` may ask otherwise). `/v1/batch` is `EnvService.batch`, so a batched op
   answers exactly what the single call would.
-- App state lives under typed `web.AppKey`s: `CONFIG`, `METRICS`, `SHUTTING_DOWN`, `SERVICE` (set at
-  start-up) and `RESOURCES` (only when the caller passed its own `Resources`, which it then closes).
+- App state lives under typed `web.AppKey`s: `CONFIG`, `METRICS`, `SHUTTING_DOWN`, `DRAIN` (requests in flight),
+  `SERVICE` (set at start-up) and `RESOURCES` (only when the caller passed its own `Resources`, which it then
+  closes).
 - One middleware checks the bearer token (`Authorization: Bearer <token>`, the scheme in any case, RFC 7235) and
   the shutdown state, and turns every error into `{"error": {code, message}}` in the request's format; nothing a
   client sends produces a 500 (a 500 is a bug, logged with its traceback). 429 and 503 carry `Retry-After`.
