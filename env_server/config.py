@@ -103,8 +103,16 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.reward_metric not in REWARD_METRICS:
             raise ValueError(f"reward_metric must be one of {REWARD_METRICS}, got {self.reward_metric!r}")
-        if self.prompt_template is not None and "{question}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain the placeholder {question}")
+        if self.prompt_template is not None:
+            if "{question}" not in self.prompt_template:
+                raise ValueError("prompt_template must contain the placeholder {question}")
+            try:  # what every create does with it: another placeholder (or a stray brace) would fail each one
+                self.prompt_template.format(question="q")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"prompt_template may hold only the placeholder {{question}} (write other braces as {{{{ }}}}): "
+                    f"{type(e).__name__}: {e}"
+                ) from e
         if self.retriever_url and self.corpus:
             raise ValueError("give either --corpus (local index) or --retriever-url (external search), not both")
         if self.data and not (self.corpus or self.retriever_url or self.index_dir):

@@ -495,3 +495,13 @@ async def test_empty_post_with_octet_stream_is_not_415(http: RawHTTP, env_server
             assert resp.status == 200, await resp.text()
     r = await http.call("POST", f"/v1/episodes/{eid}/snapshot", raw=b"{}", headers={"Content-Type": "text/xml"})
     assert r.status == 415 and r.error_code() == "unsupported_media_type"
+
+
+def test_a_prompt_template_create_cannot_format_is_refused_at_start() -> None:
+    """Noticed while fixing issue 14: a prompt_template with another placeholder ("{other}") or a stray brace passed
+    config validation, then every create answered 500 (KeyError / ValueError in str.format). It is refused at start,
+    saying what to write; escaped braces and the {question} placeholder still pass."""
+    for bad in ("Q: {question} ({other})", "Q: {question} {", "Q: {question} {0}"):
+        with pytest.raises(ValueError, match="may hold only the placeholder"):
+            ServerConfig(prompt_template=bad).validate()
+    ServerConfig(prompt_template="Q: {question} {{json}}").validate()
