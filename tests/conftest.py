@@ -319,3 +319,18 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     SFT warm start of the debug config are built once per test session (their cache keys keep different settings
     apart)."""
     return tmp_path_factory.mktemp("trace-cache")
+
+
+# ---------------------------------------------------------------------------------------------- the sglang tier
+def sglang_skip_reason() -> str | None:
+    """Why the `sglang`-marked tests cannot run here (None: they can): sglang not importable, or neither CUDA nor
+    SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1, which tools/sglang-cpu/run-tests sets with its shim)."""
+    from trainer.sglang_launcher import sglang_available
+
+    if not sglang_available():  # checked first: it does not import torch
+        return "sglang is not installed (tools/sglang-cpu/run-tests makes a venv with it)"
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        return "no CUDA device and SGLANG_USE_CPU_ENGINE is not 1 (on CPU: tools/sglang-cpu/run-tests)"
+    return None

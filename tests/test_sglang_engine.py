@@ -34,23 +34,13 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from conftest import sglang_skip_reason
 
 from shared.engine_protocol import SamplingParams
 from trainer.engine_client import EngineClient, Generation
-from trainer.sglang_launcher import SGLangServer, free_port, sglang_available
+from trainer.sglang_launcher import SGLangServer, free_port
 
-
-def _why_skip() -> str | None:
-    if not sglang_available():  # checked first: it does not import torch
-        return "sglang is not installed (tools/sglang-cpu/run-tests makes a venv with it)"
-    import torch
-
-    if not torch.cuda.is_available() and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
-        return "no CUDA device and SGLANG_USE_CPU_ENGINE is not 1 (on CPU: tools/sglang-cpu/run-tests)"
-    return None
-
-
-_REASON = _why_skip()
+_REASON = sglang_skip_reason()
 pytestmark = [
     pytest.mark.sglang,
     pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),

@@ -22,23 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from trainer.sglang_launcher import sglang_available
+from conftest import sglang_skip_reason
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _why_skip() -> str | None:
-    if not sglang_available():  # checked first: it does not import torch
-        return "sglang is not installed (tools/sglang-cpu/run-tests makes a venv with it)"
-    import torch
-
-    if not torch.cuda.is_available() and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
-        return "no CUDA device and SGLANG_USE_CPU_ENGINE is not 1 (on CPU: tools/sglang-cpu/run-tests)"
-    return None
-
-
-_REASON = _why_skip()
+_REASON = sglang_skip_reason()
 pytestmark = [pytest.mark.sglang, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 # SGLang's CPU engine: torch attention, a bounded KV pool, no overlap scheduler, torch sampling.
