@@ -146,6 +146,13 @@ def token_shares(lengths: Sequence[int], size: int) -> list[list[int]]:
     return [sorted(s, key=lambda i: (lengths[i], i)) for s in shares]
 
 
+def balanced_shares(lengths: Sequence[int], size: int, micro_batch_size: int) -> tuple[list[list[int]], int]:
+    """`token_shares` and the number of micro-batches of `micro_batch_size` every rank runs: the most any share
+    needs (the others pad with blank ones)."""
+    shares = token_shares(lengths, size)
+    return shares, max(micro_batches(len(sh), micro_batch_size) for sh in shares)
+
+
 def micro_batches(count: int, micro_batch_size: int) -> int:
     """Micro-batches of at most `micro_batch_size` for `count` items (0 for none)."""
     return -(-count // micro_batch_size)

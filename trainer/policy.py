@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.advantages import TrainSample
 from trainer.config import ModelConfig, OptimConfig, uses_cpu
-from trainer.distributed import Ranks, current, micro_batches, token_shares
+from trainer.distributed import Ranks, balanced_shares, current
 from trainer.loss import policy_loss, sequence_logprobs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -169,8 +169,7 @@ class Policy:
         parts = None
         if self.ranks.leader:
             assert seqs is not None and positions is not None
-            shares = token_shares([len(s) for s in seqs], self.ranks.size)
-            forwards = max(micro_batches(len(sh), batch) for sh in shares)
+            shares, forwards = balanced_shares([len(s) for s in seqs], self.ranks.size, batch)
             parts = [([seqs[i] for i in sh], [positions[i] for i in sh], forwards) for sh in shares]
         my_seqs, my_pos, forwards = self.ranks.scatter(parts)
         pad = forwards * batch - len(my_seqs)  # the same number of forwards (all-gathers) on every rank
@@ -217,8 +216,7 @@ class Policy:
             assert samples is not None
             total_w = sum(sum(s.weights) * scale(s) for s in samples)
             assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
-            shares = token_shares([len(s) for s in samples], self.ranks.size)
-            n_mb = max(micro_batches(len(sh), mb) for sh in shares)
+            shares, n_mb = balanced_shares([len(s) for s in samples], self.ranks.size, mb)
             parts = [([samples[i] for i in sh], total_w, n_mb) for sh in shares]
         mine, total_w, n_mb = self.ranks.scatter(parts)
         # N ranks: DDP / FSDP average the ranks' gradients, so each loss is scaled by N to sum them instead.
@@ -317,8 +315,7 @@ class Policy:
             self.ranks.announce("sft_update", micro_batch_size=mb, lr=self.lr)
             assert input_ids is not None and loss_mask is not None
             total = sum(sum(m) for m in loss_mask)
-            shares = token_shares([len(x) for x in input_ids], self.ranks.size)
-            n_mb = max(micro_batches(len(sh), mb) for sh in shares)
+            shares, n_mb = balanced_shares([len(x) for x in input_ids], self.ranks.size, mb)
             parts = [([input_ids[i] for i in sh], [loss_mask[i] for i in sh], total, n_mb) for sh in shares]
         elif lr is not None:
             self.set_lr(lr)
