@@ -272,7 +272,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "POST",
         "/v1/batch",
         "batch",
-        "Several create/step/fork/snapshot/delete ops in one call, answered in order",
+        "Several create/step/fork/snapshot/delete/spawn/delete_snapshot ops in one call, answered in order",
         BatchRequest,
         BatchResult,
         (429,),

@@ -71,6 +71,7 @@ from shared.wire import (
     DatasetInfo,
     Deleted,
     DeleteOp,
+    DeleteSnapshotOp,
     EnvError,
     EpisodeCreated,
     ErrorCode,
@@ -82,6 +83,7 @@ from shared.wire import (
     RetrieveRequest,
     SnapshotCreated,
     SnapshotOp,
+    SpawnOp,
     StepOp,
     StepRequest,
     StepResult,
@@ -324,6 +326,10 @@ class EnvService:
                     ans: Any = self.create(op)
                 elif isinstance(op, StepOp):
                     ans = await self.step(op.episode_id, op)
+                elif isinstance(op, SpawnOp):  # a snapshot is immutable: nothing to wait behind
+                    ans = self.from_snapshot(op.snapshot_id, op.n)
+                elif isinstance(op, DeleteSnapshotOp):
+                    ans = self.delete_snapshot(op.snapshot_id)
                 else:
                     assert isinstance(op, ForkOp | SnapshotOp | DeleteOp), op
                     # Wait behind any earlier op of this batch on the same episode (a step in flight holds
@@ -348,7 +354,8 @@ class EnvService:
             return {"ok": True, **msgspec.to_builtins(ans)}
 
         # Tasks start in order and every op on an existing episode takes its lock (FIFO) before its first real
-        # await, so ops on one episode apply in the order given while independent ops (searches) overlap.
+        # await, so ops on one episode apply in the order given while independent ops (searches) overlap. Snapshot ops
+        # (spawn, delete_snapshot) never await: they apply in the order given among themselves.
         return BatchResult(list(await asyncio.gather(*(run(op) for op in req.ops))))
 
     async def retrieve(self, req: RetrieveRequest) -> dict[str, Any]:

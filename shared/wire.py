@@ -145,7 +145,19 @@ class DeleteOp(_Req, tag_field="op", tag="delete"):
     episode_id: str = ""
 
 
-BatchOp = CreateOp | StepOp | ForkOp | SnapshotOp | DeleteOp
+class SpawnOp(ForkRequest, tag_field="op", tag="spawn"):
+    """`POST /v1/snapshots/{snapshot_id}/episodes` as a batch op: n new episodes starting at a snapshot."""
+
+    snapshot_id: str = ""
+
+
+class DeleteSnapshotOp(_Req, tag_field="op", tag="delete_snapshot"):
+    """`DELETE /v1/snapshots/{snapshot_id}` as a batch op."""
+
+    snapshot_id: str = ""
+
+
+BatchOp = CreateOp | StepOp | ForkOp | SnapshotOp | DeleteOp | SpawnOp | DeleteSnapshotOp
 
 
 class BatchRequest(_Req):

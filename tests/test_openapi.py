@@ -124,22 +124,22 @@ async def test_real_answers_validate_against_the_document(http: RawHTTP) -> None
         {"tool_call": {"name": "answer", "arguments": {"answer": "x"}}},
     )
     assert done.body["done"]
-    batch = await c(
-        http,
-        "POST",
-        "/v1/batch",
-        body={
-            "ops": [
-                {"op": "create", "question": "q", "answers": ["a"]},
-                {"op": "step", "episode_id": eid, "action": "<answer> a </answer>"},
-                {"op": "fork", "episode_id": eid, "n": 1},
-                {"op": "snapshot", "episode_id": eid},
-                {"op": "step", "episode_id": "ep_nope", "action": "x"},
-                {"op": "delete", "episode_id": forks["episode_ids"][1]},
-            ]
-        },
-    )
-    assert [r["ok"] for r in batch.body["results"]] == [True, True, True, True, False, True]
+    batch_body = {
+        "ops": [
+            {"op": "create", "question": "q", "answers": ["a"]},
+            {"op": "step", "episode_id": eid, "action": "<answer> a </answer>"},
+            {"op": "fork", "episode_id": eid, "n": 1},
+            {"op": "snapshot", "episode_id": eid},
+            {"op": "step", "episode_id": "ep_nope", "action": "x"},
+            {"op": "delete", "episode_id": forks["episode_ids"][1]},
+            {"op": "spawn", "snapshot_id": imported["snapshot_id"], "n": 2},
+            {"op": "spawn", "snapshot_id": "snp_nope"},
+            {"op": "delete_snapshot", "snapshot_id": imported["snapshot_id"]},
+        ]
+    }
+    spec.validate(batch_body, spec.component("BatchRequest"))  # every op, spawn and delete_snapshot too, is described
+    batch = await c(http, "POST", "/v1/batch", body=batch_body)
+    assert [r["ok"] for r in batch.body["results"]] == [True, True, True, True, False, True, True, False, True]
     await c(http, "POST", "/retrieve", body={"queries": ["Kelmar", "Orlan"], "topk": 2})
     await c(http, "POST", "/retrieve", body={"queries": ["Kelmar"], "return_scores": False})
     await c(http, "DELETE", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{snap['snapshot_id']}")
