@@ -136,9 +136,11 @@ async def _read(request: web.Request) -> bytes:
         raise EnvError(
             ErrorCode.TOO_LARGE, f"body is {request.content_length} bytes; the limit is {cfg.max_body_bytes}"
         )
+    if request.content.is_eof():  # the whole body has arrived (a small body comes with its headers): no wait, no timer
+        return await request.read()  # aiohttp stops at client_max_size (= max_body_bytes) and raises 413
     try:
         async with asyncio.timeout(cfg.body_timeout_s):
-            return await request.read()  # aiohttp stops at client_max_size (= max_body_bytes) and raises 413
+            return await request.read()
     except TimeoutError:
         raise EnvError(
             "request_timeout",
@@ -172,7 +174,7 @@ async def error_middleware(
     try:
         resp = await _handle(request, handler)
     finally:
-        request.app[METRICS].requests.labels(route).observe(time.perf_counter() - t0)
+        request.app[METRICS].route_latency(route).observe(time.perf_counter() - t0)
     if request.app[SHUTTING_DOWN].is_set():
         resp.force_close()  # answered, but no connection is kept to a server that is about to close
     return resp
@@ -333,6 +335,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         reaper.cancel()
         await asyncio.gather(reaper, return_exceptions=True)
+        await svc.aclose()
         if RESOURCES not in app:  # resources we opened, we close
             await res.aclose()
 

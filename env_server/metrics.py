@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -30,9 +31,26 @@ class ServerMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=r,
         )
+        self.searches = Counter(
+            "trace_env_searches",
+            "Queries searched, by where: inline (on the event loop), thread (search threads), remote (--retriever-url)",
+            ["where"],
+            registry=r,
+        )
+        for where in ("inline", "thread", "remote"):
+            self.searches.labels(where)  # each route shows (0) from the start
         self.search_latency = Histogram(
             "trace_env_search_seconds",
-            "Search latency (one batch of queries)",
+            "Search latency (one search call: a step's query, or a /retrieve call's; queueing included)",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2),
             registry=r,
         )
+        self._route_latency: dict[str, Any] = {}
+
+    def route_latency(self, route: str) -> Any:
+        """`requests`' child for `route`, looked up once per route (`labels()` takes a lock and builds a key on every
+        call, on every request's path)."""
+        child = self._route_latency.get(route)
+        if child is None:
+            child = self._route_latency[route] = self.requests.labels(route)
+        return child

@@ -19,8 +19,9 @@ What always holds:
 - `/v1/batch` answers one result per op, in order, whatever happens to the others: an op that hits a bug gets an
   `internal_error` result (logged with its traceback) and the other ops keep theirs, so the ids of episodes the batch
   created always reach the client.
-- Search never blocks the event loop: the local index runs it in its own thread pool (`search_threads`,
-  owned by `Resources`); a remote retriever is awaited. A backend failure is 502 and the step is not applied.
+- Search never holds the event loop for long: `EnvService.search` (`env_server.retrieval.scheduler`) searches the
+  local index inline while it answers within `search_inline_max_ms`, else in the `search_threads` pool (owned by
+  `Resources`); a remote retriever is awaited. A backend failure is 502 and the step is not applied.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from env_server.episodes import (
 )
 from env_server.metrics import ServerMetrics
 from env_server.retrieval import RemoteRetriever, Retriever, RetrieverError, TantivyRetriever
+from env_server.retrieval.scheduler import SearchCounters, SearchScheduler
 from env_server.tools import (
     DEFAULT_PROMPT,
     INVALID_ACTION,
@@ -166,8 +168,17 @@ class EnvService:
         self.prompt_template = cfg.prompt_template or DEFAULT_PROMPT
         self.corpus_id = res.retriever.corpus_id
         self.started = time.monotonic()
-        timed = _TimedRetriever(res.retriever, metrics)
-        self._tool_ctx_base = dict(retriever=timed, topk=cfg.topk, max_topk=cfg.max_topk)
+        self._steps_by_tool = {tool: metrics.steps.labels(tool) for tool in (*TOOLS, "invalid")}
+        self.search = SearchScheduler(
+            res.retriever,
+            res.executor,
+            mode=cfg.search_inline,
+            max_inline_s=cfg.search_inline_max_ms / 1e3,
+            threads=cfg.search_threads,
+            observe=metrics.search_latency.observe,
+        )
+        self._searches_counted = SearchCounters()  # what refresh_gauges has copied into metrics.searches so far
+        self._tool_ctx_base = dict(retriever=self.search, topk=cfg.topk, max_topk=cfg.max_topk)
 
     # ------------------------------------------------------------------ calls
     def create(self, req: CreateEpisode) -> EpisodeCreated:
@@ -276,7 +287,7 @@ class EnvService:
             action = req.action if req.action is not None else msgspec.json.encode(req.tool_call).decode()
             record = TurnRecord(action, result.observation, reward, done, truncated, info)
             new, sid = self.store.advance(h, record)
-        self.metrics.steps.labels(info["tool"]).inc()
+        self._steps_by_tool[info["tool"]].inc()
         return StepResult(episode_id, sid, result.observation, reward, done, truncated, new.turn, info)
 
     def fork(self, episode_id: str, n: int) -> ForkResult:
@@ -366,7 +377,7 @@ class EnvService:
                 ErrorCode.CAPACITY, f"{len(req.queries)} queries in one call; the limit is {self.cfg.max_batch_ops}"
             )
         try:
-            results = await self._tool_ctx_base["retriever"].search(req.queries, req.topk)
+            results = await self.search.search(req.queries, req.topk)
         except RetrieverError as e:
             raise EnvError(ErrorCode.UPSTREAM, f"search backend failed: {e}") from None
         if req.return_scores:
@@ -425,9 +436,20 @@ class EnvService:
             raise EnvError(ErrorCode.INVALID_VALUE, f"n must be in [1, {self.cfg.max_fork_n}], got {n}")
 
     def refresh_gauges(self) -> None:
+        """Bring the metrics kept outside Prometheus up to date (called when /metrics is scraped, and by the reaper)."""
+        for where in ("inline", "thread", "remote"):
+            new = getattr(self.search.counters, where) - getattr(self._searches_counted, where)
+            if new:
+                self.metrics.searches.labels(where).inc(new)
+                setattr(self._searches_counted, where, getattr(self.search.counters, where))
         self.metrics.episodes_live.set(len(self.store.episodes))
         self.metrics.snapshots_live.set(len(self.store.snapshots))
         self.metrics.snapshots_evicted.set(self.store.evicted)
+
+    async def aclose(self) -> None:
+        """Stop the search scheduler (its flush task and thread jobs); the resources stay open (their owner closes
+        them)."""
+        await self.search.aclose()
 
     async def reap_forever(self) -> None:
         """Expire idle episodes/snapshots every min(ttl / 4, 30 s) until cancelled (the app owns the task)."""
@@ -440,18 +462,3 @@ class EnvService:
                 self.metrics.reaped.labels("snapshot").inc(snaps)
                 log.info("reaped idle state", episodes=eps, snapshots=snaps)
             self.refresh_gauges()
-
-
-class _TimedRetriever:
-    """Forwards `search` to the real retriever and records its latency."""
-
-    def __init__(self, inner: Retriever, metrics: ServerMetrics) -> None:
-        self.inner = inner
-        self.metrics = metrics
-
-    async def search(self, queries: list[str], topk: int) -> list[list[Any]]:
-        t0 = time.perf_counter()
-        try:
-            return await self.inner.search(queries, topk)
-        finally:
-            self.metrics.search_latency.observe(time.perf_counter() - t0)

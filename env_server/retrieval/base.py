@@ -3,7 +3,8 @@
 Contracts every `Retriever` keeps:
 
 - `search(queries, topk)` answers one list of hits per query, in query order, each list best first and at most
-  `topk` long. It never blocks the event loop: CPU work runs in an executor, network work is awaited.
+  `topk` long. It never blocks the event loop for long: CPU work runs in an executor (or, in the server's
+  `scheduler.SearchScheduler`, inline within a bound of about a millisecond), network work is awaited.
 - ANY query string (quotes, query-syntax operators, unbalanced brackets, emoji, 10 KB of junk, only punctuation)
   returns a list, possibly empty; an empty or blank query returns `[]`. Queries are text, never query syntax.
 - Backend failures (a remote server down, a malformed answer, an unreadable index) raise `RetrieverError`; the env
