@@ -8,7 +8,14 @@ anyone else's framework.
         blob = await env.export_snapshot(res.snapshot_id)          # move the state to another server
 
 Every call answers a wire struct from `shared.wire`; an error answer raises `EnvError` with the
-server's code, status and message. Connection failures are retried (`shared.retry`, waits of
+server's code, status and message.
+
+`coalesce=True` batches what crosses the wire: the create/step/fork/snapshot/spawn/delete calls made in the same
+turn of the event loop (the branches of a tree whose generations came back together, a round's forks, a
+step's creates) leave as ONE `POST /v1/batch` (up to `max_batch_ops` ops a request; a lone call goes as its own
+request), sent on the next turn of the loop, so nothing waits longer than it takes the loop to come round. Each
+call still gets its own answer or its own `EnvError` (the batch answers per op; a failed request fails every call
+in it, with the error the single call would have raised). `http_requests` counts the requests sent. Connection failures are retried (`shared.retry`, waits of
 `backoff_s * 2**n`) only for calls that change nothing or that failed before the request was sent; a
 step is never sent twice. Error answers and timeouts are never retried.
 MessagePack is the default encoding (smaller and faster than JSON for the same structs).
@@ -55,7 +62,11 @@ class EnvClient:
         max_connections: int = 256,
         retries: int = 3,
         backoff_s: float = 0.2,
+        coalesce: bool = False,
+        max_batch_ops: int = 256,
     ) -> None:
+        if max_batch_ops < 1:
+            raise ValueError(f"max_batch_ops must be >= 1, got {max_batch_ops}")
         self.base_url = base_url.rstrip("/")
         self.fmt = codec.MSGPACK if msgpack else codec.JSON
         self.retries = retries
@@ -65,7 +76,7 @@ class EnvClient:
         self._retry_unsafe = RetryPolicy(retries + 1, backoff_s, errors=(aiohttp.ClientConnectorError,))
         self._retry_safe = replace(
             self._retry_unsafe,
-            errors=(aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError),
+            errors=(aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError),
         )
         self._headers = {"Content-Type": self.fmt, "Accept": self.fmt}
         if token:
@@ -73,6 +84,10 @@ class EnvClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self.coalesce = coalesce
+        self.max_batch_ops = max_batch_ops
+        self.http_requests = 0  # requests sent (a batch counts once)
+        self._queue: list[tuple[dict[str, Any], Any, asyncio.Future[Any]]] = []  # (op, answer type, its future)
 
     async def __aenter__(self) -> EnvClient:
         return self
@@ -101,6 +116,7 @@ class EnvClient:
             headers["Content-Type"] = "application/octet-stream"
 
         async def once() -> Any:
+            self.http_requests += 1
             async with self._sess().request(method, self.base_url + path, data=data, headers=headers) as resp:
                 payload = await resp.read()
                 if resp.status >= 400:
@@ -112,13 +128,73 @@ class EnvClient:
         policy = self._retry_safe if safe else self._retry_unsafe
         try:
             return await with_retries(policy, once, event="env_client_retry", url=self.base_url, path=path)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
-            # The retries ran out, or a disconnect of a call that is not safe to re-send.
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
+            # The retries ran out, or a disconnect (a reset, a cut answer) of a call that is not safe to re-send.
+            # ClientOSError covers a refused connection (ClientConnectorError) and one reset mid-request.
             raise ConnectionError(f"env server {self.base_url} unreachable ({method} {path}): {e}") from e
         except TimeoutError as e:  # not retried: the server may still be working on it
             raise TimeoutError(
                 f"env server {self.base_url} did not answer {method} {path} within {self._timeout.total}s"
             ) from e
+
+    # ------------------------------------------------------------------ coalescing
+    async def _op(self, op: dict[str, Any], typ: type[T]) -> T:
+        """`op` as its own request or, when coalescing, in the next batch."""
+        if not self.coalesce:
+            return await self._single(op, typ)
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if not self._queue:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queue.append((op, typ, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        queued, self._queue = self._queue, []
+        for s in range(0, len(queued), self.max_batch_ops):
+            task = asyncio.get_running_loop().create_task(self._send(queued[s : s + self.max_batch_ops]))
+            task.add_done_callback(_task_done)
+
+    async def _send(self, part: list[tuple[dict[str, Any], Any, asyncio.Future[Any]]]) -> None:
+        try:
+            if len(part) == 1:  # a lone call: its own request, so its status and errors are exactly the single call's
+                op, typ, fut = part[0]
+                answers: list[Any] = [await self._single(op, typ)]
+            else:
+                req = msgspec.convert({"ops": [op for op, _, _ in part]}, BatchRequest)
+                res: BatchResult = await self._call("POST", "/v1/batch", BatchResult, req, safe=False)
+                answers = res.results
+        except BaseException as e:  # the request failed: every call in it fails with that error
+            for _, _, fut in part:
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, typ, fut), ans in zip(part, answers, strict=True):
+            if fut.done():  # its caller was cancelled
+                continue
+            if len(part) == 1:
+                fut.set_result(ans)
+            elif ans.get("ok"):
+                fut.set_result(msgspec.convert({k: v for k, v in ans.items() if k != "ok"}, typ))
+            else:
+                err = ans.get("error") or {}
+                fut.set_exception(EnvError(str(err.get("code", "internal_error")), str(err.get("message", ans))))
+
+    def _single(self, op: dict[str, Any], typ: Any) -> Any:
+        """The single-call request of a batch op."""
+        kind, body = op["op"], {k: v for k, v in op.items() if k != "op"}
+        if kind == "create":
+            return self._call("POST", "/v1/episodes", typ, CreateEpisode(**body), safe=False)
+        if kind == "spawn":
+            sid = body.pop("snapshot_id")
+            return self._call("POST", f"/v1/snapshots/{sid}/episodes", typ, body, safe=False)
+        if kind == "delete_snapshot":
+            return self._call("DELETE", f"/v1/snapshots/{body['snapshot_id']}", typ, safe=False)
+        eid = body.pop("episode_id")
+        if kind == "delete":
+            return self._call("DELETE", f"/v1/episodes/{eid}", typ, safe=False)
+        return self._call("POST", f"/v1/episodes/{eid}/{kind}", typ, body, safe=False)  # step, fork, snapshot
 
     # ------------------------------------------------------------------ calls
     async def health(self) -> dict[str, Any]:
@@ -129,24 +205,29 @@ class EnvClient:
 
     async def create(self, **fields: Any) -> EpisodeCreated:
         """`dataset, split, index` or `question, answers`; optional `max_turns`, `seed`, `include_oracle`."""
-        return await self._call("POST", "/v1/episodes", EpisodeCreated, CreateEpisode(**fields), safe=False)
+        op = {"op": "create", **{k: v for k, v in fields.items() if v is not None}}
+        return await self._op(op, EpisodeCreated)
 
     async def step(
         self, episode_id: str, action: str | None = None, tool_call: dict[str, Any] | ToolCall | None = None
     ) -> StepResult:
-        if isinstance(tool_call, dict):
-            tool_call = ToolCall(**tool_call)
-        body = {"action": action} if action is not None else {"tool_call": tool_call}
-        return await self._call("POST", f"/v1/episodes/{episode_id}/step", StepResult, body, safe=False)
+        if isinstance(tool_call, ToolCall):
+            tool_call = msgspec.to_builtins(tool_call)
+        body: dict[str, Any] = {"action": action} if action is not None else {"tool_call": tool_call}
+        op = {"op": "step", "episode_id": episode_id, **body}
+        return await self._op(op, StepResult)
 
     async def fork(self, episode_id: str, n: int = 1) -> ForkResult:
-        return await self._call("POST", f"/v1/episodes/{episode_id}/fork", ForkResult, {"n": n}, safe=False)
+        op = {"op": "fork", "episode_id": episode_id, "n": n}
+        return await self._op(op, ForkResult)
 
     async def snapshot(self, episode_id: str) -> SnapshotCreated:
-        return await self._call("POST", f"/v1/episodes/{episode_id}/snapshot", SnapshotCreated, {}, safe=False)
+        op = {"op": "snapshot", "episode_id": episode_id}
+        return await self._op(op, SnapshotCreated)
 
     async def episodes_from_snapshot(self, snapshot_id: str, n: int = 1) -> ForkResult:
-        return await self._call("POST", f"/v1/snapshots/{snapshot_id}/episodes", ForkResult, {"n": n}, safe=False)
+        op = {"op": "spawn", "snapshot_id": snapshot_id, "n": n}
+        return await self._op(op, ForkResult)
 
     async def export_snapshot(self, snapshot_id: str) -> bytes:
         return await self._call("GET", f"/v1/snapshots/{snapshot_id}", None, safe=True)
@@ -156,10 +237,12 @@ class EnvClient:
 
     # Deletes are not re-sent after a dropped connection: one that already succeeded would answer 404.
     async def delete(self, episode_id: str) -> Deleted:
-        return await self._call("DELETE", f"/v1/episodes/{episode_id}", Deleted, safe=False)
+        op = {"op": "delete", "episode_id": episode_id}
+        return await self._op(op, Deleted)
 
     async def delete_snapshot(self, snapshot_id: str) -> Deleted:
-        return await self._call("DELETE", f"/v1/snapshots/{snapshot_id}", Deleted, safe=False)
+        op = {"op": "delete_snapshot", "snapshot_id": snapshot_id}
+        return await self._op(op, Deleted)
 
     async def batch(self, ops: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Ops as dicts (`{"op": "step", "episode_id": ..., "action": ...}`); answers `{"ok": ...}` dicts in order."""
@@ -170,6 +253,12 @@ class EnvClient:
     async def retrieve(self, queries: list[str], topk: int = 3) -> list[list[dict[str, Any]]]:
         body = {"queries": queries, "topk": topk, "return_scores": True}
         return (await self._call("POST", "/retrieve", dict, body, safe=True))["result"]
+
+
+def _task_done(task: asyncio.Task[None]) -> None:
+    """Retrieve a send task's error (its calls already got it), so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _error_from(status: int, payload: bytes, content_type: str | None) -> EnvError:

@@ -26,6 +26,7 @@ help), it is light (import 88 ms vs 199 ms for pydantic-settings, measured in th
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -129,10 +130,17 @@ def _field_type(cls: type, dotted: str, *, where: str) -> Any:
 
 
 def _coerce(text: str, hint: Any) -> Any:
-    """A command-line string as TOML syntax; a bare word stays a string, and so does a str field's text."""
+    """A command-line string as TOML syntax; a bare word stays a string, and so does a str field's text; for a list of
+    strings, text that is not a TOML list is split at commas ($TRACE_ENV_URL=http://a:8000,http://b:8000)."""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
     try:
         parsed = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        parsed = text
+    if hint == list[str] and not isinstance(parsed, list):  # `A,B` (or one bare word) for a list of strings
+        return [t.strip() for t in text.split(",") if t.strip()]
+    if parsed is text:
         return text
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     admits_str = hint is str or (union and str in typing.get_args(hint))
@@ -170,6 +178,7 @@ def parse_args(
     try:
         cfg = load_config(cfg_cls, known.config, env_vars=env_vars, sets=known.set, toml_table=toml_table)
         default = args_cls(cfg=cfg, config=known.config)  # type: ignore[call-arg]
+        before = copy.deepcopy(cfg)
     except ConfigError as e:
         _usage_error(prog, str(e))
     try:
@@ -181,12 +190,25 @@ def parse_args(
             description=description,
             config=(tyro.conf.UseAppendAction,),
         )
+        _flags_replace_lists(args.cfg, before)  # type: ignore[attr-defined]
         validate = getattr(args.cfg, "validate", None)  # type: ignore[attr-defined]
         if validate is not None:
             validate()
     except (ValueError, AssertionError) as e:  # validate(), or a section's __post_init__ run by tyro
         _usage_error(prog, str(e))
     return args
+
+
+def _flags_replace_lists(cfg: Any, before: Any) -> None:
+    """A repeated flag (`--env-url A --env-url B`) gives a list field its values; the file's or the environment's
+    list is replaced, not extended. (tyro's append action adds to the default, so what the flags gave is what
+    follows the default.)"""
+    for f in dataclasses.fields(cfg):
+        new, old = getattr(cfg, f.name), getattr(before, f.name)
+        if dataclasses.is_dataclass(new) and not isinstance(new, type):
+            _flags_replace_lists(new, old)
+        elif isinstance(new, list) and isinstance(old, list) and old and len(new) > len(old) and new[: len(old)] == old:
+            setattr(cfg, f.name, new[len(old) :])
 
 
 def parse_config(

@@ -27,7 +27,18 @@ def setup_logging(level: str = "info", json: bool | None = None) -> None:
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s", force=True)
+
+
+class _Stderr:
+    """Writes to whatever `sys.stderr` is at the time of each line, not the stream it was when logging was set up
+    (a caller that redirects stderr, e.g. a test capturing it, must not leave loggers writing to a closed file)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

@@ -72,6 +72,10 @@ class ReplicaLost(ConnectionError):
         )
 
 
+class ReplicasDiffer(ValueError):
+    """Replicas that do not serve the same corpus, reward and datasets (so a tree could not move between them)."""
+
+
 class EnvUnavailable(ConnectionError):
     """No replica was up for new state within `patience_s`."""
 
@@ -133,6 +137,11 @@ class EnvPool:
         self.lost_episodes = 0  # all episodes reported lost so far
         self.failures = 0  # replica losses seen so far (a replica that goes away twice counts twice)
         self._corpus_id: str | None = None
+
+    @property
+    def http_requests(self) -> int:
+        """Requests sent to the replicas so far (a coalesced batch counts once; health probes do not count)."""
+        return sum(r.client.http_requests for r in self.replicas)
 
     @property
     def urls(self) -> list[str]:
@@ -238,7 +247,8 @@ class EnvPool:
 
     async def _pick(self) -> _Replica:
         """The up replica with the least load; waits up to patience_s when every replica is down."""
-        t0 = last_log = time.monotonic()
+        t0 = time.monotonic()
+        last_log: float | None = None  # the first wait is logged at once, then every log_every_s
         while True:
             if any(not r.up for r in self.replicas):
                 await self._probe_down()
@@ -249,7 +259,7 @@ class EnvPool:
             down = {r.url: r.reason for r in self.replicas}
             if waited >= self.patience_s:
                 raise EnvUnavailable(f"no env server came back within env patience {self.patience_s:g}s; down: {down}")
-            if time.monotonic() - last_log >= self.log_every_s or waited == 0.0:
+            if last_log is None or time.monotonic() - last_log >= self.log_every_s:
                 last_log = time.monotonic()
                 log.warning(
                     "waiting for an env server to come back",
@@ -289,7 +299,7 @@ class EnvPool:
                 first.datasets,
             )
             if not same:
-                raise ValueError(
+                raise ReplicasDiffer(
                     f"env replicas differ: {ups[0].url} serves corpus {first.corpus_id!r} ({first.reward_metric}, "
                     f"{[(d.name, d.splits) for d in first.datasets]}) but {r.url} serves {inf.corpus_id!r} "
                     f"({inf.reward_metric}, {[(d.name, d.splits) for d in inf.datasets]}); give replicas of one server"

@@ -36,12 +36,21 @@ def test_the_old_short_flags_still_work(tmp_path: Path) -> None:
     from trainer.cli import parse
 
     short = ["--steps", "3", "--output-dir", str(tmp_path), "--allocator", "uniform", "--resume", "--name", "x"]
-    urls = ["--env-url", "http://e:1", "--engine-url", "http://a:1", "--engine-url", "http://b:1"]
+    urls = [
+        "--env-url",
+        "http://e:1",
+        "--env-url",
+        "http://e:2",
+        "--engine-url",
+        "http://a:1",
+        "--engine-url",
+        "http://b:1",
+    ]
     args = parse([*short, "--model", str(tmp_path), *urls])
     cfg = args.cfg
     assert args.resume and cfg.run.steps == 3 and cfg.run.output_dir == str(tmp_path) and cfg.run.name == "x"
     assert cfg.allocation.type == "uniform" and cfg.model.path == str(tmp_path.resolve())
-    assert cfg.env.url == "http://e:1" and cfg.engine.urls == ["http://a:1", "http://b:1"]
+    assert cfg.env.urls == ["http://e:1", "http://e:2"] and cfg.engine.urls == ["http://a:1", "http://b:1"]
     assert parse(["--engine", "sglang"]).cfg.engine.type == "sglang"
     with pytest.raises(SystemExit):  # attaching and launching SGLang at once is refused, naming both
         parse(["--engine", "sglang", "--engine-url", "http://a:1"])
@@ -132,3 +141,23 @@ def test_help_lists_every_field_with_its_doc(module: str, argv: list[str], cls_p
     # a docstring shows up (the first words of one field's doc)
     first = dataclasses.fields(cls)[0].name
     assert first.replace("_", "-") in text
+
+
+def test_a_repeated_flag_replaces_the_files_list_and_an_env_var_splits_at_commas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--env-url A --env-url B` gives the replicas; the file's urls are replaced, not extended (tyro's append
+    action adds to the default); $TRACE_ENV_URL for trace-eval takes several, comma-separated."""
+    from tools.eval.cli import ENV_VARS
+    from tools.eval.runner import EvalConfig
+    from trainer.cli import parse
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('[env]\nurls = ["http://file:1"]\n[engine]\nurls = ["http://file:2"]\n')
+    assert parse(["--config", str(toml)]).cfg.env.urls == ["http://file:1"]
+    cfg = parse(["--config", str(toml), "--env-url", "http://a:1", "--env-url", "http://b:1"]).cfg
+    assert cfg.env.urls == ["http://a:1", "http://b:1"] and cfg.engine.urls == ["http://file:2"]
+    assert parse(["--config", str(toml), "--engine-url", "http://c:1"]).cfg.engine.urls == ["http://c:1"]
+    monkeypatch.setenv("TRACE_ENV_URL", "http://a:1, http://b:1")
+    got = load_config(EvalConfig, None, env_vars=ENV_VARS)
+    assert got.env_urls == ["http://a:1", "http://b:1"]

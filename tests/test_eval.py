@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from conftest import REPO, LiveServer
@@ -510,3 +511,49 @@ async def test_policy_agent_plays_a_checkpoint_through_the_engine(
         assert r["error"] is None, r["error"]
         assert r["em"] in (0.0, 1.0) and r["turns"] >= 1
         assert r["tokens"] is None or r["tokens"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- replicas
+async def test_replicas_one_dies_mid_run_and_its_questions_are_played_again(tmp_path: Path) -> None:
+    """`--env-url A --env-url B`: episodes spread over both real servers; SIGKILL one mid-run, and the questions it
+    held are played again on the other: every row ends, none with an error, and the summary counts each once."""
+    import contextlib
+    import signal as sig
+
+    from conftest import start_server_process, stop_process
+    from structlog.testing import capture_logs
+
+    procs = [start_server_process([]) for _ in range(2)]
+    out = tmp_path / "replicas.jsonl"
+    stack = contextlib.ExitStack()
+    try:
+        argv = ["--agent", "oracle", *DEV, "--limit", "200", "--concurrency", "4", "--out", str(out)]
+        logs = stack.enter_context(capture_logs())
+        run = asyncio.create_task(trace_eval("--env-url", procs[0][1], "--env-url", procs[1][1], *argv))
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2000):  # until the second replica has played a few steps
+                async with http.get(procs[1][1] + "/metrics") as r:
+                    text = await r.text()
+                if (
+                    sum(
+                        float(line.split()[-1])
+                        for line in text.splitlines()
+                        if line.startswith("trace_env_steps_total")
+                    )
+                    >= 5
+                ):
+                    break
+                await asyncio.sleep(0.01)
+        procs[1][0].send_signal(sig.SIGKILL)
+        written = len(out.read_text().splitlines()) if out.exists() else 0
+        assert written < 200, "the replica died while questions were still running"
+        assert await run == 0
+        rows = read_rows(out)
+        assert [r["index"] for r in rows] == list(range(200))
+        assert [(r["index"], r["error"]) for r in rows if r["error"] is not None or r["em"] != 1.0] == []
+        replayed = [x for x in logs if x["event"] == "a question lost its env replica; playing it again"]
+        assert replayed, "some questions were on the replica that died"
+    finally:
+        stack.close()
+        for p, _ in procs:
+            stop_process(p, sig.SIGKILL)

@@ -1,9 +1,9 @@
 """`trace-train`: the main job, and `eval`.
 
     trace-train [--config FILE] [--steps N] [--output-dir DIR] [--allocator NAME] [--resume]
-                [--model PATH] [--engine cpu|sglang] [--engine-url URL ...] [--env-url URL]
+                [--model PATH] [--engine cpu|sglang] [--engine-url URL ...] [--env-url URL ...]
                 [--section.field VALUE ...] [--set section.field=value ...]
-    trace-train eval --model DIR [--split dev] [--limit N] [--out FILE] [--config FILE] [--env-url URL] ...
+    trace-train eval --model DIR [--split dev] [--limit N] [--out FILE] [--config FILE] [--env-url URL ...] ...
 
 With no arguments it is the embedded CPU demo: builds the tiny model, starts the env server and the
 CPU engine as child processes, SFT warm start (cached), then TRACE RL with metrics in runs/cpu-demo.

@@ -130,10 +130,20 @@ class EngineConfig:
 
 @dataclass
 class EnvConfig:
-    url: Annotated[str | None, tyro.conf.arg(aliases=("--env-url",))] = None
-    """Env server URL. None = start `trace-env serve` as a child process on the synthetic world."""
+    urls: Annotated[list[str], tyro.conf.arg(aliases=("--env-url",))] = field(default_factory=list)
+    """Env server URLs: one, or several replicas (`--env-url A --env-url B`; `shared.replicas.EnvPool`: new episodes
+    go to the least-loaded replica, a tree stays on its replica). Empty = start `trace-env serve` as a child process
+    on the synthetic world. Replicas must serve the same corpus and datasets (checked at start)."""
     token: str | None = None
     """Bearer token for the env server (or env TRACE_ENV_TOKEN / TRACE_AUTH_TOKEN)."""
+    patience_s: float = 300.0
+    """How long new episodes wait for an env server to come back when none is up (a warning is logged every 10 s
+    while they wait); then the run stops with the servers' last errors. A tree whose replica goes away is redone."""
+    redo_attempts: int = 2
+    """Times one step redoes a prompt's rollout tree that lost its env state (its replica died, a call timed out);
+    after that the prompt is dropped for the step and a fresh prompt takes its leaves. Either way the step keeps
+    exactly allocation.leaf_budget leaves and no half-finished tree reaches the update (metrics: env_failures,
+    trees_redone, trees_dropped, leaves_lost)."""
     dataset: str = "synthetic"
     train_split: str = "train"
     train_limit: int = 0
@@ -291,6 +301,10 @@ class TrainConfig:
                 f"engine.sync_bucket_mb >= 1 (got {self.engine.sync_bucket_mb})"
             )
         check_report_to(self.run.report_to)
+        if self.env.patience_s < 0 or self.env.redo_attempts < 0:
+            raise ValueError(
+                f"env.patience_s ({self.env.patience_s}) and env.redo_attempts ({self.env.redo_attempts}) must be >= 0"
+            )
         if not 0.0 <= self.env.heldout_frac < 1.0:
             raise ValueError(f"env.heldout_frac must be in [0, 1), got {self.env.heldout_frac}")
         if self.model.path is not None and Path(self.model.path).exists():  # a folder; anything else is a hub id

@@ -32,15 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 from transformers import AutoTokenizer
 
 from shared.client import EnvClient
+from shared.replicas import EnvPool
 from shared.wire import EnvError, EpisodeCreated, Info, StepResult
 from trainer import services
 from trainer.config import TrainConfig
 from trainer.engine_client import EngineClient
-from trainer.rollout import RolloutConfig, RolloutRunner
+from trainer.rollout import RolloutConfig, RolloutRunner, env_lost
 from trainer.tree import FinishStatus, RolloutTree
+
+log = structlog.get_logger("evaluate")
 
 
 @dataclass
@@ -65,7 +69,13 @@ class GreedyResult:
     """Why the policy stopped before the env server ended the episode; None when it ended there."""
 
 
-def greedy_runner(env: EnvClient, engine: EngineClient, tokenizer: Any, rollout: RolloutConfig) -> RolloutRunner:
+EVAL_ATTEMPTS = 3
+"""Times an eval question is played when its env state goes away mid-episode (a replica died, a call timed out)."""
+
+
+def greedy_runner(
+    env: EnvClient | EnvPool, engine: EngineClient, tokenizer: Any, rollout: RolloutConfig
+) -> RolloutRunner:
     """A runner of the agent loop with `rollout`'s limits and greedy decoding (temperature 0)."""
     return RolloutRunner(env, engine, tokenizer, dataclasses.replace(rollout, temperature=0.0))
 
@@ -120,13 +130,24 @@ async def evaluate(
 
     async def one(index: int) -> tuple[GreedyResult, int | None]:
         async with live:
-            ep = await env.create(dataset=dataset, split=split, index=index, max_turns=max_turns)  # None: not sent
-            try:
-                hops = ep.metadata.get("hops")
-                return await play_greedy(runner, ep), (int(hops) if hops is not None else None)
-            finally:  # a failed delete must not hide the error that ended the question
-                with contextlib.suppress(EnvError, ConnectionError):
-                    await env.delete(ep.episode_id)
+            for attempt in range(1, EVAL_ATTEMPTS + 1):
+                ep = None
+                try:
+                    ep = await env.create(
+                        dataset=dataset, split=split, index=index, max_turns=max_turns
+                    )  # None: not sent
+                    hops = ep.metadata.get("hops")
+                    return await play_greedy(runner, ep), (int(hops) if hops is not None else None)
+                except Exception as e:  # a question whose env state went away is played again, from the start
+                    if not env_lost(e) or attempt == EVAL_ATTEMPTS:
+                        raise
+                    runner.env_failures += 1
+                    log.warning("an eval question lost its env state; playing it again", index=index, error=str(e))
+                finally:  # a failed delete must not hide the error that ended the question
+                    if ep is not None:
+                        with contextlib.suppress(EnvError, ConnectionError, TimeoutError):
+                            await env.delete(ep.episode_id)
+            raise AssertionError("unreachable")
 
     res = await asyncio.gather(*(one(i) for i in range(n)))
     out = {
@@ -156,8 +177,10 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
-        env_url = await stack.enter_async_context(services.env_server(cfg, out))
-        env = await stack.enter_async_context(EnvClient(env_url, token=cfg.env.token))
+        env_urls = await stack.enter_async_context(services.env_server(cfg, out))
+        env = await stack.enter_async_context(
+            EnvPool(env_urls, token=cfg.env.token, patience_s=cfg.env.patience_s, coalesce=True)
+        )
         urls = await stack.enter_async_context(services.engines(cfg, model, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         tok = AutoTokenizer.from_pretrained(str(model))

@@ -48,6 +48,7 @@ import structlog
 from tqdm import tqdm
 
 from shared.client import EnvClient
+from shared.replicas import EnvPool
 from trainer import services
 from trainer.checkpoint import (
     latest_checkpoint,
@@ -86,8 +87,10 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         run = cfg.run
         track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, conf, run.wandb_project)
         stack.push_async_callback(asyncio.to_thread, track.close)
-        env_url = await stack.enter_async_context(services.env_server(cfg, out))
-        env = await stack.enter_async_context(EnvClient(env_url, token=cfg.env.token))
+        env_urls = await stack.enter_async_context(services.env_server(cfg, out))
+        env = await stack.enter_async_context(
+            EnvPool(env_urls, token=cfg.env.token, patience_s=cfg.env.patience_s, coalesce=True)
+        )
         policy = await _initial_policy(cfg, env, out, start)
         weights = await compute(policy.save, out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))
@@ -124,6 +127,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         bar = tqdm(total=cfg.run.steps, initial=first, desc="trace-train", dynamic_ncols=True)
         pending: asyncio.Task[tuple[StepBatch, dict[str, float]]] | None = None
         trained = (0.0, 0.0)  # the previous step's update + sync: what this step's collection may overlap
+        eval_failures = 0  # the greedy runner's env failures already in a metrics row
         try:
             for step in range(first, cfg.run.steps):
                 t0 = time.perf_counter()
@@ -149,6 +153,9 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                     row.update({f"{k}_before": v for k, v in before.items()})
                 if _due(step, cfg.run.eval_every, cfg.run.steps):
                     row.update(await evals())
+                # Env failures of this step's rollouts (collect) plus those of its evals (the greedy runner's).
+                row["env_failures"] = row.get("env_failures", 0.0) + greedy.env_failures - eval_failures
+                eval_failures = greedy.env_failures
                 row.update(step=step, weight_version=policy.version, world_size=policy.world_size)
                 row.update(step_time_s=time.perf_counter() - t0)
                 _append_metrics(out, row)
@@ -170,7 +177,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-async def _initial_policy(cfg: TrainConfig, env: EnvClient, out: Path, start: Path | None) -> Policy:
+async def _initial_policy(cfg: TrainConfig, env: EnvClient | EnvPool, out: Path, start: Path | None) -> Policy:
     """The policy to train: a checkpoint (resume), else the given model, else the tiny model + SFT (cached)."""
     if start is not None:
         reference = await compute(reference_of, start, cfg)

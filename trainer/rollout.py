@@ -12,7 +12,12 @@ Contract:
 - Limits end an episode cleanly: the env's max turns (sent on every create by the trainer: env.max_turns,
   not the server's default) -> TRUNCATED; a history that cannot fit
   another turn in `max_context_tokens` -> TRUNCATED. Engine aborts (a weight update with pause
-  mode "abort") are retried from the same prefix; engine/env failures raise.
+  mode "abort") are retried from the same prefix; engine failures raise.
+- Env failures (`env_lost`: the env replica holding a tree went away, a call timed out, its state is gone) do not
+  raise out of `expand`: the tree is marked `lost` (with the reason, logged once) and `env_failures` counts them;
+  the step redoes or drops lost trees (`TraceStep.collect`). A create that hits a replica going away is re-sent (to
+  another replica when there is one); `shared.replicas.EnvUnavailable` (no replica came back within the patience)
+  always raises.
 - A finished leaf's reward is the env server's `StepResult.reward` of its last step, taken as is:
   the server alone turns a judged answer into a reward (its `reward_metric`), and by its contract
   a step that did not answer (a search, an invalid action, max turns) has reward 0, so a
@@ -30,13 +35,32 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from shared.client import EnvClient
 from shared.engine_protocol import SamplingParams
-from shared.wire import EnvError, StepResult
+from shared.replicas import EnvPool, EnvUnavailable, ReplicaLost
+from shared.wire import EnvError, ErrorCode, StepResult
 from trainer.engine_client import EngineClient, Generation
 from trainer.tree import FinishStatus, RolloutTree
 
 STOP_TAGS = ("</search>", "</answer>")
+CREATE_ATTEMPTS = 3
+"""Times a create is sent when the replica it went to goes away (each time to the least-loaded replica up)."""
+
+log = structlog.get_logger("rollout")
+
+
+def env_lost(e: BaseException) -> bool:
+    """Whether `e` means the env state a call needed is gone or unknown (so its tree must be redone), as opposed to
+    a bug or bad input: the replica went away or could not be reached, the call timed out (it may or may not have
+    been applied), or the server no longer has the episode/snapshot (expired, evicted, or a restarted server).
+    `EnvUnavailable` is not: no replica is left to redo anything on."""
+    if isinstance(e, EnvUnavailable):
+        return False
+    if isinstance(e, ConnectionError | TimeoutError):
+        return True
+    return isinstance(e, EnvError) and e.code in (ErrorCode.NOT_FOUND, ErrorCode.SHUTTING_DOWN)
 
 
 @dataclass
@@ -86,13 +110,24 @@ class StopSpec:
 class RolloutRunner:
     """Grows rollout trees against one env server and one engine client."""
 
-    def __init__(self, env: EnvClient, engine: EngineClient, tokenizer: Any, cfg: RolloutConfig) -> None:
+    def __init__(self, env: EnvClient | EnvPool, engine: EngineClient, tokenizer: Any, cfg: RolloutConfig) -> None:
         self.env = env
         self.engine = engine
         self.tok = tokenizer
         self.cfg = cfg
         self.stop = StopSpec(tokenizer)
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.env_failures = 0
+        """Env failures seen so far: trees lost (`lose`) and creates re-sent after their replica went away."""
+
+    def lose(self, tree: RolloutTree, err: BaseException) -> None:
+        """Mark `tree` lost because of env failure `err` (the first reason is kept and logged; every one counts)."""
+        self.env_failures += 1
+        if tree.lost is None:
+            tree.lost = f"{type(err).__name__}: {err}"
+            log.warning(
+                "a rollout tree lost its env state; the step will redo it", prompt=tree.prompt_id, error=tree.lost
+            )
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         c = self.cfg
@@ -119,7 +154,17 @@ class RolloutRunner:
         snapshot, which carries it) ends truncated after that many turns, whatever the server's own default: the
         trainer passes env.max_turns, which its anchor logic assumes. None = the server's default (its
         --max-turns), for callers that do not care."""
-        ep = await self.env.create(dataset=dataset, split=split, index=index, max_turns=max_turns)  # None: not sent
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                ep = await self.env.create(
+                    dataset=dataset, split=split, index=index, max_turns=max_turns
+                )  # None: not sent
+                break
+            except ReplicaLost as e:  # the create went to a replica that went away: send it again
+                self.env_failures += 1
+                if attempt == CREATE_ATTEMPTS - 1:
+                    raise
+                log.warning("an env create failed; sending it again", prompt=f"{dataset}/{split}/{index}", error=str(e))
         messages = [{"role": m.role, "content": m.content} for m in ep.messages]
         ids = self.encode_prompt(messages)
         if len(ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:
@@ -141,19 +186,40 @@ class RolloutRunner:
             **meta,
         )
         tree.ledger.env_calls += 2
-        await self.env.delete(ep.episode_id)  # every rollout starts from the root snapshot instead
+        try:
+            await self.env.delete(ep.episode_id)  # every rollout starts from the root snapshot instead
+        except Exception as e:
+            if not env_lost(e):
+                raise
+            self.lose(tree, e)  # its root snapshot went with it
         return tree
 
     async def expand(self, tree: RolloutTree, node_id: int, k: int) -> list[int]:
-        """Run k continuations from `node_id` to their ends; returns the new leaves' ids."""
-        if k <= 0:
+        """Run k continuations from `node_id` to their ends; returns the new leaves' ids. An env failure marks the
+        tree `lost` instead of raising (then fewer than k leaves come back; a lost tree is not expanded further)."""
+        if k <= 0 or tree.lost is not None:
             return []
         node = tree.nodes[node_id]
         assert node.snapshot_id is not None, f"node {node_id} of {tree.prompt_id} has no env snapshot to fork"
         assert node.status == FinishStatus.OPEN, f"node {node_id} of {tree.prompt_id} is finished ({node.status})"
-        eids = (await self.env.episodes_from_snapshot(node.snapshot_id, k)).episode_ids
+        try:
+            eids = (await self.env.episodes_from_snapshot(node.snapshot_id, k)).episode_ids
+        except Exception as e:
+            if not env_lost(e):
+                raise
+            self.lose(tree, e)
+            return []
         tree.ledger.env_calls += 1
-        return [leaf for leaf, _ in await asyncio.gather(*(self.play(tree, node_id, eid) for eid in eids))]
+        done = await asyncio.gather(*(self.play(tree, node_id, eid) for eid in eids), return_exceptions=True)
+        leaves = []
+        for d in done:
+            if isinstance(d, BaseException):
+                if not env_lost(d):
+                    raise d
+                self.lose(tree, d)
+            else:
+                leaves.append(d[0])
+        return leaves
 
     async def _generate(self, tree: RolloutTree, ids: list[int], max_new: int) -> Generation:
         for _ in range(self.cfg.abort_retries + 1):
@@ -221,7 +287,7 @@ class RolloutRunner:
             finally:
                 # Release the episode; a failure here must not hide the error that ended the branch.
                 if release:
-                    with contextlib.suppress(EnvError, ConnectionError):
+                    with contextlib.suppress(EnvError, ConnectionError, TimeoutError):
                         await self.env.delete(episode_id)
                         tree.ledger.env_calls += 1
 

@@ -28,24 +28,30 @@ def cache_dir() -> Path:
 
 
 @contextlib.asynccontextmanager
-async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[str]:
-    """Yield the env server URL: cfg.env.url, or a `trace-env serve` child on the synthetic world of
+async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[list[str]]:
+    """Yield the env server URLs: cfg.env.urls, or one `trace-env serve` child on the synthetic world of
     `env.synthetic_size` (written by `trace-world` into the cache, once)."""
-    if cfg.env.url:
-        yield cfg.env.url
+    if cfg.env.urls:
+        yield list(cfg.env.urls)
         return
     world = await asyncio.to_thread(world_dir, cfg)
     port = free_port()
+    cmd = env_server_command(cfg, world, port)
+    proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_dir / "env_server.log", ready_path="/health")
+    async with proc:
+        log.info("env server started", url=proc.url, log=str(log_dir / "env_server.log"))
+        yield [proc.url]
+
+
+def env_server_command(cfg: TrainConfig, world: Path, port: int) -> list[str]:
+    """The `trace-env serve` command line of the env server a run starts itself (the world from `world_dir`)."""
     cmd = [sys.executable, "-m", "env_server", "serve", "--port", str(port), "--max-turns", str(cfg.env.max_turns)]
     cmd += ["--data", f"synthetic={world}"]
     cmd += ["--corpus", str(world / "corpus.jsonl"), "--index-dir", str(world / "index")]
     cmd += ["--topk", str(cfg.env.topk), "--log-level", "warning"]
     if cfg.env.prompt_template is not None:
         cmd += ["--prompt-template", cfg.env.prompt_template]
-    proc = launch_engine(cmd, url_for("127.0.0.1", port), log_path=log_dir / "env_server.log", ready_path="/health")
-    async with proc:
-        log.info("env server started", url=proc.url, log=str(log_dir / "env_server.log"))
-        yield proc.url
+    return cmd
 
 
 @contextlib.asynccontextmanager

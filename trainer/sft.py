@@ -28,6 +28,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import random
@@ -41,12 +42,17 @@ import structlog
 from tqdm import tqdm
 
 from shared.client import EnvClient
+from shared.replicas import EnvPool
+from shared.wire import EnvError
 from trainer.compute import compute
 from trainer.config import Flaw, SFTConfig, TrainConfig
 from trainer.policy import Policy
-from trainer.rollout import prompt_ids
+from trainer.rollout import env_lost, prompt_ids
 
 log = structlog.get_logger("trainer")
+
+ORACLE_ATTEMPTS = 3
+"""Times an oracle episode is played when its env state goes away mid-episode (a replica died, a call timed out)."""
 
 
 @dataclass
@@ -98,7 +104,7 @@ def oracle_action(step: dict[str, str], think: bool = False) -> str:
 
 
 async def oracle_examples(
-    env: EnvClient,
+    env: EnvClient | EnvPool,
     tokenizer: Any,
     *,
     dataset: str,
@@ -128,42 +134,53 @@ async def oracle_examples(
 
     async def one(index: int) -> SFTExample | None:
         async with sem:
-            ep = await env.create(dataset=dataset, split=split, index=index, include_oracle=True)
-            oracle = ep.metadata.get("oracle")
-            if not oracle:
-                raise ValueError(f"{dataset}/{split}[{index}] has no oracle trajectory: SFT warm start needs one")
-            kind, hops = str(ep.metadata.get("kind", "")), int(ep.metadata.get("hops", 0))
-            rng = random.Random(seed * 1_000_003 + index)
-            flawed = flawed_actions(oracle, kind, rng, flaw) if rng.random() < flawed_frac else None
-            actions = flawed or oracle
-            messages = [{"role": m.role, "content": m.content} for m in ep.messages]
-            prompt = prompt_ids(tokenizer, messages)
-            ids, mask = list(prompt), [context_weight] * len(prompt)
-            searches = 0
-            try:
-                for st in actions:
-                    text = oracle_action(st, think)
-                    act = tokenizer.encode(text, add_special_tokens=False)
-                    res = await env.step(ep.episode_id, action=text)
-                    obs = tokenizer.encode(res.observation, add_special_tokens=False) if res.observation else []
-                    ids += act + obs
-                    mask += [1.0] * len(act) + [context_weight] * len(obs)
-                    if res.done:
-                        searches = res.turn - 1
-                        if res.reward < 1.0 and flawed is None:
-                            raise AssertionError(f"oracle of {dataset}/{split}[{index}] scored {res.reward}")
-                        break
-            finally:
+            for attempt in range(1, ORACLE_ATTEMPTS + 1):
+                try:
+                    return await play(index)
+                except Exception as e:  # an episode whose env state went away is played again, from the start
+                    if not env_lost(e) or attempt == ORACLE_ATTEMPTS:
+                        raise
+                    log.warning("an oracle episode lost its env state; playing it again", index=index, error=str(e))
+            raise AssertionError("unreachable")
+
+    async def play(index: int) -> SFTExample | None:
+        ep = await env.create(dataset=dataset, split=split, index=index, include_oracle=True)
+        oracle = ep.metadata.get("oracle")
+        if not oracle:
+            raise ValueError(f"{dataset}/{split}[{index}] has no oracle trajectory: SFT warm start needs one")
+        kind, hops = str(ep.metadata.get("kind", "")), int(ep.metadata.get("hops", 0))
+        rng = random.Random(seed * 1_000_003 + index)
+        flawed = flawed_actions(oracle, kind, rng, flaw) if rng.random() < flawed_frac else None
+        actions = flawed or oracle
+        messages = [{"role": m.role, "content": m.content} for m in ep.messages]
+        prompt = prompt_ids(tokenizer, messages)
+        ids, mask = list(prompt), [context_weight] * len(prompt)
+        searches = 0
+        try:
+            for st in actions:
+                text = oracle_action(st, think)
+                act = tokenizer.encode(text, add_special_tokens=False)
+                res = await env.step(ep.episode_id, action=text)
+                obs = tokenizer.encode(res.observation, add_special_tokens=False) if res.observation else []
+                ids += act + obs
+                mask += [1.0] * len(act) + [context_weight] * len(obs)
+                if res.done:
+                    searches = res.turn - 1
+                    if res.reward < 1.0 and flawed is None:
+                        raise AssertionError(f"oracle of {dataset}/{split}[{index}] scored {res.reward}")
+                    break
+        finally:
+            with contextlib.suppress(EnvError, ConnectionError, TimeoutError):  # must not hide the step's error
                 await env.delete(ep.episode_id)
-            if len(ids) > max_context_tokens:
-                return None  # too long for the context budget: rollouts could not reproduce it either
-            return SFTExample(ids, mask, kind=kind, hops=hops, searches=searches, flawed=flawed is not None)
+        if len(ids) > max_context_tokens:
+            return None  # too long for the context budget: rollouts could not reproduce it either
+        return SFTExample(ids, mask, kind=kind, hops=hops, searches=searches, flawed=flawed is not None)
 
     out = await asyncio.gather(*(one(i) for i in indices))
     return [ex for ex in out if ex is not None]
 
 
-async def run_sft(cfg: TrainConfig, env: EnvClient, base: Path, dest: Path) -> None:
+async def run_sft(cfg: TrainConfig, env: EnvClient | EnvPool, base: Path, dest: Path) -> None:
     """SFT warm start of `base` on oracle trajectories played through the env server; saved at `dest`."""
     s = cfg.sft
     policy = await compute(

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 
 from trainer.advantages import build_training_samples, effective_ratio, mixed_per_100_leaves, nonzero_adv_token_frac
@@ -55,6 +56,8 @@ from trainer.predictor import (
 from trainer.rollout import RolloutRunner
 from trainer.staleness import drop_stale
 from trainer.tree import Ledger, RolloutTree
+
+log = structlog.get_logger("trace")
 
 
 class PromptSampler:
@@ -229,8 +232,18 @@ class TraceStep:
         v = await self.value_roots(pool)
         m = alloc.roots(v, stage1, a)
         funded = [i for i, mi in enumerate(m) if mi > 0]
+        failures0, requests0 = self.runner.env_failures, self.runner.env.http_requests
         await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in funded))
-        count = {"roots": sum(m), "continuations": 0, "continuations_moved": 0, "respent_as_roots": 0}
+        count = {
+            "roots": sum(m),
+            "continuations": 0,
+            "continuations_moved": 0,
+            "respent_as_roots": 0,
+            "trees_redone": 0,
+            "trees_dropped": 0,
+            "leaves_lost": 0,
+        }
+        cont = [0] * len(pool)  # continuations placed on (or owed to) each prompt: a lost tree's redo gets them
         left = a.leaf_budget - sum(m)  # stage 2's continuations; for allocators that do not expand, normally 0
         # Stage 2: prefix expansion, round by round; each funded prompt's share of the continuations is exact.
         if alloc.expands and funded:
@@ -238,7 +251,12 @@ class TraceStep:
             per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
             left = 0
             for r in range(a.rounds):
-                live = [i for i in range(len(pool)) if m[i] > 0]  # with prompts an earlier round's spill funded
+                cont += [0] * (len(pool) - len(cont))  # prompts an earlier round's spill added
+                # With prompts an earlier round's spill funded; a lost tree sits the rounds out, its shares owed.
+                for i in range(len(pool)):
+                    if m[i] > 0 and pool[i].lost is not None and i in per_round:
+                        cont[i] += per_round[i][r]
+                live = [i for i in range(len(pool)) if m[i] > 0 and pool[i].lost is None]
                 for i in live:
                     pool[i].backup()
                 await self.afeaturise([pool[i] for i in live])
@@ -251,15 +269,20 @@ class TraceStep:
                 plan, unplaced = plan_round(alloc, anchors, want, [m[i] for i in live], self.rng, a)
                 count["continuations"] += sum(map(sum, plan))
                 count["continuations_moved"] += sum(max(sum(ks) - w, 0) for ks, w in zip(plan, want, strict=True))
+                for i, ks in zip(live, plan, strict=True):
+                    cont[i] += sum(ks)
                 jobs = []
                 for i, an, ks in zip(live, anchors, plan, strict=True):
                     jobs += [self.runner.expand(pool[i], x.node_id, k) for x, k in zip(an, ks, strict=True) if k]
                 jobs += await self._spill_roots(pool, idxs, v, m, unplaced, step, count)
                 await asyncio.gather(*jobs)
         await asyncio.gather(*await self._spill_roots(pool, idxs, v, m, left, step, count))
+        cont += [0] * (len(pool) - len(cont))
+        await self._recover(pool, idxs, v, m, cont, step, count)
         if alloc.selects:
             self.sampler.give_back([idx for idx, mi in zip(idxs, m, strict=True) if mi == 0])
         trees = [t for t, mi in zip(pool, m, strict=True) if mi > 0]
+        assert all(t.lost is None for t in trees), "a lost tree reached the batch"
         for t in trees:
             t.backup()
             self.engine_release(t)
@@ -277,6 +300,10 @@ class TraceStep:
         # continuations: placed at anchors (continuations_moved of them on another prompt's anchors);
         # respent_as_roots: continuations no anchor could take, run as new roots. They sum to leaf_budget.
         batch.metrics = {"leaf_budget": float(a.leaf_budget), **{k: float(x) for k, x in count.items()}}
+        batch.metrics["env_failures"] = float(self.runner.env_failures - failures0)
+        # HTTP requests to the env server(s) for the step's env_calls: calls made together go as one /v1/batch.
+        # (With run.max_staleness >= 1 the evals that ran during this collection are in it too.)
+        batch.metrics["env_requests"] = float(self.runner.env.http_requests - requests0)
         return batch
 
     def _check_split(self, n_train: int) -> None:
@@ -359,6 +386,106 @@ class TraceStep:
                 jobs.append(self.runner.expand(pool[i], 0, k))
         count["respent_as_roots"] += n
         return jobs
+
+    async def _recover(
+        self,
+        pool: list[RolloutTree],
+        idxs: list[int],
+        v: list[float],
+        m: list[int],
+        cont: list[int],
+        step: int,
+        count: dict[str, int],
+    ) -> None:
+        """Replace every funded tree that lost its env state (`RolloutTree.lost`) with a whole one, so the step keeps
+        exactly leaf_budget leaves and no half-finished tree reaches the update. A lost tree is *redone*: a new tree of
+        the same prompt (a create, on a replica that is up; with none up it waits up to env.patience_s) gets the same
+        m[i] bare rollouts and, for allocators that expand, its cont[i] continuations placed by one allocation round
+        over its own anchors. After env.redo_attempts redos the prompt is *dropped* for this step (given back to the
+        stream like an unfunded candidate): its m[i] + cont[i] leaves go, as bare rollouts, to the first unfunded
+        candidate of the pool, else to the next prompt of the stream that is not in this step. Counted in
+        trees_redone / trees_dropped, the finished leaves thrown away in leaves_lost; each logged."""
+        a, alloc, env = self.cfg.allocation, self.allocator, self.cfg.env
+        tries: dict[int, int] = {}
+        while lost := [i for i in range(len(pool)) if m[i] > 0 and pool[i].lost is not None]:
+            redo, takers = [], []
+            for i in lost:
+                count["leaves_lost"] += pool[i].ledger.leaves
+                tries[i] = tries.get(i, 0) + 1
+                if tries[i] <= env.redo_attempts:
+                    log.warning(
+                        "redoing a rollout tree that lost its env state",
+                        prompt=pool[i].prompt_id,
+                        attempt=tries[i],
+                        error=pool[i].lost,
+                    )
+                    count["trees_redone"] += 1
+                    redo.append(i)
+                    continue
+                j = await self._drop_target(pool, idxs, v, m, step)
+                if j is None:
+                    raise RuntimeError(
+                        f"step {step}: prompt {pool[i].prompt_id} lost its env state {tries[i]} times and every "
+                        f"prompt of the training split is already in this step, so none can take its "
+                        f"{m[i] + cont[i]} leaves; last error: {pool[i].lost}"
+                    )
+                log.error(
+                    "a prompt lost its env state too often; dropped for this step, another prompt takes its leaves",
+                    prompt=pool[i].prompt_id,
+                    tries=tries[i],
+                    leaves=m[i] + cont[i],
+                    to=pool[j].prompt_id,
+                    error=pool[i].lost,
+                )
+                count["trees_dropped"] += 1
+                cont += [0] * (len(pool) - len(cont))
+                m[j], cont[j] = m[i] + cont[i], 0  # bare rollouts of the taker
+                m[i] = cont[i] = 0
+                takers.append(j)
+            for i, t in zip(redo, await self._new_trees([idxs[i] for i in redo], step), strict=True):
+                pool[i] = t
+                t.root.predicted = v[i]
+            await self.afeaturise([pool[i] for i in redo])
+            await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in redo + takers))
+            again = [i for i in redo if cont[i] and pool[i].lost is None]
+            if again and alloc.expands:
+                for i in again:
+                    pool[i].backup()
+                await self.afeaturise([pool[i] for i in again])
+                cands = [n for i in again for n in pool[i].anchors(env.max_turns)]
+                for n, p in zip(cands, await self.apredict([n.features for n in cands], self.base_rate), strict=True):
+                    n.predicted = p
+                jobs = []
+                for i in again:  # one round over the tree's own anchors; what they cannot take runs from the root
+                    anchors = anchors_from_tree(pool[i], env.max_turns)
+                    plan, unplaced = plan_round(alloc, [anchors], [cont[i]], [m[i]], self.rng, a)
+                    jobs += [
+                        self.runner.expand(pool[i], x.node_id, k) for x, k in zip(anchors, plan[0], strict=True) if k
+                    ]
+                    jobs.append(self.runner.expand(pool[i], 0, unplaced))
+                await asyncio.gather(*jobs)
+            elif again:
+                await asyncio.gather(*(self.runner.expand(pool[i], 0, cont[i]) for i in again))
+
+    async def _drop_target(
+        self, pool: list[RolloutTree], idxs: list[int], v: list[float], m: list[int], step: int
+    ) -> int | None:
+        """The pool slot that takes a dropped prompt's leaves: the first unfunded candidate (its root is valued and
+        live), else the next prompt of the stream not in this step (appended to pool/idxs/v/m); None if none is."""
+        spare = next((j for j in range(len(pool)) if m[j] == 0 and pool[j].lost is None), None)
+        if spare is not None:
+            return spare
+        taken = self.sampler.take(min(len(idxs) + 1, self.sampler.n))
+        new = next((j for j in taken if j not in idxs), None)
+        self.sampler.give_back([j for j in taken if j != new])
+        if new is None:
+            return None
+        tree = (await self._new_trees([new], step))[0]
+        v += await self.value_roots([tree])
+        pool.append(tree)
+        idxs.append(new)
+        m.append(0)
+        return len(pool) - 1
 
     def engine_release(self, tree: RolloutTree) -> None:
         self.runner.engine.release(tree.prompt_id)

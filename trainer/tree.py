@@ -164,6 +164,9 @@ class RolloutTree:
     nodes: list[TurnNode]
     ledger: Ledger = field(default_factory=Ledger)
     meta: dict = field(default_factory=dict)
+    lost: str | None = None
+    """Why the tree lost its env state mid-step (its env replica died, a call timed out); None while it is whole. A
+    lost tree never reaches the update: the step redoes it (`TraceStep.collect`) or drops it, counted."""
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -367,6 +370,7 @@ class RolloutTree:
             "nodes": nodes,
             "ledger": self.ledger.to_dict(),
             "meta": self.meta,
+            "lost": self.lost,
         }
 
     @classmethod
@@ -383,6 +387,7 @@ class RolloutTree:
             nodes=nodes,
             ledger=Ledger(**d.get("ledger", {})),
             meta=dict(d.get("meta", {})),
+            lost=d.get("lost"),
         )
         tree.validate()
         return tree

@@ -29,6 +29,7 @@ from typing import Annotated, Any, ClassVar
 import tyro
 
 from shared.client import EnvClient
+from shared.replicas import EnvPool
 from shared.wire import EpisodeCreated, Info, StepResult
 
 
@@ -89,7 +90,7 @@ class Agent(abc.ABC):
     """Recorded on every result row (None for agents without a model)."""
 
     @abc.abstractmethod
-    async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
+    async def run(self, env: EnvClient | EnvPool, episode: EpisodeCreated, question: str) -> AgentOutcome:
         """Play `episode` to the end through `env`; raise on failure (the runner records it)."""
 
     async def aclose(self) -> None:
@@ -192,7 +193,7 @@ class OpenAIToolsAgent(_OpenAIAgent):
         super().__init__(cfg, info)
         self.tools = info.tools
 
-    async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
+    async def run(self, env: EnvClient | EnvPool, episode: EpisodeCreated, question: str) -> AgentOutcome:
         from openai.types.chat import ChatCompletion, ChatCompletionMessage
 
         messages: list[dict[str, Any]] = [
@@ -273,7 +274,7 @@ class ReactTextAgent(_OpenAIAgent):
 
     name = "react-text"
 
-    async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
+    async def run(self, env: EnvClient | EnvPool, episode: EpisodeCreated, question: str) -> AgentOutcome:
         from openai.types import Completion, CompletionChoice
 
         text = episode.prompt + "\n"
@@ -339,7 +340,7 @@ class PolicyAgent(Agent):
         self._rollout = RolloutConfig(max_new_tokens=cfg.max_tokens, max_context_tokens=32768)
         self._evaluate = evaluate
 
-    async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
+    async def run(self, env: EnvClient | EnvPool, episode: EpisodeCreated, question: str) -> AgentOutcome:
         runner = self._evaluate.greedy_runner(env, self._engine, self._tok, self._rollout)
         res = await self._evaluate.play_greedy(runner, episode)
         if res.final is None or res.error is not None:
@@ -361,7 +362,7 @@ class OracleAgent(Agent):
     def __init__(self, cfg: AgentConfig, info: Info) -> None:
         pass
 
-    async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
+    async def run(self, env: EnvClient | EnvPool, episode: EpisodeCreated, question: str) -> AgentOutcome:
         oracle = episode.metadata.get("oracle")
         if not oracle:
             raise AgentError(
@@ -399,7 +400,7 @@ class FirstHitAgent(Agent):
     def __init__(self, cfg: AgentConfig, info: Info) -> None:
         pass
 
-    async def run(self, env: EnvClient, episode: EpisodeCreated, question: str) -> AgentOutcome:
+    async def run(self, env: EnvClient | EnvPool, episode: EpisodeCreated, question: str) -> AgentOutcome:
         res = await env.step(episode.episode_id, tool_call={"name": "search", "arguments": {"query": question}})
         if res.done:
             return AgentOutcome(res)

@@ -1,6 +1,6 @@
 """`trace-eval`: evaluate an agent on a dataset split served by a TRACE env server.
 
-    trace-eval --env-url URL --agent NAME --dataset NAME --split NAME --out FILE.jsonl
+    trace-eval --env-url URL [--env-url URL ...] --agent NAME --dataset NAME --split NAME --out FILE.jsonl
                [--limit N] [--concurrency 16] [--max-turns N] [--env-token T]
                [--base-url URL] [--model NAME] [--api-key-env NAME] [--temperature T] [--max-tokens N]
                [--request-timeout S] [--agent-retries N] [--env-retries N] [--retry-errors] [--no-progress]
@@ -26,7 +26,7 @@ from tools.eval.report import write_summary
 from tools.eval.runner import EnvUnavailable, EvalConfig, UsageError, read_rows, run_eval
 
 EXIT_OK, EXIT_USAGE, EXIT_ENV, EXIT_INTERRUPTED = 0, 2, 3, 130
-ENV_VARS = {"TRACE_ENV_URL": "env_url", "TRACE_ENV_TOKEN": "env_token", "TRACE_AUTH_TOKEN": "env_token"}
+ENV_VARS = {"TRACE_ENV_URL": "env_urls", "TRACE_ENV_TOKEN": "env_token", "TRACE_AUTH_TOKEN": "env_token"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,15 +11,17 @@ What always holds:
   state, exported), never from the agent's account of itself.
 - The env server going away is not a per-question error: when a call fails to connect (or answers 503) and
   `/health` fails too, the run stops with `EnvUnavailable`; the rows written so far stay, and rerunning the
-  same command resumes.
+  same command resumes. With several `--env-url` replicas, one going away while another is up costs only the
+  questions it held, which are played again from the start on the others (`REPLAYS` times at most).
 - Resume: rows already in the output file are skipped by `(dataset, split, index)`. An interrupted run can
   leave one incomplete last line; it is cut off (with a note on stderr) before resuming. `retry_errors`
   rewrites the file without the error rows of this dataset/split so those questions run again. One file holds
   one agent+model (mixing them would make the summary meaningless): a different one is a usage error, and an
   exclusive lock (on `FILE.lock`, left in place) stops two runs from appending to one file at once.
 - Retries live at the transport layer: the env client retries what it safely can (`env_retries`), the agents'
-  openai client retries connection errors, 408/409/429 and 5xx (`AgentConfig.retries`). A question is never
-  replayed from scratch, so a retried run cannot double-count.
+  openai client retries connection errors, 408/409/429 and 5xx (`AgentConfig.retries`). A question is replayed
+  from scratch only when its env replica went away; its row is written once, when it ends, so nothing is
+  double-counted.
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ from pathlib import Path
 from typing import IO, Annotated
 
 import msgspec
+import structlog
 import tyro
 from tqdm import tqdm
 
 from shared import codec
-from shared.client import EnvClient
+from shared.replicas import EnvPool, ReplicaLost, ReplicasDiffer
 from shared.wire import EnvError, Info, SnapshotBlob
 from tools.eval.agents import Agent, AgentConfig, AgentConfigError, AgentError, build_agent
+
+REPLAYS = 2
+"""Times a question is played again after its env replica went away (another replica being up)."""
+
+log = structlog.get_logger("trace_eval")
 
 
 class UsageError(Exception):
@@ -89,8 +97,10 @@ class ResultRow(msgspec.Struct, kw_only=True):
 class EvalConfig:
     """One `trace-eval` run."""
 
-    env_url: str = ""
-    """Env server base URL, e.g. http://127.0.0.1:8000 (or $TRACE_ENV_URL). Required."""
+    env_urls: Annotated[list[str], tyro.conf.arg(aliases=("--env-url",))] = field(default_factory=list)
+    """Env server base URL, e.g. http://127.0.0.1:8000 (or $TRACE_ENV_URL, comma-separated for several). Required.
+    Several (`--env-url A --env-url B`): replicas of one server (`shared.replicas.EnvPool`); each question's
+    episode stays on the replica it was created on, and new ones go to the least-loaded replica up."""
     agent: str = ""
     """Which agent plays the episodes (a name in tools.eval.agents.AGENTS). Required."""
     dataset: str = ""
@@ -122,7 +132,9 @@ class EvalConfig:
         """The required fields; everything else is checked where it is used (against the live server)."""
         from tools.eval.agents import AGENTS
 
-        missing = [f"--{n.replace('_', '-')}" for n in ("env_url", "agent", "dataset", "split") if not getattr(self, n)]
+        missing = [
+            f"--{n.replace('_', '-')}" for n in ("env_urls", "agent", "dataset", "split") if not getattr(self, n)
+        ]
         if self.out == Path():
             missing.append("--out")
         if missing:
@@ -231,8 +243,15 @@ async def run_eval(cfg: EvalConfig) -> RunStats:
         raise UsageError(f"--concurrency must be >= 1, got {cfg.concurrency}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {cfg.limit}")
-    async with EnvClient(cfg.env_url, token=cfg.env_token, retries=cfg.env_retries, timeout_s=cfg.env_timeout_s) as env:
-        info = await _server_info(env, cfg.env_url)
+    try:
+        # patience 0: with every replica down the run stops at once (exit 3), and a rerun resumes.
+        pool = EnvPool(
+            cfg.env_urls, token=cfg.env_token, retries=cfg.env_retries, timeout_s=cfg.env_timeout_s, patience_s=0
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    async with pool as env:
+        info = await _server_info(env, ", ".join(cfg.env_urls))
         count = _check_against_server(cfg, info)
         try:
             agent = build_agent(cfg.agent, cfg.agent_cfg, info)
@@ -245,9 +264,11 @@ async def run_eval(cfg: EvalConfig) -> RunStats:
             await agent.aclose()
 
 
-async def _server_info(env: EnvClient, url: str) -> Info:
+async def _server_info(env: EnvPool, url: str) -> Info:
     try:
         return await env.info()
+    except ReplicasDiffer as e:
+        raise UsageError(str(e)) from None
     except ConnectionError as e:
         raise EnvUnavailable(f"cannot reach the env server at {url}: {e.__cause__ or e}") from None
     except TimeoutError:
@@ -277,7 +298,7 @@ def _check_against_server(cfg: EvalConfig, info: Info) -> int:
 class _Run:
     """The state of one run: the client, the agent, the open results file, the counters."""
 
-    def __init__(self, cfg: EvalConfig, env: EnvClient, agent: Agent, count: int) -> None:
+    def __init__(self, cfg: EvalConfig, env: EnvPool, agent: Agent, count: int) -> None:
         self.cfg, self.env, self.agent, self.count = cfg, env, agent, count
         self.errors = 0
         self.written = 0
@@ -340,7 +361,9 @@ class _Run:
             ep = await self.env.create(dataset=cfg.dataset, split=cfg.split, index=0, include_oracle=True)
             await self.env.delete(ep.episode_id)
         except (ConnectionError, EnvError, TimeoutError) as e:
-            raise EnvUnavailable(f"the env server at {cfg.env_url} failed the oracle check: {_describe(e)}") from e
+            raise EnvUnavailable(
+                f"the env server at {', '.join(cfg.env_urls)} failed the oracle check: {_describe(e)}"
+            ) from e
         if "oracle" not in ep.metadata:
             raise UsageError(
                 f"dataset {cfg.dataset!r} carries no oracle trajectories (metadata['oracle']), so --agent "
@@ -348,7 +371,22 @@ class _Run:
             )
 
     async def play(self, index: int) -> ResultRow:
-        """One question, start to end; every failure ends up in `row.error`, except the env server going away."""
+        """One question, start to end; every failure ends up in `row.error`, except the env server going away. With
+        replicas, a question whose replica went away is played again from the start on another one (the row is
+        written only once the question ends, so nothing is counted twice)."""
+        for attempt in range(REPLAYS + 1):
+            try:
+                return await self._play(index)
+            except ReplicaLost as e:
+                if attempt == REPLAYS:
+                    raise EnvUnavailable(
+                        f"question {index} lost its env replica {REPLAYS + 1} times (last: {e}); {self.written} rows "
+                        f"were written to {self.cfg.out}; rerun the same command to resume"
+                    ) from e
+                log.warning("a question lost its env replica; playing it again", index=index, error=str(e))
+        raise AssertionError("unreachable")
+
+    async def _play(self, index: int) -> ResultRow:
         cfg, env = self.cfg, self.env
         t0 = time.perf_counter()
         row = ResultRow(
@@ -412,16 +450,20 @@ class _Run:
             row.em, row.f1, row.cover_em = (float(last.info.get(k, 0.0)) for k in ("em", "f1", "cover_em"))
 
     async def _check_env(self, err: Exception) -> None:
-        """Raise EnvUnavailable if `err` looks like the env server went away and /health confirms it."""
+        """Raise EnvUnavailable if `err` looks like the env server went away and /health confirms it for every
+        replica; re-raise it if it is one replica going away while another is up (`play` plays the question
+        again)."""
         if not (isinstance(err, ConnectionError) or (isinstance(err, EnvError) and err.status == 503)):
             return
-        try:
-            await self.env.health()
-        except (ConnectionError, EnvError, TimeoutError) as probe:
+        health = (await self.env.health())["replicas"]
+        if not any(h.get("status") == "ok" for h in health):
+            said = "; ".join(f"{h['url']}: {h.get('error') or h.get('status')}" for h in health)
             raise EnvUnavailable(
-                f"the env server at {self.cfg.env_url} went away ({_describe(err)}; /health: {_describe(probe)}). "
+                f"the env server at {', '.join(self.cfg.env_urls)} went away ({_describe(err)}; /health: {said}). "
                 f"{self.written} rows were written to {self.cfg.out}; rerun the same command to resume"
             ) from err
+        if isinstance(err, ReplicaLost):
+            raise err
 
 
 async def _release(call: Awaitable[object]) -> None:
