@@ -364,9 +364,14 @@ class EnvService:
                 return {"ok": False, **msgspec.to_builtins(err.to_body())}
             return {"ok": True, **msgspec.to_builtins(ans)}
 
-        # Tasks start in order and every op on an existing episode takes its lock (FIFO) before its first real
-        # await, so ops on one episode apply in the order given while independent ops (searches) overlap. Snapshot ops
-        # (spawn, delete_snapshot) never await: they apply in the order given among themselves.
+        if self.search.inline_now():
+            # Searches run on the event loop, so ops have nothing to overlap: run them one after another, in order,
+            # without a task each (measured: ~25 us an op, a seventh of a search step's cost in a batch).
+            return BatchResult([await run(op) for op in req.ops])
+        # Searches in threads or remote: overlap them. Tasks start in order and every op on an existing episode takes
+        # its lock (FIFO) before its first real await, so ops on one episode apply in the order given while
+        # independent ops (searches) overlap. Snapshot ops (spawn, delete_snapshot) never await: they apply in the
+        # order given among themselves.
         return BatchResult(list(await asyncio.gather(*(run(op) for op in req.ops))))
 
     async def retrieve(self, req: RetrieveRequest) -> dict[str, Any]:

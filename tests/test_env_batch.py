@@ -8,12 +8,15 @@ synthetic world (conftest.py); plain HTTP, both encodings.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import FORMATS, JSON, RawHTTP
+from conftest import FORMATS, JSON, MSGPACK, LiveServer, RawHTTP
 
 pytestmark = pytest.mark.timeout(60)
+
+Make = Callable[..., Awaitable[LiveServer]]
 
 SEARCHES = ["Fozan Editions", "Kelmar Press", "Bagor Embers", "publishing house founded", "Redo Hezan", "😀"]
 
@@ -111,10 +114,26 @@ async def test_snapshot_ops_fail_alone_with_the_single_calls_error(http: RawHTTP
         assert (await http.call("POST", f"/v1/episodes/{eid}/fork", {"n": 1}, fmt=fmt)).status == 200
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-async def test_batched_search_steps_answer_what_single_steps_answer(http: RawHTTP, fmt: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "inline"), [(JSON, "always"), (MSGPACK, "always"), (JSON, "never"), (MSGPACK, "never")]
+)
+async def test_batched_search_steps_answer_what_single_steps_answer(
+    make_env_server: Make, fmt: str, inline: str
+) -> None:
     """A batch of search steps (several episodes, several turns of one episode, text actions and tool calls, a blank
-    query, a bad topk) answers, op by op, what the same steps made one call at a time answer."""
+    query, a bad topk) answers, op by op, what the same steps made one call at a time answer: with searches inline
+    (the batch runs its ops one after another) and in threads (the ops overlap)."""
+    srv = await make_env_server(search_inline=inline)
+    http = RawHTTP(srv.url)
+    try:
+        await _batched_vs_single(http, fmt)
+    finally:
+        await http.aclose()
+    counters = srv.service.search.counters
+    assert (counters.inline > 0) == (inline == "always") and (counters.thread > 0) == (inline == "never"), counters
+
+
+async def _batched_vs_single(http: RawHTTP, fmt: str) -> None:
     actions: list[dict[str, Any]] = []
     for i, q in enumerate(SEARCHES):
         actions.append({"action": f"<think>t</think><search> {q} </search>"})

@@ -180,10 +180,21 @@ async def test_batch_mixed_ops_in_order(http: RawHTTP, fmt: str) -> None:
             assert set(x) == {"ok", "error"} and set(x["error"]) == {"code", "message"}
 
 
-async def test_batch_ops_on_one_episode_apply_in_the_given_order(http: RawHTTP, env_server: LiveServer) -> None:
+@pytest.mark.parametrize("inline", ["never", "always"])
+async def test_batch_ops_on_one_episode_apply_in_the_given_order(make_env_server: Make, inline: str) -> None:
     """Regression: a fork/snapshot/delete op used to run while an earlier step op of the same batch on the same
     episode was still searching, so [step e, fork e] forked the state BEFORE the step and [step e, delete e,
-    step e] deleted e under the first step (service.py EnvService.batch)."""
+    step e] deleted e under the first step (service.py EnvService.batch). Searches in threads (ops overlap) and
+    inline (ops run one after another)."""
+    env_server = await make_env_server(search_inline=inline)
+    http = RawHTTP(env_server.url)
+    try:
+        await _ops_in_order(http, env_server)
+    finally:
+        await http.aclose()
+
+
+async def _ops_in_order(http: RawHTTP, env_server: LiveServer) -> None:
     eid = (await create(http))["episode_id"]
     ops = [
         {"op": "step", "episode_id": eid, "action": "<search> Fozan Editions </search>"},

@@ -21,12 +21,14 @@ Contract of `SearchScheduler` (the `Retriever` the server's tools and `/retrieve
   the search it timed; a search preempted by another process shows up as a slow wall-clock sample, which is why
   the estimate is a high quantile rather than the maximum.
 - The loop is held by inline searches for at most `max_inline_s` at a time, by estimate: within one turn of the
-  loop, searches run inline while the (wall-clock) time they took plus the estimate of the next stays within the bound; the
-  others queue, and one flush task works the queue off in slices of that size, giving the loop back between slices.
-  A single search slower than its estimate overruns the bound once, and its time raises the estimate.
-- Queries queued together are searched together: those bound for the threads go as at most `threads` jobs of at most
-  SEARCH_CHUNK queries each (one hop for many queries, not one each). The searches of a /v1/batch of steps queue
-  together this way, as do single steps that arrive in the same turn of the loop.
+  loop, searches run inline while the (wall-clock) time they took plus the estimate of the next stays within the
+  bound; a search that does not fit waits for a later turn (its caller yields to the loop first). A single search
+  slower than its estimate overruns the bound once, and its time raises the estimate.
+- Searches bound for the threads queue, and queries queued together are searched together: at most `threads` jobs of
+  at most SEARCH_CHUNK queries each (one hop for many queries, not one each), as the searches of a /v1/batch of steps
+  or of single steps arriving in the same turn of the loop do. While anything is queued, new searches queue behind
+  it (first come, first served); one flush task works the queue off (inline in slices, should "auto" have turned
+  inline meanwhile).
 - Hits do not depend on where a search ran (`search_sync` either way). A query that fails fails its own request
   (its `search` call) only. `aclose` cancels the flush task, waits for jobs in the threads, and fails what is still
   queued with RetrieverError; it closes neither the retriever nor the pool (their owner, `Resources`, does).
@@ -163,7 +165,9 @@ class SearchScheduler(Retriever):
 
     # ------------------------------------------------------------------ routing
     def inline_now(self) -> bool:
-        """Whether a local search would run inline now (mode, and for "auto" the cost estimate)."""
+        """Whether a search would run inline now: a local one, by mode and for "auto" the cost estimate."""
+        if self._executor is None:
+            return False
         if self.mode != "auto":
             return self.mode == "always"
         est = self.cost.estimate
@@ -212,11 +216,15 @@ class SearchScheduler(Retriever):
         if not queries:
             return []
         done: list[list[Hit]] = []
-        if not self._queue and self.inline_now():  # nothing waits ahead of this request: search now if it fits
-            while len(done) < len(queries) and self._fits():
+        while not self._queue and len(done) < len(queries) and self.inline_now():  # nothing queued ahead: inline
+            if self._fits():
                 done.append(self._search_inline(queries[len(done)], topk))
-            if len(done) == len(queries):
-                return done
+                continue
+            await asyncio.sleep(0)  # the loop's turn is used up: give it back, search in the next turn
+            if self._closed:
+                raise RetrieverError("the search scheduler is closed (the server is shutting down)")
+        if len(done) == len(queries):
+            return done
         loop = asyncio.get_running_loop()
         request = _Request([None] * (len(queries) - len(done)), loop.create_future(), len(queries) - len(done))
         self._queue.extend(_Item(q, topk, request, i) for i, q in enumerate(queries[len(done) :]))
