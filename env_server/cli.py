@@ -13,6 +13,7 @@ Entry points stay thin: parsing here, behaviour in `env_server.app` and friends.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from dataclasses import dataclass
@@ -53,10 +54,27 @@ CLOSE_GRACE_S = 1.0
 arrived in the drain's last moment (a 503 takes microseconds); the drain itself already waited for real work."""
 
 
-async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> None:
+GC_THRESHOLD = (20_000, 50, 100)
+"""The server process's `gc.set_threshold` (Python's default: 700, 10, 10), set by `trace-env serve` once the
+resources are loaded and frozen out of the collector (`gc.freeze`). A step allocates dozens of objects, nearly all
+freed by reference counting (episode state holds no cycles), so the default gen-0 threshold ran a collection every
+few steps, and full collections walked every live episode and snapshot: 6% of a search step's time with 20,000 live
+episodes, 1% with these thresholds (measured in-process, 10,000 steps). Cyclic garbage lives a little longer."""
+
+
+def tune_gc() -> None:
+    """Freeze what is alive now (modules, the question sets, the index handles) and collect less often (GC_THRESHOLD).
+    Process-wide: `trace-env serve` calls it, not the app, so embedding the app (tests, the trainer) changes nothing."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
+async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None, *, own_process: bool = False) -> None:
     """Run until SIGINT/SIGTERM (or cancellation). On the signal, drain (`env_server.app.drain`): keep listening,
     answer new work and /health with 503 + Retry-After, and let in-flight requests finish, for at most
-    `shutdown_timeout_s` (a second signal cuts it short); then close. `ready` gets the bound URL once listening."""
+    `shutdown_timeout_s` (a second signal cuts it short); then close. `ready` gets the bound URL once listening.
+    `own_process`: the process is this server's alone, so tune its garbage collector (`tune_gc`) once started."""
     from aiohttp import web
 
     from env_server.app import drain, init_app
@@ -65,6 +83,8 @@ async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None) -> 
     app = init_app(cfg)
     runner = web.AppRunner(app, shutdown_timeout=CLOSE_GRACE_S, access_log=None)
     await runner.setup()
+    if own_process:
+        tune_gc()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
     url = f"http://{cfg.host}:{runner.addresses[0][1]}"
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         from env_server.retrieval.base import RetrieverError
 
         try:
-            asyncio.run(serve(cfg))
+            asyncio.run(serve(cfg, own_process=True))
         except (ValueError, OSError, RetrieverError) as e:  # at start-up: a bad data/corpus file or index, a busy port
             print(f"trace-env serve: {e}", file=sys.stderr)
             return 2
