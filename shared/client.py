@@ -13,9 +13,11 @@ server's code, status and message.
 `coalesce=True` batches what crosses the wire: the create/step/fork/snapshot/spawn/delete calls made in the same
 turn of the event loop (the branches of a tree whose generations came back together, a round's forks, a
 step's creates) leave as ONE `POST /v1/batch` (up to `max_batch_ops` ops a request; a lone call goes as its own
-request), sent on the next turn of the loop, so nothing waits longer than it takes the loop to come round. Each
-call still gets its own answer or its own `EnvError` (the batch answers per op; a failed request fails every call
-in it, with the error the single call would have raised). `http_requests` counts the requests sent. Connection failures are retried (`shared.retry`, waits of
+request; more go as several, one after the other), sent on the next turn of the loop, so nothing waits longer than
+it takes the loop to come round. Each call still gets its own answer or its own `EnvError` (the batch answers per
+op; a call that is not a valid op fails alone with 400 malformed_request before anything is sent; a request that
+fails, a refused connection or a timeout, fails every call in it with that error). `http_requests` counts the
+requests sent. Connection failures are retried (`shared.retry`, waits of
 `backoff_s * 2**n`) only for calls that change nothing or that failed before the request was sent; a
 step is never sent twice. Error answers and timeouts are never retried.
 MessagePack is the default encoding (smaller and faster than JSON for the same structs).
@@ -30,10 +32,12 @@ from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
+import structlog
 
 from shared import codec
 from shared.retry import RetryPolicy, with_retries
 from shared.wire import (
+    BatchOp,
     BatchRequest,
     BatchResult,
     CreateEpisode,
@@ -41,6 +45,7 @@ from shared.wire import (
     EnvError,
     EpisodeCreated,
     ErrorBody,
+    ErrorCode,
     ForkResult,
     Info,
     SnapshotCreated,
@@ -49,6 +54,10 @@ from shared.wire import (
 )
 
 T = TypeVar("T")
+_Queued = tuple[
+    dict[str, Any], Any, Any, "asyncio.Future[Any]"
+]  # (op, the op checked as a BatchOp, answer type, future)
+log = structlog.get_logger("env_client")
 
 
 class EnvClient:
@@ -87,7 +96,7 @@ class EnvClient:
         self.coalesce = coalesce
         self.max_batch_ops = max_batch_ops
         self.http_requests = 0  # requests sent (a batch counts once)
-        self._queue: list[tuple[dict[str, Any], Any, asyncio.Future[Any]]] = []  # (op, answer type, its future)
+        self._queue: list[_Queued] = []
 
     async def __aenter__(self) -> EnvClient:
         return self
@@ -142,44 +151,64 @@ class EnvClient:
         """`op` as its own request or, when coalescing, in the next batch."""
         if not self.coalesce:
             return await self._single(op, typ)
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:  # checked alone, so that a bad call fails by itself (as its own request would) and not its batch
+            checked = msgspec.convert(op, BatchOp)
+        except msgspec.ValidationError as e:
+            raise EnvError(ErrorCode.MALFORMED, f"{op['op']}: {e}") from None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         if not self._queue:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._queue.append((op, typ, fut))
+            loop.call_soon(self._flush)
+        self._queue.append((op, checked, typ, fut))
         return await fut
 
     def _flush(self) -> None:
         queued, self._queue = self._queue, []
-        for s in range(0, len(queued), self.max_batch_ops):
-            task = asyncio.get_running_loop().create_task(self._send(queued[s : s + self.max_batch_ops]))
-            task.add_done_callback(_task_done)
+        task = asyncio.get_running_loop().create_task(self._send_all(queued))
+        task.add_done_callback(_task_done)
 
-    async def _send(self, part: list[tuple[dict[str, Any], Any, asyncio.Future[Any]]]) -> None:
+    async def _send_all(self, queued: list[_Queued]) -> None:
+        """Send the queued calls in batches of max_batch_ops, one batch after the other (so that calls on one episode
+        apply in the order they were made even across batches); every call gets an answer or an error."""
+        try:
+            for s in range(0, len(queued), self.max_batch_ops):
+                await self._send(queued[s : s + self.max_batch_ops])
+        finally:
+            for *_, fut in queued:  # whatever went wrong, nobody waits forever
+                if not fut.done():
+                    fut.set_exception(RuntimeError("env client: this call's batch was not sent (see the error before)"))
+
+    async def _send(self, part: list[_Queued]) -> None:
         try:
             if len(part) == 1:  # a lone call: its own request, so its status and errors are exactly the single call's
-                op, typ, fut = part[0]
+                op, _, typ, fut = part[0]
                 answers: list[Any] = [await self._single(op, typ)]
             else:
-                req = msgspec.convert({"ops": [op for op, _, _ in part]}, BatchRequest)
+                req = BatchRequest(ops=[checked for _, checked, _, _ in part])
                 res: BatchResult = await self._call("POST", "/v1/batch", BatchResult, req, safe=False)
                 answers = res.results
-        except BaseException as e:  # the request failed: every call in it fails with that error
-            for _, _, fut in part:
+                if len(answers) != len(part):
+                    raise EnvError(
+                        ErrorCode.INTERNAL, f"the env server answered {len(answers)} results to a batch of {len(part)}"
+                    )
+        except Exception as e:  # the request failed: every call in it fails with that error
+            for *_, fut in part:
                 if not fut.done():
                     fut.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
             return
-        for (_, typ, fut), ans in zip(part, answers, strict=True):
+        for (_, _, typ, fut), ans in zip(part, answers, strict=True):
             if fut.done():  # its caller was cancelled
                 continue
-            if len(part) == 1:
-                fut.set_result(ans)
-            elif ans.get("ok"):
-                fut.set_result(msgspec.convert({k: v for k, v in ans.items() if k != "ok"}, typ))
-            else:
-                err = ans.get("error") or {}
-                fut.set_exception(EnvError(str(err.get("code", "internal_error")), str(err.get("message", ans))))
+            try:
+                if len(part) == 1:
+                    fut.set_result(ans)
+                elif ans.get("ok"):
+                    fut.set_result(msgspec.convert({k: v for k, v in ans.items() if k != "ok"}, typ))
+                else:
+                    err = ans.get("error") or {}
+                    fut.set_exception(EnvError(str(err.get("code", "internal_error")), str(err.get("message", ans))))
+            except Exception as e:  # an answer this client cannot read fails its own call only
+                fut.set_exception(e)
 
     def _single(self, op: dict[str, Any], typ: Any) -> Any:
         """The single-call request of a batch op."""
@@ -256,9 +285,10 @@ class EnvClient:
 
 
 def _task_done(task: asyncio.Task[None]) -> None:
-    """Retrieve a send task's error (its calls already got it), so asyncio does not log it as never retrieved."""
-    if not task.cancelled():
-        task.exception()
+    """Log a send task's unexpected error (its calls already got one), so that it is neither lost nor logged by
+    asyncio as never retrieved."""
+    if not task.cancelled() and (err := task.exception()) is not None:
+        log.error("env client: sending a batch failed", error=f"{type(err).__name__}: {err}")
 
 
 def _error_from(status: int, payload: bytes, content_type: str | None) -> EnvError:

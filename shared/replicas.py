@@ -16,14 +16,18 @@ One env server holds its episodes in memory, so a trainer that outgrows it runs 
 - **A replica that goes away** (connections refused or dropped after the client's retries, or 503 while draining):
   the pool marks it down, raises `ReplicaLost` naming the replica and every live episode of this pool it held
   (also logged as one warning), and bumps the replica's generation, so any later call with an id from before fails
-  at once with `ReplicaLost` (its state is gone even if the replica comes back). New state goes to the others.
-- **Coming back**: a down replica is probed (`GET /health`, at most every `probe_s`) when new state needs a home;
-  it takes new episodes again once it answers 200 with the same corpus as the rest.
+  at once with `ReplicaLost` (its state is gone even if the replica comes back), and so does a call that was in
+  flight when it went down. New state goes to the others. (One reset connection is enough: a step or a batch is
+  not re-sent, so the pool cannot tell a blip from a death and writes the replica's episodes off.)
+- **Coming back**: a down replica is probed (`GET /health`, at most every `probe_s`) when new state needs a home
+  (in the background while another replica is up); it takes new episodes again once it answers 200 with the same
+  corpus as the rest.
 - **Every replica down**: `create` / `import_snapshot` wait up to `patience_s` for one to come back, logging a
   warning every `log_every_s` while they wait, then raise `EnvUnavailable`.
 - `batch` splits its ops by replica, sends the parts concurrently and answers in the given order; an op whose
-  replica went away answers `{"ok": false, "error": {"code": "replica_lost", ...}}` while the other parts' answers
-  (the ids of created episodes among them) still come back.
+  replica went away answers `{"ok": false, "error": {"code": "replica_lost", ...}}` (`unavailable` for a part
+  that timed out; the server's code for a part it refused) while the other parts' answers (the ids of created
+  episodes among them) still come back.
 
 With one URL the pool behaves as one `EnvClient` plus the waiting: the trainer always uses it.
 """
@@ -57,6 +61,8 @@ T = TypeVar("T")
 
 REPLICA_LOST = "replica_lost"
 """The error code of a batch op whose replica went away (not a server code: the pool writes it)."""
+UNAVAILABLE = "unavailable"
+"""The error code of a batch op whose request failed otherwise (a timeout; the pool writes it)."""
 
 
 class ReplicaLost(ConnectionError):
@@ -183,7 +189,12 @@ class EnvPool:
         gen = r.gen
         r.inflight += 1
         try:
-            return await call
+            ans = await call
+            if gen != r.gen:  # marked down while this call was in flight: what it made went with the replica
+                raise ReplicaLost(r.url, r.index, [], r.reason)
+            return ans
+        except ReplicaLost:
+            raise
         except ConnectionError as e:
             raise self._lost(r, gen, str(e)) from e
         except EnvError as e:
@@ -235,14 +246,16 @@ class EnvPool:
             down_s=round(time.monotonic() - r.down_since, 1),
         )
 
-    async def _probe_down(self) -> None:
+    async def _probe_down(self, wait: bool) -> None:
+        """Probe the down replicas not probed for probe_s; `wait`: until the probes end (when none is up), else they
+        run in the background (new state does not wait on a replica that hangs while another is up)."""
         now = time.monotonic()
         for r in self.replicas:
             if not r.up and r.probing is None and now - r.last_probe >= self.probe_s:
                 r.probing = asyncio.create_task(self._probe(r))
                 r.probing.add_done_callback(lambda _t, r=r: setattr(r, "probing", None))
         waiting = [r.probing for r in self.replicas if r.probing is not None]
-        if waiting:
+        if wait and waiting:
             await asyncio.gather(*waiting, return_exceptions=True)
 
     async def _pick(self) -> _Replica:
@@ -251,7 +264,7 @@ class EnvPool:
         last_log: float | None = None  # the first wait is logged at once, then every log_every_s
         while True:
             if any(not r.up for r in self.replicas):
-                await self._probe_down()
+                await self._probe_down(wait=not any(r.up for r in self.replicas))
             ups = [r for r in self.replicas if r.up]
             if ups:
                 return min(ups, key=lambda r: r.load)
@@ -305,6 +318,8 @@ class EnvPool:
                     f"({inf.reward_metric}, {[(d.name, d.splits) for d in inf.datasets]}); give replicas of one server"
                 )
         self._corpus_id = first.corpus_id
+        for r, inf in zip(ups, infos, strict=True):  # coalesced batches stay within each server's own limit
+            r.client.max_batch_ops = min(r.client.max_batch_ops, inf.limits.max_batch_ops)
         return first
 
     async def create(self, **fields: Any) -> EpisodeCreated:
@@ -375,27 +390,30 @@ class EnvPool:
             if op.get("op") == "delete":
                 r.live.discard(op[key])
             parts.setdefault(r.index, []).append((i, {**op, key: sid}))
-        creates = [i for i, op in enumerate(ops) if op.get("op") == "create"]
-        for i in creates:  # one at a time, so each sees the load the earlier ones added
-            r = await self._pick()
-            r.creates += 1
-            r.inflight += 1  # until its part is sent: the next create must see it
-            parts.setdefault(r.index, []).append((i, dict(ops[i])))
+        picked: list[_Replica] = []  # creates count as in flight on their replica until the batch ends
 
         async def send(r: _Replica, part: list[tuple[int, dict[str, Any]]]) -> None:
-            n_creates = sum(op.get("op") == "create" for _, op in part)
-            r.inflight -= n_creates
             try:
                 answers = await self._call(r, r.client.batch([op for _, op in part]))
-            except ReplicaLost as e:
+            except (ConnectionError, TimeoutError, EnvError) as e:  # this part failed; the others' answers stand
                 for i, _ in part:
                     results[i] = _error_result(e)
                 return
             for (i, op), ans in zip(part, answers, strict=True):
                 results[i] = self._rewrite(r, op, ans)
 
-        part_order = sorted(parts.items())
-        await asyncio.gather(*(send(self.replicas[idx], sorted(part)) for idx, part in part_order))
+        try:
+            for i, op in enumerate(ops):  # one at a time, so each sees the load the earlier ones added
+                if op.get("op") == "create":
+                    r = await self._pick()
+                    r.creates += 1
+                    r.inflight += 1
+                    picked.append(r)
+                    parts.setdefault(r.index, []).append((i, dict(op)))
+            await asyncio.gather(*(send(self.replicas[idx], sorted(part)) for idx, part in sorted(parts.items())))
+        finally:
+            for r in picked:
+                r.inflight -= 1
         assert all(x is not None for x in results)
         return results  # type: ignore[return-value]
 
@@ -420,7 +438,10 @@ class EnvPool:
 
 
 def _error_result(e: Exception) -> dict[str, Any]:
+    """A batch op's error answer for an error the pool met: the server's code for an EnvError, `replica_lost` when
+    the replica went away, `unavailable` for a request that failed otherwise (a timeout)."""
     if isinstance(e, EnvError):
         code = e.code.value if isinstance(e.code, ErrorCode) else str(e.code)
         return {"ok": False, "error": {"code": code, "message": e.message}}
-    return {"ok": False, "error": {"code": REPLICA_LOST, "message": str(e)}}
+    code = REPLICA_LOST if isinstance(e, ReplicaLost) else UNAVAILABLE
+    return {"ok": False, "error": {"code": code, "message": f"{type(e).__name__}: {e}"}}

@@ -61,6 +61,15 @@ async def test_each_call_gets_its_own_error(env_server: LiveServer) -> None:
             single.value.message,
         )
         assert isinstance(bad_create, EnvError) and bad_create.status == 422
+        # A call that is not a valid op (a tool_call with OpenAI's extra "id") fails alone, before anything is sent;
+        # the calls made with it are answered.
+        n = env.http_requests
+        odd = {"name": "search", "arguments": {"query": "Kelmar"}, "id": "call_1"}
+        fine, malformed = await asyncio.gather(
+            env.step(ep.episode_id, action=SEARCH), env.step(ep.episode_id, tool_call=odd), return_exceptions=True
+        )
+        assert not isinstance(fine, BaseException) and fine.turn == 2
+        assert isinstance(malformed, EnvError) and malformed.status == 400 and "id" in malformed.message
         n = env.http_requests
         with pytest.raises(EnvError) as lone:  # a lone call is its own request, with the single call's error
             await env.step("ep_nosuch", action=SEARCH)

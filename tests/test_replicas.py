@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 Make = Callable[..., Awaitable[LiveServer]]
 SEARCH = "<search> Kelmar Works </search>"
+DEV = {"dataset": "synthetic", "split": "dev"}
 
 
 def replica_of(pool_id: str) -> int:
@@ -187,3 +188,25 @@ async def test_new_work_waits_for_a_replica_to_come_back() -> None:
 def start_port(port: int) -> tuple[subprocess.Popen[str], str]:
     """`python -m env_server serve` on a fixed port (to restart a replica where it was)."""
     return start_server_process(["--port", str(port)], exe=[PYTHON, "-m", "env_server", "serve"])
+
+
+async def test_new_work_does_not_wait_on_a_hung_replica_and_counts_stay_right(make_env_server: Make) -> None:
+    """A down replica that accepts connections and never answers is probed in the background while another is up
+    (creates do not wait for its probe); a batch whose create finds no replica leaves no load counted."""
+    a = await make_env_server()
+    hung = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    hung_url = f"http://127.0.0.1:{hung.sockets[0].getsockname()[1]}"
+    try:
+        async with EnvPool([a.url, hung_url], probe_s=1.0) as env:
+            env.replicas[1].up = False
+            t0 = asyncio.get_running_loop().time()
+            for i in range(4):
+                assert replica_of((await env.create(**DEV, index=i)).episode_id) == 0
+            assert asyncio.get_running_loop().time() - t0 < 1.5, "no create waited for the hung replica's probe"
+        async with EnvPool([hung_url], patience_s=0, probe_s=0.2) as env:
+            env.replicas[0].up = False
+            with pytest.raises(EnvUnavailable):
+                await env.batch([{"op": "create", **DEV, "index": 0}])
+            assert env.replicas[0].inflight == 0
+    finally:
+        hung.close()

@@ -136,6 +136,9 @@ class EnvConfig:
     on the synthetic world. Replicas must serve the same corpus and datasets (checked at start)."""
     token: str | None = None
     """Bearer token for the env server (or env TRACE_ENV_TOKEN / TRACE_AUTH_TOKEN)."""
+    coalesce: bool = True
+    """Send the env calls made together (one turn of the event loop: a round's forks, the branches whose
+    generations came back at once) as one `POST /v1/batch` (`EnvClient(coalesce=True)`); false: one request each."""
     patience_s: float = 300.0
     """How long new episodes wait for an env server to come back when none is up (a warning is logged every 10 s
     while they wait); then the run stops with the servers' last errors. A tree whose replica goes away is redone."""

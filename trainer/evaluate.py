@@ -179,7 +179,7 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
     async with contextlib.AsyncExitStack() as stack:
         env_urls = await stack.enter_async_context(services.env_server(cfg, out))
         env = await stack.enter_async_context(
-            EnvPool(env_urls, token=cfg.env.token, patience_s=cfg.env.patience_s, coalesce=True)
+            EnvPool(env_urls, token=cfg.env.token, patience_s=cfg.env.patience_s, coalesce=cfg.env.coalesce)
         )
         urls = await stack.enter_async_context(services.engines(cfg, model, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))

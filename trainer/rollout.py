@@ -16,7 +16,7 @@ Contract:
 - Env failures (`env_lost`: the env replica holding a tree went away, a call timed out, its state is gone) do not
   raise out of `expand`: the tree is marked `lost` (with the reason, logged once) and `env_failures` counts them;
   the step redoes or drops lost trees (`TraceStep.collect`). A create that hits a replica going away is re-sent (to
-  another replica when there is one); `shared.replicas.EnvUnavailable` (no replica came back within the patience)
+  another replica when there is one; also after a timeout); `shared.replicas.EnvUnavailable` (no replica came back within the patience)
   always raises.
 - A finished leaf's reward is the env server's `StepResult.reward` of its last step, taken as is:
   the server alone turns a judged answer into a reward (its `reward_metric`), and by its contract
@@ -39,16 +39,21 @@ import structlog
 
 from shared.client import EnvClient
 from shared.engine_protocol import SamplingParams
-from shared.replicas import EnvPool, EnvUnavailable, ReplicaLost
+from shared.replicas import EnvPool, EnvUnavailable
 from shared.wire import EnvError, ErrorCode, StepResult
 from trainer.engine_client import EngineClient, Generation
 from trainer.tree import FinishStatus, RolloutTree
 
 STOP_TAGS = ("</search>", "</answer>")
 CREATE_ATTEMPTS = 3
-"""Times a create is sent when the replica it went to goes away (each time to the least-loaded replica up)."""
+"""Times a create is sent when the replica it went to goes away or it times out (each time to the least-loaded
+replica up; a create that timed out may leave an episode behind, which the server's TTL reaps)."""
 
 log = structlog.get_logger("rollout")
+
+
+class _TreeLost(Exception):
+    """A branch stopped because its tree was marked lost by another branch (not an env failure of its own)."""
 
 
 def env_lost(e: BaseException) -> bool:
@@ -160,7 +165,9 @@ class RolloutRunner:
                     dataset=dataset, split=split, index=index, max_turns=max_turns
                 )  # None: not sent
                 break
-            except ReplicaLost as e:  # the create went to a replica that went away: send it again
+            except Exception as e:  # the replica went away or the create timed out: send it again (elsewhere)
+                if not env_lost(e):
+                    raise
                 self.env_failures += 1
                 if attempt == CREATE_ATTEMPTS - 1:
                     raise
@@ -213,6 +220,8 @@ class RolloutRunner:
         done = await asyncio.gather(*(self.play(tree, node_id, eid) for eid in eids), return_exceptions=True)
         leaves = []
         for d in done:
+            if isinstance(d, _TreeLost):
+                continue  # stopped because the tree was already lost (counted then)
             if isinstance(d, BaseException):
                 if not env_lost(d):
                     raise d
@@ -241,6 +250,8 @@ class RolloutRunner:
         async with self._sem:
             try:
                 while True:
+                    if tree.lost is not None:  # another branch lost the tree's env state: this one is wasted work
+                        raise _TreeLost(tree.lost)
                     hist = tree.history_ids(cur)
                     room = self.cfg.max_context_tokens - len(hist)
                     gen = await self._generate(tree, hist, min(self.cfg.max_new_tokens, room))

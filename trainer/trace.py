@@ -218,6 +218,7 @@ class TraceStep:
         """One step's rollouts: exactly allocation.leaf_budget leaves, for every allocator (the rules:
         trainer/allocation.py, "The leaf budget"); `batch.trees` are exactly the prompts that received rollouts."""
         t0 = time.perf_counter()
+        failures0, requests0 = self.runner.env_failures, self.runner.env.http_requests
         self.remember_draw_state(step)
         c, a, alloc = self.cfg, self.cfg.allocation, self.allocator
         stage1 = alloc.stage1_budget(a)
@@ -232,7 +233,6 @@ class TraceStep:
         v = await self.value_roots(pool)
         m = alloc.roots(v, stage1, a)
         funded = [i for i, mi in enumerate(m) if mi > 0]
-        failures0, requests0 = self.runner.env_failures, self.runner.env.http_requests
         await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in funded))
         count = {
             "roots": sum(m),
@@ -283,9 +283,10 @@ class TraceStep:
             self.sampler.give_back([idx for idx, mi in zip(idxs, m, strict=True) if mi == 0])
         trees = [t for t, mi in zip(pool, m, strict=True) if mi > 0]
         assert all(t.lost is None for t in trees), "a lost tree reached the batch"
+        for t in pool:  # every tree's engine route, a dropped prompt's too
+            self.engine_release(t)
         for t in trees:
             t.backup()
-            self.engine_release(t)
         leaves = sum(t.ledger.leaves for t in trees)
         assert leaves == a.leaf_budget, (
             f"step {step}: {alloc.name} generated {leaves} leaves, allocation.leaf_budget is {a.leaf_budget} "
@@ -401,8 +402,8 @@ class TraceStep:
         exactly leaf_budget leaves and no half-finished tree reaches the update. A lost tree is *redone*: a new tree of
         the same prompt (a create, on a replica that is up; with none up it waits up to env.patience_s) gets the same
         m[i] bare rollouts and, for allocators that expand, its cont[i] continuations placed by one allocation round
-        over its own anchors. After env.redo_attempts redos the prompt is *dropped* for this step (given back to the
-        stream like an unfunded candidate): its m[i] + cont[i] leaves go, as bare rollouts, to the first unfunded
+        over its own anchors. After env.redo_attempts redos the prompt is *dropped* for this step (an allocator that
+        selects gives it back to the stream, as it does its unfunded candidates): its m[i] + cont[i] leaves go, as bare rollouts, to the first unfunded
         candidate of the pool, else to the next prompt of the stream that is not in this step. Counted in
         trees_redone / trees_dropped, the finished leaves thrown away in leaves_lost; each logged."""
         a, alloc, env = self.cfg.allocation, self.allocator, self.cfg.env
