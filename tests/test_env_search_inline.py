@@ -231,3 +231,19 @@ async def test_a_remote_retriever_is_awaited_never_inline(
         assert slow.calls == 1
     finally:
         await http.aclose()
+
+
+async def test_a_search_fails_rather_than_hangs_when_the_threads_are_gone(env_cache_dir: Path) -> None:
+    """Searches queued for the threads while the pool shuts down (the server closing) fail with RetrieverError: none
+    is left waiting for an answer that cannot come."""
+    pool = ThreadPoolExecutor(1)
+    index = TantivyRetriever(index_dir(env_cache_dir), executor=pool)
+    scheduler = SearchScheduler(index, pool, mode="never")
+    try:
+        assert len((await scheduler.search(QUERIES[:2], 1))[0]) == 1
+        pool.shutdown(wait=True)
+        with pytest.raises(RetrieverError, match="search threads are gone"):
+            await asyncio.wait_for(scheduler.search(QUERIES[:2], 1), timeout=10)
+    finally:
+        await scheduler.aclose()
+        await index.aclose()

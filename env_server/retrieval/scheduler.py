@@ -44,8 +44,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import structlog
+
 from env_server.retrieval.base import Hit, Retriever, RetrieverError, check_topk
 from env_server.retrieval.tantivy_index import SEARCH_CHUNK
+
+log = structlog.get_logger("env_server")
 
 InlineMode = Literal["auto", "always", "never"]
 INLINE_MODES: tuple[str, ...] = ("auto", "always", "never")
@@ -252,8 +256,16 @@ class SearchScheduler(Retriever):
                     item.request.deliver(item.index, None, e)
                 else:
                     item.request.deliver(item.index, hits, None)
+        except Exception:  # a bug here must not leave the queued requests waiting forever
+            log.exception("search flush failed; failing the queued searches")
+            self._fail_queued(RetrieverError("internal error in the search scheduler; see the server log"))
         finally:
             self._flush_task = None
+
+    def _fail_queued(self, error: RetrieverError) -> None:
+        while self._queue:
+            it = self._queue.popleft()
+            it.request.deliver(it.index, None, error)
 
     def _to_threads(self) -> None:
         """Hand every queued query to the pool: at most `threads` jobs of at most SEARCH_CHUNK queries each."""
@@ -265,7 +277,12 @@ class SearchScheduler(Retriever):
         loop = asyncio.get_running_loop()
         for s in range(0, len(items), size):
             chunk = items[s : s + size]
-            job = loop.run_in_executor(self._executor, self._run_job, [(it.query, it.topk) for it in chunk])
+            try:
+                job = loop.run_in_executor(self._executor, self._run_job, [(it.query, it.topk) for it in chunk])
+            except RuntimeError as e:  # the pool is shut down (the server is closing)
+                for it in chunk:
+                    it.request.deliver(it.index, None, RetrieverError(f"the search threads are gone: {e}"))
+                continue
             self._jobs.add(job)
             job.add_done_callback(lambda f, chunk=chunk: self._deliver_job(chunk, f))
             self.counters.jobs += 1
@@ -304,9 +321,7 @@ class SearchScheduler(Retriever):
             await asyncio.gather(self._flush_task, return_exceptions=True)
         if self._jobs:
             await asyncio.gather(*self._jobs, return_exceptions=True)
-        while self._queue:
-            it = self._queue.popleft()
-            it.request.deliver(it.index, None, RetrieverError("the server shut down before this search ran"))
+        self._fail_queued(RetrieverError("the server shut down before this search ran"))
 
     def __repr__(self) -> str:
         return f"SearchScheduler({self.inner!r}, mode={self.mode!r}, max_inline_s={self.max_inline_s})"
