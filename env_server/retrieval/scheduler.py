@@ -16,10 +16,11 @@ Contract of `SearchScheduler` (the `Retriever` the server's tools and `/retrieve
   threads and a fast one back. An inline search is timed by the wall clock (`time.perf_counter`, no system call:
   exactly how long it held the loop); a threaded one by its thread's CPU time (`time.thread_time`), since its wall
   time counts the waits for the GIL while the loop runs (14-20 ms for a 0.1 ms search, measured) and would keep a
-  fast index in the threads for good. Why not CPU time inline too: `time.thread_time` is a system call, and on the
-  loaded 2-core VM where bench/bench_env.py runs it cost 59 us a call in the server under load (cProfile), half
-  the search it timed; a search preempted by another process shows up as a slow wall-clock sample, which is why
-  the estimate is a high quantile rather than the maximum.
+  fast index in the threads for good. Why not CPU time inline too: `time.thread_time` is a system call (~1 us on an
+  idle machine, but a point where a loaded kernel switches to another process: cProfile charged it 59 us a call in
+  the server under bench/bench_env.py's load, half the search it timed), while `perf_counter` is not. A search
+  preempted by another process shows up as a slow wall-clock sample, which is why the estimate is a high quantile
+  rather than the maximum.
 - The loop is held by inline searches for at most `max_inline_s` at a time, by estimate: within one turn of the
   loop, searches run inline while the (wall-clock) time they took plus the estimate of the next stays within the
   bound; a search that does not fit waits for a later turn (its caller yields to the loop first). A single search
