@@ -90,6 +90,12 @@ class ServerConfig:
     """The longest the event loop is held by inline searches at a time, by estimate: searches run inline while the time
     taken plus the estimate of the next fits, then the loop gets control back before more run. Also auto's bound on
     one search's cost: a slower index (a big corpus, a cold page cache) searches in the threads."""
+    search_cache: int = 16384
+    """Answers of the local index kept in memory, by analysed query (case, punctuation and stopwords aside) and topk,
+    least recently used out; 0 = off. A repeated search (a GRPO group's samples, a tree's branches) is then answered
+    without searching. The index never changes while the server runs, so a cached answer is the one a search would
+    give. Memory: at most entries x topk passages plus ~1-2 KB an entry: with wiki passages (~0.7 KB) ~55 MB at the
+    default size and topk 3, ~280 MB at topk 20. A --retriever-url is never cached (its corpus could change)."""
     shutdown_timeout_s: Annotated[float, tyro.conf.arg(aliases=("--shutdown-timeout",))] = 30.0
     """On SIGTERM/SIGINT the server drains: it keeps listening, answers new work and /health with 503 (Retry-After),
     and closes once the requests in flight have finished, or after this many seconds. A second signal closes at once."""
@@ -146,6 +152,8 @@ class ServerConfig:
             raise ValueError(f"search_threads must be >= 1, got {self.search_threads}")
         if self.search_inline not in ("auto", "always", "never"):
             raise ValueError(f"search_inline must be auto, always or never, got {self.search_inline!r}")
+        if self.search_cache < 0:
+            raise ValueError(f"search_cache must be >= 0 (0 = off), got {self.search_cache}")
         if not 0 < self.search_inline_max_ms <= 1000:
             raise ValueError(f"search_inline_max_ms must be in (0, 1000], got {self.search_inline_max_ms}")
         return self

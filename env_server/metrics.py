@@ -39,6 +39,17 @@ class ServerMetrics:
         )
         for where in ("inline", "thread", "remote"):
             self.searches.labels(where)  # each route shows (0) from the start
+        self.search_cache = Counter(
+            "trace_env_search_cache",
+            "Search cache look-ups (--search-cache), by result: hit (answered without searching) or miss (searched)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("hit", "miss"):
+            self.search_cache.labels(result)
+        self.search_cache_entries = Gauge(
+            "trace_env_search_cache_entries", "Answers in the search cache (at most --search-cache)", registry=r
+        )
         self.search_latency = Histogram(
             "trace_env_search_seconds",
             "Search latency (one search call: a step's query, or a /retrieve call's; queueing included)",

@@ -19,9 +19,10 @@ What always holds:
 - `/v1/batch` answers one result per op, in order, whatever happens to the others: an op that hits a bug gets an
   `internal_error` result (logged with its traceback) and the other ops keep theirs, so the ids of episodes the batch
   created always reach the client.
-- Search never holds the event loop for long: `EnvService.search` (`env_server.retrieval.scheduler`) searches the
-  local index inline while it answers within `search_inline_max_ms`, else in the `search_threads` pool (owned by
-  `Resources`); a remote retriever is awaited. A backend failure is 502 and the step is not applied.
+- Search never holds the event loop for long: `EnvService.search` (`env_server.retrieval.scheduler`) answers a
+  repeated query of the local index from its cache (`search_cache` entries), searches the others inline while the
+  index answers within `search_inline_max_ms`, else in the `search_threads` pool (owned by `Resources`); a remote
+  retriever is awaited, never cached. A backend failure is 502 and the step is not applied.
 """
 
 from __future__ import annotations
@@ -175,9 +176,13 @@ class EnvService:
             mode=cfg.search_inline,
             max_inline_s=cfg.search_inline_max_ms / 1e3,
             threads=cfg.search_threads,
+            cache_size=cfg.search_cache,
             observe=metrics.search_latency.observe,
         )
-        self._searches_counted = SearchCounters()  # what refresh_gauges has copied into metrics.searches so far
+        self._searches_counted = SearchCounters()  # what refresh_gauges has copied into the metrics so far
+        self._search_metrics = [(metrics.searches.labels(w), w) for w in ("inline", "thread", "remote")] + [
+            (metrics.search_cache.labels(r), f"cache_{r}") for r in ("hit", "miss")
+        ]  # (Prometheus counter, SearchCounters field)
         self._tool_ctx_base = dict(retriever=self.search, topk=cfg.topk, max_topk=cfg.max_topk)
 
     # ------------------------------------------------------------------ calls
@@ -442,11 +447,12 @@ class EnvService:
 
     def refresh_gauges(self) -> None:
         """Bring the metrics kept outside Prometheus up to date (called when /metrics is scraped, and by the reaper)."""
-        for where in ("inline", "thread", "remote"):
-            new = getattr(self.search.counters, where) - getattr(self._searches_counted, where)
+        for counter, name in self._search_metrics:
+            new = getattr(self.search.counters, name) - getattr(self._searches_counted, name)
             if new:
-                self.metrics.searches.labels(where).inc(new)
-                setattr(self._searches_counted, where, getattr(self.search.counters, where))
+                counter.inc(new)
+                setattr(self._searches_counted, name, getattr(self.search.counters, name))
+        self.metrics.search_cache_entries.set(len(self.search.cache or ()))
         self.metrics.episodes_live.set(len(self.store.episodes))
         self.metrics.snapshots_live.set(len(self.store.snapshots))
         self.metrics.snapshots_evicted.set(self.store.evicted)

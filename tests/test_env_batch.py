@@ -122,8 +122,9 @@ async def test_batched_search_steps_answer_what_single_steps_answer(
 ) -> None:
     """A batch of search steps (several episodes, several turns of one episode, text actions and tool calls, a blank
     query, a bad topk) answers, op by op, what the same steps made one call at a time answer: with searches inline
-    (the batch runs its ops one after another) and in threads (the ops overlap)."""
-    srv = await make_env_server(search_inline=inline)
+    (the batch runs its ops one after another) and in threads (the ops overlap). The search cache is off, so that the
+    batch's searches run rather than answer from the single steps' entries."""
+    srv = await make_env_server(search_inline=inline, search_cache=0)
     http = RawHTTP(srv.url)
     try:
         await _batched_vs_single(http, fmt)

@@ -185,8 +185,8 @@ async def test_batch_ops_on_one_episode_apply_in_the_given_order(make_env_server
     """Regression: a fork/snapshot/delete op used to run while an earlier step op of the same batch on the same
     episode was still searching, so [step e, fork e] forked the state BEFORE the step and [step e, delete e,
     step e] deleted e under the first step (service.py EnvService.batch). Searches in threads (ops overlap) and
-    inline (ops run one after another)."""
-    env_server = await make_env_server(search_inline=inline)
+    inline (ops run one after another). The search cache is off: a step answered from it would not wait at all."""
+    env_server = await make_env_server(search_inline=inline, search_cache=0)
     http = RawHTTP(env_server.url)
     try:
         await _ops_in_order(http, env_server)

@@ -8,7 +8,8 @@ the search threads, or awaited (remote), and what holds wherever it searched.
 - A failing query fails its own request only; a remote retriever is awaited, never inline.
 
 No timing thresholds: the checks are on which route served a search (the `trace_env_searches` metric, the scheduler's
-counters) and on the order of events.
+counters) and on the order of events. The servers here run with the search cache off (`search_cache=0`), since its
+hits are searched on no route; tests/test_env_search_cache.py tests the cache.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ async def play(http: RawHTTP) -> list[Any]:
 async def test_inline_and_threaded_search_give_identical_answers(make_env_server: Make) -> None:
     answers = {}
     for mode in ("always", "never"):
-        srv = await make_env_server(search_inline=mode)
+        srv = await make_env_server(search_inline=mode, search_cache=0)
         http = RawHTTP(srv.url)
         try:
             answers[mode] = await play(http)
@@ -118,7 +119,7 @@ async def test_inline_and_threaded_search_give_identical_answers(make_env_server
 
 async def test_auto_searches_the_fast_index_inline(make_env_server: Make) -> None:
     """The synthetic index answers in ~0.1 ms: after COST_EVERY searches timed in the threads, auto searches inline."""
-    srv = await make_env_server(search_inline="auto")
+    srv = await make_env_server(search_inline="auto", search_cache=0)
     http = RawHTTP(srv.url)
     try:
         r = await http.call(
@@ -138,8 +139,8 @@ async def test_auto_sends_a_slow_index_to_the_threads(make_env_server: Make, bus
     holds the event loop, and its answers are the real index's."""
     index, resources = busy
     index.busy_s = 0.003
-    srv = await make_env_server(resources=resources, search_inline="auto", search_inline_max_ms=1.0)
-    fast = await make_env_server(search_inline="never")
+    srv = await make_env_server(resources=resources, search_inline="auto", search_inline_max_ms=1.0, search_cache=0)
+    fast = await make_env_server(search_inline="never", search_cache=0)
     http, ref = RawHTTP(srv.url), RawHTTP(fast.url)
     try:
         body = {"queries": QUERIES * 8, "topk": 2}

@@ -2,7 +2,8 @@
 
 `tantivy`: a local on-disk BM25 index (built from a FlashRAG corpus jsonl or the synthetic world).
 `remote`: any Search-R1-compatible `/retrieve` server. `format_observation` renders hits as Search-R1 does.
-`scheduler.SearchScheduler` decides where the env server runs each search: inline, in threads, or awaited.
+`scheduler.SearchScheduler` decides where the env server runs each search: inline, in threads, or awaited; before
+that, it answers a repeated query of the local index from `cache.SearchCache`.
 """
 
 from env_server.retrieval.base import Hit, Retriever, RetrieverError

@@ -24,8 +24,10 @@ class RetrieverError(Exception):
     """A retrieval backend failed (index unreadable, remote server down or answering garbage)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Hit:
+    """One search result. Slotted: the server's search cache (`cache.SearchCache`) holds many."""
+
     id: str
     """The corpus document id (FlashRAG `id`); "" when a remote server does not send one."""
     contents: str

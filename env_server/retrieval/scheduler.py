@@ -9,6 +9,11 @@ index, whose searches take milliseconds, keeps the threads, so the loop is never
 
 Contract of `SearchScheduler` (the `Retriever` the server's tools and `/retrieve` call):
 - A remote retriever (`--retriever-url`) is awaited as it is; nothing here runs for it but the metrics.
+- With `cache_size` > 0 a local index's answers are kept in a `cache.SearchCache` (its docstring: why that is
+  correct, the key, the memory bound): each query is looked up first, and a hit is answered at once, before any
+  routing (no thread hop, no inline slice, no queue). Only the misses are searched as below, and their answers are
+  put when delivered. Misses of one key in flight together are each searched (no merging): inline searches, the fast
+  index's route, finish before the next request looks, so only thread-routed ones can overlap.
 - Local searches (the index's `search_sync`) run by `mode`: "never": in the `search_threads` pool; "always": inline;
   "auto": inline while the running cost estimate of one search (the COST_QUANTILE quantile of the last COST_WINDOW
   searches, recomputed every COST_EVERY) is at most `max_inline_s`, in the threads otherwise and until COST_EVERY
@@ -31,8 +36,10 @@ Contract of `SearchScheduler` (the `Retriever` the server's tools and `/retrieve
   it (first come, first served); one flush task works the queue off (inline in slices, should "auto" have turned
   inline meanwhile).
 - Hits do not depend on where a search ran (`search_sync` either way). A query that fails fails its own request
-  (its `search` call) only. `aclose` cancels the flush task, waits for jobs in the threads, and fails what is still
-  queued with RetrieverError; it closes neither the retriever nor the pool (their owner, `Resources`, does).
+  (its `search` call) only, and that request puts none of its answers in the cache. `search_sync` (for scripts)
+  bypasses the cache, which is touched only on the event loop. `aclose` cancels the flush task, waits for jobs in the
+  threads, and fails what is still queued with RetrieverError; it closes neither the retriever nor the pool (their
+  owner, `Resources`, does).
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ from typing import Any, Literal
 import structlog
 
 from env_server.retrieval.base import Hit, Retriever, RetrieverError, check_topk
-from env_server.retrieval.tantivy_index import SEARCH_CHUNK
+from env_server.retrieval.cache import SearchCache
+from env_server.retrieval.tantivy_index import SEARCH_CHUNK, TantivyRetriever
 
 log = structlog.get_logger("env_server")
 
@@ -117,19 +125,24 @@ class _Item:
 
 @dataclass
 class SearchCounters:
-    """Queries searched by route, and thread jobs: plain ints on the hot path (a Prometheus counter takes a lock per
-    increment); `EnvService.refresh_gauges` copies them into `trace_env_searches` when /metrics is scraped."""
+    """Queries searched by route, thread jobs and cache look-ups: plain ints on the hot path (a Prometheus counter
+    takes a lock per increment); `EnvService.refresh_gauges` copies them into `trace_env_searches` and
+    `trace_env_search_cache` when /metrics is scraped. A cache hit is not searched, so it counts under no route."""
 
     inline: int = 0
     thread: int = 0
     remote: int = 0
     jobs: int = 0  # executor jobs (thread hops)
+    cache_hit: int = 0
+    cache_miss: int = 0
 
 
 class SearchScheduler(Retriever):
     """Runs searches of `inner` inline, in `executor`'s threads or awaited (module docstring). `executor` None means
-    `inner` is remote: its `search` is awaited. `observe(seconds)` gets each `search` call's latency; `counters` counts
-    the queries searched by route (the server copies them into its metrics when scraped)."""
+    `inner` is remote: its `search` is awaited. `cache_size` > 0 caches a local `TantivyRetriever`'s answers (that
+    many entries; a remote one is never cached). `observe(seconds)` gets each `search` call's latency; `counters`
+    counts the queries searched by route and the cache's hits and misses (the server copies them into its metrics
+    when scraped)."""
 
     def __init__(
         self,
@@ -139,12 +152,21 @@ class SearchScheduler(Retriever):
         mode: InlineMode = "auto",
         max_inline_s: float = 1e-3,
         threads: int = 4,
+        cache_size: int = 0,
         observe: Callable[[float], None] | None = None,
     ) -> None:
         if mode not in INLINE_MODES:
             raise ValueError(f"mode must be one of {INLINE_MODES}, got {mode!r}")
-        if max_inline_s <= 0 or threads < 1:
-            raise ValueError(f"max_inline_s must be > 0 and threads >= 1, got {max_inline_s}, {threads}")
+        if max_inline_s <= 0 or threads < 1 or cache_size < 0:
+            raise ValueError(
+                f"max_inline_s must be > 0, threads >= 1 and cache_size >= 0, got {max_inline_s}, {threads}, "
+                f"{cache_size}"
+            )
+        self.cache: SearchCache | None = None
+        if cache_size and executor is not None:  # local; a remote corpus could change under us: never cached
+            if not isinstance(inner, TantivyRetriever):
+                raise TypeError(f"only a TantivyRetriever's answers can be cached (its query_terms), got {inner!r}")
+            self.cache = SearchCache(cache_size, inner.query_terms)
         self.inner = inner
         self.corpus_id = inner.corpus_id
         self.mode = mode
@@ -220,6 +242,23 @@ class SearchScheduler(Retriever):
             raise RetrieverError("the search scheduler is closed (the server is shutting down)")
         if not queries:
             return []
+        cache = self.cache
+        if cache is None:
+            return await self._route(queries, topk)
+        keys = [cache.key(q, topk) for q in queries]
+        answers = [cache.get(k) for k in keys]
+        missed = [i for i, hits in enumerate(answers) if hits is None]
+        self.counters.cache_hit += len(queries) - len(missed)
+        self.counters.cache_miss += len(missed)
+        if missed:
+            searched = await self._route([queries[i] for i in missed], topk)
+            for i, hits in zip(missed, searched, strict=True):
+                cache.put(keys[i], hits)
+                answers[i] = hits
+        return answers  # type: ignore[return-value]  # every slot is filled
+
+    async def _route(self, queries: list[str], topk: int) -> list[list[Hit]]:
+        """Search `queries` (non-empty) inline now, or queue them for the flush task (module docstring)."""
         done: list[list[Hit]] = []
         while not self._queue and len(done) < len(queries) and self.inline_now():  # nothing queued ahead: inline
             if self._fits():

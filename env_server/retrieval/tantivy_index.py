@@ -87,7 +87,8 @@ DOC_CACHE_SIZE = 8192
 """Stored documents (id, contents) kept per retriever, least recently used out: materialising one from the index
 (`Searcher.doc` + its fields) cost ~3-8 us, a third of the ~20 us it took to turn a search's 3 addresses into hits.
 A wiki passage is ~0.7 KB, so the cache holds ~6 MB at most; the index never changes under an open retriever (its
-searcher is fixed at open), so a cached document is never stale. The searches themselves are never cached."""
+searcher is fixed at open), so a cached document is never stale. The retriever never caches whole answers; the env
+server does, before it routes a search (`cache.SearchCache`, keyed by `query_terms`)."""
 
 _MAX_TOKEN_BYTES = 40  # tantivy's default: longer tokens (URLs, base64 junk) are dropped, at index and query time
 
