@@ -589,9 +589,14 @@ def report(f: dict[str, Any]) -> None:
     for v, res in t["variants"].items():
         s, w, c = res["server_search"], res["searched"], res["cache"]
         print(f"{v}:")
+        looked_up = c["hit"] + c["miss"]
+        cached = (
+            f"hit rate {c['hit_rate']:.1%} ({c['hit']:.0f} hits, {c['miss']:.0f} misses, {c['entries']:.0f} entries)"
+            if looked_up
+            else "off (no look-ups)"
+        )
         print(
-            f"  search cache: hit rate {c['hit_rate']:.1%} ({c['hit']:.0f} hits, {c['miss']:.0f} misses, "
-            f"{c['entries']:.0f} entries); searched inline {w['inline']:.0f}, in threads {w['thread']:.0f} "
+            f"  search cache: {cached}; searched inline {w['inline']:.0f}, in threads {w['thread']:.0f} "
             f"(--search-inline {f['search_inline'] or 'default'})"
         )
         print(
