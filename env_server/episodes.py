@@ -17,11 +17,16 @@ What always holds:
 - An imported blob is untrusted input: its size is the request body cap (`max_body_bytes`, 413 past it), its
   free-form values (`task.metadata`, each turn's `info`) nest at most `MAX_BLOB_DEPTH` levels, and its task
   passes `check_task`, the same checks `create` applies; anything else is 422 before the store changes.
+- Ids are `ep_`/`snp_` + 12 hex digits drawn at random per store + a per-store counter (8 hex digits, more past 2**32):
+  unique within a store, and across restarts and stores (tests run several in one process) by the random part. Ids
+  name state; they are not secrets (the bearer token is the access control), so a counter is enough, and it costs
+  half of `secrets.token_hex` (os.urandom, a system call), of which a step makes one and a create two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import re
 import secrets
@@ -51,14 +56,20 @@ class StateNode:
 
 
 @dataclass(slots=True)
-class Handle:
+class Pin:
+    """A snapshot: a name for a node (immutable, so nothing to lock)."""
+
     node: StateNode
-    last_used: float
+    last_used: float  # time.monotonic() of the last look-up
+
+
+@dataclass(slots=True)
+class Handle:
+    """An episode: the one mutable pointer at a node; steps on it hold `lock`."""
+
+    node: StateNode
+    last_used: float  # time.monotonic() of the last look-up or step
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
 
 
 class EpisodeStore:
@@ -69,11 +80,16 @@ class EpisodeStore:
         self.max_snapshots = max_snapshots
         self.ttl_s = ttl_s
         self.episodes: dict[str, Handle] = {}
-        self.snapshots: dict[str, Handle] = {}
+        self.snapshots: dict[str, Pin] = {}
         # Automatic snapshots (one per create/step), least recently used first: a cache of branch points that
         # gives way, oldest first, when the snapshot cap is reached. Explicit ones are never evicted.
         self.auto: OrderedDict[str, None] = OrderedDict()
         self.evicted = 0
+        self._id_base = secrets.token_hex(6)  # module docstring: ids
+        self._id_count = itertools.count()
+
+    def _new_id(self, kind: str) -> str:
+        return f"{kind}_{self._id_base}{next(self._id_count):08x}"
 
     # ------------------------------------------------------------------ lookup
     def episode(self, episode_id: str) -> Handle:
@@ -83,7 +99,7 @@ class EpisodeStore:
         h.last_used = time.monotonic()
         return h
 
-    def snapshot(self, snapshot_id: str) -> Handle:
+    def snapshot(self, snapshot_id: str) -> Pin:
         h = self.snapshots.get(snapshot_id)
         if h is None:
             raise EnvError(
@@ -117,10 +133,11 @@ class EpisodeStore:
             self.evicted += 1
 
     # ------------------------------------------------------------------ mutations
-    def add_snapshot(self, node: StateNode, *, auto: bool = False) -> str:
-        """Name `node`; `auto` marks the automatic snapshot of a create/step (evictable, see `auto`)."""
-        sid = _new_id("snp")
-        self.snapshots[sid] = Handle(node, time.monotonic())
+    def add_snapshot(self, node: StateNode, *, auto: bool = False, now: float | None = None) -> str:
+        """Name `node`; `auto` marks the automatic snapshot of a create/step (evictable, see `auto`). `now`: the
+        caller's time.monotonic(), when it has one."""
+        sid = self._new_id("snp")
+        self.snapshots[sid] = Pin(node, time.monotonic() if now is None else now)
         if auto:
             self.auto[sid] = None
         return sid
@@ -129,15 +146,16 @@ class EpisodeStore:
         """A new episode at turn 0; returns (episode_id, snapshot_id, root)."""
         self.check_capacity(1, 1)
         root = StateNode(parent=None, task=task, turn=0, record=None)
-        eid = _new_id("ep")
-        self.episodes[eid] = Handle(root, time.monotonic())
-        return eid, self.add_snapshot(root, auto=True), root
+        eid = self._new_id("ep")
+        now = time.monotonic()
+        self.episodes[eid] = Handle(root, now)
+        return eid, self.add_snapshot(root, auto=True, now=now), root
 
     def spawn(self, node: StateNode, n: int) -> list[str]:
         """n new episodes on `node` (fork, or start from a snapshot)."""
         self.check_capacity(n, 0)
         now = time.monotonic()
-        ids = [_new_id("ep") for _ in range(n)]
+        ids = [self._new_id("ep") for _ in range(n)]
         for eid in ids:
             self.episodes[eid] = Handle(node, now)
         return ids
@@ -147,8 +165,8 @@ class EpisodeStore:
         self.check_capacity(0, 1)
         node = StateNode(parent=handle.node, task=handle.node.task, turn=handle.node.turn + 1, record=record)
         handle.node = node
-        handle.last_used = time.monotonic()
-        return node, self.add_snapshot(node, auto=True)
+        handle.last_used = now = time.monotonic()
+        return node, self.add_snapshot(node, auto=True, now=now)
 
     def delete_episode(self, episode_id: str) -> None:
         if self.episodes.pop(episode_id, None) is None:

@@ -11,8 +11,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import FORMATS, JSON, MSGPACK, LiveServer, RawHTTP
+
+from env_server.service import _batch_result
+from shared import codec
+from shared.wire import Deleted, EnvError, EpisodeCreated, ErrorCode, ForkResult, Message, SnapshotCreated, StepResult
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -165,3 +170,26 @@ async def _batched_vs_single(http: RawHTTP, fmt: str) -> None:
     assert [without_ids(x) for x in batched] == [without_ids(x) for x in single]
     assert [x["turn"] for x in batched[-2:]] == [2, 3] and batched[-1]["truncated"] is True
     assert [x["episode_id"] for x in batched] == [op["episode_id"] for op in ops]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_batch_results_encode_as_the_ok_dicts_byte_for_byte(fmt: str) -> None:
+    """Regression guard for `/v1/batch` answering each op with a struct (`service._batch_result`) instead of the dict
+    `{"ok": ok, **msgspec.to_builtins(answer)}` it built before: for every kind of op answer and an error, the bytes
+    on the wire are those of that dict (`ok` first, every field, nested structs as maps), in JSON and MessagePack."""
+    answers: list[tuple[bool, msgspec.Struct]] = [
+        (True, EpisodeCreated("ep_1", "snp_1", "p", [Message("user", "p")], 0, False, 8, None, None, None, {"a": 1})),
+        (True, StepResult("ep_1", "snp_2", "obs", 0.5, True, False, 1, {"tool": "answer", "em": 1.0, "x": [1, 2]})),
+        (True, StepResult("ep_1", "snp_2", "obs", 0.0, False, True, 8)),
+        (True, ForkResult(["ep_2", "ep_3"])),
+        (True, SnapshotCreated("snp_3")),
+        (True, Deleted("ep_1")),
+        (False, EnvError(ErrorCode.NOT_FOUND, "no episode 'x'").to_body()),
+    ]
+    for ok_, ans in answers:
+        want = codec.encode({"ok": ok_, **msgspec.to_builtins(ans)}, fmt)
+        assert codec.encode(_batch_result(ok_, ans), fmt) == want, ans
+    as_list = [_batch_result(ok_, ans) for ok_, ans in answers]
+    assert codec.encode({"results": as_list}, fmt) == codec.encode(
+        {"results": [{"ok": ok_, **msgspec.to_builtins(ans)} for ok_, ans in answers]}, fmt
+    )

@@ -6,6 +6,7 @@
 - A hit is answered before routing: no search, no thread job.
 - The cache holds at most its size (LRU eviction); 0 turns it off; a remote retriever is never cached.
 - A caller that changes its answer does not change the cache; a failed search puts nothing.
+- A query string's key is remembered (bounded, long queries never), and it is the analysed key.
 - /metrics counts hits and misses (`trace_env_search_cache_total`) and the entries.
 
 Behaviour only, no timings: checks are on answers, on the scheduler's counters and on the server's metrics.
@@ -22,6 +23,7 @@ from conftest import LiveServer, RawHTTP, SlowRetriever, metric_value
 
 from env_server.config import load_config
 from env_server.retrieval import Hit, RetrieverError, TantivyRetriever, build_index
+from env_server.retrieval.cache import ALIAS_MAX_CHARS, SearchCache
 from env_server.retrieval.scheduler import SearchScheduler
 from env_server.service import Resources
 
@@ -246,3 +248,22 @@ async def test_a_remote_retriever_is_never_cached(
 def test_a_negative_size_is_refused() -> None:
     with pytest.raises(ValueError, match="search_cache must be >= 0"):
         load_config(search_cache=-1)
+
+
+def test_remembered_keys_are_the_analysed_keys_and_bounded() -> None:
+    """`SearchCache.key` remembers a query string's key instead of analysing it again (the analysis was a fifth of a
+    cached batched step's CPU): the remembered key is the analysed one, at most `size` are kept (oldest out), and a
+    query longer than ALIAS_MAX_CHARS is analysed every time and never kept."""
+    calls: list[str] = []
+
+    def terms(query: str) -> list[tuple[str, str]]:
+        calls.append(query)
+        return [(w.lower(), w.lower()) for w in query.split()]
+
+    cache = SearchCache(2, terms)
+    assert cache.key("Fozan Editions", 3) == ((("fozan", "fozan"), ("editions", "editions")), 3)
+    assert cache.key("Fozan Editions", 3) == cache.key("fozan editions", 3) and calls.count("Fozan Editions") == 1
+    cache.key("Fozan Editions", 5)  # topk is part of the key: a third string/topk pair, the oldest goes
+    assert len(cache._keys) == 2 and ("Fozan Editions", 3) not in cache._keys
+    long = "word " * (ALIAS_MAX_CHARS // 5 + 1)
+    assert cache.key(long, 3) == cache.key(long, 3) and calls.count(long) == 2 and (long, 3) not in cache._keys

@@ -245,6 +245,11 @@ class SearchScheduler(Retriever):
         cache = self.cache
         if cache is None:
             return await self._route(queries, topk)
+        if len(queries) == 1:  # a step's search: a hit needs none of the lists below
+            hits = cache.get(cache.key(queries[0], topk))
+            if hits is not None:
+                self.counters.cache_hit += 1
+                return [hits]
         keys = [cache.key(q, topk) for q in queries]
         answers = [cache.get(k) for k in keys]
         missed = [i for i, hits in enumerate(answers) if hits is None]
