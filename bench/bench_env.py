@@ -43,6 +43,59 @@ aiohttp client session in this process with MessagePack bodies, as the trainer's
     python bench/bench_env.py --search-inline never  # the server's searches in its threads, as before issue 14
     python bench/bench_env.py --rounds 3 --steps 500 --episodes 1000 --out runs/bench_env.json   # quicker
 
+Measured 2026-12-02 13:05 with `python bench/bench_env.py` (the defaults) at commit 7bb5a81 (a batched step's server
+CPU cut ~95 -> ~60 us with a cache hit), 2 CPU cores shared with another engineer's test run (load average 1.5 when it
+started, after waiting for it to fall under 1.5; 2.7 at the end):
+
+                                 calls/s     ops/s   p50 ms   p99 ms  vs bare
+    bare_sequential                 1340      1340     0.71     1.81
+    bare_concurrent                 1459      1459    20.26    35.87
+    step_sequential (cache_on)      1108      1108     0.90     1.47     0.84
+    step_concurrent (cache_on)       995       995    30.77    63.35     0.77
+    step_batch (cache_on)            134      8591     6.90    25.86
+    step_sequential (cache_off)      717       717     1.18     5.10     0.61
+    step_concurrent (cache_off)      621       621    46.73   104.34     0.47
+    step_batch (cache_off)            54      3457    17.03    35.64
+    fork_sequential (cache_on)       202       202     5.13    11.88     0.15
+    fork_concurrent (cache_on)       728       728    41.12    98.49     0.50
+    fork_batch (cache_on)            150      9589     7.84    11.92
+    direct search_sync: p50 0.105 ms, p99 0.268 ms
+    cache_on: hit rate 99.0% (31088 hits, 300 misses, 299 entries); searched inline 268, in threads 32;
+      search calls, server histogram: mean 0.026 ms (p50/p99 ~0.10/~0.23 ms, interpolated in 0.2 ms buckets)
+      step_sequential / bare_sequential    0.84  goal >= 0.6  pass  (rounds: 0.63 1.00 0.81 0.66 0.95 0.85 0.84)
+      step_concurrent / bare_concurrent    0.77  goal >= 0.6  pass  (rounds: 0.77 0.85 0.60 0.63 0.78 0.68 0.84)
+      step_batch / step_sequential         8.25  goal >= 10   FAIL  (rounds: 10.41 9.44 5.49 8.25 14.60 7.99 7.52)
+    cache_off: searched inline 31356, in threads 32;
+      search calls, server histogram: mean 13.982 ms, p50 ~0.371 ms, p99 ~89.799 ms
+      step_sequential / bare_sequential    0.61  goal >= 0.6  pass  (rounds: 0.50 0.61 0.34 0.61 1.08 0.62 0.58)
+      step_concurrent / bare_concurrent    0.47  goal >= 0.6  FAIL  (rounds: 0.50 0.40 0.36 0.47 0.54 0.45 0.48)
+      step_batch / step_sequential         4.82  goal >= 10   FAIL  (rounds: 4.82 5.07 6.97 4.34 5.69 4.04 4.01)
+    issue 14 goals met: cache_on 2/3, cache_off 1/3
+    fork via HTTP: turn 1 2.715 ms, turn 50 2.623 ms, ratio 0.97; EpisodeStore.spawn: 5.09 / 5.14 us, ratio 1.01
+    memory (cache on): 10000 episodes x 3 search steps (40050 snapshots): RSS 61 -> 114 MB, 5548 bytes per episode
+
+(The fork rows ran last, as the load rose to 2.7: 202 sequential forks/s against ~1400 in the run below is the
+machine, not the server; fork time still does not depend on history length.)
+
+Reading: the batch goal is still met by neither server: 8.3x with the cache (6.5x before 7bb5a81; two of the seven
+rounds passed 10x), 4.8x without (4.5x). Where a batched step's server CPU went, in-process (`EnvService.batch` of 64
+search steps on episodes of one server, the request decoded and the answer encoded as MessagePack, no HTTP; 600
+batches after a warm-up, `time.process_time`, gc frozen as the server does; py-spy for the shares): with a cache hit
+~95 us before 7bb5a81, ~60 us after. The cut: the cache's query analysis (two tantivy analyzer calls, a fifth of the
+step) is remembered per query string; `os.urandom` ids, the per-snapshot `asyncio.Lock`, `to_builtins` and a dict
+merge per batch answer, a Prometheus inc per step and a few clock reads are gone. What is left is spread thin: the
+step's own bookkeeping (~10%), the tool call and action parsing (~12%), the observation's formatting (~10%), the
+cache look-up (~7%), the state node and its snapshot (~10%), the search histogram (~5%), the answer's encoding (~4%).
+Without the cache a step costs ~210 us, ~120 us of it the BM25 search itself, which no change here touches.
+
+The floor, so why 10x is out of reach here: 10x the sequential rate (~1100 steps/s) is ~11000 ops/s, ~90 us of wall
+time per batched op, and with one batch in flight the server's ~60 us and the client's own work per op (building the
+64 ops, encoding them, decoding a ~43 KB answer: ~15-20 us) run one after the other on the same 2 cores, so a quiet
+machine gives ~8-9x and a loaded one less; 10x needs the client elsewhere or a batched step under ~70 us in all.
+Without the cache the search alone (~105 us direct p50, more between other work) puts the floor near ~165 us an op,
+~6000 ops/s, ~8x of its ~720 steps/s at best.
+
+Earlier run, before 7bb5a81:
 Measured 2026-12-02 12:50 with `python bench/bench_env.py` (the defaults) at commit 975e7f7, 2 CPU cores shared with
 other agents' work (load average 1.4 when it started, after waiting for it to fall under 1.5; 2.4 at the end):
 
