@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 from transformers import AutoTokenizer
 
 from shared.client import EnvClient
@@ -41,10 +40,8 @@ from shared.wire import EnvError, EpisodeCreated, Info, StepResult
 from trainer import services
 from trainer.config import TrainConfig
 from trainer.engine_client import EngineClient
-from trainer.rollout import RolloutConfig, RolloutRunner, env_lost
+from trainer.rollout import RolloutConfig, RolloutRunner, again_on_env_loss
 from trainer.tree import FinishStatus, RolloutTree
-
-log = structlog.get_logger("evaluate")
 
 
 @dataclass
@@ -128,26 +125,22 @@ async def evaluate(
     n = min(limit, split_size(await env.info(), dataset, split))
     live = asyncio.Semaphore(concurrency or runner.cfg.max_concurrency)
 
+    async def play(index: int) -> tuple[GreedyResult, int | None]:
+        ep = await env.create(dataset=dataset, split=split, index=index, max_turns=max_turns)  # None: not sent
+        try:
+            hops = ep.metadata.get("hops")
+            return await play_greedy(runner, ep), (int(hops) if hops is not None else None)
+        finally:  # a failed delete must not hide the error that ended the question
+            with contextlib.suppress(EnvError, ConnectionError, TimeoutError):
+                await env.delete(ep.episode_id)
+
+    def count() -> None:
+        runner.env_failures += 1
+
     async def one(index: int) -> tuple[GreedyResult, int | None]:
-        async with live:
-            for attempt in range(1, EVAL_ATTEMPTS + 1):
-                ep = None
-                try:
-                    ep = await env.create(
-                        dataset=dataset, split=split, index=index, max_turns=max_turns
-                    )  # None: not sent
-                    hops = ep.metadata.get("hops")
-                    return await play_greedy(runner, ep), (int(hops) if hops is not None else None)
-                except Exception as e:  # a question whose env state went away is played again, from the start
-                    if not env_lost(e) or attempt == EVAL_ATTEMPTS:
-                        raise
-                    runner.env_failures += 1
-                    log.warning("an eval question lost its env state; playing it again", index=index, error=str(e))
-                finally:  # a failed delete must not hide the error that ended the question
-                    if ep is not None:
-                        with contextlib.suppress(EnvError, ConnectionError, TimeoutError):
-                            await env.delete(ep.episode_id)
-            raise AssertionError("unreachable")
+        async with live:  # a question whose env state went away is played again, from the start
+            event = "an eval question lost its env state; playing it again"
+            return await again_on_env_loss(lambda: play(index), EVAL_ATTEMPTS, event, count, index=index)
 
     res = await asyncio.gather(*(one(i) for i in range(n)))
     out = {
@@ -177,10 +170,7 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
-        env_urls = await stack.enter_async_context(services.env_server(cfg, out))
-        env = await stack.enter_async_context(
-            EnvPool(env_urls, token=cfg.env.token, patience_s=cfg.env.patience_s, coalesce=cfg.env.coalesce)
-        )
+        env = await stack.enter_async_context(services.env_client(cfg, out))
         urls = await stack.enter_async_context(services.engines(cfg, model, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         tok = AutoTokenizer.from_pretrained(str(model))

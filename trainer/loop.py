@@ -87,10 +87,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         run = cfg.run
         track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, conf, run.wandb_project)
         stack.push_async_callback(asyncio.to_thread, track.close)
-        env_urls = await stack.enter_async_context(services.env_server(cfg, out))
-        env = await stack.enter_async_context(
-            EnvPool(env_urls, token=cfg.env.token, patience_s=cfg.env.patience_s, coalesce=cfg.env.coalesce)
-        )
+        env = await stack.enter_async_context(services.env_client(cfg, out))
         policy = await _initial_policy(cfg, env, out, start)
         weights = await compute(policy.save, out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -50,6 +51,7 @@ CREATE_ATTEMPTS = 3
 replica up; a create that timed out may leave an episode behind, which the server's TTL reaps)."""
 
 log = structlog.get_logger("rollout")
+T = TypeVar("T")
 
 
 class _TreeLost(Exception):
@@ -66,6 +68,30 @@ def env_lost(e: BaseException) -> bool:
     if isinstance(e, ConnectionError | TimeoutError):
         return True
     return isinstance(e, EnvError) and e.code in (ErrorCode.NOT_FOUND, ErrorCode.SHUTTING_DOWN)
+
+
+async def again_on_env_loss(
+    call: Callable[[], Awaitable[T]],
+    attempts: int,
+    event: str,
+    on_loss: Callable[[], None] | None = None,
+    **log_fields: Any,
+) -> T:
+    """Await `call()` and, while it fails with an env loss (`env_lost`), log `event` and await it again: `attempts`
+    times in all, the last failure raising; `on_loss` is called for each loss. Any other error raises at once. For
+    work that starts over from scratch (a create, a whole episode), never for a call that may have been applied."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except Exception as e:
+            if not env_lost(e):
+                raise
+            if on_loss is not None:
+                on_loss()
+            if attempt == attempts:
+                raise
+            log.warning(event, attempt=attempt, error=str(e), **log_fields)
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -125,6 +151,9 @@ class RolloutRunner:
         self.env_failures = 0
         """Env failures seen so far: trees lost (`lose`) and creates re-sent after their replica went away."""
 
+    def _count_failure(self) -> None:
+        self.env_failures += 1
+
     def lose(self, tree: RolloutTree, err: BaseException) -> None:
         """Mark `tree` lost because of env failure `err` (the first reason is kept and logged; every one counts)."""
         self.env_failures += 1
@@ -159,19 +188,13 @@ class RolloutRunner:
         snapshot, which carries it) ends truncated after that many turns, whatever the server's own default: the
         trainer passes env.max_turns, which its anchor logic assumes. None = the server's default (its
         --max-turns), for callers that do not care."""
-        for attempt in range(CREATE_ATTEMPTS):
-            try:
-                ep = await self.env.create(
-                    dataset=dataset, split=split, index=index, max_turns=max_turns
-                )  # None: not sent
-                break
-            except Exception as e:  # the replica went away or the create timed out: send it again (elsewhere)
-                if not env_lost(e):
-                    raise
-                self.env_failures += 1
-                if attempt == CREATE_ATTEMPTS - 1:
-                    raise
-                log.warning("an env create failed; sending it again", prompt=f"{dataset}/{split}/{index}", error=str(e))
+        ep = await again_on_env_loss(  # the replica went away or the create timed out: send it again (elsewhere)
+            lambda: self.env.create(dataset=dataset, split=split, index=index, max_turns=max_turns),  # None: not sent
+            CREATE_ATTEMPTS,
+            "an env create failed; sending it again",
+            self._count_failure,
+            prompt=f"{dataset}/{split}/{index}",
+        )
         messages = [{"role": m.role, "content": m.content} for m in ep.messages]
         ids = self.encode_prompt(messages)
         if len(ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:

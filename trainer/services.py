@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from shared.replicas import EnvPool
 from trainer.config import TrainConfig, uses_cpu
 from trainer.sglang_launcher import SGLangServer, free_port, launch_engine, url_for
 
@@ -41,6 +42,15 @@ async def env_server(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[list[str]
     async with proc:
         log.info("env server started", url=proc.url, log=str(log_dir / "env_server.log"))
         yield [proc.url]
+
+
+@contextlib.asynccontextmanager
+async def env_client(cfg: TrainConfig, log_dir: Path) -> AsyncIterator[EnvPool]:
+    """The run's env client: an `EnvPool` over `env_server`'s URLs with the run's token, patience and coalescing."""
+    async with env_server(cfg, log_dir) as urls:
+        e = cfg.env
+        async with EnvPool(urls, token=e.token, patience_s=e.patience_s, coalesce=e.coalesce) as pool:
+            yield pool
 
 
 def env_server_command(cfg: TrainConfig, world: Path, port: int) -> list[str]:

@@ -47,7 +47,7 @@ from shared.wire import EnvError
 from trainer.compute import compute
 from trainer.config import Flaw, SFTConfig, TrainConfig
 from trainer.policy import Policy
-from trainer.rollout import env_lost, prompt_ids
+from trainer.rollout import again_on_env_loss, prompt_ids
 
 log = structlog.get_logger("trainer")
 
@@ -133,15 +133,9 @@ async def oracle_examples(
     sem = asyncio.Semaphore(concurrency)
 
     async def one(index: int) -> SFTExample | None:
-        async with sem:
-            for attempt in range(1, ORACLE_ATTEMPTS + 1):
-                try:
-                    return await play(index)
-                except Exception as e:  # an episode whose env state went away is played again, from the start
-                    if not env_lost(e) or attempt == ORACLE_ATTEMPTS:
-                        raise
-                    log.warning("an oracle episode lost its env state; playing it again", index=index, error=str(e))
-            raise AssertionError("unreachable")
+        async with sem:  # an episode whose env state went away is played again, from the start
+            event = "an oracle episode lost its env state; playing it again"
+            return await again_on_env_loss(lambda: play(index), ORACLE_ATTEMPTS, event, index=index)
 
     async def play(index: int) -> SFTExample | None:
         ep = await env.create(dataset=dataset, split=split, index=index, include_oracle=True)

@@ -257,13 +257,7 @@ class TraceStep:
                     if m[i] > 0 and pool[i].lost is not None and i in per_round:
                         cont[i] += per_round[i][r]
                 live = [i for i in range(len(pool)) if m[i] > 0 and pool[i].lost is None]
-                for i in live:
-                    pool[i].backup()
-                await self.afeaturise([pool[i] for i in live])
-                cands = [n for i in live for n in pool[i].anchors(c.env.max_turns)]
-                preds = await self.apredict([n.features for n in cands], self.base_rate)
-                for n, p in zip(cands, preds, strict=True):
-                    n.predicted = p
+                await self._value_anchors([pool[i] for i in live])
                 anchors = [anchors_from_tree(pool[i], c.env.max_turns) for i in live]
                 want = [per_round[i][r] if i in per_round else 0 for i in live]
                 plan, unplaced = plan_round(alloc, anchors, want, [m[i] for i in live], self.rng, a)
@@ -388,6 +382,16 @@ class TraceStep:
         count["respent_as_roots"] += n
         return jobs
 
+    async def _value_anchors(self, trees: list[RolloutTree]) -> None:
+        """Back up `trees`, featurise them and write the predictor's V(H) on every anchor (`predicted`): what an
+        expansion round allocates by."""
+        for t in trees:
+            t.backup()
+        await self.afeaturise(trees)
+        cands = [n for t in trees for n in t.anchors(self.cfg.env.max_turns)]
+        for n, p in zip(cands, await self.apredict([n.features for n in cands], self.base_rate), strict=True):
+            n.predicted = p
+
     async def _recover(
         self,
         pool: list[RolloutTree],
@@ -450,12 +454,7 @@ class TraceStep:
             await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in redo + takers))
             again = [i for i in redo if cont[i] and pool[i].lost is None]
             if again and alloc.expands:
-                for i in again:
-                    pool[i].backup()
-                await self.afeaturise([pool[i] for i in again])
-                cands = [n for i in again for n in pool[i].anchors(env.max_turns)]
-                for n, p in zip(cands, await self.apredict([n.features for n in cands], self.base_rate), strict=True):
-                    n.predicted = p
+                await self._value_anchors([pool[i] for i in again])
                 jobs = []
                 for i in again:  # one round over the tree's own anchors; what they cannot take runs from the root
                     anchors = anchors_from_tree(pool[i], env.max_turns)
