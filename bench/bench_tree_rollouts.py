@@ -42,9 +42,9 @@ from env_server.app import init_app
 from env_server.config import load_config
 from env_server.service import build_resources
 from shared.client import EnvClient
-from trainer.engine_client import EngineClient
-from trainer.rollout import RolloutConfig, RolloutRunner
-from trainer.tree import FinishStatus, Ledger, RolloutTree
+from trainer.algo.rollout import RolloutConfig, RolloutRunner
+from trainer.algo.tree import FinishStatus, Ledger, RolloutTree
+from trainer.engines.client import EngineClient
 
 
 async def _grow(runner: RolloutRunner, n_prompts: int, leaves: int, tree_mode: bool, seed: int) -> dict[str, Any]:

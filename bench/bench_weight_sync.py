@@ -37,9 +37,9 @@ import torch
 
 from shared.engine_protocol import SamplingParams
 from tools.tiny_model import build_tiny_model
-from trainer.engine_client import EngineClient
-from trainer.sglang_launcher import free_port, launch_engine
-from trainer.weight_sync import WeightSync
+from trainer.engines.client import EngineClient
+from trainer.engines.launcher import free_port, launch_engine
+from trainer.engines.weight_sync import WeightSync
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [5, 20, 31, 47, 300, 12, 9]

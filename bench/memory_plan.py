@@ -5,7 +5,7 @@ under FSDP2 (4, 6 and 8 GPUs) and DDP, and the same formulas checked against wha
     python bench/memory_plan.py --check --out runs/memory_plan.json    # + the checks on the tiny model (CPU, ~3 min)
 
 Bytes per rank, by holder (N parameters; n ranks sharding them, n = 1 under DDP; GB = 1e9 bytes):
-- params: the float32 master weights (`trainer.policy.Policy` loads the model in float32): 4N / n.
+- params: the float32 master weights (`trainer.learner.policy.Policy` loads the model in float32): 4N / n.
 - grads: float32, 4N / n, kept across the micro-batches of a step (gradient accumulation).
 - adam: torch AdamW's exp_avg + exp_avg_sq, float32, 8N / n. Its `step` counters (one float32 scalar a parameter
   tensor) sit on the host unless AdamW is capturable or fused, so they count in the CPU check, not on the GPU.
@@ -423,7 +423,7 @@ def tiny_samples(n: int = 8, length: int | None = None, seed: int = 0) -> list[A
     40, 60, 80, ... tokens, or all of `length` tokens (identical micro-batches)."""
     import random
 
-    from trainer.advantages import TrainSample
+    from trainer.learner.samples import TrainSample
 
     rng = random.Random(seed)
     out = []
@@ -449,8 +449,8 @@ def tiny_samples(n: int = 8, length: int | None = None, seed: int = 0) -> list[A
 def measure_states(model_dir: Path, mixed_precision: str = "bf16") -> dict[str, int]:
     """Construct `Policy` on the CPU (KL reference on), run one `rl_update`, make a `FeatureModel`, and count what
     they hold (bytes)."""
-    from trainer.config import ModelConfig, OptimConfig
-    from trainer.policy import FeatureModel, Policy
+    from trainer.learner.config import ModelConfig, OptimConfig
+    from trainer.learner.policy import FeatureModel, Policy
 
     pol = Policy(
         model_dir, ModelConfig(device="cpu", mixed_precision=mixed_precision), OptimConfig(kl_coef=0.1, lr=1e-4)
@@ -510,7 +510,7 @@ def check_saved(model: Any, s: ModelShape, B: int, T: int, kept_from: int, r: in
     positions from `kept_from` on trained) against `held_activations` (parameters excluded, the bf16 casts kept)."""
     import torch
 
-    from trainer.loss import sequence_logprobs
+    from trainer.learner.loss import sequence_logprobs
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(11, s.vocab_size, (B, T), generator=g)
@@ -603,9 +603,9 @@ def check_peaks(model_dir: Path, s: ModelShape) -> dict[str, Any]:
     from accelerate import Accelerator
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from trainer.config import ModelConfig, OptimConfig
-    from trainer.loss import sequence_logprobs
-    from trainer.policy import FeatureModel, Policy
+    from trainer.learner.config import ModelConfig, OptimConfig
+    from trainer.learner.loss import sequence_logprobs
+    from trainer.learner.policy import FeatureModel, Policy
 
     out: dict[str, Any] = {}
     T = 100
@@ -698,9 +698,9 @@ def ref_rope_drift(model_dir: Path, T: int = 4000) -> dict[str, Any]:
     the reference's rotary buffers as `Policy` leaves them (bf16) and restored to float32."""
     import torch
 
-    from trainer.config import ModelConfig, OptimConfig
-    from trainer.loss import sequence_logprobs
-    from trainer.policy import Policy
+    from trainer.learner.config import ModelConfig, OptimConfig
+    from trainer.learner.loss import sequence_logprobs
+    from trainer.learner.policy import Policy
 
     pol = Policy(model_dir, ModelConfig(device="cpu", mixed_precision="bf16"), OptimConfig(kl_coef=0.1))
     assert pol.ref_model is not None

@@ -23,9 +23,9 @@ What runs is the project's own code: real `RolloutTree`s (dummy token ids: the k
 a turn), `backup()`, `anchors_from_tree`, the allocators (`make_allocator`, stage 1, `plan_round`, `share`,
 `split_rounds`, `Allocator.spill_roots`), `PromptSampler`, `BetaPrior`, `SuccessPredictor` fitted every step on
 `collect_training_set` from state features, `split_calibration`, `build_training_samples(..., process=
-allocator.expands)`, `effective_ratio`, `mixed_per_100_leaves` and `trainer.loss.policy_loss` for the policy-
+allocator.expands)`, `effective_ratio`, `mixed_per_100_leaves` and `trainer.learner.loss.policy_loss` for the policy-
 gradient step (on-policy, one SGD step a training step, the same learning rate for every allocator).
-`Simulation.collect` mirrors `TraceStep.collect` (trainer/trace.py), which is an async method bound to the engine
+`Simulation.collect` mirrors `TraceStep.collect` (trainer/algo/step.py), which is an async method bound to the engine
 and env; each block names the lines it mirrors. Every allocator generates exactly `leaf_budget` leaves a step
 (asserted), as trace.py asserts.
 
@@ -57,14 +57,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.advantages import (
+from trainer.algo.advantages import (
     AdvantageConfig,
     build_training_samples,
     effective_ratio,
     mixed_per_100_leaves,
     nonzero_adv_token_frac,
 )
-from trainer.allocation import (
+from trainer.algo.allocation import (
     AllocationConfig,
     anchors_from_tree,
     make_allocator,
@@ -73,10 +73,10 @@ from trainer.allocation import (
     split_rounds,
     uniform_group,
 )
-from trainer.loss import policy_loss
-from trainer.predictor import BetaPrior, SuccessPredictor, collect_training_set, split_calibration
-from trainer.trace import PromptSampler
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.algo.predictor import BetaPrior, SuccessPredictor, collect_training_set, split_calibration
+from trainer.algo.step import PromptSampler
+from trainer.algo.tree import FinishStatus, RolloutTree
+from trainer.learner.loss import policy_loss
 
 ALL = ("trace", "uniform", "root-only", "random-node")
 ANSWER, SEARCH_RIGHT, SEARCH_WRONG = 0, 1, 2

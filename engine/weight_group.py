@@ -1,7 +1,7 @@
 """The CPU engine's side of a weight-update process group: joining it as SGLang does, and receiving one bucket.
 
 SGLang 0.5.23 joins with `sglang.srt.utils.common.init_custom_process_group`; the trainer's rank 0
-(`trainer.weight_sync`) goes through the same torch function SGLang calls there, `_new_process_group_helper`. The
+(`trainer.engines.weight_sync`) goes through the same torch function SGLang calls there, `_new_process_group_helper`. The
 store keys must be the same on every rank, so `WeightGroup.join` builds its group with the same layering:
 1. `torch.distributed.rendezvous("tcp://master_address:master_port", rank, world_size)`: a TCPStore that rank 0
    serves (its constructor waits until all `world_size` ranks have connected);

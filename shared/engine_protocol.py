@@ -1,6 +1,6 @@
 """The subset of SGLang's native HTTP API that TRACE's trainer speaks (DESIGN §3, appendix).
 
-Both sides use these structs: `trainer.engine_client` (talking to real SGLang or to our CPU engine)
+Both sides use these structs: `trainer.engines.client` (talking to real SGLang or to our CPU engine)
 and `engine` (the CPU development engine that implements exactly this subset).
 Field names and defaults follow SGLang 0.5.23 (checked against the released wheel's source:
 `srt/managers/io_struct.py` `GenerateReqInput`/`UpdateWeightFromDiskReqInput` and the process-group
@@ -10,7 +10,7 @@ Unknown fields in answers are ignored, so a real SGLang answer (which carries ma
 into these. SGLang's own contract *rejects* unknown keys inside `sampling_params` (400), so never
 add a field here that SGLang does not know.
 
-The trainer always sends sampling parameters explicitly (`trainer.engine_client` encodes every
+The trainer always sends sampling parameters explicitly (`trainer.engines.client` encodes every
 field, not only non-defaults): server-side defaults can come from the model's
 generation_config.json (`--sampling-defaults model`, the default, on the OpenAI routes) or from
 `--preferred-sampling-params` (merged under the request's own values on `/generate`).

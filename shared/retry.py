@@ -27,7 +27,7 @@ Contract
 - There is no overall deadline: the total time is bounded by the attempts' own timeouts plus the waits.
 
 Built on tenacity (a base dependency) rather than three hand-written loops: the stop/wait/retry mechanics are
-the well-tested library's, and each client (trainer/engine_client, shared/client, the remote retriever) keeps
+the well-tested library's, and each client (trainer/engines/client, shared/client, the remote retriever) keeps
 only its declared `RetryPolicy` and the translation of its final error. Imports neither torch nor trainer nor
 env_server.
 """

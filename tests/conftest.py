@@ -325,7 +325,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sglang_skip_reason() -> str | None:
     """Why the `sglang`-marked tests cannot run here (None: they can): sglang not importable, or neither CUDA nor
     SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1, which tools/sglang-cpu/run-tests sets with its shim)."""
-    from trainer.sglang_launcher import sglang_available
+    from trainer.engines.launcher import sglang_available
 
     if not sglang_available():  # checked first: it does not import torch
         return "sglang is not installed (tools/sglang-cpu/run-tests makes a venv with it)"

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from trainer.advantages import (
+from trainer.algo.advantages import (
     AdvantageConfig,
     build_training_samples,
     effective_ratio,
@@ -15,7 +15,7 @@ from trainer.advantages import (
     node_terms,
     nonzero_adv_token_frac,
 )
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.algo.tree import FinishStatus, RolloutTree
 
 DONE = FinishStatus.ANSWERED
 
@@ -42,7 +42,7 @@ def hand_tree():
 
 # Hand computation with population std (ddof 0) and eps 0. Read as grown: bare rollouts 1->2 (r=1) and 6 (r=1);
 # continuation 3->4 (r=0) added at node 1, continuation 5 (r=0) added at node 3. Recomputed when the values moved
-# from visit-weighted leaf means to fresh-sample means (trainer.tree); the tree and the checks are unchanged.
+# from visit-weighted leaf means to fresh-sample means (trainer.algo.tree); the tree and the checks are unchanged.
 # rewards (1, 0, 0, 1): sigma = .5 (all leaves); mu = Vhat(root) = mean O(bare) = mean(1, 1) = 1.
 # Vhat: root 1, n1 O(3) = 0, n2 1, n3 O(5) = 0, n4 0, n5 0, n6 1.
 # outcome (V - 1) / .5:   n1 -2, n2 0, n3 -2, n4 -2, n5 -2, n6 0
@@ -135,7 +135,7 @@ def test_metrics():
     weight is non-zero; with w_outcome 0 only nodes 1 and 2 have a non-zero process term (4 of 12)."""
     mixed = hand_tree()
     assert nonzero_adv_token_frac(build_training_samples([mixed], HAND)) == pytest.approx(10 / 12)
-    # each node's 2 generated tokens carry total weight 2 (module docstring of trainer.advantages)
+    # each node's 2 generated tokens carry total weight 2 (module docstring of trainer.algo.advantages)
     frac = nonzero_adv_token_frac(build_training_samples([mixed], AdvantageConfig(w_outcome=0.0)))
     assert frac == pytest.approx(4 / 12)
     flat = RolloutTree.new("f", "q", ["a"], [1], None)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from trainer.allocation import (
+from trainer.algo.allocation import (
     ALLOCATORS,
     AllocationConfig,
     Anchor,
@@ -20,7 +20,7 @@ from trainer.allocation import (
     uniform_prefixes,
     uniform_roots,
 )
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.algo.tree import FinishStatus, RolloutTree
 
 
 def objective(v, m):

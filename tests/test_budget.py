@@ -1,4 +1,4 @@
-"""The leaf budget (trainer/allocation.py, "The leaf budget"): every allocator spends exactly
+"""The leaf budget (trainer/algo/allocation.py, "The leaf budget"): every allocator spends exactly
 allocation.leaf_budget rollouts a step, continuations that cannot be placed are re-spent in a fixed order and
 never dropped, the config refuses settings that cannot spend the budget, and stage 1 chooses among a candidate
 pool, valuing prompts it has never seen by the predictor.
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from shared.client import EnvClient
-from trainer.allocation import (
+from trainer.algo.allocation import (
     ALLOCATORS,
     AllocationConfig,
     anchors_from_tree,
@@ -27,13 +27,13 @@ from trainer.allocation import (
     share,
     top_up_roots,
 )
+from trainer.algo.predictor import SuccessPredictor
+from trainer.algo.rollout import RolloutConfig, RolloutRunner
+from trainer.algo.step import TraceStep
+from trainer.algo.tree import FinishStatus, RolloutTree
 from trainer.config import TrainConfig, load_train_config
-from trainer.engine_client import EngineClient
+from trainer.engines.client import EngineClient
 from trainer.evaluate import split_size
-from trainer.predictor import SuccessPredictor
-from trainer.rollout import RolloutConfig, RolloutRunner
-from trainer.trace import TraceStep
-from trainer.tree import FinishStatus, RolloutTree
 
 REPO = Path(__file__).resolve().parents[1]
 

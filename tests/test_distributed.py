@@ -1,4 +1,4 @@
-"""Training on several ranks (trainer/distributed.py): rank 0 leads, the others join the policy's collective calls.
+"""Training on several ranks (trainer/learner/distributed.py): rank 0 leads, the others join the policy's collective calls.
 
 The equivalence tests launch this file itself under torchrun (gloo on CPU, the code path NCCL takes on GPUs) as
 1 and as 2 ranks: both runs make the same calls on the same fixed batch — an RL update, an SFT update, the optimizer
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_token_shares_balance_tokens_and_cover_every_item_once() -> None:
-    from trainer.distributed import micro_batches, token_shares
+    from trainer.learner.distributed import micro_batches, token_shares
 
     lengths = [50, 10, 10, 10, 10, 10, 40, 5]
     shares = token_shares(lengths, 2)
@@ -184,7 +184,7 @@ def torch_load(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ the torchrun worker
 def _samples() -> list:
-    from trainer.advantages import TrainSample
+    from trainer.learner.samples import TrainSample
 
     rng = random.Random(0)
     out = []
@@ -202,9 +202,9 @@ def _worker(out: str, model: str) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from trainer.config import ModelConfig, OptimConfig
-    from trainer.distributed import Ranks, follow
-    from trainer.policy import FeatureModel, Policy
+    from trainer.learner.config import ModelConfig, OptimConfig
+    from trainer.learner.distributed import Ranks, follow
+    from trainer.learner.policy import FeatureModel, Policy
 
     ranks = Ranks.start(cpu=True)
     if not ranks.leader:

@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from shared.engine_protocol import SamplingParams
-from trainer.engine_client import (
+from trainer.engines.client import (
     EngineClient,
     EngineProtocolError,
     EngineRequestError,
@@ -37,7 +37,7 @@ from trainer.engine_client import (
     Generation,
     sampling_dict,
 )
-from trainer.sglang_launcher import (
+from trainer.engines.launcher import (
     EngineLaunchError,
     SGLangServer,
     _group_alive,

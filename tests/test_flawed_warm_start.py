@@ -67,8 +67,8 @@ async def test_flawed_frac_out_of_range_is_an_error(env_client: EnvClient, tiny_
 
 
 def test_answered_early_counts_answers_before_the_last_hop() -> None:
+    from trainer.algo.tree import FinishStatus
     from trainer.evaluate import GreedyResult, answered_early
-    from trainer.tree import FinishStatus
 
     def r(status: FinishStatus, turns: int) -> GreedyResult:
         return GreedyResult(status, None, 0.0, 0.0, turns, 0, 0, None)

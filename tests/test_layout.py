@@ -9,6 +9,11 @@ functions included) and, for the torch-free processes, at run time:
   processes (no `tools` import);
 - `engine` imports neither `trainer`, `env_server` nor `tools`;
 - `tools` imports no private (`_name`) of the trainer.
+
+Inside the trainer (`trainer/__init__.py`), the arrows between its parts point downwards only: the loop (the
+modules of `trainer/` itself) may import every part; `trainer.algo` the learner and the engines;
+`trainer.learner` and `trainer.engines` no other part. Each part's config sits beside it, so no part imports
+`trainer.config` (or anything else of the loop).
 """
 
 from __future__ import annotations
@@ -88,3 +93,41 @@ def test_every_package_is_installed_and_has_a_command() -> None:
     for pkg in ("shared", "env_server", "engine", "trainer", "tools"):
         assert f"{pkg}*" in include, include
         assert (REPO / pkg / "__init__.py").is_file(), pkg
+
+
+TRAINER_PARTS = {
+    "algo": {"algo", "learner", "engines"},
+    "learner": {"learner"},
+    "engines": {"engines"},
+}
+
+
+def trainer_part(module: str) -> str:
+    """The part a `trainer...` module belongs to: its subpackage, or "loop" for a module of `trainer/` itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[1] in TRAINER_PARTS else "loop"
+
+
+@pytest.mark.parametrize("part", sorted(TRAINER_PARTS))
+def test_trainer_parts_import_only_downwards(part: str) -> None:
+    bad = []
+    for f, line, mod, names in imports_of(f"trainer/{part}"):
+        if mod.split(".")[0] != "trainer":
+            continue
+        # `from trainer import x` names a module of the loop, or a part
+        targets = [f"trainer.{n}" for n in names] if mod == "trainer" else [mod]
+        for target in targets:
+            to = trainer_part(target)
+            if to not in TRAINER_PARTS[part]:
+                bad.append(
+                    f"{f}:{line} imports {target} (part {to!r}; {part!r} may import {sorted(TRAINER_PARTS[part])})"
+                )
+    assert not bad, "\n".join(bad)
+
+
+def test_trainer_parts_are_what_the_layout_says() -> None:
+    """Every subpackage of `trainer/` is a part this test knows, and the loop's own folder keeps no part's modules."""
+    subpackages = {p.parent.name for p in (REPO / "trainer").glob("*/__init__.py")}
+    assert subpackages == set(TRAINER_PARTS), subpackages
+    assert trainer_part("trainer.algo.step") == "algo" and trainer_part("trainer.loop") == "loop"
+    assert trainer_part("trainer.learner") == "learner" and trainer_part("trainer.config") == "loop"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from trainer.advantages import TrainSample
-from trainer.config import ModelConfig, OptimConfig
-from trainer.loss import policy_loss, sequence_logprobs
-from trainer.policy import Policy
+from trainer.learner.samples import TrainSample
+from trainer.learner.config import ModelConfig, OptimConfig
+from trainer.learner.loss import policy_loss, sequence_logprobs
+from trainer.learner.policy import Policy
 
 
 @pytest.fixture(scope="module")

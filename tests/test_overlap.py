@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.advantages import TrainSample
-from trainer.config import ModelConfig, OptimConfig, TrainConfig, load_train_config
+from trainer.learner.samples import TrainSample
+from trainer.algo.predictor import SuccessPredictor
+from trainer.algo.staleness import drop_stale
+from trainer.algo.step import TraceStep
+from trainer.learner.config import ModelConfig, OptimConfig, TrainConfig, load_train_config
+from trainer.learner.policy import FeatureModel, Policy
 from trainer.loop import train
-from trainer.policy import FeatureModel, Policy
-from trainer.predictor import SuccessPredictor
-from trainer.staleness import drop_stale
-from trainer.trace import TraceStep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_weights_for_the_engines_are_written_in_the_save_dtype(tiny_model: Path,
 
     from safetensors import safe_open
 
-    from trainer.policy import save_dtype
+    from trainer.learner.policy import save_dtype
     from trainer.services import dtype_args
 
     assert save_dtype("auto", tiny_model) == torch.float32  # the tiny model is stored in float32
@@ -178,7 +178,7 @@ def test_kl_reference_in_bf16_keeps_rope_buffers_in_float32(tiny_model: Path) ->
     positions 2000-4000 on the tiny model). Only its parameters are cast now. In a child process: accelerate keeps
     one mixed-precision setting per process."""
     code = (
-        "import sys, torch; from trainer.policy import Policy; from trainer.config import ModelConfig, OptimConfig;"
+        "import sys, torch; from trainer.learner.policy import Policy; from trainer.learner.config import ModelConfig, OptimConfig;"
         f"p = Policy({str(tiny_model)!r}, ModelConfig(device='cpu', mixed_precision='bf16'), OptimConfig(kl_coef=0.1));"
         "ps = {t.dtype for t in p.ref_model.parameters()};"
         "bs = {n: t.dtype for n, t in p.ref_model.named_buffers() if 'inv_freq' in n};"

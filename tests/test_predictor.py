@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from trainer.predictor import (
+from trainer.algo.predictor import (
     STRUCTURAL_FEATURES,
     BetaPrior,
     SuccessPredictor,
@@ -16,7 +16,7 @@ from trainer.predictor import (
     split_calibration,
     structural_features,
 )
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.algo.tree import FinishStatus, RolloutTree
 
 
 def test_calibration_by_hand():
@@ -158,7 +158,7 @@ def synthetic_tree(i: int, rng: random.Random) -> RolloutTree:
 
 def test_collect_training_set_and_fit_on_trees():
     """The weighting="uniform" option is gone: one weight per node with the pair mean as target is not
-    consistent (trainer.predictor docstring). Chains without expansion give the same rows as before."""
+    consistent (trainer.algo.predictor docstring). Chains without expansion give the same rows as before."""
     rng = random.Random(0)
     trees = [synthetic_tree(i, rng) for i in range(300)]
     x, y, w = collect_training_set(trees)

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from shared.replicas import REPLICA_LOST, EnvPool, EnvUnavailable, ReplicaLost
 from shared.wire import EnvError
-from trainer.sglang_launcher import free_port
+from trainer.engines.launcher import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

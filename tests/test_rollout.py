@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.client import EnvClient
-from trainer.engine_client import EngineClient
-from trainer.loss import sequence_logprobs
-from trainer.rollout import RolloutConfig, RolloutRunner, StopSpec
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.algo.rollout import RolloutConfig, RolloutRunner, StopSpec
+from trainer.algo.tree import FinishStatus, RolloutTree
+from trainer.engines.client import EngineClient
+from trainer.learner.loss import sequence_logprobs
 
 
 @pytest.fixture

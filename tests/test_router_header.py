@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from shared.engine_protocol import SamplingParams
-from trainer.engine_client import ROUTING_HEADER, EngineClient
+from trainer.engines.client import ROUTING_HEADER, EngineClient
 
 PARAMS = SamplingParams(max_new_tokens=2, temperature=1.0)
 

@@ -5,7 +5,7 @@ the module is skipped unless sglang is importable and either CUDA works or SGLan
 (`SGLANG_USE_CPU_ENGINE=1` with an empty `common_ops` module on PYTHONPATH, ../shared/SGLANG_CPU.md says why).
 
 Two servers are started once for the module (35-75 s each on 2 CPU cores), both serving the tiny model in float32
-so that the trainer's float32 forward (`trainer.loss.sequence_logprobs`) is the reference for their logprobs.
+so that the trainer's float32 forward (`trainer.learner.loss.sequence_logprobs`) is the reference for their logprobs.
 Every test opens its own `EngineClient`, so route pins start fresh; a test that needs cold caches flushes them,
 and the weight update restores the served weights before it returns. Checked:
 - a round trip: ids in, ids and one logprob per id out, finish "length", `prompt_tokens`, the weight version;
@@ -37,8 +37,8 @@ import pytest_asyncio
 from conftest import sglang_skip_reason
 
 from shared.engine_protocol import SamplingParams
-from trainer.engine_client import EngineClient, Generation
-from trainer.sglang_launcher import SGLangServer, free_port
+from trainer.engines.client import EngineClient, Generation
+from trainer.engines.launcher import SGLangServer, free_port
 
 _REASON = sglang_skip_reason()
 pytestmark = [
@@ -147,10 +147,10 @@ def encode(tok: Any, text: str) -> list[int]:
 
 
 def trainer_logprobs(model: Any, prompt: list[int], output: list[int], temperature: float = 1.0) -> list[float]:
-    """The trainer's logprob of each of `output`'s tokens after `prompt` (`trainer.loss.sequence_logprobs`)."""
+    """The trainer's logprob of each of `output`'s tokens after `prompt` (`trainer.learner.loss.sequence_logprobs`)."""
     import torch
 
-    from trainer.loss import sequence_logprobs
+    from trainer.learner.loss import sequence_logprobs
 
     ids = torch.tensor([prompt + output])
     with torch.no_grad():

@@ -3,7 +3,7 @@
 `trace-train --config configs/debug.toml --engine sglang` as a child process, in a temporary output folder and the
 test session's temporary TRACE_CACHE_DIR (the `cache_dir` fixture: world, tiny model and SFT warm start are built
 there once), once per way weights reach the engine (`engine.weight_sync`): "disk" (`/update_weights_from_disk`)
-and "group" (`trainer.weight_sync` over a gloo or nccl group, `/update_weights_from_distributed`). The trainer
+and "group" (`trainer.engines.weight_sync` over a gloo or nccl group, `/update_weights_from_distributed`). The trainer
 launches one SGLang server itself (`trainer.services.engines`, `--dtype` from the served model's config.json); on a
 machine without CUDA, `engine.extra_args` carry SGLang's CPU flags (../shared/SGLANG_CPU.md).
 Checked: exit 0, metrics.jsonl has the config's 2 step rows with tokens generated, prefixes served from SGLang's

@@ -1,4 +1,4 @@
-"""`trainer.weight_sync` against a real SGLang 0.5.23 server: the same push as tests/test_weight_sync.py.
+"""`trainer.engines.weight_sync` against a real SGLang 0.5.23 server: the same push as tests/test_weight_sync.py.
 
 Skipped unless sglang is importable and either CUDA works or SGLang's CPU engine is switched on
 (`SGLANG_USE_CPU_ENGINE=1` with the empty `common_ops` shim on PYTHONPATH, ../shared/SGLANG_CPU.md); marked `sglang`.
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from shared.engine_protocol import SamplingParams, UpdateWeightsFromDistributed
-from trainer.engine_client import EngineClient, EngineRequestError
-from trainer.sglang_launcher import SGLangServer, free_port, sglang_available
+from trainer.engines.client import EngineClient, EngineRequestError
+from trainer.engines.launcher import SGLangServer, free_port, sglang_available
 
 
 def _why_skip() -> str | None:
@@ -74,7 +74,7 @@ def _new_weights(src: Path, dst: Path) -> dict:
 @pytest.mark.timeout(1800)
 async def test_push_to_real_sglang_equals_loading_the_same_weights_from_disk(tmp_path: Path) -> None:
     from tools.tiny_model import build_tiny_model
-    from trainer.weight_sync import WeightSync
+    from trainer.engines.weight_sync import WeightSync
 
     model_dir = build_tiny_model(tmp_path / "tiny")
     new_dir = tmp_path / "tiny-new"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.tree import RolloutTree
+from trainer.algo.tree import RolloutTree
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("simulate_allocation", REPO / "bench" / "simulate_allocation.py")

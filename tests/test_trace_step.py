@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.trace import PromptSampler
+from trainer.algo.step import PromptSampler
 
 
 def test_sampler_order_is_seeded_and_covers_each_epoch() -> None:
@@ -50,8 +50,8 @@ def test_a_checkpoint_taken_while_the_next_step_collects_resumes_that_step_from_
     """Regression: with run.max_staleness >= 1, step t+1's collection has drawn its prompts (and rng values) when
     step t's checkpoint is written; the checkpoint held the state after that draw, so a resumed run skipped that
     batch. `state_dict(at_step=t+1)` holds the state collect(t+1) started from."""
+    from trainer.algo.step import TraceStep
     from trainer.config import TrainConfig
-    from trainer.trace import TraceStep
 
     live = TraceStep(TrainConfig(), None, None, 64)  # type: ignore[arg-type]  # no policy/runner: state only
     live.remember_draw_state(1)  # collect(1) starts ...

@@ -21,11 +21,11 @@ from conftest import PYTHON, start_server_process, stop_process
 from structlog.testing import capture_logs
 
 from trainer import services
+from trainer.algo.rollout import RolloutRunner
+from trainer.algo.tree import RolloutTree
 from trainer.config import TrainConfig, load_train_config
+from trainer.engines.launcher import free_port
 from trainer.loop import train
-from trainer.rollout import RolloutRunner
-from trainer.sglang_launcher import free_port
-from trainer.tree import RolloutTree
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [

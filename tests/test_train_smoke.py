@@ -21,8 +21,8 @@ from trainer import loop
 from trainer.checkpoint import reference_of
 from trainer.cli import main as train_main
 from trainer.config import ModelConfig, OptimConfig, TrainConfig, load_train_config
+from trainer.learner.policy import Policy
 from trainer.loop import train
-from trainer.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = (

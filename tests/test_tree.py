@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.tree import FinishStatus, Ledger, NodeKind, RolloutTree
+from trainer.algo.tree import FinishStatus, Ledger, NodeKind, RolloutTree
 
 
 def turn(tree: RolloutTree, parent: int, n_gen: int = 2, n_obs: int = 1, **attrs):
@@ -62,7 +62,7 @@ def test_add_child_rejects_missing_or_finished_parent():
 
 
 def test_backup_fresh_sample_values():
-    """Was test_backup_visit_weighted: the values changed with the estimator (trainer.tree docstring); the counts,
+    """Was test_backup_visit_weighted: the values changed with the estimator (trainer.algo.tree docstring); the counts,
     mixedness and anchors did not. small_tree read as it was grown: bare rollouts 1->2 (r=1) and 6 (r=1);
     continuation 3->4 (r=0) added at node 1; continuation 5 (r=0) added at node 3."""
     t = small_tree()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from trainer.predictor import node_samples
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.algo.predictor import node_samples
+from trainer.algo.tree import FinishStatus, RolloutTree
 
 K = 4.0  # concentration of a step's Beta: lower = each turn moves the success probability more
 END = 0.35
@@ -121,7 +121,7 @@ def errors(forest, values) -> Errors:
 
 def test_values_are_unbiased_where_the_visit_weighted_backup_is_not(forest):
     """Regression for the visit-weighted backup: targeted expansion put a true 0.215 at ~0.33. The fresh-sample
-    values (trainer.tree) stay within BOUND of the truth at the root and at every expanded anchor; the old
+    values (trainer.algo.tree) stay within BOUND of the truth at the root and at every expanded anchor; the old
     backup, on the very same trees, does not."""
     ours = errors(forest, lambda t: {n.node_id: n.value for n in t.nodes})
     old = errors(forest, visit_weighted)
@@ -149,7 +149,7 @@ def test_root_outcomes_are_samples_of_the_root_and_leaves_are_not(forest):
 
 
 def test_predictor_pairs_are_unbiased_over_all_nodes(forest):
-    """The predictor's targets (trainer.predictor.node_samples: own outcome plus continuations' outcomes, weighted by
+    """The predictor's targets (trainer.algo.predictor.node_samples: own outcome plus continuations' outcomes, weighted by
     their count) average to the truth over every inner node, expanded or not. Per-node values do not: a node left
     unexpanded keeps its own outcome, and being left alone is evidence that the outcome was a failure."""
     pair_err = pair_w = 0.0

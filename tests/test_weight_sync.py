@@ -1,4 +1,4 @@
-"""Weight sync over a process group (`trainer.weight_sync`) against the real CPU engine, over real gloo groups.
+"""Weight sync over a process group (`trainer.engines.weight_sync`) against the real CPU engine, over real gloo groups.
 
 Every engine is the project's CPU engine in-process on loopback (`engine.app`, the tiny model in float32); the
 trainer's rank 0 and the engines' ranks are real torch gloo groups on 127.0.0.1. "New weights" are the tiny model
@@ -27,8 +27,8 @@ from aiohttp.test_utils import TestServer
 from engine.app import ServerConfig, init_app
 from engine.engine import EngineConfig
 from shared.engine_protocol import OUTSIDE_BRACKET, SamplingParams, UpdateWeightsFromDistributed
-from trainer.engine_client import EngineClient, EngineRequestError
-from trainer.weight_sync import WeightSync, WeightSyncError, named_for_push, plan_buckets
+from trainer.engines.client import EngineClient, EngineRequestError
+from trainer.engines.weight_sync import WeightSync, WeightSyncError, named_for_push, plan_buckets
 
 PROMPT = [5, 20, 31, 47, 300, 12, 9]
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 import structlog
 import torch
 
+from trainer.algo.step import TraceStep
 from trainer.config import TrainConfig
-from trainer.policy import Policy
-from trainer.trace import TraceStep
+from trainer.learner.policy import Policy
 
 log = structlog.get_logger("trainer")
 

@@ -25,7 +25,8 @@ import tyro
 
 from shared.config import parse_args
 from shared.logging import setup_logging
-from trainer.config import ENV_VARS, TrainConfig, uses_cpu
+from trainer.config import ENV_VARS, TrainConfig
+from trainer.learner.config import uses_cpu
 
 
 @dataclass
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = args.cfg
     setup_logging(cfg.run.log_level)
     if isinstance(args, EvalArgs):
-        from trainer.distributed import launched_ranks
         from trainer.evaluate import evaluate_checkpoint
+        from trainer.learner.distributed import launched_ranks
 
         if launched_ranks() > 1:
             print(
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
         return 0
-    from trainer.distributed import Ranks, follow, launched_ranks
+    from trainer.learner.distributed import Ranks, follow, launched_ranks
 
     if launched_ranks() > 1 and (why := _many_ranks_refused(cfg)) is not None:
         print(f"trace-train: launched as {launched_ranks()} ranks: {why}", file=sys.stderr)

@@ -19,9 +19,12 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from shared import config as shared_config
-from trainer.advantages import AdvantageConfig
-from trainer.allocation import ALLOCATORS, AllocationConfig, uniform_group
-from trainer.rollout import RolloutConfig
+from trainer.algo.advantages import AdvantageConfig
+from trainer.algo.allocation import ALLOCATORS, AllocationConfig, uniform_group
+from trainer.algo.predictor import PredictorConfig
+from trainer.algo.rollout import RolloutConfig
+from trainer.engines.config import WEIGHT_SYNC, EngineConfig
+from trainer.learner.config import ModelConfig, OptimConfig
 from trainer.tracking import check_report_to
 
 
@@ -72,63 +75,6 @@ class RunConfig:
 
 
 @dataclass
-class ModelConfig:
-    path: Annotated[str | None, tyro.conf.arg(aliases=("--model",))] = None
-    """A Hugging Face model folder (e.g. a Qwen3 checkpoint). None = the tiny model, built if missing."""
-    tiny_dir: str | None = None
-    """Where the tiny model is built/cached (default $TRACE_CACHE_DIR/tiny-model-s<tiny_seed>)."""
-    tiny_seed: int = 0
-    """Seed of the tiny model and of its SFT warm start. Kept apart from run.seed, so runs of several seeds
-    (and every allocator of a comparison) start from one and the same warm-started checkpoint."""
-    device: str = "auto"
-    """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
-    mixed_precision: str = "auto"
-    """accelerate's mixed precision: "auto" (bf16 on CUDA, no on CPU), "no", "bf16", "fp16"."""
-    gradient_checkpointing: bool = False
-    save_dtype: str = "auto"
-    """dtype of the weights written for the engines: "auto" = the dtype the model was stored in (its config.json's
-    `dtype`: bfloat16 for Qwen3, float32 for the tiny model), or "bfloat16", "float16", "float32". The policy trains
-    in float32 either way; a launched SGLang server gets the same dtype as --dtype (never its `auto` guess)."""
-
-
-WEIGHT_SYNC = ("disk", "group")
-
-
-@dataclass
-class EngineConfig:
-    type: Annotated[str, tyro.conf.arg(aliases=("--engine",))] = "cpu"
-    """What to launch when `urls` is empty: "cpu", our CPU engine (`trace-engine serve`), or "sglang". ("url" is
-    accepted for configs that attach: it then requires `urls`.)"""
-    urls: Annotated[list[str], tyro.conf.arg(aliases=("--engine-url",))] = field(default_factory=list)
-    """Engine base URLs to attach to instead of launching (repeatable); several = trees spread by load, sticky per
-    tree."""
-    num_servers: int = 1
-    """Engines to launch (types cpu/sglang), on consecutive ports from `port`."""
-    port: int = 0
-    """First port for launched engines (0 = free ports)."""
-    extra_args: list[str] = field(default_factory=list)
-    """Extra command-line arguments for launched engines (e.g. ["--mem-fraction-static", "0.7"])."""
-    gpus: list[int] = field(default_factory=list)
-    """Physical GPU ids for the launched engines, split evenly among `num_servers` in order (server i gets the i-th
-    slice as its CUDA_VISIBLE_DEVICES, so SGLang's --base-gpu-id stays 0; give a server as many as its --tp). [] =
-    every server sees the devices the trainer sees. They must not be GPUs a training rank uses: e.g. 8 GPUs, 6
-    training ranks (accelerate's gpu_ids 0-5) and engines on [6, 7]."""
-    max_batch: int = 64
-    """CPU engine: sequences decoded together."""
-    startup_timeout_s: float = 600.0
-    weight_sync: str = "disk"
-    """How new weights reach the engines after a step: "disk" (save a safetensors folder, each engine loads it with
-    /update_weights_from_disk; needs a filesystem the engines share) or "group" (`trainer.weight_sync`: a torch
-    process group with the trainer as rank 0, gloo on CPU and nccl on GPUs, weights broadcast in buckets through
-    /update_weights_from_distributed; needs the engines to reach the trainer's address over TCP)."""
-    sync_address: str = "127.0.0.1"
-    """weight_sync "group": the address of this machine (rank 0) that the engines connect to for the group."""
-    sync_bucket_mb: int = 512
-    """weight_sync "group": most MiB of weights per /update_weights_from_distributed call (a bigger tensor goes
-    alone). Each engine allocates a bucket's receive buffers at once, so this bounds that extra memory."""
-
-
-@dataclass
 class EnvConfig:
     urls: Annotated[list[str], tyro.conf.arg(aliases=("--env-url",))] = field(default_factory=list)
     """Env server URLs: one, or several replicas (`--env-url A --env-url B`; `shared.replicas.EnvPool`: new episodes
@@ -172,57 +118,6 @@ class EnvConfig:
     )
     """User prompt of an env server started here (None = its Search-R1-style default). The default is short:
     ~30 tokens instead of ~130, a third of the tiny demo's sequence length."""
-
-
-@dataclass
-class PredictorConfig:
-    hidden: int = 64
-    """Width of the predictor MLP."""
-    lr: float = 3e-3
-    epochs: int = 30
-    """Full-batch epochs per refit (every step, before the policy update)."""
-    use_hidden_state: bool = True
-    """Input = the policy's last hidden state at the prefix end + structural features (else structural only)."""
-    prior_a: float = 1.0
-    prior_b: float = 1.0
-    """Beta(a, b) prior of a prompt's success rate, for roots never seen before."""
-
-
-LOSS_AGG = ("token-mean", "seq-mean-token-mean")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-5
-    """Policy learning rate, for the ~3M-parameter demo model (Qwen3-class models want ~1e-6). From the default
-    warm start (greedy dev EM 0.215, all 200 dev questions), GRPO without KL: 0.30 at step 2 and 0.435 at step 5
-    at 5e-5; 0.47 at step 2, then flat (0.47-0.48 to step 11) at 2e-4: the slower rate draws a learning curve."""
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 8
-    """Sequences per forward/backward; gradients accumulate over the step's samples."""
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = 0.28
-    """Asymmetric upper clip (DAPO's clip-higher); None = clip_eps."""
-    tis_cap: float = 2.0
-    """Truncated importance sampling cap for engine/trainer logprob mismatch."""
-    kl_coef: float = 0.0
-    """k3 KL to the policy the run started from (0 = no reference model kept; it costs one more forward pass).
-    0 on the demo: its reference is a warm start that answers early on purpose, and KL 0.1 pulled GRPO back
-    towards it (at lr 2e-4, dev questions answered early 0.565 -> 0.04 at step 4, back to 0.23 at step 14; dev
-    EM 0.505 -> 0.425), where without KL they stayed at 0.07-0.10. Search-R1 uses 1e-3 on Qwen2.5; DAPO uses 0."""
-    ppo_epochs: int = 1
-    """Passes over each step's samples (1 = on-policy, the PPO ratio is 1 and clipping is idle)."""
-    loss_agg: str = "token-mean"
-    """How token losses add up (verl's names): "token-mean" = every trained token counts once (DAPO);
-    "seq-mean-token-mean" = each root-to-leaf sample's token weights are divided by its number of trained tokens
-    (GRPO's original), so a long failure weighs no more than a short success; in a group without branching the
-    leaf advantages, which sum to zero, then also sum to zero in the gradient. Shared prefixes keep their
-    1 / n(y) tree weights within each sample either way (the logged policy_tokens is then the scaled sum)."""
-
-    def __post_init__(self) -> None:  # a section's own check, run however the section is built
-        if self.loss_agg not in LOSS_AGG:
-            raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}")
 
 
 Flaw = Literal["early_answer"]
@@ -333,7 +228,7 @@ class TrainConfig:
 
     def _check_leaf_budget(self) -> None:
         """Refuse settings under which an allocator cannot spend exactly allocation.leaf_budget rollouts a step
-        (trainer/allocation.py, "The leaf budget"); each message names the field to change."""
+        (trainer/algo/allocation.py, "The leaf budget"); each message names the field to change."""
         a, run = self.allocation, self.run
         alloc = ALLOCATORS[a.type]()
         stage1 = alloc.stage1_budget(a)
@@ -369,15 +264,6 @@ class TrainConfig:
                     f"{a.type}'s group size {g} ({field_}) must be in [max(allocation.m_min, 1), {stage1}] for a "
                     f"uniform stage 1 spending {stage1}; set allocation.group_size, or change run.prompts_per_step"
                 )
-
-
-def uses_cpu(model: ModelConfig) -> bool:
-    """Whether the policy trains on CPU: model.device "cpu", or "auto" without CUDA."""
-    if model.device == "cpu":
-        return True
-    import torch  # here: parsing a config needs no torch
-
-    return model.device == "auto" and not torch.cuda.is_available()
 
 
 ENV_VARS = {"TRACE_ENV_TOKEN": "env.token", "TRACE_AUTH_TOKEN": "env.token"}

@@ -38,10 +38,10 @@ from shared.client import EnvClient
 from shared.replicas import EnvPool
 from shared.wire import EnvError, EpisodeCreated, Info, StepResult
 from trainer import services
+from trainer.algo.rollout import RolloutConfig, RolloutRunner, again_on_env_loss
+from trainer.algo.tree import FinishStatus, RolloutTree
 from trainer.config import TrainConfig
-from trainer.engine_client import EngineClient
-from trainer.rollout import RolloutConfig, RolloutRunner, again_on_env_loss
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.engines.client import EngineClient
 
 
 @dataclass

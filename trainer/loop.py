@@ -5,16 +5,16 @@ This module holds the loop and only what it needs directly; the pieces it drives
 `trainer.sft` (the warm start), `trainer.evaluate` (greedy evaluation, the same path as `trace-train eval`
 and `trace-eval --agent policy`), `trainer.checkpoint` (save, find, restore), `trainer.plots`.
 
-On several ranks (`trainer.distributed`) this loop runs on rank 0 only; the policy's updates, saves and gathers
+On several ranks (`trainer.learner.distributed`) this loop runs on rank 0 only; the policy's updates, saves and gathers
 are collectives the other ranks join.
 
 The loop (fits on one screen, helpers below it): rollouts for step t+1 are started before step t's
 update when `run.max_staleness >= 1`, so generation and training overlap; with 0 every rollout
 uses the weights of the step before it. After each update the weights go to the engines
 (save -> /update_weights_from_disk -> cache flushed; or, with engine.weight_sync "group", gathered in memory and
-broadcast over a process group with the engines, `trainer.weight_sync`) with a new weight version, which every node
+broadcast over a process group with the engines, `trainer.engines.weight_sync`) with a new weight version, which every node
 of later trees records; samples staler than `run.max_staleness` versions are dropped and counted
-(`trainer.staleness`). The push starts only once the update is done, and the engines pause while
+(`trainer.algo.staleness`). The push starts only once the update is done, and the engines pause while
 it loads (`push_s`): generation of step t+1 stops for that long, and resumes on the new weights.
 Every child process and task is stopped on exit, Ctrl-C included.
 
@@ -25,7 +25,7 @@ What always holds:
   step 0's row as `<key>_before`.
 - The weights the engines serve alternate between `weights/v1` and `weights/v2` (`v0`: the start), so
   the folder being loaded is never the one being written.
-- Torch work (loading, updates, saving) runs on the one torch thread (`trainer.compute`); the event loop
+- Torch work (loading, updates, saving) runs on the one torch thread (`trainer.learner.compute`); the event loop
   keeps serving rollouts and evaluations meanwhile, and with `run.max_staleness >= 1` the rollouts' own torch
   work (features, V(H)) runs on the inference thread, on copies `TraceStep.publish` refreshes after each update.
 - Each row times its step, in seconds since `train` started: `collect_start`/`collect_end` (`rollout_s`,
@@ -50,6 +50,8 @@ from tqdm import tqdm
 from shared.client import EnvClient
 from shared.replicas import EnvPool
 from trainer import services
+from trainer.algo.rollout import RolloutRunner
+from trainer.algo.step import StepBatch, TraceStep
 from trainer.checkpoint import (
     latest_checkpoint,
     reference_of,
@@ -57,17 +59,15 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_aside_previous_run,
 )
-from trainer.compute import compute
 from trainer.config import TrainConfig, config_to_dict
-from trainer.engine_client import EngineClient
+from trainer.engines.client import EngineClient
+from trainer.engines.weight_sync import WeightSync
 from trainer.evaluate import evaluate, greedy_runner, split_size
+from trainer.learner.compute import compute
+from trainer.learner.policy import Policy
 from trainer.plots import plot_metrics
-from trainer.policy import Policy
-from trainer.rollout import RolloutRunner
 from trainer.sft import run_sft
-from trainer.trace import StepBatch, TraceStep
 from trainer.tracking import Trackers
-from trainer.weight_sync import WeightSync
 
 log = structlog.get_logger("trainer")
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import structlog
 
 from shared.replicas import EnvPool
-from trainer.config import TrainConfig, uses_cpu
-from trainer.sglang_launcher import SGLangServer, free_port, launch_engine, url_for
+from trainer.config import TrainConfig
+from trainer.engines.launcher import SGLangServer, free_port, launch_engine, url_for
+from trainer.learner.config import uses_cpu
 
 log = structlog.get_logger("trainer")
 

@@ -44,10 +44,10 @@ from tqdm import tqdm
 from shared.client import EnvClient
 from shared.replicas import EnvPool
 from shared.wire import EnvError
-from trainer.compute import compute
+from trainer.algo.rollout import again_on_env_loss, prompt_ids
 from trainer.config import Flaw, SFTConfig, TrainConfig
-from trainer.policy import Policy
-from trainer.rollout import again_on_env_loss, prompt_ids
+from trainer.learner.compute import compute
+from trainer.learner.policy import Policy
 
 log = structlog.get_logger("trainer")
 

@@ -321,8 +321,8 @@ class PolicyAgent(Agent):
             from transformers import AutoTokenizer
 
             from trainer import evaluate
-            from trainer.engine_client import EngineClient
-            from trainer.rollout import RolloutConfig
+            from trainer.algo.rollout import RolloutConfig
+            from trainer.engines.client import EngineClient
         except ImportError as e:
             raise AgentUnavailable(
                 f"the policy agent needs the train extra (pip install 'trace-rl[train]'): {e}"

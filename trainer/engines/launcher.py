@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import structlog
 
-from trainer.engine_client import EngineError
+from trainer.engines.client import EngineError
 
 log = structlog.get_logger(__name__)
 

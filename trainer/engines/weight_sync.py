@@ -6,7 +6,7 @@ Public API
         timings = await sync.push(model.state_dict(), version=str(step))   # -> PushTimings
     # or, held for a whole run: sync = await WeightSync.create(engine, ...); ...; await sync.close()
 
-`engine` is the run's `trainer.engine_client.EngineClient`; the same calls drive real SGLang 0.5.23 (nccl between
+`engine` is the run's `trainer.engines.client.EngineClient`; the same calls drive real SGLang 0.5.23 (nccl between
 GPUs, gloo on CPU) and our CPU engine (gloo), which implements the same five routes. Its URLs must be the engines
 themselves, not a router in front of them: each engine joins the group with ranks of its own.
 
@@ -69,8 +69,8 @@ import torch.distributed as dist
 
 from shared.daemon import start_daemon
 from shared.engine_protocol import InitWeightsUpdateGroup, UpdateWeightsFromDistributed
-from trainer.engine_client import PAUSE_MODES, EngineClient, EngineError
-from trainer.sglang_launcher import free_port
+from trainer.engines.client import PAUSE_MODES, EngineClient, EngineError
+from trainer.engines.launcher import free_port
 
 log = structlog.get_logger(__name__)
 

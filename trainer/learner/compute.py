@@ -7,8 +7,8 @@
   torch (2 cores). So all of the policy's work stays on this one thread.
 - `infer`, thread "trace-infer": what a step's collection needs from torch while the previous step trains
   (DESIGN §3: "nothing generation needs may queue behind the optimizer") — prefix features on a frozen copy
-  of the policy's model (`trainer.policy.FeatureModel`) and V(H) from a snapshot of the predictor taken after
-  each fit (`trainer.trace.TraceStep.publish`). It is used only when `run.max_staleness >= 1`; with 0 nothing
+  of the policy's model (`trainer.learner.policy.FeatureModel`) and V(H) from a snapshot of the predictor taken after
+  each fit (`trainer.algo.step.TraceStep.publish`). It is used only when `run.max_staleness >= 1`; with 0 nothing
   overlaps, collection's torch work runs on `compute` on the policy itself, and the copy is never made.
 
 Why two threads are safe: they never touch the same tensors. The update and the saves own the policy's model

@@ -49,7 +49,7 @@ What always holds
 - **Weight sync over a process group**: one method per SGLang 0.5.23 route and server, `server_info`,
   `init_weights_update_group`, `begin_weight_update`, `update_weights_from_distributed`, `end_weight_update`,
   `destroy_weights_update_group`, plus `pause_generation`/`continue_generation`; none is retried (see the section
-  below). `trainer.weight_sync.WeightSync` drives them together with the trainer's side of the group.
+  below). `trainer.engines.weight_sync.WeightSync` drives them together with the trainer's side of the group.
 
 Cancelling a `generate` closes its connection; SGLang aborts requests whose client disconnected.
 """
@@ -548,7 +548,7 @@ class EngineClient:
             raise EngineRequestError(url, path, status, result.message or "success=false")
         return result
 
-    # ---- weights over a process group (driven by `trainer.weight_sync.WeightSync`) ---------
+    # ---- weights over a process group (driven by `trainer.engines.weight_sync.WeightSync`) ---------
     # One server per call: each joins the group with its own rank. None of these is retried: a second
     # /init_weights_update_group or /update_weights_from_distributed would wait for a collective that rank 0 is
     # not running, and /begin_weight_update is not idempotent (a second one answers 400).

@@ -3,7 +3,7 @@
 `trace-train` launched as N processes (`accelerate launch --num_processes N` or `torchrun --nproc-per-node N`,
 which accelerate reads) runs the whole trainer on rank 0 only: the env server and the engines, the env and engine
 clients, allocation, the predictor, evaluation, metrics. Ranks 1..N-1 run `follow()`: they build the same
-`trainer.policy.Policy` and join its collective calls — the RL and SFT updates, weight saves, optimizer-state
+`trainer.learner.policy.Policy` and join its collective calls — the RL and SFT updates, weight saves, optimizer-state
 gathers and, under FSDP, the predictor's feature forwards — when rank 0 makes them. So one env server and one set
 of engines serve the run, whatever N is.
 
@@ -160,7 +160,7 @@ def micro_batches(count: int, micro_batch_size: int) -> int:
 
 def follow(ranks: Ranks) -> None:
     """A follower's life: build the policy rank 0 builds, join its collective calls, return at `stop`."""
-    from trainer.policy import Policy  # imports torch models: only once the process knows it follows
+    from trainer.learner.policy import Policy  # imports torch models: only once the process knows it follows
 
     policy: Policy | None = None
     while True:

@@ -32,10 +32,10 @@ that estimator as a witness that fails). Instead:
     continuation ended without a reward: rare, and then as biased as the outcome that triggered them). Unbiased over all draws, but biased *given* that y was left alone, since the allocator's choice
     can depend on O(y) (targeting successes leaves mostly failures unexpanded). No per-node value can avoid this
     with one sample; the predictor's targets therefore use (node, sample) pairs instead
-    (`trainer.predictor.collect_training_set`), and priors count only the root's bare rollouts (`root_outcomes`);
+    (`trainer.algo.predictor.collect_training_set`), and priors count only the root's bare rollouts (`root_outcomes`);
   * a scored leaf: its reward; no scored sample at all: None.
 - `n_fresh` is the number of samples Vhat averages; `n_leaves` stays the structural count of scored leaves in the
-  subtree (the 1/n(y) token weights of `trainer.advantages`), which is no estimate of anything.
+  subtree (the 1/n(y) token weights of `trainer.algo.advantages`), which is no estimate of anything.
 
 Invariants (checked by `add_child` and `validate`, loudly, with the values in the message):
 - `nodes[i].node_id == i`; a child's id is greater than its parent's, so `reversed(nodes)` is a bottom-up order;

@@ -12,7 +12,7 @@ Who owns what: the allocator decides counts only; the runner owns env/engine tra
 owns the weights (and the lock around them); this class owns the predictor, the priors and the
 prompt sampler, which are all checkpointed with `state_dict()`.
 
-Threads (`trainer.compute`): `update` runs on the torch thread. With `run.max_staleness >= 1` collection's own
+Threads (`trainer.learner.compute`): `update` runs on the torch thread. With `run.max_staleness >= 1` collection's own
 torch work (`afeaturise`, `apredict`) runs on the inference thread, on a frozen copy of the policy's model
 (`features`) and a snapshot of the predictor (`served`), both refreshed by `publish()` after every update, so the
 next step's rollouts never wait for this step's update and a refit never races a prediction. With 0 it runs on
@@ -28,14 +28,21 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 import torch
 
-from trainer.advantages import build_training_samples, effective_ratio, mixed_per_100_leaves, nonzero_adv_token_frac
-from trainer.allocation import (
+from trainer.algo.advantages import (
+    AdvantageConfig,
+    build_training_samples,
+    effective_ratio,
+    mixed_per_100_leaves,
+    nonzero_adv_token_frac,
+)
+from trainer.algo.allocation import (
+    AllocationConfig,
     anchors_from_tree,
     make_allocator,
     plan_round,
@@ -43,21 +50,52 @@ from trainer.allocation import (
     split_rounds,
     uniform_group,
 )
-from trainer.compute import compute, infer
-from trainer.config import TrainConfig
-from trainer.policy import FeatureModel, Policy
-from trainer.predictor import (
+from trainer.algo.predictor import (
     BetaPrior,
+    PredictorConfig,
     SuccessPredictor,
     collect_training_set,
     split_calibration,
     structural_features,
 )
-from trainer.rollout import RolloutRunner
-from trainer.staleness import drop_stale
-from trainer.tree import Ledger, RolloutTree
+from trainer.algo.rollout import RolloutRunner
+from trainer.algo.staleness import drop_stale
+from trainer.algo.tree import Ledger, RolloutTree
+from trainer.learner.compute import compute, infer
+from trainer.learner.policy import FeatureModel, Policy
 
 log = structlog.get_logger("trace")
+
+
+class _RunSettings(Protocol):
+    @property
+    def seed(self) -> int: ...
+    @property
+    def prompts_per_step(self) -> int: ...
+    @property
+    def max_staleness(self) -> int: ...
+
+
+class _EnvSettings(Protocol):
+    @property
+    def max_turns(self) -> int: ...
+
+
+class StepConfig(Protocol):
+    """What a step reads of the trainer's config: the algorithm's own sections (`allocation`, `predictor`,
+    `advantage`) and three run settings and one env setting. `trainer.config.TrainConfig`, composed on top, is
+    one; naming the shape here keeps the algorithm from importing the loop's config."""
+
+    @property
+    def run(self) -> _RunSettings: ...
+    @property
+    def env(self) -> _EnvSettings: ...
+    @property
+    def allocation(self) -> AllocationConfig: ...
+    @property
+    def predictor(self) -> PredictorConfig: ...
+    @property
+    def advantage(self) -> AdvantageConfig: ...
 
 
 class PromptSampler:
@@ -113,7 +151,7 @@ class StepBatch:
 
 
 class TraceStep:
-    def __init__(self, cfg: TrainConfig, policy: Policy, runner: RolloutRunner, n_train: int) -> None:
+    def __init__(self, cfg: StepConfig, policy: Policy, runner: RolloutRunner, n_train: int) -> None:
         self.cfg = cfg
         self.policy = policy
         self.runner = runner
@@ -216,7 +254,7 @@ class TraceStep:
     # ------------------------------------------------------------------ collection (event loop)
     async def collect(self, step: int) -> StepBatch:
         """One step's rollouts: exactly allocation.leaf_budget leaves, for every allocator (the rules:
-        trainer/allocation.py, "The leaf budget"); `batch.trees` are exactly the prompts that received rollouts."""
+        trainer/algo/allocation.py, "The leaf budget"); `batch.trees` are exactly the prompts that received rollouts."""
         t0 = time.perf_counter()
         failures0, requests0 = self.runner.env_failures, self.runner.env.http_requests
         self.remember_draw_state(step)
@@ -288,7 +326,7 @@ class TraceStep:
             f"{count['respent_as_roots']}, over {len(trees)} prompts of {len(pool)} candidates)"
         )
         # Calibration of the predictions made at allocation time against the outcomes that followed (roots against
-        # their bare rollouts, anchors against their own outcomes: unbiased samples, trainer.predictor).
+        # their bare rollouts, anchors against their own outcomes: unbiased samples, trainer.algo.predictor).
         calib = split_calibration(trees)
         batch = StepBatch(step, trees, len(pool), len(trees), calib, time.perf_counter() - t0)
         # The step's budget accounting (pool_size / selected: candidates drawn / prompts funded). roots: stage 1's;
@@ -510,7 +548,7 @@ class TraceStep:
             self.success_count[1] += len(rs)
         # No process term for allocators that do not expand: uniform and root-only are then exactly GRPO.
         samples = build_training_samples(trees, self.cfg.advantage, process=self.allocator.expands)
-        samples, stale = drop_stale(samples, self.policy.version, self.cfg.run.max_staleness)  # trainer.staleness
+        samples, stale = drop_stale(samples, self.policy.version, self.cfg.run.max_staleness)  # trainer.algo.staleness
         pol = self.policy.rl_update(samples) if samples else {}
         ledger = sum((t.ledger for t in trees), Ledger())
         rewards = [r for t in trees for r in t.rewards()]

@@ -42,8 +42,8 @@ from shared.client import EnvClient
 from shared.engine_protocol import SamplingParams
 from shared.replicas import EnvPool, EnvUnavailable
 from shared.wire import EnvError, ErrorCode, StepResult
-from trainer.engine_client import EngineClient, Generation
-from trainer.tree import FinishStatus, RolloutTree
+from trainer.algo.tree import FinishStatus, RolloutTree
+from trainer.engines.client import EngineClient, Generation
 
 STOP_TAGS = ("</search>", "</answer>")
 CREATE_ATTEMPTS = 3

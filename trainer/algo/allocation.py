@@ -59,7 +59,7 @@ from typing import Annotated, ClassVar
 import numpy as np
 import tyro
 
-from trainer.tree import RolloutTree
+from trainer.algo.tree import RolloutTree
 
 # ---- objectives ---------------------------------------------------------------------------------------------
 

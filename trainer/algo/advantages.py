@@ -1,6 +1,6 @@
 """Tree-aware advantages, laid out as training sequences (DESIGN §1 "Policy update").
 
-Per prompt (one RolloutTree, backed up), with node values Vhat (`trainer.tree`: fresh-sample means, not
+Per prompt (one RolloutTree, backed up), with node values Vhat (`trainer.algo.tree`: fresh-sample means, not
 visit-weighted leaf means), baseline mu = Vhat(root) and scale sigma:
 - mu = Vhat(root), the mean outcome of the bare rollouts: i.i.d. samples of the prompt's success probability,
   so an unbiased baseline. The mean over all leaves is not: stage 2 placed continuations by outcome;
@@ -10,7 +10,7 @@ visit-weighted leaf means), baseline mu = Vhat(root) and scale sigma:
 - outcome term of a node y: (Vhat(y) - mu) / (sigma + eps); 0 for every node when sigma = 0;
 - process term: Vhat(y) - Vhat(parent(y)), the change in success probability that turn y brought (not
   normalised: already a difference of probabilities, in [-1, 1]). Both values are unbiased for an expanded y
-  and the root (given the history); for an unexpanded y, Vhat(y) = O(y) is its one sample (`trainer.tree`);
+  and the root (given the history); for an unexpanded y, Vhat(y) = O(y) is its one sample (`trainer.algo.tree`);
 - node advantage A(y) = w_outcome * outcome + w_process * process, given to every policy-generated token of y.
   `build_training_samples(..., process=False)` drops the process term whatever w_process says: with no
   expansion that is exactly GRPO (every node on leaf j's chain has Vhat = r_j and mu is the group mean, so each
@@ -27,7 +27,7 @@ history as context with only its own tokens trained, costs sum_{nodes} |H(y)| fo
 leaf layout's sum_{leaves} |H(leaf)| plus the histories of all internal nodes; the leaf layout is never more
 compute, and for a plain chain of T turns it is T times less.
 
-Contract: the loss must use the token weights (`trainer.loss.policy_loss` takes them) and normalise by the
+Contract: the loss must use the token weights (`trainer.learner.loss.policy_loss` takes them) and normalise by the
 summed weight of trained tokens; tokens with loss_mask 0 have advantage 0.0 and weight 0.0. Leaves without a
 reward (errors) and open branches produce no sample and do not enter mu or sigma.
 """
@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from trainer.tree import RolloutTree
+from trainer.algo.tree import RolloutTree
+from trainer.learner.samples import TrainSample
 
 
 @dataclass
@@ -57,25 +58,6 @@ class AdvantageConfig:
 
     def __post_init__(self) -> None:
         assert self.eps >= 0 and self.std_ddof in (0, 1), f"eps={self.eps} std_ddof={self.std_ddof}"
-
-
-@dataclass
-class TrainSample:
-    """One root-to-leaf history laid out for a forward pass; every list has len(input_ids) entries."""
-
-    input_ids: list[int]  # the leaf's full history: prompt, then each turn's action and observation tokens
-    loss_mask: list[int]  # 1 on policy-generated tokens of scored nodes, 0 on prompt and observation tokens
-    advantages: list[float]  # the token's node advantage A(y) where loss_mask is 1, else 0.0
-    weights: list[float]  # 1 / n(y) where loss_mask is 1 (n(y) = samples sharing node y), else 0.0
-    engine_logprobs: list[float]  # the engine's sampling logprob where loss_mask is 1, else 0.0
-    prompt_id: str
-    tree_index: int  # position of the tree in the list given to build_training_samples
-    leaf_id: int  # node id of the leaf in its tree
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (node_id, start, end) per path node
-    min_weight_version: int = 0  # oldest policy version that generated a node of this path (staleness)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 def reward_stats(tree: RolloutTree, cfg: AdvantageConfig) -> tuple[float, float]:

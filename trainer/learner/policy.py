@@ -10,7 +10,7 @@ step sees the token-mean loss over everything sampled, whatever the batching.
 
 A `threading.Lock` guards the weights: the update, saves and `hidden_at` hold it, and so does `FeatureModel.sync`,
 which copies the weights into the frozen copy that computes the next step's rollout features on a thread of its
-own while this step trains (`run.max_staleness >= 1`, `trainer.compute`), so no one sees half-updated weights.
+own while this step trains (`run.max_staleness >= 1`, `trainer.learner.compute`), so no one sees half-updated weights.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from trainer.advantages import TrainSample
-from trainer.config import ModelConfig, OptimConfig, uses_cpu
-from trainer.distributed import Ranks, balanced_shares, current
-from trainer.loss import policy_loss, sequence_logprobs
+from trainer.learner.config import ModelConfig, OptimConfig, uses_cpu
+from trainer.learner.distributed import Ranks, balanced_shares, current
+from trainer.learner.loss import policy_loss, sequence_logprobs
+from trainer.learner.samples import TrainSample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -64,7 +64,7 @@ def _pad(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: 
 
 
 class Policy:
-    """The model being trained, on this rank. On several ranks (`trainer.distributed`) rank 0's methods announce
+    """The model being trained, on this rank. On several ranks (`trainer.learner.distributed`) rank 0's methods announce
     themselves to the followers first, and every method that needs the other ranks (the updates, `save`,
     `engine_weights`, the optimizer state, and `hidden_at` under FSDP) is a collective they join; the followers call
     the same methods with the data arguments left out (rank 0 scatters their shares)."""
@@ -83,7 +83,7 @@ class Policy:
         """reference: the model (folder or hub id) of the frozen KL reference (optim.kl_coef > 0), default
         `model_path`. A resumed run passes the weights it started from, so the KL term keeps pulling towards them
         and not towards the checkpoint. `self.reference` records it (a local folder as an absolute path).
-        ranks: the training ranks (default: this process's, `trainer.distributed.current()`)."""
+        ranks: the training ranks (default: this process's, `trainer.learner.distributed.current()`)."""
         self.ranks = ranks or current()
         kwargs = dict(seed=seed, temperature=temperature, reference=None if reference is None else str(reference))
         self.ranks.announce("policy", model_path=str(model_path), mcfg=mcfg, ocfg=ocfg, **kwargs)
@@ -109,7 +109,7 @@ class Policy:
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
         self.lock = threading.Lock()
         # The weight version: RL updates pushed to the engines so far (0 = the starting weights). The loop advances
-        # it with each push; samples are judged stale against it (trainer.staleness).
+        # it with each push; samples are judged stale against it (trainer.algo.staleness).
         self.version = 0
         # Logprobs are taken under the sampling temperature, the distribution the engine sampled from.
         self.temperature = temperature if temperature > 0 else 1.0
@@ -438,7 +438,7 @@ class FeatureModel:
     `hidden_at` gives the same numbers as `Policy.hidden_at` on the same weights (same module, same autocast, eval
     mode); `sync()` copies the policy's current weights in, tensor by tensor under the policy's lock, so a copy
     never sees half an update. Between syncs it keeps the weights of the last one: the loop syncs it at every
-    weight push, so it follows the weights the engines serve. Run both on one thread (`trainer.compute.infer`).
+    weight push, so it follows the weights the engines serve. Run both on one thread (`trainer.learner.compute.infer`).
 
     Memory: one more copy of the weights in float32, as the policy holds them (no gradients, no optimizer state):
     a few MB for the tiny model, 4 bytes a parameter for a large one (32 GB for 8B). `TraceStep.publish` makes it

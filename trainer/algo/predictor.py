@@ -4,7 +4,7 @@ Contract:
 - Inputs are ours to choose (DESIGN §1): the trainer stores on each node, as `TurnNode.features`, the policy's
   last hidden state at the prefix end concatenated with `structural_features(node, tree)`. Any fixed width D
   works; `SuccessPredictor` standardises its inputs with running statistics, so raw hidden states are fine.
-- Targets are outcomes, in [0, 1], paired with the node whose state they are samples of (`trainer.tree` defines
+- Targets are outcomes, in [0, 1], paired with the node whose state they are samples of (`trainer.algo.tree` defines
   O): a node's own outcome O(y), always; the own outcome O(c) of each continuation c that stage 2 added at y; for
   the root, the bare rollouts' O. `collect_training_set` gives one row per node: target = the mean of its
   samples, weight = their count, which has the same loss gradient as one row per (node, sample) pair (MSE's and
@@ -32,6 +32,7 @@ import copy
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from shared.text import normalize_answer
-from trainer.tree import SUCCESS_THRESHOLD, RolloutTree, TurnNode
+from trainer.algo.tree import SUCCESS_THRESHOLD, RolloutTree, TurnNode
+
+
+@dataclass
+class PredictorConfig:
+    hidden: int = 64
+    """Width of the predictor MLP."""
+    lr: float = 3e-3
+    epochs: int = 30
+    """Full-batch epochs per refit (every step, before the policy update)."""
+    use_hidden_state: bool = True
+    """Input = the policy's last hidden state at the prefix end + structural features (else structural only)."""
+    prior_a: float = 1.0
+    prior_b: float = 1.0
+    """Beta(a, b) prior of a prompt's success rate, for roots never seen before."""
 
 
 @contextlib.contextmanager

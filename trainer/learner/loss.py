@@ -1,6 +1,6 @@
 """Token-level policy loss (PPO-clip with truncated importance sampling) and per-token logprobs.
 
-Alignment convention, used by every per-token tensor here and in `trainer.advantages.TrainSample`: position t
+Alignment convention, used by every per-token tensor here and in `trainer.algo.advantages.TrainSample`: position t
 holds the quantity *of token input_ids[t]* (its logprob given input_ids[:t], its advantage, its weight, its
 loss mask). `sequence_logprobs` returns [B, T] in that layout, with 0.0 at t = 0 (no context predicts the first
 token) and at padding. Batches are right-padded (the model derives position ids 0..T-1); one row holds one
