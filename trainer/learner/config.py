@@ -17,6 +17,11 @@ class ModelConfig:
     tiny_seed: int = 0
     """Seed of the tiny model and of its SFT warm start. Kept apart from run.seed, so runs of several seeds
     (and every allocator of a comparison) start from one and the same warm-started checkpoint."""
+    dtype: str = "float32"
+    """The dtype the policy trains in (its master weights, logprobs and loss): "float32", or "float64" for exact
+    comparisons (tests/test_distributed.py: in float64 a 2-rank update's parameters differ from the 1-rank one's by
+    at most 2.2e-16 after an update of 1e-3, where in float32 the order of a reduction alone moved them by ~2e-5).
+    Half precision is `mixed_precision`'s."""
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
     mixed_precision: str = "auto"
@@ -25,7 +30,11 @@ class ModelConfig:
     save_dtype: str = "auto"
     """dtype of the weights written for the engines: "auto" = the dtype the model was stored in (its config.json's
     `dtype`: bfloat16 for Qwen3, float32 for the tiny model), or "bfloat16", "float16", "float32". The policy trains
-    in float32 either way; a launched SGLang server gets the same dtype as --dtype (never its `auto` guess)."""
+    in `dtype` either way; a launched SGLang server gets the same dtype as --dtype (never its `auto` guess)."""
+
+    def __post_init__(self) -> None:  # a section's own check, run however the section is built
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f'model.dtype must be "float32" or "float64", got {self.dtype!r}')
 
 
 LOSS_AGG = ("token-mean", "seq-mean-token-mean")

@@ -163,11 +163,11 @@ def sequence_logprobs(
         cols = None
     rows = []
     for b in range(B):
-        lg = logits[b].float()
+        lg = logits[b].to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64 when trained so
         if temperature != 1.0:
             lg = lg / temperature
         rows.append(lg.gather(-1, targets[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    lp = torch.stack(rows) if rows else logits.new_zeros(0, logits.shape[1]).float()
+    lp = torch.stack(rows) if rows else logits.new_zeros(0, logits.shape[1]).to(torch.promote_types(logits.dtype, torch.float32))
     if cols is None:
         lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
     else:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -41,6 +41,7 @@ from trainer.learner.loss import policy_loss, sequence_logprobs
 from trainer.learner.samples import TrainSample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # model.dtype
 
 
 def save_dtype(name: str, model_path: str | Path) -> torch.dtype:
@@ -95,7 +96,8 @@ class Policy:
         self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        self.dtype = TRAIN_DTYPES[mcfg.dtype]  # the master weights and the loss (model.dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
         self.save_dtype = save_dtype(mcfg.save_dtype, model_path)
         if mcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -120,7 +122,7 @@ class Policy:
             if reference is None or ref_path.resolve() == Path(model_path).resolve():
                 ref = copy.deepcopy(self.accelerator.unwrap_model(self.model))
             else:
-                ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).to(self.device)
+                ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=self.dtype).to(self.device)
             if mp == "bf16":  # it only runs forward under autocast: half the memory of an fp32 copy
                 for p in ref.parameters():  # parameters only: RoPE's inv_freq buffer stays float32, as in the policy
                     p.data = p.data.to(torch.bfloat16)
@@ -233,15 +235,15 @@ class Policy:
                     ids = _pad([s.input_ids for s in chunk], self.pad_id, torch.long, self.device)
                     att = _pad([[1] * len(s) for s in chunk], 0, torch.long, self.device)
                     # sequence_logprobs()[b, t] is the logprob of token t, so per-token tensors align as they are.
-                    mask = _pad([s.loss_mask for s in chunk], 0, torch.float32, self.device)
-                    adv = _pad([s.advantages for s in chunk], 0.0, torch.float32, self.device)
-                    w = _pad([s.weights for s in chunk], 0.0, torch.float32, self.device)
-                    w = w * torch.tensor([scale(s) for s in chunk], dtype=torch.float32, device=self.device)[:, None]
-                    eng = _pad([s.engine_logprobs for s in chunk], 0.0, torch.float32, self.device)
+                    mask = _pad([s.loss_mask for s in chunk], 0, self.dtype, self.device)
+                    adv = _pad([s.advantages for s in chunk], 0.0, self.dtype, self.device)
+                    w = _pad([s.weights for s in chunk], 0.0, self.dtype, self.device)
+                    w = w * torch.tensor([scale(s) for s in chunk], dtype=self.dtype, device=self.device)[:, None]
+                    eng = _pad([s.engine_logprobs for s in chunk], 0.0, self.dtype, self.device)
                     with self._sync_unless(k == n_mb - 1):
                         with self.accelerator.autocast():
                             logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature, needed=mask)
-                        logp = logp.float()
+                        logp = logp.to(self.dtype)
                         if epoch == 0:
                             for j in range(min(len(chunk), len(mine) - i)):
                                 old[i + j] = logp[j].detach()
@@ -254,7 +256,7 @@ class Policy:
                             with torch.no_grad(), self.accelerator.autocast():
                                 ref_lp = sequence_logprobs(
                                     self.ref_model, ids, att, temperature=self.temperature, needed=mask
-                                ).float()
+                                ).to(self.dtype)
                         loss, m = policy_loss(
                             logp,
                             old_lp,
@@ -331,11 +333,11 @@ class Policy:
                 masks = [my_mask[j] for j in part] or [[0.0, 0.0]]
                 ids = _pad(rows, self.pad_id, torch.long, self.device)
                 att = _pad([[1] * len(x) for x in rows], 0, torch.long, self.device)
-                mask = _pad(masks, 0, torch.float32, self.device)
+                mask = _pad(masks, 0, self.dtype, self.device)
                 with self._sync_unless(k == n_mb - 1):
                     with self.accelerator.autocast():
                         logp = sequence_logprobs(self.model, ids, att, needed=mask)
-                    loss = -(logp.float() * mask).sum() / max(total, 1)
+                    loss = -(logp.to(self.dtype) * mask).sum() / max(total, 1)
                     self.accelerator.backward(loss * gain)
                 loss_sum += float(loss.detach())
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
@@ -429,6 +431,12 @@ def _accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
     if fsdp and acc.num_processes > 1 and acc.distributed_type == DistributedType.MULTI_CPU:
         acc.state.distributed_type = DistributedType.FSDP
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        # And in PartialState's shared state, as AcceleratorState.__init__ leaves it on GPUs: every AcceleratorState()
+        # made later (AcceleratedOptimizer's, the Accelerator's own properties) copies PartialState's fields over its
+        # own, so without this the state read MULTI_CPU again once the optimizer was prepared, `no_sync` was a no-op
+        # and the CPU FSDP2 run skipped the GPU's gradient-sync branches (issue 20; tests/test_distributed.py checks
+        # is_fsdp2 and the model's sync flag during the update).
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return acc
 
 
