@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.learner.samples import TrainSample
 from trainer.algo.predictor import SuccessPredictor
 from trainer.algo.staleness import drop_stale
 from trainer.algo.step import TraceStep
-from trainer.learner.config import ModelConfig, OptimConfig, TrainConfig, load_train_config
+from trainer.config import TrainConfig, load_train_config
+from trainer.learner.config import ModelConfig, OptimConfig
 from trainer.learner.policy import FeatureModel, Policy
+from trainer.learner.samples import TrainSample
 from trainer.loop import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -167,7 +167,11 @@ def sequence_logprobs(
         if temperature != 1.0:
             lg = lg / temperature
         rows.append(lg.gather(-1, targets[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    lp = torch.stack(rows) if rows else logits.new_zeros(0, logits.shape[1]).to(torch.promote_types(logits.dtype, torch.float32))
+    lp = (
+        torch.stack(rows)
+        if rows
+        else logits.new_zeros(0, logits.shape[1]).to(torch.promote_types(logits.dtype, torch.float32))
+    )
     if cols is None:
         lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
     else:
