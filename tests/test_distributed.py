@@ -69,10 +69,52 @@ def test_engines_get_gpus_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     assert training_gpus(cfg) == []
 
 
+def test_a_launched_cuda_engine_never_lands_on_a_training_gpu_by_accident(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 20: with no engine.gpus, a launched SGLang inherited the trainer's devices and started on GPU 0 beside
+    rank 0, and nothing refused it. Now refused at start (cli, exit 2) unless engine.colocate; attached engines and
+    a CPU engine are not placed; engine.colocate lets engine.gpus name a training GPU too."""
+    from trainer.cli import main
+    from trainer.config import TrainConfig, load_train_config
+    from trainer.services import check_engine_placement, launches_cuda_engines
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    cfg = TrainConfig()
+    cfg.model.device, cfg.engine.type = "cuda", "sglang"
+    with pytest.raises(ValueError, match=r"engine.gpus is empty.*start on GPU 0, beside training rank 0"):
+        check_engine_placement(cfg)
+    cfg.engine.colocate = True
+    assert check_engine_placement(cfg) == [], "colocated: the server sees the trainer's devices"
+    cfg.engine.gpus = [0]
+    assert check_engine_placement(cfg) == [[0]], "colocate allows a training GPU"
+    cfg.engine.colocate = False
+    with pytest.raises(ValueError, match=r"includes GPUs \[0\] that training ranks use"):
+        check_engine_placement(cfg)
+    cfg.engine.gpus = [1]
+    assert check_engine_placement(cfg) == [[1]]
+    cfg.engine.gpus, cfg.engine.type = [], "cpu"
+    assert not launches_cuda_engines(cfg) and check_engine_placement(cfg) == [], "our engine on its CPU default"
+    cfg.engine.extra_args = ["--device", "cuda:0"]
+    assert launches_cuda_engines(cfg)
+    with pytest.raises(ValueError, match=r"engine\.gpus is empty"):
+        check_engine_placement(cfg)
+    cfg.engine.extra_args, cfg.engine.urls, cfg.engine.type = [], ["http://127.0.0.1:1"], "url"
+    assert check_engine_placement(cfg) == [], "attached engines are not ours to place"
+    with pytest.raises(ValueError, match=r"engine\.colocate places engines this run launches"):
+        load_train_config(sets=["engine.colocate=true", 'engine.urls=["http://127.0.0.1:1"]'])
+    # The command refuses it before any rank starts or anything is built (exit 2, the reason on stderr).
+    argv = ["--engine", "sglang", "--model.device", "cuda", "--output-dir", "/nonexistent/never-made"]
+    assert main(argv) == 2
+    assert "engine.gpus is empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp2"])
 def test_shipped_accelerate_configs_load_and_leave_the_engines_their_gpus(name: str) -> None:
     """configs/accelerate/{ddp,fsdp2}.yaml are accelerate's own config files: its loader reads them, and the GPUs
-    they train on leave the engine GPUs their header names (engine.gpus = [6, 7]) free."""
+    they train on and the GPUs the shipped Qwen3 config gives its engines (engine.gpus, no --set needed) are
+    disjoint, one GPU a server; the placement check passes for that layout on the node it assumes."""
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
@@ -85,8 +127,18 @@ def test_shipped_accelerate_configs_load_and_leave_the_engines_their_gpus(name: 
         assert c.fsdp_config["fsdp_version"] == 2 and c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     training = [int(g) for g in c.gpu_ids.split(",")]
     assert len(training) == c.num_processes
-    cfg = load_train_config(REPO / "configs" / "qwen3-8b-hotpotqa.toml", sets=["engine.gpus=[6, 7]"])
-    assert engine_gpus(cfg.engine.gpus, 2, training) == [[6], [7]]
+    cfg = load_train_config(REPO / "configs" / "qwen3-8b-hotpotqa.toml")
+    assert engine_gpus(cfg.engine.gpus, cfg.engine.num_servers, training) == [[6], [7]]
+    assert not cfg.engine.colocate and not set(cfg.engine.gpus) & set(training)
+    assert cfg.engine.num_servers == 2, "two servers for six ranks"
+    args = cfg.engine.extra_args
+    assert 0.85 <= float(args[args.index("--mem-fraction-static") + 1]) <= 0.9, "a GPU of its own: most of it"
+    from trainer.services import check_engine_placement
+
+    with pytest.MonkeyPatch.context() as mp:  # on the node it assumes: LOCAL_WORLD_SIZE ranks on all 8 devices
+        mp.setenv("LOCAL_WORLD_SIZE", str(c.num_processes))
+        mp.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(8))))
+        assert check_engine_placement(cfg) == [[6], [7]]
 
 
 def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False) -> None:

@@ -58,6 +58,8 @@ def test_debug_config_on_sglang(weight_sync: str, tmp_path: Path, cache_dir: Pat
     cpu = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
     extra = CPU_ENGINE_ARGS if cpu else GPU_ENGINE_ARGS
     sets = [f'run.output_dir="{out}"', f"engine.extra_args={json.dumps(extra)}", f'engine.weight_sync="{weight_sync}"']
+    if not cpu:  # one GPU: the policy and the server share it, on purpose (refused otherwise)
+        sets.append("engine.colocate=true")
     cmd = [sys.executable, "-m", "trainer.cli", "--config", str(REPO / "configs" / "debug.toml"), "--engine", "sglang"]
     cmd += [x for s in sets for x in ("--set", s)]
     env = {**os.environ, "TRACE_CACHE_DIR": str(cache_dir)}

@@ -111,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     if launched_ranks() > 1 and (why := _many_ranks_refused(cfg)) is not None:
         print(f"trace-train: launched as {launched_ranks()} ranks: {why}", file=sys.stderr)
         return 2
+    from trainer.services import check_engine_placement
+
+    try:  # every rank: all of them exit at once, none waits for a rank 0 that refused
+        check_engine_placement(cfg)
+    except ValueError as e:
+        print(f"trace-train: {e}", file=sys.stderr)
+        return 2
     ranks = Ranks.start(cpu=uses_cpu(cfg.model))
     if not ranks.leader:  # rank 0 runs the trainer; this rank joins its policy's collective calls
         follow(ranks)

@@ -193,6 +193,8 @@ class TrainConfig:
                 f"engine.gpus {self.engine.gpus} is split evenly among the {self.engine.num_servers} launched engines "
                 "(engine.num_servers); give a multiple of it, and none when attaching by engine.urls"
             )
+        if self.engine.colocate and self.engine.urls:
+            raise ValueError("engine.colocate places engines this run launches; with engine.urls it launches none")
         if self.engine.weight_sync not in WEIGHT_SYNC or self.engine.sync_bucket_mb < 1:
             raise ValueError(
                 f"engine.weight_sync must be one of {WEIGHT_SYNC} (got {self.engine.weight_sync!r}) and "

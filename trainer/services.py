@@ -72,7 +72,7 @@ async def engines(cfg: TrainConfig, model_dir: Path, log_dir: Path) -> AsyncIter
     if e.urls:
         yield list(e.urls)
         return
-    slices = engine_gpus(e.gpus, e.num_servers, training_gpus(cfg))
+    slices = check_engine_placement(cfg)
     async with contextlib.AsyncExitStack() as stack:
         urls = []
         for i in range(e.num_servers):
@@ -104,18 +104,48 @@ def training_gpus(cfg: TrainConfig) -> list[int]:
     return ids[:n]
 
 
-def engine_gpus(gpus: list[int], servers: int, training: list[int]) -> list[list[int]]:
+def launches_cuda_engines(cfg: TrainConfig) -> bool:
+    """Whether this run launches engines that take a GPU: SGLang, or our engine given `--device cuda...`."""
+    e = cfg.engine
+    if e.urls:
+        return False
+    if e.type == "sglang":
+        return True
+    args = list(e.extra_args)
+    devices = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--device"]
+    devices += [a.split("=", 1)[1] for a in args if a.startswith("--device=")]
+    return any(d.startswith("cuda") for d in devices)
+
+
+def engine_gpus(gpus: list[int], servers: int, training: list[int], *, colocate: bool = False) -> list[list[int]]:
     """engine.gpus split into one slice per launched server ([] when none are given); refuses GPUs a training
-    rank uses, so generation never lands beside the training ranks."""
+    rank uses, so generation never lands beside the training ranks, unless `colocate` (engine.colocate) says so."""
     if not gpus:
         return []
-    if clash := sorted(set(gpus) & set(training)):
+    if (clash := sorted(set(gpus) & set(training))) and not colocate:
         raise ValueError(
             f"engine.gpus {gpus} includes GPUs {clash} that training ranks use ({training}: LOCAL_WORLD_SIZE ranks on "
-            "CUDA_VISIBLE_DEVICES); give the engines other GPUs, or train on fewer (accelerate's gpu_ids)"
+            "CUDA_VISIBLE_DEVICES); give the engines other GPUs, or train on fewer (accelerate's gpu_ids); "
+            "engine.colocate = true shares them on purpose (one-GPU work)"
         )
     per = len(gpus) // servers
     return [gpus[i * per : (i + 1) * per] for i in range(servers)]
+
+
+def check_engine_placement(cfg: TrainConfig) -> list[list[int]]:
+    """Each launched engine's GPUs (engine_gpus), or a ValueError before anything starts when a launched CUDA engine
+    would share a GPU with a training rank without `engine.colocate`: engine.gpus naming a training GPU, or no
+    engine.gpus at all (the server would inherit the trainer's devices and start on GPU 0, beside rank 0)."""
+    e = cfg.engine
+    training = training_gpus(cfg)
+    if training and launches_cuda_engines(cfg) and not e.gpus and not e.colocate:
+        raise ValueError(
+            f"engine.gpus is empty: the {e.num_servers} {e.type} engine(s) this run launches would see the "
+            f"trainer's GPUs and start on GPU {training[0]}, beside training rank 0 (training ranks use {training}). "
+            "Give them GPUs of their own (e.g. engine.gpus = [6, 7] beside 6 ranks on GPUs 0-5), attach running "
+            "ones with --engine-url, or set engine.colocate = true to share on purpose (one-GPU work)"
+        )
+    return engine_gpus(e.gpus, e.num_servers, training, colocate=e.colocate) if not e.urls else []
 
 
 def dtype_args(model_dir: Path, extra_args: list[str]) -> list[str]:

@@ -27,8 +27,13 @@ class EngineConfig:
     gpus: list[int] = field(default_factory=list)
     """Physical GPU ids for the launched engines, split evenly among `num_servers` in order (server i gets the i-th
     slice as its CUDA_VISIBLE_DEVICES, so SGLang's --base-gpu-id stays 0; give a server as many as its --tp). [] =
-    every server sees the devices the trainer sees. They must not be GPUs a training rank uses: e.g. 8 GPUs, 6
-    training ranks (accelerate's gpu_ids 0-5) and engines on [6, 7]."""
+    every server sees the devices the trainer sees. They must not be GPUs a training rank uses (unless `colocate`): e.g.
+    8 GPUs, 6 training ranks (accelerate's gpu_ids 0-5) and engines on [6, 7]. A run that trains on GPUs and launches
+    a CUDA engine (SGLang) with no engine.gpus is refused unless `colocate`."""
+    colocate: bool = False
+    """Let launched CUDA engines share GPUs with the training ranks: engine.gpus may name a training GPU, and with
+    engine.gpus empty a server sees the trainer's devices (GPU 0, beside rank 0). For one-GPU work only (then give
+    SGLang a `--mem-fraction-static` that leaves the policy room); without it such a run is refused at start."""
     max_batch: int = 64
     """CPU engine: sequences decoded together."""
     startup_timeout_s: float = 600.0
