@@ -231,7 +231,7 @@ def test_two_rank_updates_equal_the_one_rank_updates(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_debug_config_on_two_ranks_runs_end_to_end_and_resumes(tmp_path: Path, cache_dir: Path) -> None:
-    """Issue 13: `torchrun --nproc-per-node 2 trace-train --config configs/debug.toml` (gloo) runs end to end with
+    """Issue 13: `torchrun --nproc-per-node 2 -m trainer.cli --config configs/debug.toml` (gloo) runs end to end with
     exactly one env server and one engine (rank 0's), every metrics row carrying world_size; the SFT warm start and
     the RL updates run on both ranks, checkpoints gather the optimizer state, and `--resume` on 2 ranks restores it
     and continues."""
