@@ -1,5 +1,6 @@
 """The processes a training run needs besides itself: the env server and the engine(s), each either
-attached by URL or launched here as a child process that is stopped on exit (Ctrl-C included), and
+attached by URL or launched here as a child process that is stopped on exit (Ctrl-C and SIGTERM included) and
+killed with the trainer if it dies any other way (SIGKILL: the parent-death signal, `die_with_parent`), and
 the model folder (the tiny model is built once and cached; the SFT warm start too).
 """
 
@@ -19,7 +20,7 @@ import structlog
 
 from shared.replicas import EnvPool
 from trainer.config import TrainConfig
-from trainer.engines.launcher import SGLangServer, free_port, launch_engine, url_for
+from trainer.engines.launcher import SGLangServer, die_with_parent, free_port, launch_engine, url_for
 from trainer.learner.config import uses_cpu
 
 log = structlog.get_logger("trainer")
@@ -189,8 +190,10 @@ def tiny_model_dir(cfg: TrainConfig) -> Path:
 
 def _run_tool(module: str, *args: str) -> str:
     """Run a `tools/` builder as a child process (the trainer does not import `tools`); its stdout, stripped.
-    Blocking: call it off the event loop. A failure raises with the tool's own error output."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False)
+    Blocking: call it off the event loop. A failure raises with the tool's own error output. It dies with the
+    trainer (`die_with_parent`; the thread that starts it is a pool's, which outlives the call)."""
+    cmd = die_with_parent([sys.executable, "-m", module, *args])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"python -m {module} {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout.strip().splitlines()[-1]

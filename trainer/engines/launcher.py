@@ -9,7 +9,13 @@
   the tail of the log;
 - on exit (or a failed start) stops the whole group: SIGTERM, up to `stop_timeout_s` for the
   leader to exit, then SIGKILL; then gives stragglers of the group 5 s before SIGKILL. It only
-  ever signals the group it created.
+  ever signals the group it created. The defaults keep that under the 30 s a launcher (torchrun,
+  accelerate launch) gives a SIGTERM'd rank before its SIGKILL: 20 s + 5 s.
+- dies with this process however it ends, SIGKILL included (Linux): the command runs through
+  `die_with_parent`, which arms the parent-death signal (prctl PR_SET_PDEATHSIG, SIGKILL) and then
+  execs it; the setting survives exec, so the server itself is killed when its parent goes. SGLang's
+  own workers (scheduler, detokenizer) arm the same signal against the server. The "parent" is the
+  thread that started the child: here the event loop's, which lives as long as the loop that stops it.
 
 `SGLangServer(model_path, port=...)` is an `EngineProcess` running
 `python -m sglang.launch_server --model-path M --host H --port P --enable-metrics [extra_args]`
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -51,6 +58,25 @@ SGLANG_INSTALL_HINT = (
     "pip install 'trace-rl[sglang]' on a GPU machine (sglang's kernels need CUDA; sglang 0.5.23 pins "
     "torch==2.14.1 and transformers==5.19.0 and needs Python >= 3.11)"
 )
+
+
+_PDEATHSIG_EXEC = """import ctypes, os, sys
+parent, sig = int(sys.argv[1]), int(sys.argv[2])
+if ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+    sys.exit(f"die_with_parent: prctl(PR_SET_PDEATHSIG) failed, errno {ctypes.get_errno()}")
+if os.getppid() != parent:  # the parent died before the signal was armed: it would never come
+    sys.exit(f"die_with_parent: parent {parent} gone before {sys.argv[3]!r} started")
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+def die_with_parent(cmd: Sequence[str], sig: signal.Signals = signal.SIGKILL) -> list[str]:
+    """`cmd`, run so that its process gets `sig` when the thread that starts it (and so this process) dies, however
+    it dies: a small Python prologue arms Linux's parent-death signal, checks the parent is still there, and execs
+    `cmd` in its place (same pid; the setting survives exec). Elsewhere than Linux, `cmd` unchanged."""
+    if not sys.platform.startswith("linux"):
+        return [str(c) for c in cmd]
+    return [sys.executable, "-c", _PDEATHSIG_EXEC, str(os.getpid()), str(int(sig)), *map(str, cmd)]
 
 
 class EngineLaunchError(EngineError):
@@ -85,7 +111,7 @@ class EngineProcess:
         log_path: str | os.PathLike[str] | None = None,
         ready_path: str = "/health_generate",
         startup_timeout_s: float = 600.0,
-        stop_timeout_s: float = 30.0,
+        stop_timeout_s: float = 20.0,
         poll_s: float = 0.5,
         cwd: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -121,10 +147,12 @@ class EngineProcess:
         """Start the process and wait until it is ready; on any failure the process group is stopped."""
         if self._proc is not None:
             raise EngineLaunchError(f"{self.url}: already started (pid {self._proc.pid})")
+        if shutil.which(self.cmd[0]) is None:  # said here: `die_with_parent`'s exec would fail in the child
+            raise EngineLaunchError(f"cannot run {self.cmd}: {self.cmd[0]!r} is no executable program (PATH searched)")
         with self._open_log() as log_file:  # the child keeps its own copy of the descriptor
             try:
                 self._proc = await asyncio.create_subprocess_exec(
-                    *self.cmd,
+                    *die_with_parent(self.cmd),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
@@ -259,7 +287,7 @@ class SGLangServer(EngineProcess):
         enable_metrics: bool = True,
         python: str | None = None,
         startup_timeout_s: float = 900.0,
-        stop_timeout_s: float = 60.0,
+        stop_timeout_s: float = 20.0,
     ) -> None:
         self._python = python
         cmd = [python or sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
