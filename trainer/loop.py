@@ -73,7 +73,6 @@ log = structlog.get_logger("trainer")
 
 
 async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    services.check_engine_placement(cfg)  # before anything starts: no engine beside a training rank by accident
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     start = latest_checkpoint(out) if resume else None

@@ -7,6 +7,9 @@ from typing import Annotated
 
 import tyro
 
+TRAIN_DTYPES = ("float32", "float64")
+"""`model.dtype`'s values: names of torch dtypes (the policy trains in `getattr(torch, name)`)."""
+
 
 @dataclass
 class ModelConfig:
@@ -33,8 +36,8 @@ class ModelConfig:
     in `dtype` either way; a launched SGLang server gets the same dtype as --dtype (never its `auto` guess)."""
 
     def __post_init__(self) -> None:  # a section's own check, run however the section is built
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f'model.dtype must be "float32" or "float64", got {self.dtype!r}')
+        if self.dtype not in TRAIN_DTYPES:
+            raise ValueError(f"model.dtype must be one of {TRAIN_DTYPES}, got {self.dtype!r}")
 
 
 LOSS_AGG = ("token-mean", "seq-mean-token-mean")

@@ -1,6 +1,6 @@
 """Token-level policy loss (PPO-clip with truncated importance sampling) and per-token logprobs.
 
-Alignment convention, used by every per-token tensor here and in `trainer.algo.advantages.TrainSample`: position t
+Alignment convention, used by every per-token tensor here and in `trainer.learner.samples.TrainSample`: position t
 holds the quantity *of token input_ids[t]* (its logprob given input_ids[:t], its advantage, its weight, its
 loss mask). `sequence_logprobs` returns [B, T] in that layout, with 0.0 at t = 0 (no context predicts the first
 token) and at padding. Batches are right-padded (the model derives position ids 0..T-1); one row holds one
@@ -127,14 +127,15 @@ def sequence_logprobs(
     needed: Tensor | None = None,
 ) -> Tensor:
     """out[b, t] = log p(input_ids[b, t] | input_ids[b, :t]) under `model` (logits / temperature), for t >= 1;
-    0.0 at t = 0 and at padding. [B, T] float32, with grad when the model has it. Rows must be right-padded.
+    0.0 at t = 0 and at padding. [B, T] float32 (float64 for a float64 model), with grad when the model has it. Rows
+    must be right-padded.
 
     needed: optional [B, T] mask of the tokens whose logprob the caller uses (the loss mask). The vocabulary
     projection is then computed only at the positions some row needs (`logits_to_keep`, the union over rows),
     and out is 0.0 at the other positions: the same values where needed, at a fraction of the cost when the
     trained tokens are a small share of the sequence (agent turns between long observations).
 
-    The log-softmax is taken one row at a time in float32, so at most one row's [T, V] float32 logits exist
+    The log-softmax is taken one row at a time in that dtype, so at most one row's [T, V] upcast logits exist
     besides the model's own output."""
     assert input_ids.shape == attention_mask.shape and input_ids.ndim == 2, (
         f"input_ids {tuple(input_ids.shape)} vs attention_mask {tuple(attention_mask.shape)}"
@@ -161,17 +162,14 @@ def sequence_logprobs(
         logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]  # [B, T-1, V]
         targets = input_ids[:, 1:]
         cols = None
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 (bf16 logits upcast), or float64
     rows = []
     for b in range(B):
-        lg = logits[b].to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64 when trained so
+        lg = logits[b].to(dtype)
         if temperature != 1.0:
             lg = lg / temperature
         rows.append(lg.gather(-1, targets[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    lp = (
-        torch.stack(rows)
-        if rows
-        else logits.new_zeros(0, logits.shape[1]).to(torch.promote_types(logits.dtype, torch.float32))
-    )
+    lp = torch.stack(rows) if rows else logits.new_zeros(0, logits.shape[1], dtype=dtype)
     if cols is None:
         lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
     else:

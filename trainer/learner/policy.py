@@ -41,7 +41,6 @@ from trainer.learner.loss import policy_loss, sequence_logprobs
 from trainer.learner.samples import TrainSample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # model.dtype
 
 
 def save_dtype(name: str, model_path: str | Path) -> torch.dtype:
@@ -96,7 +95,7 @@ class Policy:
         self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.dtype = TRAIN_DTYPES[mcfg.dtype]  # the master weights and the loss (model.dtype)
+        self.dtype: torch.dtype = getattr(torch, mcfg.dtype)  # the master weights and the loss (model.dtype)
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
         self.save_dtype = save_dtype(mcfg.save_dtype, model_path)
         if mcfg.gradient_checkpointing:
