@@ -11,7 +11,9 @@ two zero-weight micro-batches to join the gradient syncs, in the RL and in the S
 Under DDP and under FSDP2 (accelerate's own FSDP2 preparation, switched on over gloo by ACCELERATE_USE_FSDP=true
 as `accelerate launch` would), and the worker records, at every forward of the updates, what accelerate's state
 says (is_fsdp2, the distributed type) and the model's own gradient-sync flag (DDP's require_backward_grad_sync,
-FSDP2's reduce_grads): sync off for every micro-batch but the last, as on a GPU.
+FSDP2's reduce_grads): under DDP sync off for every micro-batch but the last, as on a GPU; under FSDP2 a
+reduce-scatter at every micro-batch (issue 21), and the gradient bytes the rank holds between micro-batches are
+its shard's, with no unsharded gradient kept.
 """
 
 from __future__ import annotations
@@ -141,6 +143,34 @@ def test_shipped_accelerate_configs_load_and_leave_the_engines_their_gpus(name: 
         assert check_engine_placement(cfg) == [[6], [7]]
 
 
+def test_fsdp_plugin_reduces_in_float32_and_followers_start_empty(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path
+) -> None:
+    """Issue 21: accelerate's bf16 policy reduce-scatters in bf16; the trainer's plugin reduces in float32 and loads
+    the checkpoint on rank 0 only. A follower's model is built with no parameter storage (the meta device), its
+    rotary buffers real and its LM head still tied, as accelerate's loading from rank 0 needs them."""
+    import torch
+
+    from trainer.learner.policy import _build_model, fsdp_plugin
+
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    plugin = fsdp_plugin("bf16")
+    assert plugin.fsdp_version == 2 and plugin.cpu_ram_efficient_loading
+    mp = plugin.mixed_precision_policy
+    assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp_plugin("no").mixed_precision_policy is None, "full precision: nothing cast, reduced in its dtype"
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP2 only"):
+        fsdp_plugin("bf16")
+    empty = _build_model(tiny_model, torch.float64, empty=True)
+    assert all(p.device.type == "meta" and p.dtype == torch.float64 for p in empty.parameters())
+    assert all(b.device.type == "cpu" for b in empty.buffers())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    full = _build_model(tiny_model, torch.float64, empty=False)
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in full.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(empty.buffers(), full.buffers(), strict=True))
+
+
 def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
@@ -191,7 +221,16 @@ def test_two_rank_updates_equal_the_one_rank_updates(
         # What a GPU run's accelerate state says, during the update and not only after the set-up.
         assert all(c["is_fsdp2"] is fsdp for c in calls), (stage, calls)
         assert all(c["distributed_type"] == ("FSDP" if fsdp else "MULTI_CPU") for c in calls), (stage, calls)
-        assert [c["sync"] for c in calls] == [False, False, True], f"{stage}: sync only at the last micro-batch"
+        if fsdp:  # issue 21: a reduce-scatter at every micro-batch, so only the shard is held in between
+            assert [c["sync"] for c in calls] == [True, True, True], f"{stage}: FSDP2 syncs every micro-batch"
+        else:
+            assert [c["sync"] for c in calls] == [False, False, True], f"{stage}: sync only at the last micro-batch"
+        assert all(c["unsharded_grad_bytes"] == 0 for c in calls), (stage, calls)
+        held = [c["grad_bytes"] for c in calls]
+        full = two["full_bytes"]
+        assert held[0] == 0 and held[1:] == [two["shard_bytes"]] * 2, (stage, held, two["shard_bytes"], full)
+        if fsdp:
+            assert full / 2 <= two["shard_bytes"] < full * 0.6, "a rank holds half the gradient, not all of it"
     measured = []
     for stage in ("rl", "sft", "rl2"):
         m1, m2 = one[f"{stage}_metrics"], two[f"{stage}_metrics"]
@@ -296,11 +335,29 @@ def _watch_forwards(policy: Any, pad_id: int) -> dict[str, list[dict]]:
 
     seen: dict[str, Any] = {"_stage": None}
 
+    def grads() -> tuple[int, int]:
+        """Bytes of gradient this rank holds: its parameters' .grad (under FSDP2 its shards, DTensors' local part),
+        and the whole unsharded gradients FSDP2 keeps on its gathered parameters (held there when a backward does
+        not reduce-scatter)."""
+        own = 0
+        for p in policy.model.parameters():
+            if p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                own += g.numel() * g.element_size()
+        unsharded = 0
+        for m in policy.model.modules():
+            group = m._get_fsdp_state()._fsdp_param_group if hasattr(m, "_get_fsdp_state") else None
+            for fp in group.fsdp_params if group is not None else []:
+                g = getattr(getattr(fp, "_unsharded_param", None), "grad", None)
+                unsharded += 0 if g is None else g.numel() * g.element_size()
+        return own, unsharded
+
     def hook(module: Any, args: tuple, kwargs: dict) -> None:
         stage = seen["_stage"]
         if stage is None:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
+        own, unsharded = grads()
         if hasattr(module, "require_backward_grad_sync"):
             sync = bool(module.require_backward_grad_sync)
         elif hasattr(module, "_get_fsdp_state"):  # every sharded submodule's param group holds the flag
@@ -316,6 +373,8 @@ def _watch_forwards(policy: Any, pad_id: int) -> dict[str, list[dict]]:
                 "distributed_type": str(AcceleratorState().distributed_type.value),
                 "sync": sync,
                 "blank": tuple(ids.shape) == (1, 2) and bool((ids == pad_id).all()),
+                "grad_bytes": own,  # held between micro-batches: measured before this one's forward
+                "unsharded_grad_bytes": unsharded,
             }
         )
 
@@ -344,6 +403,9 @@ def _worker(out: str, model: str) -> None:
         return {k: v.clone() for k, v in (policy.engine_weights(torch.float64) or {}).items()}
 
     res: dict = {"world_size": ranks.size, "sharded": policy.sharded, "start": params()}
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.model.parameters()]
+    res["shard_bytes"] = sum(t.numel() * t.element_size() for t in local)  # this rank's share of the parameters
+    res["full_bytes"] = sum(p.numel() * p.element_size() for p in policy.model.parameters())
     samples = _samples()
     forwards["_stage"] = "rl"
     res["rl_metrics"] = policy.rl_update(samples)

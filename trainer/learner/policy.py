@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState, init_empty_weights
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.learner.config import ModelConfig, OptimConfig, uses_cpu
@@ -96,7 +97,7 @@ class Policy:
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.dtype: torch.dtype = getattr(torch, mcfg.dtype)  # the master weights and the loss (model.dtype)
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
+        model = _build_model(model_path, self.dtype, empty=self.sharded and not self.ranks.leader)
         self.save_dtype = save_dtype(mcfg.save_dtype, model_path)
         if mcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -291,8 +292,12 @@ class Policy:
         )
 
     def _sync_unless(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        """Gradient accumulation on several ranks: no gradient sync but at the step's last micro-batch."""
-        if last or not self.ranks.many:
+        """Gradient accumulation on several ranks. DDP: no gradient sync but at the step's last micro-batch (its
+        gradients are replicated anyway, and one all-reduce a step is cheapest). FSDP2: a reduce-scatter at every
+        micro-batch, so each rank holds only its shard of the gradient between micro-batches, accumulated in the
+        shard's float32 (`no_sync` there, `set_requires_gradient_sync(False)`, keeps every rank's whole unsharded
+        gradient across micro-batches, summed in the compute dtype: 16.4 GB a rank in bf16 for Qwen3-8B; issue 21)."""
+        if last or not self.ranks.many or self.sharded:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.model)
 
@@ -420,16 +425,52 @@ class Policy:
             set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state or {}, options=opts)
 
 
+def _build_model(model_path: str | Path, dtype: torch.dtype, *, empty: bool) -> torch.nn.Module:
+    """The model to train, in `dtype`. empty: a follower under FSDP, which accelerate fills from rank 0's weights
+    (`fsdp_plugin`'s cpu_ram_efficient_loading): built from the config with its parameters on the meta device
+    (no host memory; the non-persistent buffers, RoPE's inv_freq, stay real, as accelerate re-registers them),
+    where loading the checkpoint on every rank took 4 bytes a parameter of host memory on each (197 GB for
+    Qwen3-8B on 6 ranks) only for accelerate to move it to the meta device."""
+    if not empty:
+        return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+    config = AutoConfig.from_pretrained(str(model_path))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # init_empty_weights re-registers each parameter, which unties a tied LM head
+    return model
+
+
+def fsdp_plugin(mixed_precision: str) -> FullyShardedDataParallelPlugin:
+    """accelerate's FSDP plugin as the trainer runs it; the rest of its settings come from the launcher's FSDP_*
+    variables as accelerate reads them. Two settings are the trainer's own:
+    - gradients are reduced in float32 (`reduce_dtype`): accelerate's bf16 policy reduces in bf16, the parameters'
+      compute dtype, rounding every micro-batch's reduce-scatter before it is added to the float32 shard;
+    - cpu_ram_efficient_loading: rank 0 alone loads the checkpoint and the followers get their shards from it
+      (`_build_model` builds theirs empty)."""
+    version = os.environ.get("FSDP_VERSION", "2")
+    if version != "2":
+        raise ValueError(
+            f"FSDP_VERSION={version}: the trainer shards with FSDP2 only (fsdp_version: 2, as in "
+            "configs/accelerate/fsdp2.yaml)"
+        )
+    policy = None
+    if mixed_precision in ("bf16", "fp16"):
+        compute = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    return FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=policy, cpu_ram_efficient_loading=True)
+
+
 def _accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
     """accelerate's Accelerator for this rank. FSDP is asked for the way accelerate reads it (`accelerate launch`
-    with an FSDP config, or ACCELERATE_USE_FSDP=true and FSDP_* variables under torchrun); accelerate shards only
-    on accelerators, so on CPU ranks (gloo) its state is switched to FSDP here, and its own FSDP2 preparation then
-    runs as it would on GPUs: the path the CPU tests exercise."""
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    with an FSDP config, or ACCELERATE_USE_FSDP=true and FSDP_* variables under torchrun), with the trainer's
+    `fsdp_plugin`; accelerate shards only on accelerators, so on CPU ranks (gloo) its state is switched to FSDP
+    here, and its own FSDP2 preparation then runs as it would on GPUs: the path the CPU tests exercise."""
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp and acc.num_processes > 1 and acc.distributed_type == DistributedType.MULTI_CPU:
+    plugin = fsdp_plugin(mixed_precision) if fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=plugin)
+    if plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
         acc.state.distributed_type = DistributedType.FSDP
-        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        acc.state.fsdp_plugin = plugin
         # And in PartialState's shared state, as AcceleratorState.__init__ leaves it on GPUs: every AcceleratorState()
         # made later (AcceleratedOptimizer's, the Accelerator's own properties) copies PartialState's fields over its
         # own, so without this the state read MULTI_CPU again once the optimizer was prepared, `no_sync` was a no-op
