@@ -197,17 +197,30 @@ class Workload:
     """One micro-batch as `Policy.rl_update` runs it."""
 
     micro_batch: int
-    """B: sequences a forward/backward (optim.micro_batch_size)."""
+    """B: sequences a forward/backward (under optim.micro_batch_tokens: as many as the budget holds at T tokens)."""
     seq_len: int
     """T: tokens a row, padded (the longest of the micro-batch; at most rollout.max_context_tokens)."""
     kept: int
-    """K: positions whose logits are computed (the union over rows of the trained next tokens)."""
+    """K: positions the LM head sees (the union over rows of the trained next tokens)."""
     checkpointing: bool
     """model.gradient_checkpointing."""
     temperature_scaled: bool = False
-    """Sampling temperature != 1: `sequence_logprobs` divides each row's logits, a second float32 copy."""
+    """Sampling temperature != 1: the whole-logits path divides each row's logits, a second float32 copy."""
     feature_batch: int = 16
     """Sequences a `hidden_at` forward (`Policy.hidden_at`'s default batch)."""
+    trained: int = 0
+    """N: (row, position) pairs whose logprob the chunked head computes (0: B x K, every kept position of every
+    row)."""
+    chunk: int = 1024
+    """model.logprob_chunk: positions whose logits exist at once in the chunked head."""
+    head: str = "chunked"
+    """"chunked": `LogprobHead` (since issue 21); "full": the whole [B, K, V] logits, as the code did before."""
+    feature_tokens: int = 0
+    """Padded tokens a `hidden_at` forward (optim.micro_batch_tokens; 0: feature_batch x T)."""
+
+    @property
+    def pairs(self) -> int:
+        return self.trained or self.micro_batch * self.kept
 
 
 def layer_saved_per_token(s: ModelShape, r: int) -> int:
@@ -223,6 +236,11 @@ def layer_saved_per_token(s: ModelShape, r: int) -> int:
     return 2 * norm + linear_inputs + qk_norm + sdpa + mlp
 
 
+HEAD_PAIR_BYTES = 28
+"""Bytes the chunked head saves a (row, position) pair besides its hidden state: the float32 log-sum-exp, the int64
+target, and the two int64 index vectors of the pairs (gathering them and scattering the result back)."""
+
+
 def held_activations(s: ModelShape, w: Workload, r: int) -> dict[str, int]:
     """What one micro-batch's graph holds at the end of its forward, by part (bytes)."""
     B, T, K, V, H = w.micro_batch, w.seq_len, w.kept, s.vocab_size, s.hidden_size
@@ -231,60 +249,114 @@ def held_activations(s: ModelShape, w: Workload, r: int) -> dict[str, int]:
         "layers": layers,
         "final_norm": B * T * (4 * H + r * H + 4),
         "rope": 2 * T * s.head_dim * r,
-        "head_input": 2 * B * K * H,
-        "logits": 4 * B * K * V * (2 if w.temperature_scaled else 1),
     }
+    if w.head == "full":
+        out["head_input"] = 2 * B * K * H
+        out["logits"] = 4 * B * K * V * (2 if w.temperature_scaled else 1)
+    else:  # the hidden state at each computed pair, in the compute dtype, and a few scalars a pair
+        out["head_input"] = 2 * w.pairs * H
+        out["head_pairs"] = HEAD_PAIR_BYTES * w.pairs
     if r == 4:  # the bf16 weight casts the linears saved (checkpointed layers recast theirs in backward)
         out["weight_casts"] = 2 * (s.vocab_size * H if w.checkpointing else linear_numel(s))
     return out
 
 
+def head_transients(s: ModelShape, w: Workload) -> dict[str, int]:
+    """The chunked head's working memory above what it holds (bytes): in forward one chunk's bf16 logits and their
+    float32 upcast (6 bytes a logit); in backward the same chunk recomputed (its float32 softmax gradient, its bf16
+    cast and a contiguous copy of that cast's transpose for the weight's product: 10 bytes a logit), the weight's
+    gradient summed in float32 (4VH) beside one chunk's bf16 product (2VH; at the end its bf16 result instead), and
+    the hidden states' gradient (2NH). Fitted to `--check`'s measurements of the head alone (B = 1..8)."""
+    c, V, H = min(w.chunk, max(w.pairs, 1)), s.vocab_size, s.hidden_size
+    return {"forward": 6 * c * V, "backward": 6 * V * H + 10 * c * V + 2 * w.pairs * H}
+
+
+def fsdp2_buffers(s: ModelShape, n: int, w: Workload, fp32_reduce: bool = True) -> dict[str, int]:
+    """FSDP2's unsharded buffers live at each activation moment (bytes), from reading torch's FSDP2: the tail unit
+    (final norm + LM head; tied embeddings: the embedding too, one tensor) stays gathered in bf16 from the end of the
+    forward to the end of its backward (accelerate gives it reshard_after_forward=False); after the head's backward
+    its unsharded bf16 gradient is reduce-scattered, through a float32 copy when reducing in float32 (the trainer's
+    `fsdp_plugin`, issue 21) with a 1/n output, beside the hidden states' gradient; a recomputed decoder layer has
+    its bf16 parameters gathered, the next one prefetched, its bf16 gradient and that gradient's float32 copy for
+    the reduce-scatter. Before issue 21 the plan added one allowance (tail parameters and gradient, one layer) to
+    every moment."""
+    tail = s.hidden_size + s.vocab_size * s.hidden_size
+    layer = sum(numel(shape) for _, shape in layer_shapes(s))
+    red = 4 if fp32_reduce else 0
+    return {
+        "forward_end": 2 * tail,
+        "head_backward": 2 * tail,
+        "tail_reduce": 2 * tail + 2 * tail + red * tail + -(-4 * tail // n) + 2 * w.pairs * s.hidden_size,
+        "layer_recompute": 3 * 2 * layer + red * layer + -(-4 * layer // n),
+        "reference_forward": 2 * tail,
+        "optimizer_step": 0,
+    }
+
+
 def activation_peak(
-    s: ModelShape, w: Workload, r: int, n: int, kl_ref: bool, fp32_outputs: bool | None = None
+    s: ModelShape, w: Workload, r: int, n: int, kl_ref: bool, fp32_outputs: bool | None = None, fsdp: bool = False
 ) -> dict[str, int]:
-    """The activation moments of the module docstring (bytes above the states); "peak" is their maximum.
-    fp32_outputs: accelerate's forward wrapper converts the logits to float32 (default: r = 4; under FSDP2 accelerate
-    does not wrap the forward)."""
+    """The activation moments of the module docstring (bytes above the states); "peak" is their maximum, and
+    "peak_buffers" the FSDP2 buffers (`fsdp2_buffers`, when fsdp) included in it.
+    fp32_outputs (whole-logits head only): accelerate's forward wrapper converts the logits to float32 (default:
+    r = 4; under FSDP2 accelerate does not wrap the forward)."""
     if fp32_outputs is None:
         fp32_outputs = r == 4
     B, K, V = w.micro_batch, w.kept, s.vocab_size
     held = sum(held_activations(s, w, r).values())
+    casts = 2 * (linear_numel(s) - V * s.hidden_size) if r == 4 and w.checkpointing else 0
+    if w.head == "full":
+        forward_head = 2 * B * K * V  # the bf16 logits while their float32 copy is made
+        backward_head = 12 * B * K * V if fp32_outputs else max(12 * K * V, 4 * B * K * V)
+        logits_held = 4 * B * K * V
+    else:
+        ht = head_transients(s, w)
+        forward_head, backward_head, logits_held = ht["forward"], ht["backward"], 0
     moments = {
-        "forward_end": held
         # autocast's cache of bf16 weight casts lives until its block exits (without checkpointing: in `held`)
-        + (2 * (linear_numel(s) - V * s.hidden_size) if r == 4 and w.checkpointing else 0)
-        + 2 * B * K * V,  # no KV cache: the training forward passes use_cache=False (since d7e0a8d)
-        "head_backward": held + (12 * B * K * V if fp32_outputs else max(12 * K * V, 4 * B * K * V)),
+        "forward_end": held + casts + forward_head,  # no KV cache: use_cache=False (since d7e0a8d)
+        "head_backward": held + backward_head,
         "optimizer_step": 4 * sum(shard_numel(shape, n) for _, shape in param_shapes(s)),
     }
     if w.checkpointing:  # one layer recomputed: its saved tensors and (r = 4) its weights recast, the logits gone
         layer_w = sum(numel(shape) for name, shape in layer_shapes(s) if name.endswith("_proj.weight"))
         moments["layer_recompute"] = (
-            held - 4 * B * K * V + B * w.seq_len * layer_saved_per_token(s, r) + (2 * layer_w if r == 4 else 0)
+            held - logits_held + B * w.seq_len * layer_saved_per_token(s, r) + (2 * layer_w if r == 4 else 0)
         )
     if kl_ref:
-        moments["reference_forward"] = held + 2 * B * K * V  # its logits; no KV cache (use_cache=False)
-    moments["peak"] = max(moments.values())
+        moments["reference_forward"] = held + forward_head  # its logits; no KV cache (use_cache=False)
+    buffers = {k: 0 for k in moments}
+    if fsdp:
+        moments["tail_reduce"] = held
+        buffers = {k: v for k, v in fsdp2_buffers(s, n, w).items() if k in moments}
+        moments = {k: v + buffers[k] for k, v in moments.items()}
+    top = max(moments, key=lambda k: moments[k])
+    moments["peak"], moments["peak_buffers"] = moments[top], buffers[top]
     return moments
 
 
 def feature_forward(s: ModelShape, w: Workload, r: int) -> int:
     """`FeatureModel.hidden_at`'s transient for a copy with r-byte parameters (4: float32, 2: bf16), as the code runs
     it since d7e0a8d: the last hidden state only (taken from the final norm by a hook, r bytes) and no KV cache, of a
-    batch of `feature_batch` sequences of `seq_len` tokens, plus one layer's working set in its MLP (the norm's
-    output and its bf16 cast, then silu(gate), up and their product, bf16: (r + 2)H + 6I a token)."""
-    b, T, H = w.feature_batch, w.seq_len, s.hidden_size
-    return b * T * H * r + b * T * ((r + 2) * H + 6 * s.intermediate_size)
+    forward of `feature_tokens` padded tokens (feature_batch sequences of seq_len without a token budget), plus one
+    layer's working set in its MLP (the norm's output and its bf16 cast, then silu(gate), up and their product,
+    bf16: (r + 2)H + 6I a token)."""
+    tokens, H = w.feature_tokens or w.feature_batch * w.seq_len, s.hidden_size
+    return tokens * H * r + tokens * ((r + 2) * H + 6 * s.intermediate_size)
 
 
 def notes(s: ModelShape, w: Workload) -> dict[str, int]:
-    """Single terms of the plan that point at a change in the code (bytes, for workload `w`)."""
+    """Single terms of the plan that point at a change in the code (bytes, for workload `w`); the `*_before` ones are
+    what the code held before issue 21 at the same micro-batch."""
     B, T, K, V, L = w.micro_batch, w.seq_len, w.kept, s.vocab_size, s.num_layers
     b, H = w.feature_batch, s.hidden_size
     return {
-        "logits_held_fp32": 4 * B * K * V,
-        "head_backward_transient_prepared": 12 * B * K * V,
-        "head_backward_transient_fsdp2": max(12 * K * V, 4 * B * K * V),
+        "logits_held_fp32_before": 4 * B * K * V,
+        "head_backward_transient_prepared_before": 12 * B * K * V,
+        "head_backward_transient_fsdp2_before": max(12 * K * V, 4 * B * K * V),
+        "head_held_chunked": 2 * w.pairs * H + HEAD_PAIR_BYTES * w.pairs,
+        "head_backward_transient_chunked": head_transients(s, w)["backward"],
+        "unsharded_bf16_grads_no_sync_before": 2 * n_params(s),
         "training_kv_cache_keys_fp32": L * B * T * s.kv_dim * 4,
         "autocast_weight_casts": 2 * linear_numel(s),
         "feature_forward_fp32_copy": feature_forward(s, w, 4),
@@ -294,11 +366,17 @@ def notes(s: ModelShape, w: Workload) -> dict[str, int]:
     }
 
 
-def gather_allowance(s: ModelShape) -> int:
-    """FSDP2's unsharded bf16 buffers at the head: the tail unit's parameters and gradient, one prefetched layer."""
+def gather_allowance(s: ModelShape, n: int, fp32_reduce: bool = True) -> int:
+    """FSDP2's unsharded buffers at the head (bytes): the tail unit (final norm + LM head; with tied embeddings the
+    embedding too, one tensor) in bf16 and its unsharded bf16 gradient, one prefetched decoder layer; and, reducing
+    in float32 (the trainer's `fsdp_plugin`, issue 21), the float32 copy of the tail's gradient FSDP2 reduce-scatters
+    and its 1/n output."""
     tail = s.hidden_size + s.vocab_size * s.hidden_size
     layer = sum(numel(shape) for _, shape in layer_shapes(s))
-    return 2 * (2 * tail + layer)
+    out = 2 * (2 * tail + layer)
+    if fp32_reduce:
+        out += 4 * tail + -(-4 * tail // n)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -320,6 +398,10 @@ def states(s: ModelShape, n: int) -> dict[str, int]:
         "features_bf16": 2 * N,
         "engine_weights_host": 2 * N,
         "full_state_dict_host": 4 * N,
+        # start-up: rank 0 loads the checkpoint in float32 (the master dtype); followers under FSDP build on the meta
+        # device (issue 21; before, every rank loaded it: 4N each)
+        "startup_host_rank0": 4 * N,
+        "startup_host_follower": 0 if n > 1 else 4 * N,
     }
 
 
@@ -332,7 +414,7 @@ def plan(s: ModelShape, w: Workload, strategy: str, n: int, kl_ref: bool = False
     shard = n if strategy == "fsdp2" else 1
     r = 2 if strategy == "fsdp2" else 4
     st = states(s, shard)
-    act = activation_peak(s, w, r, shard, kl_ref)
+    act = activation_peak(s, w, r, shard, kl_ref, fsdp=strategy == "fsdp2")
     row: dict[str, Any] = {
         "model": s.name,
         "strategy": strategy,
@@ -340,16 +422,20 @@ def plan(s: ModelShape, w: Workload, strategy: str, n: int, kl_ref: bool = False
         "n_params": n_params(s),
         **{k: st[k] for k in ("params", "grads", "adam")},
         "ddp_buckets": 4 * n_params(s) if strategy == "ddp" else 0,
-        "gather": gather_allowance(s) if strategy == "fsdp2" else 0,
+        "gather": act["peak_buffers"],  # FSDP2's unsharded buffers at the peak moment (0 under DDP)
+        # FSDP2 reduce-scatters every micro-batch (issue 21): no unsharded gradient is held between micro-batches.
+        # Before, `no_sync` kept the whole model's bf16 gradient on every rank until the step's last one.
+        "unsharded_grads": 0,
         "activations": act,
         "held_activations": held_activations(s, w, r),
-        "activation_peak": act["peak"],
+        "activation_peak": act["peak"] - act["peak_buffers"],
         "reference": st["reference_replicated"] if kl_ref else 0,
         "features": st["features_bf16"] if strategy == "fsdp2" else st["features_replicated"],
         **{k: st[k] for k in st if k not in ("params", "grads", "adam")},
         "feature_forward": feature_forward(s, w, r),
     }
-    parts = ("params", "grads", "adam", "ddp_buckets", "gather", "activation_peak", "reference", "features")
+    parts = ("params", "grads", "adam", "ddp_buckets", "gather", "unsharded_grads", "activation_peak", "reference")
+    parts += ("features",)
     row["total"] = sum(row[k] for k in parts)
     row["worst"] = row["total"] + row["feature_forward"]
     row["fits"] = {gpu: row["total"] <= cap for gpu, cap in GPUS.items()}
@@ -357,22 +443,56 @@ def plan(s: ModelShape, w: Workload, strategy: str, n: int, kl_ref: bool = False
     return row
 
 
-def workload_from_config(path: Path, micro_batch: int | None = None, checkpointing: bool | None = None) -> Workload:
-    """The worst micro-batch a config allows: T = rollout.max_context_tokens, K = min(T - 1, B x max_turns x
-    max_new_tokens) (every row's trained tokens at different positions)."""
+def workload_from_config(
+    path: Path, micro_batch: int | None = None, checkpointing: bool | None = None, tokens: int | None = None
+) -> Workload:
+    """The worst micro-batch a config allows. T = rollout.max_context_tokens. Under a token budget
+    (optim.micro_batch_tokens, or `tokens`) B = the budget // T full-length rows (the padded tokens the layers see
+    are at most the budget whatever the rows) and the head's pairs N = min(budget, micro_batch_size x max_turns x
+    max_new_tokens), the most trained tokens any packing of the budget holds; without one B = optim.micro_batch_size
+    (or `micro_batch`). K = min(T - 1, B x max_turns x max_new_tokens) (every row's trained tokens at different
+    positions)."""
     from trainer.config import load_train_config
 
     cfg = load_train_config(path)
-    B = micro_batch or cfg.optim.micro_batch_size
+    budget = cfg.optim.micro_batch_tokens if tokens is None else tokens
     T = cfg.rollout.max_context_tokens
     trained = cfg.env.max_turns * cfg.rollout.max_new_tokens
+    if micro_batch is None and budget:
+        B = max(1, min(cfg.optim.micro_batch_size, budget // T))
+        pairs = min(budget, cfg.optim.micro_batch_size * trained)
+    else:
+        B = micro_batch or cfg.optim.micro_batch_size
+        pairs = 0
     return Workload(
         micro_batch=B,
         seq_len=T,
         kept=min(T - 1, B * trained),
         checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
         temperature_scaled=cfg.rollout.temperature not in (0.0, 1.0),
+        trained=pairs,
+        chunk=cfg.model.logprob_chunk,
+        feature_tokens=min(16 * T, budget) if budget else 0,
     )
+
+
+def before_issue_21(s: ModelShape, w: Workload, n: int) -> dict[str, Any]:
+    """Rank 0 under FSDP2 x n as the code was before issue 21, at micro-batches of 4 sequences (the shipped
+    config's count then): whole-logits head, `no_sync` holding the unsharded bf16 gradient, bf16 reduction, hidden_at
+    forwards of 16 full-length sequences."""
+    old = replace(w, micro_batch=4, kept=min(w.seq_len - 1, 4 * (w.kept // max(w.micro_batch, 1))), trained=0)
+    old = replace(old, head="full", feature_tokens=0)
+    row = plan(s, old, "fsdp2", n)
+    act = activation_peak(s, old, 2, n, kl_ref=False)  # the old plan: one allowance on top of the peak moment
+    row["activation_peak"] = act["peak"]
+    row["gather"] = gather_allowance(s, n, fp32_reduce=False)
+    row["unsharded_grads"] = 2 * n_params(s)
+    parts = ("params", "grads", "adam", "gather", "unsharded_grads", "activation_peak", "features")
+    row["total"] = sum(row[k] for k in parts)
+    row["worst"] = row["total"] + row["feature_forward"]
+    row["fits"] = {gpu: row["total"] <= cap for gpu, cap in GPUS.items()}
+    row["fits_worst"] = {gpu: row["worst"] <= cap for gpu, cap in GPUS.items()}
+    return row
 
 
 def gb(x: float) -> str:
@@ -386,7 +506,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ("grads (fp32)", "grads"),
         ("AdamW m+v (fp32)", "adam"),
         ("DDP grad buckets (fp32)", "ddp_buckets"),
-        ("FSDP2 gather (bf16)", "gather"),
+        ("FSDP2 buffers at the peak", "gather"),
+        ("unsharded grads (no_sync)", "unsharded_grads"),
         ("activation peak", "activation_peak"),
         ("feature copy, rank 0", "features"),
         ("= total, rank 0", "total"),
@@ -397,6 +518,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ("features fp32, if sharded", "features_sharded"),
         ("host, rank 0: engine weights", "engine_weights_host"),
         ("host, rank 0: fp32 full sd", "full_state_dict_host"),
+        ("host at start-up, rank 0", "startup_host_rank0"),
+        ("host at start-up, a follower", "startup_host_follower"),
     ]
     width = max(len(c) for c in cols) + 2
     print(f"{'GB per rank':30s}" + "".join(f"{c:>{width}s}" for c in cols))
@@ -510,8 +633,9 @@ def check_saved(model: Any, s: ModelShape, B: int, T: int, kept_from: int, r: in
     positions from `kept_from` on trained) against `held_activations` (parameters excluded, the bf16 casts kept)."""
     import torch
 
-    from trainer.learner.loss import sequence_logprobs
+    from trainer.learner.loss import install_logprob_head, sequence_logprobs
 
+    install_logprob_head(model)  # as the policy runs it (issue 21)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(11, s.vocab_size, (B, T), generator=g)
     att = torch.ones_like(ids)
@@ -604,7 +728,7 @@ def check_peaks(model_dir: Path, s: ModelShape) -> dict[str, Any]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from trainer.learner.config import ModelConfig, OptimConfig
-    from trainer.learner.loss import sequence_logprobs
+    from trainer.learner.loss import install_logprob_head, sequence_logprobs
     from trainer.learner.policy import FeatureModel, Policy
 
     out: dict[str, Any] = {}
@@ -660,9 +784,11 @@ def check_peaks(model_dir: Path, s: ModelShape) -> dict[str, Any]:
     )
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     out["head"] = []
-    for prepared in (True, False):
+    for head_kind, prepared in (("full", True), ("full", False), ("chunked", True), ("chunked", False)):
         torch.manual_seed(0)
         m = Qwen3ForCausalLM(cfg).train()
+        if head_kind == "chunked":
+            install_logprob_head(m)
         if prepared:
             m = acc.prepare_model(m)
         for B in (1, 2, 4, 8):
@@ -670,17 +796,18 @@ def check_peaks(model_dir: Path, s: ModelShape) -> dict[str, Any]:
 
             def forward(m: Any = m, ids: Any = ids) -> Any:
                 with acc.autocast():
-                    return sequence_logprobs(m, ids, torch.ones_like(ids), needed=torch.ones(ids.shape))
+                    return sequence_logprobs(m, ids, torch.ones_like(ids), needed=torch.ones(ids.shape), chunk=32)
 
             def forward_backward(forward: Callable[[], Any] = forward) -> None:
                 forward().sum().backward()
 
             forward_backward()  # gradients allocated, as from the second micro-batch on
             existing = [*m.parameters(), *m.buffers(), *(p.grad for p in m.parameters())]
-            w = Workload(micro_batch=B, seq_len=T2, kept=T2 - 1, checkpointing=False)
+            w = Workload(micro_batch=B, seq_len=T2, kept=T2 - 1, checkpointing=False, chunk=32, head=head_kind)
             act = activation_peak(head, w, 4, 1, False, fp32_outputs=prepared)
             out["head"].append(
                 {
+                    "head": head_kind,
                     "prepared": prepared,
                     "micro_batch": B,
                     "forward_measured": new_storage_peak(forward, iter(existing)),
@@ -772,7 +899,7 @@ def print_checks(c: dict[str, Any]) -> None:
     for key, v in c["peaks"].items():
         for row in v if isinstance(v, list) else [v]:
             figures = "  ".join(f"{k} {x:,}" for k, x in row.items() if isinstance(x, int) and not isinstance(x, bool))
-            label = f"{key} prepared={row['prepared']}" if "prepared" in row else key
+            label = f"{key} {row['head']} prepared={row['prepared']}" if "prepared" in row else key
             print(f"peak {label:23s} {figures}")
     rr = c["ref_rope"]
     print(f"KL reference inv_freq {rr['ref_inv_freq_dtype']}; |logprob gap| by position span {rr['spans']}:")
@@ -787,31 +914,36 @@ KNOB_COLUMNS = {
     "fsdp2x8": "FSDP2 x8, rank 0",
     "fsdp2x8_no_features": "FSDP2 x8, no feature copy (other ranks, or max_staleness 0)",
     "fsdp2x8_kl_ref": "FSDP2 x8, rank 0 + KL reference replicated",
+    "fsdp2x6_worst": "FSDP2 x6, rank 0 + a feature forward",
     "fsdp2x8_worst": "FSDP2 x8, rank 0 + a feature forward",
     "ddp": "DDP, rank 0",
 }
+BUDGETS = (32768, 16384, 8192)
+"""optim.micro_batch_tokens values the knob table shows."""
 
 
 def knob_rows(config: Path) -> list[dict[str, Any]]:
-    """What to switch on: per-rank totals by micro-batch size and gradient checkpointing, for both models."""
+    """What to switch on: per-rank totals by token budget a micro-batch and gradient checkpointing, for both models."""
     out = []
     for shape in (QWEN3_8B, QWEN3_14B):
         for ckpt in (True, False):
-            for B in (4, 2, 1):
-                w = workload_from_config(config, micro_batch=B, checkpointing=ckpt)
-                f4, f8 = plan(shape, w, "fsdp2", 4), plan(shape, w, "fsdp2", 8)
+            for budget in BUDGETS:
+                w = workload_from_config(config, checkpointing=ckpt, tokens=budget)
+                f4, f6, f8 = (plan(shape, w, "fsdp2", n) for n in (4, 6, 8))
                 out.append(
                     {
                         "model": shape.name,
                         "checkpointing": ckpt,
-                        "micro_batch": B,
-                        "kept": w.kept,
+                        "tokens": budget,
+                        "micro_batch": w.micro_batch,
+                        "pairs": w.pairs,
                         "act_peak": f8["activation_peak"],
                         "fsdp2x4": f4["total"],
-                        "fsdp2x6": plan(shape, w, "fsdp2", 6)["total"],
+                        "fsdp2x6": f6["total"],
                         "fsdp2x8": f8["total"],
                         "fsdp2x8_no_features": f8["total"] - f8["features"],
                         "fsdp2x8_kl_ref": plan(shape, w, "fsdp2", 8, kl_ref=True)["total"],
+                        "fsdp2x6_worst": f6["worst"],
                         "fsdp2x8_worst": f8["worst"],
                         "ddp": plan(shape, w, "ddp", 8)["total"],
                     }
@@ -821,9 +953,9 @@ def knob_rows(config: Path) -> list[dict[str, Any]]:
 
 def print_knobs(knobs: list[dict[str, Any]]) -> None:
     print("\nGB per rank; columns: " + "; ".join(f"{k} = {v}" for k, v in KNOB_COLUMNS.items()))
-    print(f"{'model':10s} {'ckpt':>5s} {'B':>2s} {'K':>5s}" + "".join(f"{k:>20s}" for k in KNOB_COLUMNS))
+    print(f"{'model':10s} {'ckpt':>5s} {'tokens':>6s} {'B':>2s}" + "".join(f"{k:>20s}" for k in KNOB_COLUMNS))
     for k in knobs:
-        head = f"{k['model']:10s} {k['checkpointing']!s:>5s} {k['micro_batch']:2d} {k['kept']:5d}"
+        head = f"{k['model']:10s} {k['checkpointing']!s:>5s} {k['tokens']:6d} {k['micro_batch']:2d}"
         print(head + "".join(f"{gb(k[c]):>20s}" for c in KNOB_COLUMNS))
 
 
@@ -848,6 +980,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"workload ({args.config.name}): {asdict(base)}")
     print_table(rows)
+    before = {
+        f"{shape.name} fsdp2x{n}": before_issue_21(shape, base, n) for shape, n in ((QWEN3_8B, 6), (QWEN3_14B, 8))
+    }
+    print("\nrank 0, GB: before issue 21 (4 sequences a micro-batch, whole logits, no_sync) -> now (worst = + a "
+          "feature forward)")  # fmt: skip
+    for (name, old), new in zip(before.items(), (rows[1], rows[6]), strict=True):
+        print(
+            f"  {name}: total {gb(old['total'])} -> {gb(new['total'])}, worst {gb(old['worst'])} -> {gb(new['worst'])}"
+            f"; fits an H100 in the worst case: {old['fits_worst']['H100']} -> {new['fits_worst']['H100']}"
+        )
     # What to switch on: the activation peak of one micro-batch, by micro-batch size and checkpointing.
     knobs = knob_rows(args.config)
     print_knobs(knobs)
@@ -865,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{shape.name}: a layer saves {per_token[4]:,} bytes a token (float32 parameters), {per_token[2]:,} (bf16)"
         )
     result: dict[str, Any] = {"workload": asdict(base), "gpus_bytes": GPUS, "plan": rows, "knobs": knobs}
+    result["before_issue_21"] = before
     result["notes"] = found
     if args.check:
         if args.tiny_dir is not None:

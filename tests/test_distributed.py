@@ -47,6 +47,29 @@ def test_token_shares_balance_tokens_and_cover_every_item_once() -> None:
     assert [micro_batches(n, 4) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
 
 
+def test_token_budget_micro_batches_bound_padded_tokens_and_match_counts_across_ranks() -> None:
+    """Issue 21: micro-batches by a padded-token budget (rows x longest <= budget, at most `rows` rows), every item
+    once, a too-long item alone; every rank runs the plan's count (the most any rank has)."""
+    from trainer.learner.distributed import micro_batch_plan, pack_micro_batches
+
+    lengths = [900, 100, 120, 130, 400, 410, 2000, 50, 60, 70, 80, 300]
+    share = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = pack_micro_batches(lengths, share, rows=64, tokens=1000)
+    assert [i for b in batches for i in b] == share, "in order, each item once"
+    for b in batches:
+        padded = len(b) * max(lengths[i] for i in b)
+        assert padded <= 1000 or len(b) == 1, (b, padded)
+    assert [len(b) for b in batches] == [7, 2, 1, 1, 1], batches  # 50..130 (7 x 130), 300 + 400, 410, 900, 2000
+    assert [lengths[i] for i in batches[-1]] == [2000], "longer than the budget: alone"
+    assert pack_micro_batches(lengths, share, rows=3) == [share[k : k + 3] for k in range(0, len(share), 3)]
+    assert pack_micro_batches(lengths, share, rows=2, tokens=1000)[0] == share[:2], "both limits hold"
+    assert pack_micro_batches(lengths, [], rows=4, tokens=10) == []
+    plan, n_mb = micro_batch_plan(lengths, 2, rows=64, tokens=1000)
+    assert sorted(i for p in plan for b in p for i in b) == list(range(len(lengths)))
+    assert n_mb == max(len(p) for p in plan) and n_mb >= 2
+    assert micro_batch_plan([], 3, rows=4, tokens=100) == ([[], [], []], 0)
+
+
 def test_engines_get_gpus_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 13: launched SGLang servers all landed on GPU 0, beside the training ranks. engine.gpus gives each
     server its slice (its CUDA_VISIBLE_DEVICES) and GPUs a training rank uses are refused."""

@@ -7,7 +7,9 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from trainer.learner.config import ModelConfig, OptimConfig
-from trainer.learner.loss import policy_loss, sequence_logprobs
+import copy
+
+from trainer.learner.loss import LogprobHead, install_logprob_head, policy_loss, sequence_logprobs
 from trainer.learner.policy import Policy
 from trainer.learner.samples import TrainSample
 
@@ -135,6 +137,94 @@ def test_sequence_logprobs_needed_matches_full_and_keeps_gradients(tiny_config):
     assert (nothing == 0).all() and nothing.requires_grad
 
 
+def _head_and_reference(config, dtype=torch.float64, tied=False):
+    cfg = copy.deepcopy(config)
+    cfg.tie_word_embeddings = tied
+    ref = tiny_model(cfg).to(dtype)
+    chunked = copy.deepcopy(ref)
+    install_logprob_head(chunked)
+    assert isinstance(chunked.lm_head, LogprobHead) and not isinstance(ref.lm_head, LogprobHead)
+    assert (chunked.lm_head.weight is chunked.model.embed_tokens.weight) is tied
+    return ref, chunked
+
+
+def _grads(model, out):
+    return torch.autograd.grad(out, list(model.parameters()))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4096], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_chunked_head_equals_the_full_logits(tiny_config, chunk, tied):
+    """Issue 21: the LogprobHead's chunked logprobs, with the logits recomputed in backward, equal the whole-logits
+    computation (float64: values and every parameter's gradient to 1e-12), with and without `needed`, at a sampling
+    temperature, whatever the chunk (1 row, a chunk that does not divide the rows, one chunk for all)."""
+    ref, chunked = _head_and_reference(tiny_config, tied=tied)
+    torch.manual_seed(5)
+    ids = torch.randint(0, 64, (3, 13))
+    am = torch.ones_like(ids)
+    am[1, 9:] = 0
+    needed = torch.zeros(3, 13, dtype=torch.float64)
+    needed[0, 4:9] = 1
+    needed[1, 7:13] = 1  # partly padding
+    needed[2, 1] = 1
+    upstream = torch.randn(3, 13, dtype=torch.float64)  # an arbitrary gradient, not just ones
+    for kwargs in ({}, {"needed": needed}, {"needed": needed, "temperature": 0.7}):
+        a = sequence_logprobs(ref, ids, am, **kwargs)
+        b = sequence_logprobs(chunked, ids, am, chunk=chunk, **kwargs)
+        assert a.shape == b.shape == (3, 13) and b.dtype == torch.float64
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), (kwargs, (a - b).abs().max())
+        assert (b[:, 0] == 0).all() and (b[1, 9:] == 0).all()
+        ga, gb = _grads(ref, (a * upstream).sum()), _grads(chunked, (b * upstream).sum())
+        for x, y in zip(ga, gb, strict=True):
+            assert torch.allclose(x, y, rtol=0, atol=1e-12), (kwargs, (x - y).abs().max())
+    nothing = sequence_logprobs(chunked, ids, am, needed=torch.zeros(3, 13), chunk=chunk)
+    assert (nothing == 0).all() and nothing.requires_grad
+    with torch.no_grad():  # outside sequence_logprobs the head is the Linear it was: logits
+        assert torch.equal(chunked(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_chunked_head_under_bf16_autocast_matches_autocast_logits(tiny_config):
+    """Under bf16 autocast the head multiplies in bf16 and upcasts each chunk's logits, as autocast's Linear and the
+    full path do: the same logprobs to float32 rounding, and gradients within bf16's rounding of the same sum."""
+    ref, chunked = _head_and_reference(tiny_config, dtype=torch.float32)
+    torch.manual_seed(6)
+    ids = torch.randint(0, 64, (2, 17))
+    am = torch.ones_like(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = sequence_logprobs(ref, ids, am)
+        b = sequence_logprobs(chunked, ids, am, chunk=5)
+    assert a.dtype == b.dtype == torch.float32
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max(), (a - b).abs().max()
+    ga, gb = _grads(ref, a.sum()), _grads(chunked, b.sum())
+    for x, y in zip(ga, gb, strict=True):
+        assert (x - y).norm() <= 2e-2 * x.norm() + 1e-12, ((x - y).norm(), x.norm())
+
+
+def test_chunked_head_holds_no_logits_for_backward(tiny_config):
+    """What the chunked path saves for backward has no [positions x vocabulary] tensor larger than one chunk, where
+    the full path saves the whole logits (counted with autograd's saved-tensor hooks)."""
+    cfg = copy.deepcopy(tiny_config)
+    cfg.vocab_size = 4096  # the vocabulary dominates, as in Qwen3
+    ref, chunked = _head_and_reference(cfg, dtype=torch.float32)
+    ids = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+
+    def largest_saved(model, **kw):
+        sizes = []
+
+        def pack(t):
+            if t.dim() >= 1 and t.shape[-1] == cfg.vocab_size and t.dtype.is_floating_point:
+                sizes.append(t.numel() // cfg.vocab_size)  # rows of vocabulary-wide values
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sequence_logprobs(model, ids, am, **kw).sum()
+        return sum(sizes)  # rows of logits (or their softmax) kept, over every saved tensor
+
+    assert largest_saved(ref) >= 4 * 63, "the full path keeps every position's logits"  # (and each row's softmax)
+    assert largest_saved(chunked, chunk=16) == 0, "the chunked path keeps no logits at all"
+
+
 def one_step(config, ids, mask, adv_value, adv_masked=0.0):
     model = tiny_model(config)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -215,3 +305,42 @@ def test_loss_aggregation_weighs_a_long_failure(tiny_model, agg):
 def test_unknown_loss_aggregation_is_a_clear_error():
     with pytest.raises(ValueError, match="loss_agg"):
         OptimConfig(loss_agg="sum")
+
+
+def test_token_budget_micro_batches_give_the_same_update(tiny_model):
+    """Issue 21: micro-batches formed by a padded-token budget (optim.micro_batch_tokens) accumulate to the same
+    optimizer step as micro-batches of a fixed count, and as one batch of everything (float64, relative to how far
+    the update moved): the loss of each micro-batch is its share of the step's weighted tokens, however cut."""
+    import random
+
+    rng = random.Random(0)
+    samples = []
+    for k, n in enumerate([12, 40, 7, 33, 25, 9, 18, 60]):
+        s = _sample([rng.randrange(11, 2000) for _ in range(n)], trained=n // 2, adv=rng.choice([-1.0, 1.0]))
+        s.engine_logprobs = [-3.0] * n
+        samples.append(s)
+
+    def update(**optim):
+        policy = Policy(tiny_model, ModelConfig(device="cpu", dtype="float64"), OptimConfig(lr=1e-3, **optim))
+        start = {k: v.clone() for k, v in policy.model.state_dict().items()}
+        metrics = policy.rl_update(samples)
+        return start, policy.model.state_dict(), metrics
+
+    start, whole, m_whole = update(micro_batch_size=64)
+    _, counted, _ = update(micro_batch_size=3)
+    _, budget, m_budget = update(micro_batch_size=64, micro_batch_tokens=80)  # 1-6 rows each
+    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole)
+    assert moved > 1e-4
+    for other in (counted, budget):
+        assert max(float((whole[k] - other[k]).abs().max()) for k in whole) <= 1e-9 * moved
+    assert m_budget["loss"] == pytest.approx(m_whole["loss"], rel=1e-9)
+    assert m_budget["trained_tokens"] == m_whole["trained_tokens"] == sum(len(s) // 2 for s in samples)
+
+
+def test_token_budget_below_the_context_is_refused():
+    from trainer.config import load_train_config
+
+    with pytest.raises(ValueError, match="micro_batch_tokens=512 is below rollout.max_context_tokens"):
+        load_train_config(sets=["optim.micro_batch_tokens=512", "rollout.max_context_tokens=1024"])
+    with pytest.raises(ValueError, match="micro_batch_tokens >= 0"):
+        OptimConfig(micro_batch_tokens=-1)

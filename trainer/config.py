@@ -226,6 +226,12 @@ class TrainConfig:
             raise ValueError(f"run.max_staleness must be >= 0, got {self.run.max_staleness}")
         if self.rollout.max_new_tokens + self.rollout.min_turn_tokens > self.rollout.max_context_tokens:
             raise ValueError("rollout.max_context_tokens must exceed max_new_tokens + min_turn_tokens")
+        if 0 < self.optim.micro_batch_tokens < self.rollout.max_context_tokens:
+            raise ValueError(
+                f"optim.micro_batch_tokens={self.optim.micro_batch_tokens} is below rollout.max_context_tokens="
+                f"{self.rollout.max_context_tokens}: a full-length sample would exceed the memory budget; raise it (or "
+                "0 = micro-batches of optim.micro_batch_size sequences)"
+            )
         return self
 
     def _check_leaf_budget(self) -> None:

@@ -30,6 +30,10 @@ class ModelConfig:
     mixed_precision: str = "auto"
     """accelerate's mixed precision: "auto" (bf16 on CUDA, no on CPU), "no", "bf16", "fp16"."""
     gradient_checkpointing: bool = False
+    logprob_chunk: int = 1024
+    """Positions whose full-vocabulary logits exist at once when the policy takes token logprobs: its LM head
+    (`trainer.learner.loss.LogprobHead`) computes them chunk by chunk and recomputes each chunk in backward, never
+    the whole [tokens x vocabulary] matrix (Qwen3's 151,936 columns: ~1.9 GB of transient at 1,024 positions)."""
     save_dtype: str = "auto"
     """dtype of the weights written for the engines: "auto" = the dtype the model was stored in (its config.json's
     `dtype`: bfloat16 for Qwen3, float32 for the tiny model), or "bfloat16", "float16", "float32". The policy trains
@@ -38,6 +42,8 @@ class ModelConfig:
     def __post_init__(self) -> None:  # a section's own check, run however the section is built
         if self.dtype not in TRAIN_DTYPES:
             raise ValueError(f"model.dtype must be one of {TRAIN_DTYPES}, got {self.dtype!r}")
+        if self.logprob_chunk < 1:
+            raise ValueError(f"model.logprob_chunk must be >= 1 (positions a chunk), got {self.logprob_chunk}")
 
 
 LOSS_AGG = ("token-mean", "seq-mean-token-mean")
@@ -52,7 +58,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 8
-    """Sequences per forward/backward; gradients accumulate over the step's samples."""
+    """At most this many sequences a forward/backward; gradients accumulate over the step's samples."""
+    micro_batch_tokens: int = 0
+    """At most this many padded tokens (sequences x the longest of them) a forward/backward on a rank, as verl's
+    dynamic batch size: a rank's share, sorted by length, is packed greedily under both limits, so a micro-batch
+    of short sequences holds many and a long one few; every rank still runs the same number of micro-batches.
+    0 = count sequences only. Activation memory follows this budget, not the sequence count: set it, and a large
+    micro_batch_size, for long multi-turn contexts (configs/qwen3-8b-hotpotqa.toml; a sequence longer than the
+    budget trains alone)."""
     clip_eps: float = 0.2
     clip_eps_high: float | None = 0.28
     """Asymmetric upper clip (DAPO's clip-higher); None = clip_eps."""
@@ -73,6 +86,11 @@ class OptimConfig:
     1 / n(y) tree weights within each sample either way (the logged policy_tokens is then the scaled sum)."""
 
     def __post_init__(self) -> None:  # a section's own check, run however the section is built
+        if self.micro_batch_size < 1 or self.micro_batch_tokens < 0:
+            raise ValueError(
+                f"optim.micro_batch_size must be >= 1 and optim.micro_batch_tokens >= 0 (0 = no token budget), got "
+                f"{self.micro_batch_size} and {self.micro_batch_tokens}"
+            )
         if self.loss_agg not in LOSS_AGG:
             raise ValueError(f"optim.loss_agg must be one of {LOSS_AGG}, got {self.loss_agg!r}")
 

@@ -158,6 +158,35 @@ def micro_batches(count: int, micro_batch_size: int) -> int:
     return -(-count // micro_batch_size)
 
 
+def pack_micro_batches(lengths: Sequence[int], share: Sequence[int], rows: int, tokens: int = 0) -> list[list[int]]:
+    """One rank's share (indices into `lengths`, in ascending order of length, as `token_shares` gives them) cut into
+    micro-batches, in order: at most `rows` items each and, when `tokens` > 0, at most `tokens` padded tokens
+    (items x the longest item: what a right-padded forward computes). An item longer than `tokens` makes a
+    micro-batch of its own."""
+    assert rows >= 1 and tokens >= 0, (rows, tokens)
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in share:
+        longest = max([lengths[j] for j in cur] + [lengths[i]])
+        if cur and (len(cur) >= rows or (tokens and (len(cur) + 1) * longest > tokens)):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def micro_batch_plan(
+    lengths: Sequence[int], size: int, rows: int, tokens: int = 0
+) -> tuple[list[list[list[int]]], int]:
+    """For each of `size` ranks, its micro-batches (`pack_micro_batches` of its `token_shares` share), and the number
+    every rank runs: the most any rank has (the others pad with blank ones, so every rank joins every gradient
+    reduction). tokens = 0: micro-batches of `rows` items, as `balanced_shares`."""
+    plan = [pack_micro_batches(lengths, sh, rows, tokens) for sh in token_shares(lengths, size)]
+    return plan, max((len(p) for p in plan), default=0)
+
+
 def follow(ranks: Ranks) -> None:
     """A follower's life: build the policy rank 0 builds, join its collective calls, return at `stop`."""
     from trainer.learner.policy import Policy  # imports torch models: only once the process knows it follows

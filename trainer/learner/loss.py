@@ -21,6 +21,11 @@ secretly brings you off-policy RL training"). It multiplies the PPO term only, n
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -119,24 +124,33 @@ def policy_loss(
     return loss, metrics
 
 
+LOGPROB_CHUNK = 1024
+"""Default positions a chunk of `LogprobHead`: the most rows whose full-vocabulary logits exist at once."""
+
+
 def sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     temperature: float = 1.0,
     needed: Tensor | None = None,
+    chunk: int = LOGPROB_CHUNK,
 ) -> Tensor:
     """out[b, t] = log p(input_ids[b, t] | input_ids[b, :t]) under `model` (logits / temperature), for t >= 1;
     0.0 at t = 0 and at padding. [B, T] float32 (float64 for a float64 model), with grad when the model has it. Rows
     must be right-padded.
 
-    needed: optional [B, T] mask of the tokens whose logprob the caller uses (the loss mask). The vocabulary
-    projection is then computed only at the positions some row needs (`logits_to_keep`, the union over rows),
-    and out is 0.0 at the other positions: the same values where needed, at a fraction of the cost when the
+    needed: optional [B, T] mask of the tokens whose logprob the caller uses (the loss mask). The model's last hidden
+    state goes to the vocabulary projection only at the positions some row needs (`logits_to_keep`, the union over
+    rows), and out is 0.0 at the other positions: the same values where needed, at a fraction of the cost when the
     trained tokens are a small share of the sequence (agent turns between long observations).
 
-    The log-softmax is taken one row at a time in that dtype, so at most one row's [T, V] upcast logits exist
-    besides the model's own output."""
+    With a `LogprobHead` installed (`install_logprob_head`; the trainer's policy has one) the [positions x
+    vocabulary] logits are never formed whole: the head computes each needed (row, position)'s logprob in chunks of
+    `chunk` positions and recomputes the chunk's logits in backward (`token_logprobs`), so what a micro-batch holds
+    for backward is its last hidden state at the needed positions plus one float a position, and the transient is
+    one chunk's logits. Without one (any other model) the logits are computed whole and each row's log-softmax
+    taken in turn: the reference the chunked path is tested against (tests/test_loss.py)."""
     assert input_ids.shape == attention_mask.shape and input_ids.ndim == 2, (
         f"input_ids {tuple(input_ids.shape)} vs attention_mask {tuple(attention_mask.shape)}"
     )
@@ -149,6 +163,10 @@ def sequence_logprobs(
     # causal fast path (~15% faster a step on the tiny model). Padding positions are zeroed below.
     if needed is not None:
         assert needed.shape == input_ids.shape, f"needed {tuple(needed.shape)} vs input_ids {tuple(input_ids.shape)}"
+    base = getattr(model, "module", model)  # DDP's wrapper
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if isinstance(head, LogprobHead):
+        return _head_logprobs(model, input_ids, am, temperature, needed, chunk)
     if needed is not None and T >= 2:
         # Position p's logits predict token p + 1: keep p where any row needs token p + 1 (at least one, so the
         # output keeps a graph even when nothing is needed).
@@ -176,4 +194,144 @@ def sequence_logprobs(
         full = lp.new_zeros(B, T)
         lp = full.index_copy(1, cols, lp)
     out = lp * am.to(lp.dtype)
-    return out if needed is None else out * needed.to(out.dtype)
+    return out if needed is None else out * needed.bool().to(out.dtype)
+
+
+def _head_logprobs(
+    model: nn.Module, input_ids: Tensor, am: Tensor, temperature: float, needed: Tensor | None, chunk: int
+) -> Tensor:
+    """`sequence_logprobs` through the model's `LogprobHead`: the head returns [B, K] logprobs as the output's
+    `logits`, computed at the (row, kept position) pairs whose next token is needed and real."""
+    B, T = input_ids.shape
+    want = am[:, 1:].bool() if needed is None else needed[:, 1:].bool() & am[:, 1:].bool()  # [B, T-1]
+    keep = want.any(0).nonzero().squeeze(-1) if T >= 2 else want.new_zeros(0, dtype=torch.long)
+    if keep.numel() == 0:  # nothing needed: one position, no pair computed, so the output still has a graph
+        keep = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        pairs = torch.zeros(B, 1, dtype=torch.bool, device=input_ids.device)
+        targets = input_ids[:, :1]
+    else:
+        pairs, targets = want[:, keep], input_ids[:, keep + 1]
+    with _head_request(_HeadRequest(targets, pairs, temperature, chunk)):
+        lp = model(input_ids=input_ids, logits_to_keep=keep, use_cache=False).logits  # [B, K]
+    assert lp.shape == (B, keep.numel()), f"the LogprobHead returned {tuple(lp.shape)}, not [B, K]"
+    out = lp.new_zeros(B, T).index_copy(1, keep + 1, lp) if T >= 2 else lp.new_zeros(B, T) + 0 * lp.sum()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the chunked head
+@dataclass
+class _HeadRequest:
+    targets: Tensor  # [B, K] token ids whose logprob is wanted at each kept position
+    pairs: Tensor  # [B, K] bool: which (row, position) to compute (the others are 0.0)
+    temperature: float
+    chunk: int
+
+
+_REQUEST = threading.local()
+
+
+@contextlib.contextmanager
+def _head_request(req: _HeadRequest) -> Iterator[None]:
+    """While active on this thread, a `LogprobHead`'s forward returns logprobs for `req` instead of logits."""
+    prev = getattr(_REQUEST, "value", None)
+    _REQUEST.value = req
+    try:
+        yield
+    finally:
+        _REQUEST.value = prev
+
+
+class LogprobHead(nn.Linear):
+    """The model's LM head (a bias-free `nn.Linear`, the same parameter: tied weights stay tied), which, inside
+    `sequence_logprobs`, returns the logprobs of given tokens instead of the logits: [B, K] from hidden [B, K, H],
+    through `token_logprobs`. Any other call (generation, `logits_to_keep=1` feature forwards) gets the logits, as
+    from the Linear it replaced. The logprobs are computed inside the head's own forward so that under FSDP2 they
+    run where the head's weight is gathered, and its gradient reaches the weight as a Linear's would."""
+
+    def forward(self, hidden: Tensor) -> Tensor:  # type: ignore[override]
+        req: _HeadRequest | None = getattr(_REQUEST, "value", None)
+        if req is None:
+            return super().forward(hidden)
+        return token_logprobs(hidden, self.weight, req.targets, req.pairs, req.temperature, req.chunk)
+
+
+def install_logprob_head(model: nn.Module) -> None:
+    """Make `model`'s output embedding (a bias-free nn.Linear, as in Qwen3ForCausalLM) a `LogprobHead`, in place
+    (before accelerate prepares the model: FSDP2 then wraps this class). Idempotent."""
+    head = model.get_output_embeddings()
+    if isinstance(head, LogprobHead):
+        return
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise TypeError(f"the LM head is {type(head).__name__} (bias {head.bias is not None}): a bias-free nn.Linear")
+    head.__class__ = LogprobHead
+
+
+def token_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, pairs: Tensor, temperature: float = 1.0, chunk: int = 1024
+) -> Tensor:
+    """log softmax(hidden @ weight.T / temperature)[targets] at the (b, k) where `pairs` is true, 0.0 elsewhere:
+    [B, K] float32 (float64 for float64 inputs) from hidden [B, K, H], weight [V, H], targets [B, K].
+
+    The matrix products run in the compute dtype (autocast's when it is on, as a Linear under autocast; else the
+    weight's) and each chunk's logits are upcast before the log-softmax, as the unchunked path does. Only `chunk`
+    rows of logits exist at a time, in forward and in backward, which recomputes them (the weight's gradient is
+    summed over chunks in float32 at least)."""
+    assert chunk >= 1, f"chunk={chunk}"
+    dev = hidden.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    where = pairs.nonzero(as_tuple=True)
+    h = hidden[where].to(compute)
+    w = weight.to(compute)
+    with torch.autocast(dev, enabled=False):
+        lp = _TokenLogprobs.apply(h, w, targets[where], float(temperature), int(chunk))
+    out = lp.new_zeros(pairs.shape)
+    return out.index_put(where, lp)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """[N] logprobs of targets [N] under logits = h [N, H] @ w[V, H].T / temperature, chunk rows at a time; saves
+    h, w, the targets and each row's log-sum-exp, and recomputes the logits in backward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, temperature: float, chunk: int) -> Tensor:  # type: ignore[override]
+        acc = torch.promote_types(h.dtype, torch.float32)
+        n = h.shape[0]
+        lp = h.new_empty(n, dtype=acc)
+        lse = h.new_empty(n, dtype=acc)
+        for s in range(0, n, chunk):
+            logits = _chunk_logits(h[s : s + chunk], w, acc, temperature)
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            lp[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+            del logits
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        h, w, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        acc = lse.dtype
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], ctx.chunk):
+                e = s + ctx.chunk
+                g = grad[s:e].to(acc)
+                # d lp / d logits = onehot(target) - softmax(logits); times the incoming gradient, / temperature
+                gl = (_chunk_logits(h[s:e], w, acc, ctx.temperature) - lse[s:e, None]).exp_().mul_(-g[:, None])
+                gl.scatter_add_(1, targets[s:e, None], g[:, None])
+                if ctx.temperature != 1.0:
+                    gl.div_(ctx.temperature)
+                gl = gl.to(h.dtype)
+                if grad_h is not None:
+                    grad_h[s:e] = gl @ w
+                if grad_w is not None:
+                    grad_w += (gl.T @ h[s:e]).to(acc)
+                del gl
+        return grad_h, None if grad_w is None else grad_w.to(w.dtype), None, None, None
+
+
+def _chunk_logits(h: Tensor, w: Tensor, acc: torch.dtype, temperature: float) -> Tensor:
+    logits = (h @ w.T).to(acc)
+    return logits.div_(temperature) if temperature != 1.0 else logits

@@ -4,9 +4,12 @@ weight export for the engine.
 
 accelerate owns device placement, mixed precision, DDP/FSDP and gradient accumulation, so the same
 code runs on a laptop CPU (fp32) and under `accelerate launch` on GPUs (bf16). Gradients are
-accumulated over the whole step's samples (micro-batches of `micro_batch_size` sequences) and the
-loss of each micro-batch is scaled by its share of the step's weighted tokens, so one optimizer
-step sees the token-mean loss over everything sampled, whatever the batching.
+accumulated over the whole step's samples (micro-batches of at most `optim.micro_batch_size` sequences
+and `optim.micro_batch_tokens` padded tokens) and the loss of each micro-batch is scaled by its share of
+the step's weighted tokens, so one optimizer step sees the token-mean loss over everything sampled,
+whatever the batching. Under FSDP2 each micro-batch's gradient is reduce-scattered in float32 into the
+rank's shard (no unsharded gradient is kept between micro-batches); token logprobs come from the LM head
+in chunks (`trainer.learner.loss.LogprobHead`), never as the whole logits matrix.
 
 A `threading.Lock` guards the weights: the update, saves and `hidden_at` hold it, and so does `FeatureModel.sync`,
 which copies the weights into the frozen copy that computes the next step's rollout features on a thread of its
@@ -37,8 +40,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.learner.config import ModelConfig, OptimConfig, uses_cpu
-from trainer.learner.distributed import Ranks, balanced_shares, current
-from trainer.learner.loss import policy_loss, sequence_logprobs
+from trainer.learner.distributed import Ranks, current, micro_batch_plan
+from trainer.learner.loss import install_logprob_head, policy_loss, sequence_logprobs
 from trainer.learner.samples import TrainSample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -98,6 +101,8 @@ class Policy:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.dtype: torch.dtype = getattr(torch, mcfg.dtype)  # the master weights and the loss (model.dtype)
         model = _build_model(model_path, self.dtype, empty=self.sharded and not self.ranks.leader)
+        install_logprob_head(model)  # token logprobs in chunks, never the whole logits matrix (issue 21)
+        self.chunk = mcfg.logprob_chunk
         self.save_dtype = save_dtype(mcfg.save_dtype, model_path)
         if mcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -123,6 +128,7 @@ class Policy:
                 ref = copy.deepcopy(self.accelerator.unwrap_model(self.model))
             else:
                 ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=self.dtype).to(self.device)
+                install_logprob_head(ref)
             if mp == "bf16":  # it only runs forward under autocast: half the memory of an fp32 copy
                 for p in ref.parameters():  # parameters only: RoPE's inv_freq buffer stays float32, as in the policy
                     p.data = p.data.to(torch.bfloat16)
@@ -155,45 +161,50 @@ class Policy:
         self, seqs: Sequence[list[int]] | None = None, positions: Sequence[list[int]] | None = None, batch: int = 16
     ) -> list[torch.Tensor]:
         """Last-layer hidden state at each given position of each sequence: one [len(pos_i), H] float32
-        tensor per sequence (CPU). One forward per sequence, batched; no gradient. Rank 0 alone computes them on
-        its whole model (one rank, DDP); under FSDP every rank computes a token-balanced share of the sequences,
-        with the same number of forwards, and rank 0 gathers them (the followers get [])."""
+        tensor per sequence (CPU). One forward per sequence, batched by length under the update's limits (at most
+        `batch` sequences and optim.micro_batch_tokens padded tokens a forward); no gradient. Rank 0 alone computes
+        them on its whole model (one rank, DDP); under FSDP every rank computes a token-balanced share of the
+        sequences, with the same number of forwards, and rank 0 gathers them (the followers get [])."""
         if not self.sharded:
             assert seqs is not None and positions is not None
             with self.lock:
                 model = self.accelerator.unwrap_model(self.model)  # not DDP's forward: it would sync buffers
                 model.eval()
                 try:
-                    return _hidden_states(model, self.accelerator, self.pad_id, seqs, positions, batch)
+                    tokens = self.ocfg.micro_batch_tokens
+                    forwards = micro_batch_plan([len(s) for s in seqs], 1, batch, tokens)[0][0]  # rank 0's alone
+                    return _hidden_states(model, self.accelerator, self.pad_id, seqs, positions, forwards)
                 finally:
                     model.train()
         self.ranks.announce("hidden_at", batch=batch)
         parts = None
         if self.ranks.leader:
             assert seqs is not None and positions is not None
-            shares, forwards = balanced_shares([len(s) for s in seqs], self.ranks.size, batch)
-            parts = [([seqs[i] for i in sh], [positions[i] for i in sh], forwards) for sh in shares]
-        my_seqs, my_pos, forwards = self.ranks.scatter(parts)
-        pad = forwards * batch - len(my_seqs)  # the same number of forwards (all-gathers) on every rank
+            plan, n_fw = self._micro_batch_plan([len(s) for s in seqs], rows=batch)
+            parts = [
+                ([[seqs[i] for i in b] for b in fws], [[positions[i] for i in b] for b in fws], n_fw) for fws in plan
+            ]
+        my_seqs, my_pos, n_fw = self.ranks.scatter(parts)
+        pad = n_fw - len(my_seqs)  # the same number of forwards (all-gathers) on every rank: blank ones
+        flat_seqs = [s for b in my_seqs for s in b] + [[self.pad_id]] * pad
+        flat_pos = [p for b in my_pos for p in b] + [[0]] * pad
+        fws, at = [], 0
+        for b in [*my_seqs, *[[None]] * pad]:
+            fws.append(list(range(at, at + len(b))))
+            at += len(b)
         with self.lock:
             self.model.eval()
             try:
-                hs = _hidden_states(
-                    self.model,
-                    self.accelerator,
-                    self.pad_id,
-                    [*my_seqs, *[[self.pad_id]] * pad],
-                    [*my_pos, *[[0]] * pad],
-                    batch,
-                )[: len(my_seqs)]
+                hs = _hidden_states(self.model, self.accelerator, self.pad_id, flat_seqs, flat_pos, fws)
+                hs = hs[: len(flat_seqs) - pad]
             finally:
                 self.model.train()
         gathered = self.ranks.gather(hs)
         if gathered is None:
             return []
         out: list[torch.Tensor | None] = [None] * len(seqs or [])
-        for sh, part in zip(shares, gathered, strict=True):
-            for i, h in zip(sh, part, strict=True):
+        for fws_r, part in zip(plan, gathered, strict=True):
+            for i, h in zip([i for b in fws_r for i in b], part, strict=True):
                 out[i] = h
         return out  # type: ignore[return-value]
 
@@ -212,26 +223,25 @@ class Policy:
         def scale(s: TrainSample) -> float:
             return 1.0 / max(1, sum(s.loss_mask)) if seq else 1.0
 
-        mb = self.ocfg.micro_batch_size
         parts = None
         if self.ranks.leader:
             assert samples is not None
             total_w = sum(sum(s.weights) * scale(s) for s in samples)
             assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
-            shares, n_mb = balanced_shares([len(s) for s in samples], self.ranks.size, mb)
-            parts = [([samples[i] for i in sh], total_w, n_mb) for sh in shares]
-        mine, total_w, n_mb = self.ranks.scatter(parts)
+            plan, n_mb = self._micro_batch_plan([len(s) for s in samples])
+            parts = [([[samples[i] for i in mb] for mb in batches], total_w, n_mb) for batches in plan]
+        batches, total_w, n_mb = self.ranks.scatter(parts)
         # N ranks: DDP / FSDP average the ranks' gradients, so each loss is scaled by N to sum them instead.
         gain = float(self.ranks.size)
         agg: dict[str, float] = {}
         with self.lock:
             self.model.train()
-            old: list[torch.Tensor | None] = [None] * len(mine)
+            old: dict[int, torch.Tensor] = {}  # micro-batch -> its logprobs at the first epoch (PPO's pi_old)
             for epoch in range(self.ocfg.ppo_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
                 for k in range(n_mb):
-                    i = k * mb
-                    chunk = list(mine[i : i + mb]) or [self._blank_sample()]  # zero weight: only joins the sync
+                    blank = k >= len(batches)
+                    chunk = [self._blank_sample()] if blank else batches[k]  # blank: zero weight, joins the sync
                     ids = _pad([s.input_ids for s in chunk], self.pad_id, torch.long, self.device)
                     att = _pad([[1] * len(s) for s in chunk], 0, torch.long, self.device)
                     # sequence_logprobs()[b, t] is the logprob of token t, so per-token tensors align as they are.
@@ -242,20 +252,23 @@ class Policy:
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, self.dtype, self.device)
                     with self._sync_unless(k == n_mb - 1):
                         with self.accelerator.autocast():
-                            logp = sequence_logprobs(self.model, ids, att, temperature=self.temperature, needed=mask)
+                            logp = sequence_logprobs(
+                                self.model, ids, att, temperature=self.temperature, needed=mask, chunk=self.chunk
+                            )
                         logp = logp.to(self.dtype)
                         if epoch == 0:
-                            for j in range(min(len(chunk), len(mine) - i)):
-                                old[i + j] = logp[j].detach()
-                        if i >= len(mine):  # a blank micro-batch
-                            old_lp = logp.detach()
-                        else:
-                            old_lp = torch.stack([old[i + j] for j in range(len(chunk))])  # type: ignore[misc]
+                            old[k] = logp.detach()
+                        old_lp = old[k]
                         ref_lp = None
                         if self.ref_model is not None:
                             with torch.no_grad(), self.accelerator.autocast():
                                 ref_lp = sequence_logprobs(
-                                    self.ref_model, ids, att, temperature=self.temperature, needed=mask
+                                    self.ref_model,
+                                    ids,
+                                    att,
+                                    temperature=self.temperature,
+                                    needed=mask,
+                                    chunk=self.chunk,
                                 ).to(self.dtype)
                         loss, m = policy_loss(
                             logp,
@@ -278,10 +291,17 @@ class Policy:
                     agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * share / self.ocfg.ppo_epochs
                 gn = self.accelerator.clip_grad_norm_(self.model.parameters(), self.ocfg.grad_clip)
                 self.optimizer.step()
-        agg["trained_tokens"] = float(sum(sum(s.loss_mask) for s in mine))
+        agg["trained_tokens"] = float(sum(sum(s.loss_mask) for mb in batches for s in mb))
         agg = self.ranks.sum(agg)
         agg["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
         return agg
+
+    def _micro_batch_plan(self, lengths: Sequence[int], rows: int | None = None) -> tuple[list[list[list[int]]], int]:
+        """Each rank's micro-batches (indices into `lengths`) and the count every rank runs: token-balanced shares
+        cut by optim.micro_batch_size rows (or `rows`) and optim.micro_batch_tokens padded tokens."""
+        return micro_batch_plan(
+            lengths, self.ranks.size, rows or self.ocfg.micro_batch_size, self.ocfg.micro_batch_tokens
+        )
 
     def _blank_sample(self) -> TrainSample:
         """A micro-batch row that trains nothing (weight 0): a rank with fewer micro-batches runs these, so that
@@ -321,8 +341,16 @@ class Policy:
             self.ranks.announce("sft_update", micro_batch_size=mb, lr=self.lr)
             assert input_ids is not None and loss_mask is not None
             total = sum(sum(m) for m in loss_mask)
-            shares, n_mb = balanced_shares([len(x) for x in input_ids], self.ranks.size, mb)
-            parts = [([input_ids[i] for i in sh], [loss_mask[i] for i in sh], total, n_mb) for sh in shares]
+            plan, n_mb = self._micro_batch_plan([len(x) for x in input_ids], rows=mb)
+            parts = [
+                (
+                    [[input_ids[i] for i in b] for b in batches],
+                    [[loss_mask[i] for i in b] for b in batches],
+                    total,
+                    n_mb,
+                )
+                for batches in plan
+            ]
         elif lr is not None:
             self.set_lr(lr)
         my_ids, my_mask, total, n_mb = self.ranks.scatter(parts)
@@ -332,15 +360,15 @@ class Policy:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             for k in range(n_mb):
-                part = range(k * mb, min((k + 1) * mb, len(my_ids)))
-                rows = [my_ids[j] for j in part] or [[self.pad_id] * 2]  # a blank row: only joins the sync
-                masks = [my_mask[j] for j in part] or [[0.0, 0.0]]
+                blank = k >= len(my_ids)
+                rows = [[self.pad_id] * 2] if blank else my_ids[k]  # a blank row: only joins the sync
+                masks = [[0.0, 0.0]] if blank else my_mask[k]
                 ids = _pad(rows, self.pad_id, torch.long, self.device)
                 att = _pad([[1] * len(x) for x in rows], 0, torch.long, self.device)
                 mask = _pad(masks, 0, self.dtype, self.device)
                 with self._sync_unless(k == n_mb - 1):
                     with self.accelerator.autocast():
-                        logp = sequence_logprobs(self.model, ids, att, needed=mask)
+                        logp = sequence_logprobs(self.model, ids, att, needed=mask, chunk=self.chunk)
                     loss = -(logp.to(self.dtype) * mask).sum() / max(total, 1)
                     self.accelerator.backward(loss * gain)
                 loss_sum += float(loss.detach())
@@ -535,10 +563,11 @@ class FeatureModel:
     def hidden_at(
         self, seqs: Sequence[list[int]], positions: Sequence[list[int]], batch: int = 16
     ) -> list[torch.Tensor]:
-        """As `Policy.hidden_at`, on the copy."""
+        """As `Policy.hidden_at`, on the copy (batched the same way)."""
         p = self.policy
+        forwards = micro_batch_plan([len(s) for s in seqs], 1, batch, p.ocfg.micro_batch_tokens)[0][0]
         with self._on_stream():
-            return _hidden_states(self.model, p.accelerator, p.pad_id, seqs, positions, batch)
+            return _hidden_states(self.model, p.accelerator, p.pad_id, seqs, positions, forwards)
 
 
 def _hidden_states(
@@ -547,13 +576,14 @@ def _hidden_states(
     pad_id: int,
     seqs: Sequence[list[int]],
     positions: Sequence[list[int]],
-    batch: int,
+    forwards: Sequence[Sequence[int]],
 ) -> list[torch.Tensor]:
-    """The forward behind `hidden_at`: model in eval mode, no gradient."""
-    out: list[torch.Tensor] = []
+    """The forward behind `hidden_at`: model in eval mode, no gradient; one forward per list of `forwards` (indices
+    into `seqs`, together covering each once). Returns one tensor per sequence, in `seqs`' order."""
+    out: list[torch.Tensor | None] = [None] * len(seqs)
     device = accelerator.device
-    for i in range(0, len(seqs), batch):
-        chunk = seqs[i : i + batch]
+    for fw in forwards:
+        chunk = [seqs[i] for i in fw]
         ids = _pad(chunk, pad_id, torch.long, device)
         att = _pad([[1] * len(s) for s in chunk], 0, torch.long, device)
         with accelerator.autocast():
@@ -561,9 +591,10 @@ def _hidden_states(
             # logits (tens of GB for a Qwen3-8B batch). The last hidden state is taken from the final norm's output
             # (a hook) rather than `output_hidden_states`, which keeps every layer's; and no KV cache is built.
             h = _last_hidden(model, input_ids=ids, attention_mask=att, logits_to_keep=1, use_cache=False)
-        for j, pos in enumerate(positions[i : i + batch]):
-            out.append(h[j, torch.tensor(pos, device=h.device)].float().cpu())
-    return out
+        for j, i in enumerate(fw):
+            out[i] = h[j, torch.tensor(positions[i], device=h.device)].float().cpu()
+    assert all(h is not None for h in out), "the forwards cover every sequence"
+    return out  # type: ignore[return-value]
 
 
 def _last_hidden(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
