@@ -1,5 +1,6 @@
 """Policy loss on hand-set tensors, and sequence_logprobs / one optimiser step on a tiny random Qwen3."""
 
+import copy
 import math
 
 import pytest
@@ -7,8 +8,6 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from trainer.learner.config import ModelConfig, OptimConfig
-import copy
-
 from trainer.learner.loss import LogprobHead, install_logprob_head, policy_loss, sequence_logprobs
 from trainer.learner.policy import Policy
 from trainer.learner.samples import TrainSample
@@ -315,7 +314,7 @@ def test_token_budget_micro_batches_give_the_same_update(tiny_model):
 
     rng = random.Random(0)
     samples = []
-    for k, n in enumerate([12, 40, 7, 33, 25, 9, 18, 60]):
+    for n in [12, 40, 7, 33, 25, 9, 18, 60]:
         s = _sample([rng.randrange(11, 2000) for _ in range(n)], trained=n // 2, adv=rng.choice([-1.0, 1.0]))
         s.engine_logprobs = [-3.0] * n
         samples.append(s)
@@ -340,7 +339,7 @@ def test_token_budget_micro_batches_give_the_same_update(tiny_model):
 def test_token_budget_below_the_context_is_refused():
     from trainer.config import load_train_config
 
-    with pytest.raises(ValueError, match="micro_batch_tokens=512 is below rollout.max_context_tokens"):
+    with pytest.raises(ValueError, match=r"micro_batch_tokens=512 is below rollout\.max_context_tokens"):
         load_train_config(sets=["optim.micro_batch_tokens=512", "rollout.max_context_tokens=1024"])
     with pytest.raises(ValueError, match="micro_batch_tokens >= 0"):
         OptimConfig(micro_batch_tokens=-1)
