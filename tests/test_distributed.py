@@ -287,6 +287,8 @@ def test_two_rank_updates_equal_the_one_rank_updates(
     )
     assert feature < (0.02 if fsdp else 1e-6)
     measured.append(f"engine weights (bf16) {bf16:.3g}; prefix features {hidden:.3g}; feature copy {feature:.3g}")
+    held = two["forwards"]["rl"][1]["grad_bytes"]
+    measured.append(f"gradient bytes rank 0 holds between micro-batches: {held:,} of the model's {two['full_bytes']:,}")
     print(f"\n[{'fsdp2' if fsdp else 'ddp'}] 2 ranks vs 1, float64:\n  " + "\n  ".join(measured))
 
 
