@@ -117,7 +117,9 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
     if "uniform" in out:  # issue 12's goals, against GRPO, from the mean curves
         grpo = out["uniform"]
         for s in out.values():
-            s["effective_ratio_vs_grpo"] = s["effective_ratio"] / grpo["effective_ratio"]
+            # GRPO with no mixed prompt at all (the debug config can): the ratio is undefined, not a crash
+            base = grpo["effective_ratio"]
+            s["effective_ratio_vs_grpo"] = s["effective_ratio"] / base if base > 0 else math.nan
             reached = leaves_to(s["dev_em_curve"], grpo["dev_em_final"])
             run_length = grpo["dev_em_curve"][-1][0] if grpo["dev_em_curve"] else math.nan
             s["leaves_to_grpo_final"] = reached

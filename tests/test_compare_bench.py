@@ -4,6 +4,7 @@ benchmark, not a test): leaves per step must be equal, and the dev-EM curve is b
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def test_goals_against_grpo_come_from_the_mean_curves() -> None:
     flat = [{**r, "dev_em_curve": [[0, 0.4], [128, 0.4]], "dev_em": 0.4} for r in runs]
     assert cmp.summarise(flat, ["uniform", "trace"])["trace"]["leaves_to_grpo_final_frac"] == 0.0
     assert "| root-only |" in cmp.table(s) and "n/a" in cmp.table(s)
+    # Issue 22: GRPO with no mixed prompt (effective ratio 0, as on the debug config) crashed the summary.
+    unmixed = [{**r, "effective_ratio": 0.0} if r["allocator"] == "uniform" else r for r in runs]
+    ratios = cmp.summarise(unmixed, ["uniform", "trace"])
+    assert math.isnan(ratios["trace"]["effective_ratio_vs_grpo"]) and math.isnan(
+        ratios["uniform"]["effective_ratio_vs_grpo"]
+    )
+    assert "| trace |" in cmp.table(ratios)
 
 
 def test_a_finished_comparison_is_summarised_again_from_its_runs(tmp_path: Path) -> None:
