@@ -46,10 +46,9 @@ from trainer.algo.allocation import (
     anchors_from_tree,
     make_allocator,
     plan_round,
-    share,
-    split_rounds,
     uniform_group,
 )
+from trainer.algo.plan import plan_rollouts
 from trainer.algo.predictor import (
     BetaPrior,
     PredictorConfig,
@@ -259,57 +258,19 @@ class TraceStep:
         failures0, requests0 = self.runner.env_failures, self.runner.env.http_requests
         self.remember_draw_state(step)
         c, a, alloc = self.cfg, self.cfg.allocation, self.allocator
-        stage1 = alloc.stage1_budget(a)
-        # Stage 1: an active stage 1 values a candidate pool and funds the best (the rest go back to the stream);
-        # a uniform one takes stage1 // group prompts as the stream gives them and never looks at values.
-        if alloc.selects:
-            n_draw = min(c.run.pool_size, self.sampler.n)
-        else:
-            n_draw = stage1 // uniform_group(stage1, a.group_size, c.run.prompts_per_step)
-        idxs = self.sampler.take(n_draw)
-        pool = await self._new_trees(idxs, step)
-        v = await self.value_roots(pool)
-        m = alloc.roots(v, stage1, a)
-        funded = [i for i, mi in enumerate(m) if mi > 0]
-        await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in funded))
-        count = {
-            "roots": sum(m),
-            "continuations": 0,
-            "continuations_moved": 0,
-            "respent_as_roots": 0,
-            "trees_redone": 0,
-            "trees_dropped": 0,
-            "leaves_lost": 0,
-        }
-        cont = [0] * len(pool)  # continuations placed on (or owed to) each prompt: a lost tree's redo gets them
-        left = a.leaf_budget - sum(m)  # stage 2's continuations; for allocators that do not expand, normally 0
-        # Stage 2: prefix expansion, round by round; each funded prompt's share of the continuations is exact.
-        if alloc.expands and funded:
-            shares = share(left, [m[i] for i in funded])
-            per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
-            left = 0
-            for r in range(a.rounds):
-                cont += [0] * (len(pool) - len(cont))  # prompts an earlier round's spill added
-                # With prompts an earlier round's spill funded; a lost tree sits the rounds out, its shares owed.
-                for i in range(len(pool)):
-                    if m[i] > 0 and pool[i].lost is not None and i in per_round:
-                        cont[i] += per_round[i][r]
-                live = [i for i in range(len(pool)) if m[i] > 0 and pool[i].lost is None]
-                await self._value_anchors([pool[i] for i in live])
-                anchors = [anchors_from_tree(pool[i], c.env.max_turns) for i in live]
-                want = [per_round[i][r] if i in per_round else 0 for i in live]
-                plan, unplaced = plan_round(alloc, anchors, want, [m[i] for i in live], self.rng, a)
-                count["continuations"] += sum(map(sum, plan))
-                count["continuations_moved"] += sum(max(sum(ks) - w, 0) for ks, w in zip(plan, want, strict=True))
-                for i, ks in zip(live, plan, strict=True):
-                    cont[i] += sum(ks)
-                jobs = []
-                for i, an, ks in zip(live, anchors, plan, strict=True):
-                    jobs += [self.runner.expand(pool[i], x.node_id, k) for x, k in zip(an, ks, strict=True) if k]
-                jobs += await self._spill_roots(pool, idxs, v, m, unplaced, step, count)
-                await asyncio.gather(*jobs)
-        await asyncio.gather(*await self._spill_roots(pool, idxs, v, m, left, step, count))
-        cont += [0] * (len(pool) - len(cont))
+        # Stage 1 and 2: the plan the simulator runs too (trainer.algo.plan), against this step's engines and env.
+        plan = await plan_rollouts(
+            self,
+            alloc,
+            a,
+            self.sampler,
+            self.rng,
+            pool_size=c.run.pool_size,
+            prompts_per_step=c.run.prompts_per_step,
+            max_turns=c.env.max_turns,
+            step=step,
+        )
+        pool, idxs, v, m, cont, count = plan.pool, plan.idxs, plan.v, plan.m, plan.cont, plan.count
         await self._recover(pool, idxs, v, m, cont, step, count)
         if alloc.selects:
             self.sampler.give_back([idx for idx, mi in zip(idxs, m, strict=True) if mi == 0])
@@ -355,7 +316,7 @@ class TraceStep:
                 f"but the training split has {n_train}; raise env.train_limit or allocation.group_size"
             )
 
-    async def _new_trees(self, idxs: list[int], step: int) -> list[RolloutTree]:
+    async def new_trees(self, idxs: list[int], step: int) -> list[RolloutTree]:
         """Root-only trees for these prompts of the train split; episodes capped at env.max_turns."""
         c = self.cfg
         return list(
@@ -366,6 +327,10 @@ class TraceStep:
                 )
             )
         )
+
+    def expand(self, tree: RolloutTree, node_id: int, k: int) -> Coroutine[Any, Any, list[int]]:
+        """k continuations of `tree` from `node_id` (the runner's; `trainer.algo.plan.Rollouts`)."""
+        return self.runner.expand(tree, node_id, k)
 
     async def value_roots(self, trees: list[RolloutTree]) -> list[float]:
         """Stage-1 values, also written to `root.predicted`: the predictor's V(root) from the prompt's own features
@@ -382,45 +347,7 @@ class TraceStep:
             t.root.predicted = vi
         return v
 
-    async def _spill_roots(
-        self,
-        pool: list[RolloutTree],
-        idxs: list[int],
-        v: list[float],
-        m: list[int],
-        n: int,
-        step: int,
-        count: dict[str, int],
-    ) -> list[Coroutine[Any, Any, list[int]]]:
-        """Re-spend `n` rollouts that no anchor could take as new root rollouts (`Allocator.spill_roots`): new
-        prompts first (unfunded pool candidates, or the next prompts of the stream for a uniform stage 1, which are
-        appended to pool/idxs/v/m), extra bare rollouts of funded prompts only for what cannot form a group.
-        Updates m in place; returns the rollouts to run."""
-        if n == 0:
-            return []
-        a, alloc = self.cfg.allocation, self.allocator
-        if not alloc.selects:  # the next prompts of the stream, in groups of the uniform group size
-            g = uniform_group(alloc.stage1_budget(a), a.group_size, self.cfg.run.prompts_per_step)
-            drawn = self.sampler.take(min(n // g, self.sampler.n))
-            fresh = [i for i in drawn if i not in idxs]  # a prompt appears once a step
-            self.sampler.give_back([i for i in drawn if i in idxs])
-            trees = await self._new_trees(fresh, step)
-            v += await self.value_roots(trees)
-            pool += trees
-            idxs += fresh
-            m += [0] * len(fresh)
-        funded = [i for i, mi in enumerate(m) if mi > 0]
-        new = [i for i, mi in enumerate(m) if mi == 0]
-        extra, k_new = alloc.spill_roots([v[i] for i in funded], [m[i] for i in funded], [v[i] for i in new], n, a)
-        jobs = []
-        for i, k in [*zip(funded, extra, strict=True), *zip(new, k_new, strict=True)]:
-            if k:
-                m[i] += k
-                jobs.append(self.runner.expand(pool[i], 0, k))
-        count["respent_as_roots"] += n
-        return jobs
-
-    async def _value_anchors(self, trees: list[RolloutTree]) -> None:
+    async def value_anchors(self, trees: list[RolloutTree]) -> None:
         """Back up `trees`, featurise them and write the predictor's V(H) on every anchor (`predicted`): what an
         expansion round allocates by."""
         for t in trees:
@@ -485,14 +412,14 @@ class TraceStep:
                 m[j], cont[j] = m[i] + cont[i], 0  # bare rollouts of the taker
                 m[i] = cont[i] = 0
                 takers.append(j)
-            for i, t in zip(redo, await self._new_trees([idxs[i] for i in redo], step), strict=True):
+            for i, t in zip(redo, await self.new_trees([idxs[i] for i in redo], step), strict=True):
                 pool[i] = t
                 t.root.predicted = v[i]
             await self.afeaturise([pool[i] for i in redo])
             await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in redo + takers))
             again = [i for i in redo if cont[i] and pool[i].lost is None]
             if again and alloc.expands:
-                await self._value_anchors([pool[i] for i in again])
+                await self.value_anchors([pool[i] for i in again])
                 jobs = []
                 for i in again:  # one round over the tree's own anchors; what they cannot take runs from the root
                     anchors = anchors_from_tree(pool[i], env.max_turns)
@@ -518,7 +445,7 @@ class TraceStep:
         self.sampler.give_back([j for j in taken if j != new])
         if new is None:
             return None
-        tree = (await self._new_trees([new], step))[0]
+        tree = (await self.new_trees([new], step))[0]
         v += await self.value_roots([tree])
         pool.append(tree)
         idxs.append(new)

@@ -1,0 +1,184 @@
+"""One step's rollout plan, run against anything that makes rollouts: the trainer's `TraceStep` (engines and the env
+server, over HTTP) and the allocation simulator (`bench/simulate_allocation.py`, a ground-truth task) call this same
+code, so what the simulator measures is the trainer's allocation, not a copy of it.
+
+`plan_rollouts` spends exactly allocation.leaf_budget leaves (the rules: trainer/algo/allocation.py, "The leaf
+budget"): stage 1 values a candidate pool (an allocator that selects) or takes the stream's next prompts (a uniform
+one) and funds bare rollouts; stage 2, for allocators that expand, places continuations at anchors, round by round,
+each funded prompt's share exact; what no anchor can take is re-spent as new root rollouts (`spill_roots`). The
+caller owns everything that is not allocation: replacing trees that lost their env state (the trainer's `_recover`),
+giving unfunded prompts back to the stream, the step's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from trainer.algo.allocation import (
+    AllocationConfig,
+    Allocator,
+    anchors_from_tree,
+    plan_round,
+    share,
+    split_rounds,
+    uniform_group,
+)
+from trainer.algo.tree import RolloutTree
+
+
+class PromptStream(Protocol):
+    """The training prompts' stream (`trainer.algo.step.PromptSampler`)."""
+
+    @property
+    def n(self) -> int: ...
+
+    def take(self, k: int) -> list[int]: ...
+
+    def give_back(self, idxs: list[int]) -> None: ...
+
+
+class Rollouts(Protocol):
+    """What the plan asks of whoever makes rollouts."""
+
+    async def new_trees(self, idxs: list[int], step: int) -> list[RolloutTree]:
+        """Root-only trees for these prompts (each root's features set)."""
+        ...
+
+    async def value_roots(self, trees: list[RolloutTree]) -> list[float]:
+        """Stage-1 values V(root), also written to `root.predicted`."""
+        ...
+
+    async def value_anchors(self, trees: list[RolloutTree]) -> None:
+        """Back up the trees and write V(H) on every anchor (`predicted`)."""
+        ...
+
+    def expand(self, tree: RolloutTree, node_id: int, k: int) -> Awaitable[Any]:
+        """k continuations of `tree` from node `node_id`, run to their ends."""
+        ...
+
+
+@dataclass
+class StepPlan:
+    """What `plan_rollouts` spent: the candidate pool (trees, their prompt indices and values), the bare rollouts m[i]
+    and continuations cont[i] each prompt received (a lost tree's are owed to its redo), and the counts."""
+
+    pool: list[RolloutTree]
+    idxs: list[int]
+    v: list[float]
+    m: list[int]
+    cont: list[int]
+    count: dict[str, int] = field(default_factory=dict)
+
+
+async def plan_rollouts(
+    src: Rollouts,
+    alloc: Allocator,
+    a: AllocationConfig,
+    sampler: PromptStream,
+    rng: random.Random,
+    *,
+    pool_size: int,
+    prompts_per_step: int,
+    max_turns: int,
+    step: int,
+) -> StepPlan:
+    """One step's allocation and rollouts (the module docstring). Trees whose `lost` is set sit the later rounds out,
+    their shares owed in `cont`."""
+    stage1 = alloc.stage1_budget(a)
+    # Stage 1: an active stage 1 values a candidate pool and funds the best (the rest go back to the stream);
+    # a uniform one takes stage1 // group prompts as the stream gives them and never looks at values.
+    if alloc.selects:
+        n_draw = min(pool_size, sampler.n)
+    else:
+        n_draw = stage1 // uniform_group(stage1, a.group_size, prompts_per_step)
+    idxs = sampler.take(n_draw)
+    pool = await src.new_trees(idxs, step)
+    v = await src.value_roots(pool)
+    m = alloc.roots(v, stage1, a)
+    funded = [i for i, mi in enumerate(m) if mi > 0]
+    await asyncio.gather(*(src.expand(pool[i], 0, m[i]) for i in funded))
+    count = {
+        "roots": sum(m),
+        "continuations": 0,
+        "continuations_moved": 0,
+        "respent_as_roots": 0,
+        "trees_redone": 0,
+        "trees_dropped": 0,
+        "leaves_lost": 0,
+    }
+    plan = StepPlan(pool, idxs, v, m, [0] * len(pool), count)
+    left = a.leaf_budget - sum(m)  # stage 2's continuations; for allocators that do not expand, normally 0
+    spill = dict(alloc=alloc, a=a, sampler=sampler, prompts_per_step=prompts_per_step, step=step)
+    # Stage 2: prefix expansion, round by round; each funded prompt's share of the continuations is exact.
+    if alloc.expands and funded:
+        shares = share(left, [m[i] for i in funded])
+        per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
+        left = 0
+        cont = plan.cont
+        for r in range(a.rounds):
+            cont += [0] * (len(pool) - len(cont))  # prompts an earlier round's spill added
+            # With prompts an earlier round's spill funded; a lost tree sits the rounds out, its shares owed.
+            for i in range(len(pool)):
+                if m[i] > 0 and pool[i].lost is not None and i in per_round:
+                    cont[i] += per_round[i][r]
+            live = [i for i in range(len(pool)) if m[i] > 0 and pool[i].lost is None]
+            await src.value_anchors([pool[i] for i in live])
+            anchors = [anchors_from_tree(pool[i], max_turns) for i in live]
+            want = [per_round[i][r] if i in per_round else 0 for i in live]
+            placed, unplaced = plan_round(alloc, anchors, want, [m[i] for i in live], rng, a)
+            count["continuations"] += sum(map(sum, placed))
+            count["continuations_moved"] += sum(max(sum(ks) - w, 0) for ks, w in zip(placed, want, strict=True))
+            for i, ks in zip(live, placed, strict=True):
+                cont[i] += sum(ks)
+            jobs = []
+            for i, an, ks in zip(live, anchors, placed, strict=True):
+                jobs += [src.expand(pool[i], x.node_id, k) for x, k in zip(an, ks, strict=True) if k]
+            jobs += await spill_roots(src, plan, unplaced, **spill)
+            await asyncio.gather(*jobs)
+    await asyncio.gather(*await spill_roots(src, plan, left, **spill))
+    plan.cont += [0] * (len(pool) - len(plan.cont))
+    return plan
+
+
+async def spill_roots(
+    src: Rollouts,
+    plan: StepPlan,
+    n: int,
+    *,
+    alloc: Allocator,
+    a: AllocationConfig,
+    sampler: PromptStream,
+    prompts_per_step: int,
+    step: int,
+) -> list[Awaitable[Any]]:
+    """Re-spend `n` rollouts that no anchor could take as new root rollouts (`Allocator.spill_roots`): new prompts
+    first (unfunded pool candidates, or the next prompts of the stream for a uniform stage 1, which are appended to
+    the plan's pool/idxs/v/m), extra bare rollouts of funded prompts only for what cannot form a group. Updates m in
+    place; returns the rollouts to run."""
+    if n == 0:
+        return []
+    pool, idxs, v, m = plan.pool, plan.idxs, plan.v, plan.m
+    if not alloc.selects:  # the next prompts of the stream, in groups of the uniform group size
+        g = uniform_group(alloc.stage1_budget(a), a.group_size, prompts_per_step)
+        drawn = sampler.take(min(n // g, sampler.n))
+        fresh = [i for i in drawn if i not in idxs]  # a prompt appears once a step
+        sampler.give_back([i for i in drawn if i in idxs])
+        trees = await src.new_trees(fresh, step)
+        v += await src.value_roots(trees)
+        pool += trees
+        idxs += fresh
+        m += [0] * len(fresh)
+    funded = [i for i, mi in enumerate(m) if mi > 0]
+    new = [i for i, mi in enumerate(m) if mi == 0]
+    extra, k_new = alloc.spill_roots([v[i] for i in funded], [m[i] for i in funded], [v[i] for i in new], n, a)
+    jobs = []
+    for i, k in [*zip(funded, extra, strict=True), *zip(new, k_new, strict=True)]:
+        if k:
+            m[i] += k
+            jobs.append(src.expand(pool[i], 0, k))
+    plan.count["respent_as_roots"] += n
+    return jobs
