@@ -25,9 +25,10 @@ a turn), `backup()`, `anchors_from_tree`, the allocators (`make_allocator`, stag
 `collect_training_set` from state features, `split_calibration`, `build_training_samples(..., process=
 allocator.expands)`, `effective_ratio`, `mixed_per_100_leaves` and `trainer.learner.loss.policy_loss` for the policy-
 gradient step (on-policy, one SGD step a training step, the same learning rate for every allocator).
-`Simulation.collect` mirrors `TraceStep.collect` (trainer/algo/step.py), which is an async method bound to the engine
-and env; each block names the lines it mirrors. Every allocator generates exactly `leaf_budget` leaves a step
-(asserted), as trace.py asserts.
+`Simulation.collect` runs the trainer's own plan (`trainer.algo.plan.plan_rollouts`, which `TraceStep.collect` runs
+against the engines and the env server) with this simulation as its rollout source: the same stage 1, stage 2
+rounds and spill, not a copy. Every allocator generates exactly `leaf_budget` leaves a step (asserted), as the
+trainer asserts.
 
 Figures per allocator (mean over seeds, with `_ci95` = half-width of Student's t interval over seeds):
 - value_bias: mean (Vhat - truth) over the root values and the expanded anchors' values (nodes that received
@@ -45,6 +46,7 @@ figures and curves. Also FILE.png: success vs cumulative leaves, mean and 95% ba
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import random
@@ -66,13 +68,9 @@ from trainer.algo.advantages import (
 )
 from trainer.algo.allocation import (
     AllocationConfig,
-    anchors_from_tree,
     make_allocator,
-    plan_round,
-    share,
-    split_rounds,
-    uniform_group,
 )
+from trainer.algo.plan import plan_rollouts
 from trainer.algo.predictor import BetaPrior, SuccessPredictor, collect_training_set, split_calibration
 from trainer.algo.step import PromptSampler
 from trainer.algo.tree import FinishStatus, RolloutTree
@@ -220,6 +218,25 @@ class SimConfig:
 N_FEATURES = 2 + 3 + N_STATES + 2 + 1  # depth, turns left; kind one-hot; f one-hot; hint; ended
 
 
+class _AsRollouts:
+    """A `Simulation` as `trainer.algo.plan.Rollouts` (its synchronous methods under the protocol's names)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+
+    async def new_trees(self, idxs: list[int], step: int) -> list[RolloutTree]:
+        return [self.sim.new_tree(i) for i in idxs]
+
+    async def value_roots(self, trees: list[RolloutTree]) -> list[float]:
+        return self.sim.value_roots(trees)
+
+    async def value_anchors(self, trees: list[RolloutTree]) -> None:
+        self.sim.value_anchors(trees)
+
+    async def expand(self, tree: RolloutTree, node_id: int, k: int) -> None:
+        self.sim.expand(tree, node_id, k)
+
+
 class Simulation:
     """One (allocator, seed) run. Prompts, eval prompts and the initial policy depend on the seed only, so every
     allocator of a seed trains on the same stream from the same start."""
@@ -325,90 +342,41 @@ class Simulation:
             t.root.predicted = vi
         return v
 
-    # -- collection: mirrors TraceStep.collect --
+    # -- collection: the trainer's own plan (trainer.algo.plan), this class as its Rollouts --
+
+    def value_anchors(self, trees: list[RolloutTree]) -> None:
+        """TraceStep.value_anchors: back up, then the predictor's V(H) on every anchor."""
+        for t in trees:
+            t.backup()
+        cands = [n for t in trees for n in t.anchors(self.cfg.max_turns)]
+        for n, p in zip(cands, self.predict([n.features for n in cands]), strict=True):
+            n.predicted = p
 
     def collect(self) -> tuple[list[RolloutTree], dict[str, int]]:
+        """TraceStep.collect without its env-failure recovery (no tree is lost here): `plan_rollouts`, then the
+        unfunded candidates go back to the stream and the funded trees are backed up."""
         c, a, alloc = self.cfg, self.acfg, self.alloc
-        stage1 = alloc.stage1_budget(a)
-        # trace.py collect(), "Stage 1": the pool (active) or stage1 // group prompts of the stream (uniform)
+        plan = asyncio.run(
+            plan_rollouts(
+                _AsRollouts(self),
+                alloc,
+                a,
+                self.sampler,
+                self.alloc_rng,
+                pool_size=c.pool_size,
+                prompts_per_step=c.prompts_per_step,
+                max_turns=c.max_turns,
+                step=0,
+            )
+        )
         if alloc.selects:
-            n_draw = min(c.pool_size, self.sampler.n)
-        else:
-            n_draw = stage1 // uniform_group(stage1, a.group_size, c.prompts_per_step)
-        idxs = self.sampler.take(n_draw)
-        pool = [self.new_tree(i) for i in idxs]
-        v = self.value_roots(pool)
-        m = alloc.roots(v, stage1, a)
-        funded = [i for i, mi in enumerate(m) if mi > 0]
-        for i in funded:
-            self.expand(pool[i], 0, m[i])
-        count = {"roots": sum(m), "continuations": 0, "respent_as_roots": 0}
-        left = a.leaf_budget - sum(m)
-        # trace.py collect(), "Stage 2": exact shares per funded prompt, split over rounds; each round backs up,
-        # predicts V(H) at every anchor, plans (plan_round: own anchors, then other prompts'), spills the rest.
-        if alloc.expands and funded:
-            shares = share(left, [m[i] for i in funded])
-            per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
-            left = 0
-            for r in range(a.rounds):
-                live = [i for i in range(len(pool)) if m[i] > 0]
-                for i in live:
-                    pool[i].backup()
-                cands = [n for i in live for n in pool[i].anchors(c.max_turns)]
-                for n, p in zip(cands, self.predict([n.features for n in cands]), strict=True):
-                    n.predicted = p
-                anchors = [anchors_from_tree(pool[i], c.max_turns) for i in live]
-                want = [per_round[i][r] if i in per_round else 0 for i in live]
-                plan, unplaced = plan_round(alloc, anchors, want, [m[i] for i in live], self.alloc_rng, a)
-                count["continuations"] += sum(map(sum, plan))
-                jobs = [
-                    (pool[i], x.node_id, k)
-                    for i, an, ks in zip(live, anchors, plan, strict=True)
-                    for x, k in zip(an, ks, strict=True)
-                    if k
-                ]
-                jobs += self.spill_roots(pool, idxs, v, m, unplaced, count)
-                for tree, node_id, k in jobs:
-                    self.expand(tree, node_id, k)
-        for tree, node_id, k in self.spill_roots(pool, idxs, v, m, left, count):
-            self.expand(tree, node_id, k)
-        if alloc.selects:
-            self.sampler.give_back([idx for idx, mi in zip(idxs, m, strict=True) if mi == 0])
-        trees = [t for t, mi in zip(pool, m, strict=True) if mi > 0]
+            self.sampler.give_back([idx for idx, mi in zip(plan.idxs, plan.m, strict=True) if mi == 0])
+        trees = [t for t, mi in zip(plan.pool, plan.m, strict=True) if mi > 0]
         for t in trees:
             t.backup()
         leaves = sum(t.ledger.leaves for t in trees)
         assert leaves == a.leaf_budget, f"{alloc.name} generated {leaves} leaves, leaf_budget is {a.leaf_budget}"
-        return trees, count
-
-    def spill_roots(
-        self, pool: list[RolloutTree], idxs: list[int], v: list[float], m: list[int], n: int, count: dict[str, int]
-    ) -> list[tuple[RolloutTree, int, int]]:
-        """trace.py TraceStep._spill_roots: new prompts first (unfunded pool candidates, or the stream's next ones
-        for a uniform stage 1), extra bare rollouts of funded prompts for what cannot form a group."""
-        if n == 0:
-            return []
-        a, alloc = self.acfg, self.alloc
-        if not alloc.selects:
-            g = uniform_group(alloc.stage1_budget(a), a.group_size, self.cfg.prompts_per_step)
-            drawn = self.sampler.take(min(n // g, self.sampler.n))
-            fresh = [i for i in drawn if i not in idxs]
-            self.sampler.give_back([i for i in drawn if i in idxs])
-            trees = [self.new_tree(i) for i in fresh]
-            v += self.value_roots(trees)
-            pool += trees
-            idxs += fresh
-            m += [0] * len(fresh)
-        funded = [i for i, mi in enumerate(m) if mi > 0]
-        new = [i for i, mi in enumerate(m) if mi == 0]
-        extra, k_new = alloc.spill_roots([v[i] for i in funded], [m[i] for i in funded], [v[i] for i in new], n, a)
-        jobs = []
-        for i, k in [*zip(funded, extra, strict=True), *zip(new, k_new, strict=True)]:
-            if k:
-                m[i] += k
-                jobs.append((pool[i], 0, k))
-        count["respent_as_roots"] += n
-        return jobs
+        return trees, plan.count
 
     # -- update: mirrors TraceStep.update (predictor refit, priors, samples, policy step) --
 
