@@ -1,7 +1,8 @@
 """Allocation simulator: the project's allocators, value estimator, predictor and advantages on a ground-truth task.
 
     python bench/simulate_allocation.py --out FILE.json [--seeds 20] [--steps 50] [--workers 2]
-        [--allocators trace,uniform,root-only,random-node] [--lr 10.0] [--leaf-budget 64] [--root-budget 32]
+        [--allocators trace,uniform,root-only,random-node] [--optimizer adamw|sgd] [--lr 0.05] [--grad-clip 1.0]
+        [--sweep-lrs 0.01,0.03,0.1,0.3 --tune-seeds 2] [--leaf-budget 64] [--root-budget 32]
         [--pool-size 64] [--rounds 1] [--max-per-anchor 2] [--target 0.3] ...
 
 No language model. The task (DESIGN §1's multi-hop search, reduced to its decisions):
@@ -24,7 +25,9 @@ a turn), `backup()`, `anchors_from_tree`, the allocators (`make_allocator`, stag
 `split_rounds`, `Allocator.spill_roots`), `PromptSampler`, `BetaPrior`, `SuccessPredictor` fitted every step on
 `collect_training_set` from state features, `split_calibration`, `build_training_samples(..., process=
 allocator.expands)`, `effective_ratio`, `mixed_per_100_leaves` and `trainer.learner.loss.policy_loss` for the policy-
-gradient step (on-policy, one SGD step a training step, the same learning rate for every allocator).
+gradient step (on-policy, one optimizer step a training step: the trainer's AdamW with its gradient norm clipped at
+1.0 by default, plain SGD as the labelled old setting; each allocator at its own rate when --sweep-lrs picks them
+on tuning seeds that are never reported).
 `Simulation.collect` runs the trainer's own plan (`trainer.algo.plan.plan_rollouts`, which `TraceStep.collect` runs
 against the engines and the env server) with this simulation as its rollout source: the same stage 1, stage 2
 rounds and spill, not a copy. Every allocator generates exactly `leaf_budget` leaves a step (asserted), as the
@@ -38,7 +41,11 @@ Figures per allocator (mean over seeds, with `_ci95` = half-width of Student's t
 - final_success: the exact expected success of the policy after `steps` steps, averaged over held-out prompts;
 - leaves_to_target: cumulative leaves when that success first reached `target`; a run that never reaches it counts
   as steps * leaf_budget (a lower bound: `reached_target` says which share did);
-- predictor_auc / predictor_brier: calibration of the allocation-time predictions (trace.py's split_calibration).
+- predictor_auc / predictor_brier: calibration of the allocation-time predictions (trace.py's split_calibration);
+- mean_success: the exact held-out success averaged over the run's evaluations (after each step);
+- grad_norm / clip_rate: the policy gradient's norm before clipping, and the share of steps it was clipped;
+- vs_grpo_mean_success (paired by seed, mean difference with its 95% interval) and vs_grpo_leaves_ratio (leaves to
+  target over GRPO's, the geometric mean of the per-seed ratios with its 95% interval), against "uniform".
 A figure without samples (anchor bias of an allocator that never expands) is null. FILE.runs.json holds the per-run
 figures and curves. Also FILE.png: success vs cumulative leaves, mean and 95% band per allocator; a table is printed.
 """
@@ -171,8 +178,14 @@ class SimConfig:
     seed: int = 0
     steps: int = 50
     """Training steps; each generates exactly leaf_budget leaves."""
-    lr: float = 10.0
-    """SGD learning rate of the policy logits (the same for every allocator)."""
+    optimizer: str = "adamw"
+    """The policy's optimizer: "adamw" (the trainer's: torch AdamW, weight decay 0, the gradient norm clipped at
+    grad_clip) or "sgd" (plain SGD, the simulator's setting before issue 22, whose larger gradients took larger steps:
+    with grad_clip 0 it reproduces the old tables)."""
+    lr: float = 0.05
+    """The policy's learning rate (a sweep picks one per allocator: --sweep-lrs)."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = no clipping), as optim.grad_clip."""
     leaf_budget: int = 64
     root_budget: int = 32
     m_min: int = 2
@@ -263,7 +276,12 @@ class Simulation:
         self.fitted = False
         init = warm_theta(cfg.warm_early) if cfg.warm_early >= 0 else np.zeros((MAX_HOPS + 1, N_STATES, N_ACTIONS))
         self.theta = torch.tensor(init, dtype=torch.float64, requires_grad=True)
-        self.opt = torch.optim.SGD([self.theta], lr=cfg.lr)
+        if cfg.optimizer == "adamw":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW([self.theta], lr=cfg.lr, weight_decay=0.0)
+        elif cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD([self.theta], lr=cfg.lr)
+        else:
+            raise ValueError(f"optimizer must be adamw or sgd, got {cfg.optimizer!r}")
         self.adv_cfg = AdvantageConfig(w_process=cfg.w_process)
         self._pi = self._truth = None  # per step: policy probabilities and exact values of the training prompts
 
@@ -418,8 +436,12 @@ class Simulation:
         )
         self.opt.zero_grad()
         loss.backward()
+        norm = float(self.theta.grad.norm())  # type: ignore[union-attr]
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([self.theta], self.cfg.grad_clip)
         self.opt.step()
-        return {"nonzero_adv_token_frac": nonzero_adv_token_frac(samples)}
+        clipped = float(self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip)
+        return {"nonzero_adv_token_frac": nonzero_adv_token_frac(samples), "grad_norm": norm, "clipped": clipped}
 
     # -- one run --
 
@@ -429,6 +451,7 @@ class Simulation:
         errs: dict[str, list[float]] = {"root": [], "anchor": [], "visit_root": [], "visit_anchor": []}
         per_step: dict[str, list[float]] = {"effective_ratio": [], "mixed_per_100_leaves": []}
         per_step |= {"nonzero_adv_token_frac": [], "predictor_auc": [], "predictor_brier": []}
+        per_step |= {"grad_norm": [], "clip_rate": []}
         for _ in range(c.steps):
             self._pi = self.probs(self.task)
             trees = self.collect_with_truth(errs)
@@ -437,7 +460,10 @@ class Simulation:
             calib = split_calibration(trees)
             per_step["predictor_auc"].append(calib["auc"])
             per_step["predictor_brier"].append(calib["brier"])
-            per_step["nonzero_adv_token_frac"].append(self.update(trees)["nonzero_adv_token_frac"])
+            upd = self.update(trees)
+            per_step["nonzero_adv_token_frac"].append(upd["nonzero_adv_token_frac"])
+            per_step["grad_norm"].append(upd["grad_norm"])
+            per_step["clip_rate"].append(upd["clipped"])
             success.append(self.eval_success())
         leaves = [i * c.leaf_budget for i in range(c.steps + 1)]
         hit = [x for x, s in zip(leaves, success, strict=True) if s >= c.target]
@@ -450,6 +476,7 @@ class Simulation:
             "visit_bias_anchor": _nanmean(errs["visit_anchor"]),
             "n_anchor_estimates": len(errs["anchor"]),
             "final_success": success[-1],
+            "mean_success": float(np.mean(success[1:])) if len(success) > 1 else success[0],
             "leaves_to_target": float(hit[0] if hit else leaves[-1]),
             "reached_target": float(bool(hit)),
             "success_curve": success,
@@ -526,6 +553,9 @@ FIGURES = (
     "mixed_per_100_leaves",
     "nonzero_adv_token_frac",
     "final_success",
+    "mean_success",
+    "grad_norm",
+    "clip_rate",
     "leaves_to_target",
     "reached_target",
     "predictor_auc",
@@ -537,8 +567,41 @@ def run_one(cfg: SimConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Simulation(cfg).run()
     out["wall_s"] = time.perf_counter() - t0
-    out["allocator"], out["seed"] = cfg.allocator, cfg.seed
+    out["allocator"], out["seed"], out["lr"] = cfg.allocator, cfg.seed, cfg.lr
     return out
+
+
+TUNE_SEED0 = 10_000
+"""Tuning seeds are TUNE_SEED0, TUNE_SEED0 + 1, ...: never among the seeds a comparison reports (0, 1, ...)."""
+
+
+def sweep(
+    base: dict[str, Any], allocators: list[str], lrs: list[float], tune_seeds: int, workers: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Each allocator's rate: the one of `lrs` with the highest mean success over the run (`mean_success`), averaged
+    over `tune_seeds` tuning seeds. Returns the chosen rates and every (allocator, rate) score."""
+    cfgs = [
+        SimConfig(allocator=a, seed=TUNE_SEED0 + s, **{**base, "lr": lr})
+        for a in allocators
+        for lr in lrs
+        for s in range(tune_seeds)
+    ]
+    runs = _run_all(cfgs, workers)
+    scores: dict[str, dict[str, float]] = {a: {} for a in allocators}
+    for a in allocators:
+        for lr in lrs:
+            scores[a][str(lr)] = float(
+                np.mean([r["mean_success"] for r in runs if r["allocator"] == a and r["lr"] == lr])
+            )
+    best = {a: float(max(lrs, key=lambda lr, a=a: scores[a][str(lr)])) for a in allocators}
+    return best, scores
+
+
+def _run_all(cfgs: list[SimConfig], workers: int) -> list[dict[str, Any]]:
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            return list(ex.map(run_one, cfgs))
+    return [run_one(c) for c in cfgs]
 
 
 def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, dict[str, Any]]:
@@ -554,7 +617,22 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
         fig["initial_success"] = float(np.mean([r["initial_success"] for r in mine]))
         fig["optimal_success"] = float(np.mean([r["optimal_success"] for r in mine]))
         fig["wall_s_per_run"] = float(np.mean([r["wall_s"] for r in mine]))
+        fig["lr"] = mine[0].get("lr")
         out[a] = fig
+    if "uniform" in allocators:  # paired by seed against GRPO: same prompts, eval prompts and start per seed
+        base = {r["seed"]: r for r in runs if r["allocator"] == "uniform"}
+        for a in allocators:
+            pairs = [(r, base[r["seed"]]) for r in runs if r["allocator"] == a and r["seed"] in base]
+            d_mean, d_ci = mean_ci([r["mean_success"] - g["mean_success"] for r, g in pairs])
+            logs = [
+                math.log(r["leaves_to_target"] / g["leaves_to_target"])
+                for r, g in pairs
+                if r["leaves_to_target"] > 0 and g["leaves_to_target"] > 0  # 0: the start was already at target
+            ]
+            l_mean, l_ci = mean_ci(logs) if logs else (math.nan, math.nan)
+            out[a]["vs_grpo_mean_success"], out[a]["vs_grpo_mean_success_ci95"] = d_mean, d_ci
+            out[a]["vs_grpo_leaves_ratio"] = math.exp(l_mean)
+            out[a]["vs_grpo_leaves_ratio_ci95"] = [math.exp(l_mean - l_ci), math.exp(l_mean + l_ci)]
     return out
 
 
@@ -566,10 +644,13 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         "effective_ratio",
         "mixed_per_100_leaves",
         "final_success",
+        "mean_success",
         "leaves_to_target",
         "reached_target",
+        "grad_norm",
+        "clip_rate",
     )
-    lines = ["| allocator | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| allocator | lr | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for a, fig in summary.items():
         cells = []
         for k in cols:
@@ -579,7 +660,14 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
                 cells.append("n/a")
             else:
                 cells.append(f"{x:+.{prec}f} ± {ci:.{prec}f}" if "bias" in k else f"{x:.{prec}f} ± {ci:.{prec}f}")
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines.append(f"| {a} | {fig.get('lr')} | " + " | ".join(cells) + " |")
+    if all("vs_grpo_mean_success" in f for f in summary.values()):
+        lines += ["", "| allocator | mean success - GRPO's (paired, 95%) | leaves to target / GRPO's (95%) |"]
+        lines.append("|---|---|---|")
+        for a, f in summary.items():
+            lo, hi = f["vs_grpo_leaves_ratio_ci95"]
+            lines.append(f"| {a} | {f['vs_grpo_mean_success']:+.3f} ± {f['vs_grpo_mean_success_ci95']:.3f} | "
+                         f"{f['vs_grpo_leaves_ratio']:.2f}x [{lo:.2f}, {hi:.2f}] |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -631,20 +719,32 @@ def main() -> None:
         if f_name not in skip:
             ap.add_argument(f"--{f_name.replace('_', '-')}", type=type(f_val), default=f_val)
     ap.add_argument("--kinds", default=",".join(map(str, d.kinds)), help="hop counts of the prompt kinds")
+    ap.add_argument(
+        "--sweep-lrs",
+        default="",
+        help="comma-separated rates: each allocator gets the one with the best mean success on --tune-seeds tuning "
+        "seeds (never reported), then runs the --seeds seeds at it; empty: every allocator at --lr",
+    )
+    ap.add_argument("--tune-seeds", type=int, default=2)
     args = ap.parse_args()
     allocators = args.allocators.split(",")
     base = {k: getattr(args, k) for k in asdict(d) if k not in skip}
     base["kinds"] = tuple(int(x) for x in args.kinds.split(","))
-    cfgs = [SimConfig(allocator=a, seed=s, **base) for s in range(args.seeds) for a in allocators]
     t0 = time.perf_counter()
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers) as ex:
-            runs = list(ex.map(run_one, cfgs))
-    else:
-        runs = [run_one(c) for c in cfgs]
+    rates = dict.fromkeys(allocators, base["lr"])
+    scores: dict[str, dict[str, float]] = {}
+    if args.sweep_lrs:
+        lrs = [float(x) for x in args.sweep_lrs.split(",")]
+        rates, scores = sweep(base, allocators, lrs, args.tune_seeds, args.workers)
+        print("rates by sweep (mean success on tuning seeds): " + "; ".join(
+            f"{a} {rates[a]:g} (" + ", ".join(f"{lr}: {v:.3f}" for lr, v in scores[a].items()) + ")" for a in allocators
+        ))  # fmt: skip
+    cfgs = [SimConfig(allocator=a, seed=s, **{**base, "lr": rates[a]}) for s in range(args.seeds) for a in allocators]
+    runs = _run_all(cfgs, args.workers)
     summary = summarise(runs, allocators)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_json_safe({**summary, "_config": {**base, "seeds": args.seeds}}), indent=1))
+    config = {**base, "seeds": args.seeds, "rates": rates, "sweep": scores, "tune_seeds": args.tune_seeds}
+    args.out.write_text(json.dumps(_json_safe({**summary, "_config": config}), indent=1))
     args.out.with_suffix(".runs.json").write_text(json.dumps(_json_safe(runs)))
     plot(summary, base["leaf_budget"], base["target"], args.out.with_suffix(".png"))
     first = summary[allocators[0]]

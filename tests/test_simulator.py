@@ -39,7 +39,9 @@ def test_uniform_policy_gradient_reaches_the_optimal_policy() -> None:
     """On 1- and 2-hop prompts, GRPO (uniform, the project's advantages and loss) from a uniform policy gets within
     0.03 of the optimal policy's exact success and learns its decisions (search right until every hop is found,
     then answer)."""
-    cfg = sim.SimConfig(allocator="uniform", seed=1, steps=60, lr=20.0, kinds=(1, 2), max_turns=4)
+    cfg = sim.SimConfig(
+        allocator="uniform", seed=1, steps=60, optimizer="sgd", lr=20.0, grad_clip=0.0, kinds=(1, 2), max_turns=4
+    )
     s = sim.Simulation(cfg)
     out = s.run()
     # measured: initial 0.067, final 0.425, optimal 0.431
@@ -122,3 +124,21 @@ def test_every_allocator_spends_exactly_the_leaf_budget(overrides: dict) -> None
             assert sum(len(t.scored_leaves()) for t in trees) == cfg.leaf_budget, (name, count)
             assert count["roots"] + count["continuations"] + count["respent_as_roots"] == cfg.leaf_budget, count
             s.update(trees)
+
+
+def test_comparison_against_grpo_is_paired_by_seed() -> None:
+    """Issue 22: each allocator's mean success over the run minus GRPO's on the same seed (same prompts and start),
+    with a t interval over seeds, and its leaves to target over GRPO's as a geometric mean with its interval."""
+    fig = dict.fromkeys(sim.FIGURES, 0.0)
+    runs = []
+    for seed, (g, t, lg, lt) in enumerate(((0.30, 0.32, 640, 320), (0.40, 0.41, 1280, 640), (0.20, 0.23, 320, 160))):
+        common = {**fig, "seed": seed, "success_curve": [0.1, 0.2], "initial_success": 0.1, "optimal_success": 0.5}
+        common |= {"wall_s": 1.0, "lr": 0.1}
+        runs.append({**common, "allocator": "uniform", "mean_success": g, "leaves_to_target": lg})
+        runs.append({**common, "allocator": "trace", "mean_success": t, "leaves_to_target": lt})
+    out = sim.summarise(runs, ["uniform", "trace"])
+    assert out["trace"]["vs_grpo_mean_success"] == pytest.approx(0.02)
+    assert out["trace"]["vs_grpo_mean_success_ci95"] == pytest.approx(4.303 * 0.01 / 3**0.5, rel=1e-3)
+    assert out["trace"]["vs_grpo_leaves_ratio"] == pytest.approx(0.5) and out["uniform"]["vs_grpo_leaves_ratio"] == 1
+    assert out["trace"]["vs_grpo_leaves_ratio_ci95"] == pytest.approx([0.5, 0.5])
+    assert "| trace | +0.020" in sim.table(out)
