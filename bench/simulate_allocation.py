@@ -204,6 +204,10 @@ class SimConfig:
     target: float = 0.3
     """Exact held-out success that leaves_to_target waits for."""
     w_process: float = 1.0
+    process_baseline: str = "parent"
+    """advantage.process_baseline: "parent" (the paper's), "fresh" or "predicted" (our deviations, issue 22)."""
+    stage2_share: str = "roots"
+    """allocation.stage2_share: "roots" (the paper's) or "unmixed" (our deviation, issue 22)."""
     predictor_hidden: int = 32
     predictor_lr: float = 3e-3
     predictor_epochs: int = 30
@@ -225,6 +229,7 @@ class SimConfig:
             group_size=self.group_size,
             rounds=self.rounds,
             max_per_anchor=self.max_per_anchor,
+            stage2_share=self.stage2_share,
         )
 
 
@@ -282,7 +287,7 @@ class Simulation:
             self.opt = torch.optim.SGD([self.theta], lr=cfg.lr)
         else:
             raise ValueError(f"optimizer must be adamw or sgd, got {cfg.optimizer!r}")
-        self.adv_cfg = AdvantageConfig(w_process=cfg.w_process)
+        self.adv_cfg = AdvantageConfig(w_process=cfg.w_process, process_baseline=cfg.process_baseline)
         self._pi = self._truth = None  # per step: policy probabilities and exact values of the training prompts
 
     # -- policy and truth --

@@ -183,3 +183,32 @@ def test_requires_backup():
     t.add_child(0, [9], [1], [-0.1], status=DONE, reward=0.0)  # new leaf, not backed up yet
     with pytest.raises(AssertionError, match="backup"):
         node_terms(t, AdvantageConfig())
+
+
+def test_process_baseline_options_differ_only_below_an_unexpanded_parent():
+    """Issue 22: root -> 1 -> 2 -> {3: r=0, 4: r=1 (a continuation at 2)}, root -> 5: r=1. Node 1 was never
+    expanded, so Vhat(1) = O(1) = 0, the outcome of the very chain whose anchor 2 stage 2 expanded. "parent" (the
+    paper's) subtracts it; "fresh" gives node 2 no process term; "predicted" subtracts node 1's predicted V(H).
+    Where the parent is the root or expanded, every option is the paper's."""
+    t = RolloutTree.new("p", "q", ["a"], [1, 2, 3], "s")
+    turn(t, 0)
+    turn(t, 1)
+    turn(t, 2, status=DONE, reward=0.0)
+    turn(t, 2, status=DONE, reward=1.0)
+    turn(t, 0, status=DONE, reward=1.0)
+    t.backup()
+    t.nodes[1].predicted = 0.4
+    assert t.nodes[1].value == 0.0 and t.nodes[2].value == 1.0
+    process = {
+        how: {i: p for i, (_, p) in node_terms(t, AdvantageConfig(process_baseline=how)).items()}
+        for how in ("parent", "fresh", "predicted")
+    }
+    assert process["parent"][2] == pytest.approx(1.0)
+    assert process["fresh"][2] == 0.0
+    assert process["predicted"][2] == pytest.approx(0.6)
+    for i in (1, 3, 4, 5):  # parents: the root, or node 2 (expanded)
+        assert process["parent"][i] == process["fresh"][i] == process["predicted"][i], i
+    t.nodes[1].predicted = None
+    assert node_terms(t, AdvantageConfig(process_baseline="predicted"))[2][1] == 0.0, "nothing predicted: no term"
+    with pytest.raises(ValueError, match="process_baseline"):
+        AdvantageConfig(process_baseline="visits")

@@ -240,3 +240,28 @@ async def test_every_allocator_spends_exactly_the_leaf_budget_on_real_trees(
                     assert mt["roots"] == 11
                 for t in batch.trees:
                     t.validate()
+
+
+def test_stage2_shares_by_roots_or_among_unmixed_prompts_only() -> None:
+    """Issue 22: allocation.stage2_share. "roots" (the paper's) weighs every funded prompt by its bare rollouts;
+    "unmixed" only the prompts whose bare rollouts all succeed or all fail (a mixed one has its contrast already),
+    and every prompt again when none is unmixed."""
+    from trainer.algo.allocation import AllocationConfig
+    from trainer.algo.plan import stage2_weights
+    from trainer.algo.tree import FinishStatus, RolloutTree
+
+    def tree(rewards: list[float]) -> RolloutTree:
+        t = RolloutTree.new("p", "q", ["a"], [1, 2], "s")
+        for r in rewards:
+            t.add_child(0, [5, 6], [1, 1], [-0.1, -0.2], status=FinishStatus.ANSWERED, reward=r)
+        return t
+
+    pool = [tree([1.0, 0.0]), tree([0.0, 0.0, 0.0]), tree([1.0] * 4), tree([])]
+    m = [2, 3, 4, 0]
+    funded = [0, 1, 2]
+    assert stage2_weights(pool, funded, m, "roots") == [2, 3, 4]
+    assert stage2_weights(pool, funded, m, "unmixed") == [0, 3, 4]
+    mixed = [tree([1.0, 0.0]), tree([0.0, 1.0, 1.0])]
+    assert stage2_weights(mixed, [0, 1], [2, 3], "unmixed") == [2, 3], "none unmixed: every prompt"
+    with pytest.raises(ValueError, match="stage2_share"):
+        AllocationConfig(stage2_share="deepest")

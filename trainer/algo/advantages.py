@@ -38,8 +38,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trainer.algo.tree import RolloutTree
+from trainer.algo.tree import RolloutTree, TurnNode
 from trainer.learner.samples import TrainSample
+
+PROCESS_BASELINES = ("parent", "fresh", "predicted")
+"""`AdvantageConfig.process_baseline`'s values."""
 
 
 @dataclass
@@ -55,9 +58,19 @@ class AdvantageConfig:
     """Delta degrees of freedom of the reward std: 1 = unbiased (torch.std, as verl's GRPO), 0 = population."""
     scale_by_std: bool = True
     """Divide the outcome term by the std; False gives Dr. GRPO's mean-centred rewards."""
+    process_baseline: str = "parent"
+    """What the process term subtracts. "parent" (the paper's): Vhat(parent). An unexpanded parent's Vhat is its own
+    outcome, the one sample whose result stage 2 selected the child's anchor on: a biased baseline (issue 22).
+    "fresh" (our deviation): Vhat(parent) only where it is a mean of fresh samples (the root, or a parent that got
+    continuations of its own), else no process term. "predicted" (our deviation): an unexpanded parent's predicted
+    V(H) (`predicted`, written when stage 2 valued the anchors) instead, where it has one."""
 
     def __post_init__(self) -> None:
         assert self.eps >= 0 and self.std_ddof in (0, 1), f"eps={self.eps} std_ddof={self.std_ddof}"
+        if self.process_baseline not in PROCESS_BASELINES:
+            raise ValueError(
+                f"advantage.process_baseline must be one of {PROCESS_BASELINES}, got {self.process_baseline!r}"
+            )
 
 
 def reward_stats(tree: RolloutTree, cfg: AdvantageConfig) -> tuple[float, float]:
@@ -89,9 +102,20 @@ def node_terms(tree: RolloutTree, cfg: AdvantageConfig) -> dict[int, tuple[float
             continue
         parent = tree.nodes[node.parent]
         outcome = 0.0 if flat else (node.value - mu) / scale
-        process = 0.0 if parent.value is None else node.value - parent.value
+        base = process_base(parent, cfg.process_baseline)
+        process = 0.0 if base is None else node.value - base
         out[node.node_id] = (outcome, process)
     return out
+
+
+def process_base(parent: TurnNode, how: str) -> float | None:
+    """The baseline the process term subtracts for a child of `parent` (`AdvantageConfig.process_baseline`)."""
+    fresh = parent.parent is None or len(parent.children) > 1  # the root's bare rollouts, or its own continuations
+    if how == "parent" or fresh:
+        return parent.value
+    if how == "fresh":
+        return None
+    return parent.predicted
 
 
 def node_advantages(tree: RolloutTree, cfg: AdvantageConfig, *, process: bool = True) -> dict[int, float]:

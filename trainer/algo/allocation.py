@@ -401,9 +401,16 @@ class AllocationConfig:
     """Expansion rounds (expand, observe, back up, re-score); each prompt's continuations are split evenly."""
     max_per_anchor: int = 4
     """Most continuations from one anchor per round."""
+    stage2_share: str = "roots"
+    """How stage 2's continuations are shared across the funded prompts. "roots" (the paper's): in proportion to
+    each prompt's stage-1 rollouts, whatever they showed. "unmixed" (our deviation, issue 22): only among prompts
+    whose bare rollouts all agree (all 0 or all 1), in proportion to their rollouts, since a prompt already mixed
+    has its contrast; every prompt when none is unmixed."""
 
     def __post_init__(self) -> None:
         assert self.type in ALLOCATORS, f"allocation type {self.type!r} not in {sorted(ALLOCATORS)}"
+        if self.stage2_share not in STAGE2_SHARE:
+            raise ValueError(f"allocation.stage2_share must be one of {STAGE2_SHARE}, got {self.stage2_share!r}")
         assert self.leaf_budget >= 1 and self.root_budget >= 1, (
             f"leaf_budget={self.leaf_budget} root_budget={self.root_budget}"
         )
@@ -414,6 +421,8 @@ class AllocationConfig:
         )
 
 
+STAGE2_SHARE = ("roots", "unmixed")
+"""`AllocationConfig.stage2_share`'s values."""
 STAGE1 = ("active", "uniform")
 STAGE2 = ("active", "uniform", "random", "none")
 

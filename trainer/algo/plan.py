@@ -27,7 +27,7 @@ from trainer.algo.allocation import (
     split_rounds,
     uniform_group,
 )
-from trainer.algo.tree import RolloutTree
+from trainer.algo.tree import SUCCESS_THRESHOLD, RolloutTree
 
 
 class PromptStream(Protocol):
@@ -115,7 +115,7 @@ async def plan_rollouts(
     spill = dict(alloc=alloc, a=a, sampler=sampler, prompts_per_step=prompts_per_step, step=step)
     # Stage 2: prefix expansion, round by round; each funded prompt's share of the continuations is exact.
     if alloc.expands and funded:
-        shares = share(left, [m[i] for i in funded])
+        shares = share(left, stage2_weights(pool, funded, m, a.stage2_share))
         per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
         left = 0
         cont = plan.cont
@@ -182,3 +182,17 @@ async def spill_roots(
             jobs.append(src.expand(pool[i], 0, k))
     plan.count["respent_as_roots"] += n
     return jobs
+
+
+def stage2_weights(pool: list[RolloutTree], funded: list[int], m: list[int], how: str) -> list[int]:
+    """The weights stage 2 shares its continuations by, one per funded prompt (`AllocationConfig.stage2_share`):
+    its bare rollouts ("roots"), or those of the prompts whose bare rollouts all succeed or all fail (the
+    `SUCCESS_THRESHOLD` that defines a mixed tree), 0 for the mixed ones ("unmixed"; all of them when none is)."""
+    weights = [m[i] for i in funded]
+    if how == "roots":
+        return weights
+    assert how == "unmixed", how
+    unmixed = [len({o >= SUCCESS_THRESHOLD for o in pool[i].root_outcomes()}) <= 1 for i in funded]
+    if not any(unmixed):
+        return weights
+    return [w if u else 0 for w, u in zip(weights, unmixed, strict=True)]
