@@ -44,6 +44,8 @@ Figures per allocator (mean over seeds, with `_ci95` = half-width of Student's t
 - predictor_auc / predictor_brier: calibration of the allocation-time predictions (trace.py's split_calibration);
 - mean_success: the exact held-out success averaged over the run's evaluations (after each step);
 - grad_norm / clip_rate: the policy gradient's norm before clipping, and the share of steps it was clipped;
+- continuations_to_mixed_frac: the share of stage 2's continuations placed on prompts whose bare rollouts were
+  already mixed (nan without expansion);
 - vs_grpo_mean_success (paired by seed, mean difference with its 95% interval) and vs_grpo_leaves_ratio (leaves to
   target over GRPO's, the geometric mean of the per-seed ratios with its 95% interval), against "uniform".
 A figure without samples (anchor bias of an allocator that never expands) is null. FILE.runs.json holds the per-run
@@ -456,10 +458,12 @@ class Simulation:
         errs: dict[str, list[float]] = {"root": [], "anchor": [], "visit_root": [], "visit_anchor": []}
         per_step: dict[str, list[float]] = {"effective_ratio": [], "mixed_per_100_leaves": []}
         per_step |= {"nonzero_adv_token_frac": [], "predictor_auc": [], "predictor_brier": []}
-        per_step |= {"grad_norm": [], "clip_rate": []}
+        per_step |= {"grad_norm": [], "clip_rate": [], "continuations_to_mixed_frac": []}
         for _ in range(c.steps):
             self._pi = self.probs(self.task)
-            trees = self.collect_with_truth(errs)
+            trees, count = self.collect_with_truth(errs)
+            if count["continuations"]:
+                per_step["continuations_to_mixed_frac"].append(count["continuations_to_mixed"] / count["continuations"])
             per_step["effective_ratio"].append(effective_ratio(trees))
             per_step["mixed_per_100_leaves"].append(mixed_per_100_leaves(trees))
             calib = split_calibration(trees)
@@ -490,10 +494,10 @@ class Simulation:
         }
         return out
 
-    def collect_with_truth(self, errs: dict[str, list[float]]) -> list[RolloutTree]:
+    def collect_with_truth(self, errs: dict[str, list[float]]) -> tuple[list[RolloutTree], dict[str, int]]:
         """`collect`, then each root's and each expanded anchor's Vhat (and the visit-weighted witness) against the
         exact value of its state under the policy that generated the step."""
-        trees, _ = self.collect()
+        trees, count = self.collect()
         idx = np.asarray([t.meta["index"] for t in trees])
         truth = success_table(self.task, self._pi[idx], self.cfg.max_turns, idx)
         for t, tv in zip(trees, truth, strict=True):
@@ -504,7 +508,7 @@ class Simulation:
                 if len(n.children) > 1 and n.value is not None:  # an anchor stage 2 added continuations at
                     errs["anchor"].append(n.value - tv[n.info["f"], n.depth])
                     errs["visit_anchor"].append(vw[n.node_id] - tv[n.info["f"], n.depth])
-        return trees
+        return trees, count
 
 
 def visit_weighted(tree: RolloutTree) -> dict[int, float]:
@@ -561,6 +565,7 @@ FIGURES = (
     "mean_success",
     "grad_norm",
     "clip_rate",
+    "continuations_to_mixed_frac",
     "leaves_to_target",
     "reached_target",
     "predictor_auc",

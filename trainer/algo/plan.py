@@ -109,6 +109,7 @@ async def plan_rollouts(
         "trees_redone": 0,
         "trees_dropped": 0,
         "leaves_lost": 0,
+        "continuations_to_mixed": 0,
     }
     plan = StepPlan(pool, idxs, v, m, [0] * len(pool), count)
     left = a.leaf_budget - sum(m)  # stage 2's continuations; for allocators that do not expand, normally 0
@@ -116,6 +117,7 @@ async def plan_rollouts(
     # Stage 2: prefix expansion, round by round; each funded prompt's share of the continuations is exact.
     if alloc.expands and funded:
         shares = share(left, stage2_weights(pool, funded, m, a.stage2_share))
+        mixed = {i for i in funded if len({o >= SUCCESS_THRESHOLD for o in pool[i].root_outcomes()}) > 1}
         per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
         left = 0
         cont = plan.cont
@@ -134,6 +136,7 @@ async def plan_rollouts(
             count["continuations_moved"] += sum(max(sum(ks) - w, 0) for ks, w in zip(placed, want, strict=True))
             for i, ks in zip(live, placed, strict=True):
                 cont[i] += sum(ks)
+                count["continuations_to_mixed"] += sum(ks) if i in mixed else 0  # its bare rollouts were mixed
             jobs = []
             for i, an, ks in zip(live, anchors, placed, strict=True):
                 jobs += [src.expand(pool[i], x.node_id, k) for x, k in zip(an, ks, strict=True) if k]
