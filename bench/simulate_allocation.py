@@ -43,6 +43,9 @@ Figures per allocator (mean over seeds, with `_ci95` = half-width of Student's t
   as steps * leaf_budget (a lower bound: `reached_target` says which share did);
 - predictor_auc / predictor_brier: calibration of the allocation-time predictions (trace.py's split_calibration);
 - mean_success: the exact held-out success averaged over the run's evaluations (after each step);
+- probe_auc / probe_auc_oracle: the predictor's AUC on the calibration probe (`SimConfig.probe`: the same random
+  prompts and turns for every allocator, outside the budget, never trained on), and an oracle's (the exact values)
+  on the same pairs: comparable across allocators, where predictor_auc scores each allocator's own nodes;
 - grad_norm / clip_rate: the policy gradient's norm before clipping, and the share of steps it was clipped;
 - continuations_to_mixed_frac: the share of stage 2's continuations placed on prompts whose bare rollouts were
   already mixed (nan without expansion);
@@ -80,7 +83,13 @@ from trainer.algo.allocation import (
     make_allocator,
 )
 from trainer.algo.plan import plan_rollouts
-from trainer.algo.predictor import BetaPrior, SuccessPredictor, collect_training_set, split_calibration
+from trainer.algo.predictor import (
+    BetaPrior,
+    SuccessPredictor,
+    calibration,
+    collect_training_set,
+    split_calibration,
+)
 from trainer.algo.step import PromptSampler
 from trainer.algo.tree import FinishStatus, RolloutTree
 from trainer.learner.loss import policy_loss
@@ -216,6 +225,11 @@ class SimConfig:
     predictor_max_steps: int = 100
     prior_a: float = 1.0
     prior_b: float = 1.0
+    probe: int = 32
+    """Calibration probe (issue 22): prompts a step drawn at random from the training stream, the same for every
+    allocator of a seed, outside the leaf budget and never trained on; each gets one rollout from its root and one
+    from a random non-final turn of that rollout, and its predicted V(root) / V(H) is scored against those outcomes
+    (`probe_auc`) and the exact values of the same states (`probe_auc_oracle`). 0 = no probe."""
     warm_early: float = -1.0
     """< 0: the policy starts uniform (theta = 0). In [0, 1): a warm start like the LM testbed's (trainer's
     `sft.flawed_frac`): at 0 < f < h it answers early with this probability (else searches right, 95% of the
@@ -289,6 +303,8 @@ class Simulation:
             self.opt = torch.optim.SGD([self.theta], lr=cfg.lr)
         else:
             raise ValueError(f"optimizer must be adamw or sgd, got {cfg.optimizer!r}")
+        self.probe_rng = np.random.default_rng(cfg.seed + 7_000_001)  # the probe's prompts and outcomes, its own
+        self.probe_pairs: dict[str, list[float]] = {"pred": [], "oracle": [], "outcome": []}
         self.adv_cfg = AdvantageConfig(w_process=cfg.w_process, process_baseline=cfg.process_baseline)
         self._pi = self._truth = None  # per step: policy probabilities and exact values of the training prompts
 
@@ -469,6 +485,7 @@ class Simulation:
             calib = split_calibration(trees)
             per_step["predictor_auc"].append(calib["auc"])
             per_step["predictor_brier"].append(calib["brier"])
+            self.run_probe()
             upd = self.update(trees)
             per_step["nonzero_adv_token_frac"].append(upd["nonzero_adv_token_frac"])
             per_step["grad_norm"].append(upd["grad_norm"])
@@ -484,6 +501,8 @@ class Simulation:
             "visit_bias_root": _nanmean(errs["visit_root"]),
             "visit_bias_anchor": _nanmean(errs["visit_anchor"]),
             "n_anchor_estimates": len(errs["anchor"]),
+            "probe_auc": calibration(self.probe_pairs["pred"], self.probe_pairs["outcome"])["auc"],
+            "probe_auc_oracle": calibration(self.probe_pairs["oracle"], self.probe_pairs["outcome"])["auc"],
             "final_success": success[-1],
             "mean_success": float(np.mean(success[1:])) if len(success) > 1 else success[0],
             "leaves_to_target": float(hit[0] if hit else leaves[-1]),
@@ -493,6 +512,36 @@ class Simulation:
             "optimal_success": self.optimal_success(),
         }
         return out
+
+    def run_probe(self) -> None:
+        """The calibration probe of `SimConfig.probe`: outcomes drawn with the probe's own generator, so the
+        allocation and training streams are untouched."""
+        if self.cfg.probe <= 0:
+            return
+        idx = self.probe_rng.choice(self.cfg.n_prompts, size=self.cfg.probe, replace=False)
+        truth = success_table(self.task, self._pi[idx], self.cfg.max_turns, idx)
+        trees = [self.new_tree(int(i)) for i in idx]
+        roots = [min(max(self.prior.mean(t.prompt_id, prior_mean=v), 1e-4), 1 - 1e-4)
+                 for t, v in zip(trees, self.predict([t.root.features for t in trees]), strict=True)]  # fmt: skip
+        rng, self.rng = self.rng, self.probe_rng  # expand() draws from self.rng
+        try:
+            for k, t in enumerate(trees):
+                self.expand(t, 0, 1)
+                chain = [n for n in t.nodes[1:] if not n.is_finished]
+                pairs = [(roots[k], truth[k][0, 0], t.nodes[-1].reward)]
+                if chain:
+                    node = chain[int(self.probe_rng.integers(len(chain)))]
+                    before = len(t.nodes)
+                    self.expand(t, node.node_id, 1)
+                    pred = self.predict([node.features])[0]
+                    pairs.append((pred, truth[k][node.info["f"], node.depth], t.nodes[-1].reward))
+                    assert len(t.nodes) > before
+                for pred, oracle, outcome in pairs:
+                    self.probe_pairs["pred"].append(float(pred))
+                    self.probe_pairs["oracle"].append(float(oracle))
+                    self.probe_pairs["outcome"].append(float(outcome))
+        finally:
+            self.rng = rng
 
     def collect_with_truth(self, errs: dict[str, list[float]]) -> tuple[list[RolloutTree], dict[str, int]]:
         """`collect`, then each root's and each expanded anchor's Vhat (and the visit-weighted witness) against the
@@ -566,6 +615,8 @@ FIGURES = (
     "grad_norm",
     "clip_rate",
     "continuations_to_mixed_frac",
+    "probe_auc",
+    "probe_auc_oracle",
     "leaves_to_target",
     "reached_target",
     "predictor_auc",

@@ -142,3 +142,14 @@ def test_comparison_against_grpo_is_paired_by_seed() -> None:
     assert out["trace"]["vs_grpo_leaves_ratio"] == pytest.approx(0.5) and out["uniform"]["vs_grpo_leaves_ratio"] == 1
     assert out["trace"]["vs_grpo_leaves_ratio_ci95"] == pytest.approx([0.5, 0.5])
     assert "| trace | +0.020" in sim.table(out)
+
+
+def test_calibration_probe_is_outside_the_run_and_scores_an_oracle_too() -> None:
+    """Issue 22: the probe's rollouts draw from their own generator (the run's curve is the same with or without
+    it), an oracle V ranks the probe's outcomes well above chance, and the predictor is scored on the same pairs."""
+    cfg = sim.SimConfig(allocator="trace", seed=4, steps=4, warm_early=0.9, probe=16)
+    with_probe = sim.Simulation(cfg).run()
+    without = sim.Simulation(sim.SimConfig(**{**cfg.__dict__, "probe": 0})).run()
+    assert with_probe["success_curve"] == without["success_curve"]
+    assert with_probe["probe_auc_oracle"] > 0.75, with_probe["probe_auc_oracle"]
+    assert 0.0 <= with_probe["probe_auc"] <= 1.0 and np.isnan(without["probe_auc"])
