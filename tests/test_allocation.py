@@ -210,3 +210,16 @@ def test_anchors_from_tree():
     a.predicted = 0.25
     assert anchors_from_tree(t) == [Anchor(1, 1.0, 0.25)]
     assert anchors_from_tree(t, max_turns=1) == []
+
+
+def test_skip_roots_keeps_breadth_and_skips_confident_prompts() -> None:
+    """Issue 22's GRESO-style stage 1: m rollouts a prompt in stream order, prompts valued within eps of 0 or 1
+    skipped unless too few remain, the remainder one each to the first funded."""
+    from trainer.algo.allocation import skip_roots
+
+    v = [0.5, 0.02, 0.3, 0.99, 0.6, 0.4, 0.5]
+    assert skip_roots(v, 8, 2, 0.1) == [2, 0, 2, 0, 2, 2, 0]
+    assert skip_roots(v, 9, 2, 0.1) == [3, 0, 2, 0, 2, 2, 0], "the remainder to the first funded prompt"
+    assert skip_roots(v, 12, 2, 0.1) == [2, 2, 2, 0, 2, 2, 2], "too few unskipped: skipped ones in stream order"
+    assert skip_roots(v, 8, 2, 0.0) == [2, 2, 2, 2, 0, 0, 0], "eps 0 skips nothing: a uniform stage 1"
+    assert sum(skip_roots([0.5] * 10, 17, 2, 0.1)) == 17

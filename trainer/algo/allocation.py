@@ -200,6 +200,25 @@ def top_up_roots(v: Sequence[float], m: Sequence[int], budget: int, cap: int | N
     return extra
 
 
+def skip_roots(v: Sequence[float], budget: int, m: int, eps: float) -> list[int]:
+    """GRESO's idea as a stage 1 (Li et al., 2025, "Act Only When It Pays"): keep a uniform stage 1's breadth, m
+    rollouts a prompt in the order the stream gave them, but skip a prompt whose value is within `eps` of 0 or 1
+    (confidently all-fail or all-succeed). Skipped prompts are funded after the others only if too few remain; the
+    remainder of budget // m goes one rollout each to the first funded prompts. Sums to `budget` when the pool
+    has budget // m prompts."""
+    assert m >= 1 and budget >= 0 and 0.0 <= eps < 0.5, f"{m=} {budget=} {eps=}"
+    out = [0] * len(v)
+    n = budget // m
+    keep = [i for i, x in enumerate(v) if eps < x < 1.0 - eps]
+    skipped = [i for i, x in enumerate(v) if not eps < x < 1.0 - eps]
+    chosen = (keep + skipped)[:n]
+    for i in chosen:
+        out[i] = m
+    for i in sorted(chosen)[: budget - m * len(chosen)] if chosen else []:
+        out[i] += 1
+    return out
+
+
 def uniform_roots(n_prompts: int, budget: int, m_min: int = 1) -> list[int]:
     """Plain GRPO groups: m = budget // B each, the remainder one by one to the first prompts.
 
@@ -382,7 +401,8 @@ def uniform_group(budget: int, group_size: int, prompts_per_step: int) -> int:
 @dataclass
 class AllocationConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
-    """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node"."""
+    """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node", "trace-skip" (our
+    variant: GRESO-style stage 1, TRACE's stage 2)."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
@@ -401,6 +421,8 @@ class AllocationConfig:
     """Expansion rounds (expand, observe, back up, re-score); each prompt's continuations are split evenly."""
     max_per_anchor: int = 4
     """Most continuations from one anchor per round."""
+    skip_eps: float = 0.1
+    """The "trace-skip" allocator's stage 1: a prompt valued below skip_eps or above 1 - skip_eps is skipped."""
     stage2_share: str = "roots"
     """How stage 2's continuations are shared across the funded prompts. "roots" (the paper's): in proportion to
     each prompt's stage-1 rollouts, whatever they showed. "unmixed" (our deviation, issue 22): only among prompts
@@ -423,7 +445,7 @@ class AllocationConfig:
 
 STAGE2_SHARE = ("roots", "unmixed")
 """`AllocationConfig.stage2_share`'s values."""
-STAGE1 = ("active", "uniform")
+STAGE1 = ("active", "uniform", "skip")
 STAGE2 = ("active", "uniform", "random", "none")
 
 
@@ -498,11 +520,13 @@ class StagedAllocator(Allocator):
 
     @property
     def selects(self) -> bool:
-        return self.stage1 == "active"
+        return self.stage1 in ("active", "skip")
 
     def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
         if self.stage1 == "uniform":
             return uniform_roots(len(prompts_v), budget, cfg.m_min)
+        if self.stage1 == "skip":
+            return skip_roots(prompts_v, budget, max(cfg.m_min, 1), cfg.skip_eps)
         return allocate_roots(prompts_v, budget, cfg.m_min, cfg.m_max)
 
     def spill_roots(
@@ -569,6 +593,14 @@ class RootOnlyAllocator(StagedAllocator):
     stage1, stage2 = "active", "none"
 
 
+class TraceSkipAllocator(StagedAllocator):
+    """Our variant (issue 22), not the paper's: GRESO-style stage 1 (`skip_roots`: m_min rollouts a prompt in stream
+    order, prompts valued within allocation.skip_eps of 0 or 1 skipped: GRPO's breadth, values used only to skip)
+    and TRACE's active stage 2."""
+
+    stage1, stage2 = "skip", "active"
+
+
 class RandomNodeAllocator(StagedAllocator):
     """TreePO / Tree-GRPO style: uniform roots (no prompt selection), continuations from random anchors."""
 
@@ -580,6 +612,7 @@ ALLOCATORS: dict[str, type[StagedAllocator]] = {
     "uniform": UniformAllocator,
     "root-only": RootOnlyAllocator,
     "random-node": RandomNodeAllocator,
+    "trace-skip": TraceSkipAllocator,
 }
 
 
