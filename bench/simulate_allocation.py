@@ -85,6 +85,7 @@ from trainer.algo.allocation import (
 from trainer.algo.plan import plan_rollouts
 from trainer.algo.predictor import (
     BetaPrior,
+    RowReplay,
     SuccessPredictor,
     calibration,
     collect_training_set,
@@ -223,6 +224,10 @@ class SimConfig:
     predictor_lr: float = 3e-3
     predictor_epochs: int = 30
     predictor_max_steps: int = 100
+    predictor_replay: int = 0
+    """predictor.replay_steps: also refit on the rows of this many earlier steps."""
+    predictor_open_only: bool = False
+    """predictor.open_only: no leaf rows."""
     prior_a: float = 1.0
     prior_b: float = 1.0
     probe: int = 32
@@ -295,6 +300,7 @@ class Simulation:
             max_steps=cfg.predictor_max_steps,
         )
         self.fitted = False
+        self.replay = RowReplay(cfg.predictor_replay)
         init = warm_theta(cfg.warm_early) if cfg.warm_early >= 0 else np.zeros((MAX_HOPS + 1, N_STATES, N_ACTIONS))
         self.theta = torch.tensor(init, dtype=torch.float64, requires_grad=True)
         if cfg.optimizer == "adamw":
@@ -422,7 +428,8 @@ class Simulation:
     # -- update: mirrors TraceStep.update (predictor refit, priors, samples, policy step) --
 
     def update(self, trees: list[RolloutTree]) -> dict[str, float]:
-        feats, targets, weights = collect_training_set(trees)
+        rows = collect_training_set(trees, open_only=self.cfg.predictor_open_only)
+        feats, targets, weights = self.replay.add(*rows)
         if len(feats):
             self.predictor.fit(feats, targets, weights, epochs=self.cfg.predictor_epochs)
             self.fitted = True
@@ -778,7 +785,8 @@ def main() -> None:
     skip = {"allocator", "seed", "kinds"}
     for f_name, f_val in asdict(d).items():
         if f_name not in skip:
-            ap.add_argument(f"--{f_name.replace('_', '-')}", type=type(f_val), default=f_val)
+            kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(f_val, bool) else type(f_val)
+            ap.add_argument(f"--{f_name.replace('_', '-')}", type=kind, default=f_val)
     ap.add_argument("--kinds", default=",".join(map(str, d.kinds)), help="hop counts of the prompt kinds")
     ap.add_argument(
         "--sweep-lrs",

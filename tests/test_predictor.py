@@ -218,3 +218,28 @@ def test_split_calibration_by_hand():
     assert c["auc"] == pytest.approx(2.5 / 4)
     empty = split_calibration([])
     assert empty["root_n"] == empty["anchor_n"] == 0 and math.isnan(empty["root_brier"])
+
+
+def test_row_replay_keeps_the_last_steps_and_open_only_drops_leaves() -> None:
+    """Issue 22: predictor.replay_steps refits on the rows of recent steps too; predictor.open_only leaves finished
+    nodes (never queried) out of the rows."""
+    import torch
+
+    from trainer.algo.predictor import RowReplay, collect_training_set
+    from trainer.algo.tree import FinishStatus, RolloutTree
+
+    replay = RowReplay(2)
+    for step in range(4):
+        f, _, _ = replay.add(torch.full((step + 1, 3), float(step)), torch.zeros(step + 1), torch.ones(step + 1))
+    assert f.shape == (2 + 3 + 4, 3) and sorted(set(f[:, 0].tolist())) == [1.0, 2.0, 3.0], "this step + 2 before"
+    empty = RowReplay(0).add(torch.zeros(0, 0), torch.zeros(0), torch.zeros(0))
+    assert len(empty[0]) == 0
+    tree = RolloutTree.new("p", "q", ["a"], [1], "s")
+    tree.root.features = [0.0, 1.0]
+    mid = tree.add_child(0, [5], [1], [-0.1])
+    mid.features = [1.0, 1.0]
+    leaf = tree.add_child(mid.node_id, [6], [1], [-0.1], status=FinishStatus.ANSWERED, reward=1.0)
+    leaf.features = [2.0, 1.0]
+    tree.backup()
+    assert len(collect_training_set([tree])[0]) == 3
+    assert collect_training_set([tree], open_only=True)[0][:, 0].tolist() == [0.0, 1.0]

@@ -27,6 +27,7 @@ Contract:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
@@ -56,6 +57,12 @@ class PredictorConfig:
     prior_a: float = 1.0
     prior_b: float = 1.0
     """Beta(a, b) prior of a prompt's success rate, for roots never seen before."""
+    replay_steps: int = 0
+    """Refit on this step's rows and those of the last replay_steps steps (`RowReplay`; 0 = this step only). A step
+    gives a few dozen outcomes; older rows carry older features (the policy's hidden states moved since)."""
+    open_only: bool = False
+    """Leave finished nodes (leaves: their value is their reward) out of the training rows: only open nodes, roots
+    and anchors, are ever queried."""
 
 
 @contextlib.contextmanager
@@ -379,15 +386,15 @@ def node_samples(tree: RolloutTree, node: TurnNode) -> list[float]:
     return [o for o in out if o is not None]
 
 
-def collect_training_set(trees: Iterable[RolloutTree]) -> tuple[Tensor, Tensor, Tensor]:
+def collect_training_set(trees: Iterable[RolloutTree], *, open_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(features [N, D], targets [N], weights [N]) from every node of the trees that has `features` and at least
     one sample (`node_samples`): target = the samples' mean, weight = their count. Equivalent to one row per
     (node, sample) pair, which is what makes the regression consistent (module docstring); a root with 16 bare
-    rollouts counts 16 times a single chain node."""
+    rollouts counts 16 times a single chain node. open_only: finished nodes (leaves) left out."""
     feats, targets, weights = [], [], []
     for tree in trees:
         for node in tree.nodes:
-            if node.features is None:
+            if node.features is None or (open_only and node.is_finished):
                 continue
             samples = node_samples(tree, node)
             if not samples:
@@ -406,3 +413,19 @@ def collect_training_set(trees: Iterable[RolloutTree]) -> tuple[Tensor, Tensor, 
         torch.tensor(targets, dtype=torch.float32),
         torch.tensor(weights, dtype=torch.float32),
     )
+
+
+class RowReplay:
+    """The predictor's training rows of the last `steps` + 1 steps (`PredictorConfig.replay_steps`): `add` this
+    step's rows, get them together with the kept ones."""
+
+    def __init__(self, steps: int) -> None:
+        assert steps >= 0, steps
+        self.rows: collections.deque[tuple[Tensor, Tensor, Tensor]] = collections.deque(maxlen=steps + 1)
+
+    def add(self, feats: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if len(feats):
+            self.rows.append((feats, targets, weights))
+        if not self.rows:
+            return feats, targets, weights
+        return tuple(torch.cat(part) for part in zip(*self.rows, strict=True))  # type: ignore[return-value]

@@ -52,6 +52,7 @@ from trainer.algo.plan import plan_rollouts
 from trainer.algo.predictor import (
     BetaPrior,
     PredictorConfig,
+    RowReplay,
     SuccessPredictor,
     collect_training_set,
     split_calibration,
@@ -160,6 +161,7 @@ class TraceStep:
         self.prior = BetaPrior(cfg.predictor.prior_a, cfg.predictor.prior_b)
         self.rng = random.Random(cfg.run.seed)
         self.predictor: SuccessPredictor | None = None
+        self.replay = RowReplay(cfg.predictor.replay_steps)  # the predictor's training rows of recent steps
         self.fitted = False
         self.success_count = [1.0, 2.0]  # running (successes, total) with a weak 0.5 prior: unseen-root fallback
         # Collection's side when it overlaps the update (max_staleness >= 1), set by publish(): the frozen feature
@@ -460,7 +462,8 @@ class TraceStep:
         t0 = time.perf_counter()
         trees = batch.trees
         self.featurise(trees)
-        feats, targets, weights = collect_training_set(trees)
+        rows = collect_training_set(trees, open_only=self.cfg.predictor.open_only)
+        feats, targets, weights = self.replay.add(*rows)
         if self.predictor is None and len(feats):
             p = self.cfg.predictor
             self.predictor = SuccessPredictor(feats.shape[1], hidden=p.hidden, lr=p.lr, seed=self.cfg.run.seed)
