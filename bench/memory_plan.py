@@ -541,9 +541,12 @@ def tensor_bytes(tensors: Iterator[Any]) -> int:
     return sum(seen.values())
 
 
-def tiny_samples(n: int = 8, length: int | None = None, seed: int = 0) -> list[Any]:
-    """n TrainSamples whose last 40% of tokens are trained (the loss mask), token ids from the tiny vocabulary: of
-    40, 60, 80, ... tokens, or all of `length` tokens (identical micro-batches)."""
+def tiny_samples(
+    n: int = 8, length: int | None = None, seed: int = 0, vocab: int = 2000, trained_frac: float = 0.4
+) -> list[Any]:
+    """n TrainSamples whose last `trained_frac` of tokens are trained (the loss mask; 40% by default), token ids in
+    11..vocab (the tiny vocabulary by default): of 40, 60, 80, ... tokens, or all of `length` tokens (identical
+    micro-batches)."""
     import random
 
     from trainer.learner.samples import TrainSample
@@ -552,11 +555,11 @@ def tiny_samples(n: int = 8, length: int | None = None, seed: int = 0) -> list[A
     out = []
     for i in range(n):
         size = length or 40 + 20 * i
-        trained = size * 2 // 5
+        trained = size * 2 // 5 if trained_frac == 0.4 else int(size * trained_frac)
         mask = [0] * (size - trained) + [1] * trained
         out.append(
             TrainSample(
-                input_ids=[rng.randrange(11, 2000) for _ in range(size)],
+                input_ids=[rng.randrange(11, vocab) for _ in range(size)],
                 loss_mask=mask,
                 advantages=[(1.0 if i % 2 else -1.0) * m for m in mask],
                 weights=[float(m) for m in mask],

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,31 +27,12 @@ if str(REPO) not in sys.path:
 
 
 def build_model(root: Path) -> tuple[Path, int]:
-    """The model folder (the tiny model's tokenizer files beside it) and its parameter count."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """The model folder (stored in bf16) and its parameter count."""
+    from tools.tiny_model import build_shaped_model
 
-    from tools.tiny_model import build_tiny_model
-
-    tiny = build_tiny_model(root / "tiny", seed=0)
-    cfg = Qwen3Config(
-        vocab_size=32768,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    out = root / "model"
-    model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)  # stored in bf16, as Qwen3 checkpoints are
-    model.save_pretrained(out)
-    for f in tiny.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, out / f.name)
-    return out, sum(p.numel() for p in model.parameters())
+    cfg = dict(vocab_size=32768, hidden_size=1024, intermediate_size=3072, num_hidden_layers=16)
+    cfg |= dict(num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False)
+    return build_shaped_model(root / "model", dtype="bfloat16", **cfg)
 
 
 def _rss_kb() -> int:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import random
-import shutil
 import sys
 import tempfile
 import time
@@ -39,52 +37,17 @@ def _memory_plan() -> Any:
 
 
 def build_model(root: Path, vocab: int = 151936) -> Path:
-    """A Qwen3-shaped model with a real-size vocabulary, random weights, and the tiny model's tokenizer files."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """A Qwen3-shaped model with a real-size vocabulary and a small body (tied embeddings), random weights."""
+    from tools.tiny_model import build_shaped_model
 
-    from tools.tiny_model import build_tiny_model
-
-    tiny = build_tiny_model(root / "tiny", seed=0)
-    cfg = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    out = root / "model"
-    Qwen3ForCausalLM(cfg).save_pretrained(out)
-    for f in tiny.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, out / f.name)
-    return out
+    cfg = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8)
+    cfg |= dict(num_key_value_heads=4, head_dim=64, tie_word_embeddings=True)
+    return build_shaped_model(root / "model", vocab_size=vocab, **cfg)[0]
 
 
-def samples(n: int = 8, length: int = 1024, trained: int = 512, vocab: int = 151936) -> list[Any]:
-    from trainer.learner.samples import TrainSample
-
-    rng = random.Random(0)
-    out = []
-    for i in range(n):
-        mask = [0] * (length - trained) + [1] * trained
-        out.append(
-            TrainSample(
-                input_ids=[rng.randrange(11, vocab) for _ in range(length)],
-                loss_mask=mask,
-                advantages=[(1.0 if i % 2 else -1.0) * m for m in mask],
-                weights=[float(m) for m in mask],
-                engine_logprobs=[-11.0] * length,
-                prompt_id=f"p{i}",
-                tree_index=0,
-                leaf_id=i,
-            )
-        )
-    return out
+def samples(n: int = 8, length: int = 1024, vocab: int = 151936) -> list[Any]:
+    """n samples of `length` tokens, the last half trained (memory_plan's `tiny_samples` over the whole vocabulary)."""
+    return _memory_plan().tiny_samples(n, length=length, vocab=vocab, trained_frac=0.5)
 
 
 def measure(model_dir: Path, budget: int) -> dict[str, Any]:

@@ -29,10 +29,12 @@ queries; at 2,048, trained on the synthetic world's own text, a name is one or t
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -231,3 +233,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def build_shaped_model(out_dir: Path, *, dtype: str = "float32", seed: int = 0, **config: Any) -> tuple[Path, int]:
+    """A Qwen3 model of any shape (`config`: Qwen3Config's fields, e.g. a real vocabulary_size), random weights
+    (torch seed `seed`), stored in `dtype`, with the tiny model's tokenizer files beside it (their vocabulary is
+    smaller than the model's: benches feed token ids directly). Offline; for the memory and weight-sync benches.
+    Returns the folder and the parameter count."""
+    out_dir = Path(out_dir)
+    tiny = build_tiny_model(out_dir.parent / f"{out_dir.name}-tokenizer", seed=seed)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**config)).to(getattr(torch, dtype))
+    model.save_pretrained(out_dir)
+    for f in tiny.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out_dir / f.name)
+    return out_dir, sum(p.numel() for p in model.parameters())
