@@ -3,6 +3,17 @@
     python bench/compare_allocators.py --steps K --seeds S --out FILE.json [--config configs/compare.toml]
         [--eval-every E] [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
     python bench/compare_allocators.py --from-runs FILE.runs.json --out FILE.json   # summarise again, run nothing
+    python bench/compare_allocators.py --steps 20 --seeds 8 --eval-every 2 --out FILE.json \
+        --allocators uniform,trace,trace-fixed \
+        --arm 'trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"' \
+        --sweep-lrs 2e-5,5e-5,1e-4 --tune-seeds 2       # the equal-care protocol (issue 22)
+
+Arms: an --allocators entry is an allocator name, or an arm named by --arm NAME=ALLOCATOR|SET|SET... (a variant:
+the allocator with extra --set overrides). --sweep-lrs: every arm runs each rate on --tune-seeds tuning seeds
+(run.seed 10000, 10001, ...; never reported) and keeps the rate with the highest mean dev EM over the run's
+evaluations; the reported seeds 0..S-1 then run at each arm's own rate. Every arm of a seed starts from the same
+warm start (model.tiny_seed, not run.seed) and draws the same prompt stream. Against GRPO ("uniform"), paired by
+seed: vs_grpo_dev_em_mean (the mean over the run's evaluations, the difference with its 95% interval).
 
 Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
 warm start is cached per seed, so every allocator of a seed starts from identical weights), with
@@ -53,10 +64,29 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def parse_arm(spec: str) -> tuple[str, str, list[str]]:
+    """--arm NAME=ALLOCATOR|SET|SET...: (name, allocator, extra --set overrides)."""
+    name, sep, rest = spec.partition("=")
+    parts = rest.split("|")
+    if not sep or not name.strip() or not parts[0].strip():
+        raise ValueError(f"--arm {spec!r}: expected NAME=ALLOCATOR|section.field=value|...")
+    return name.strip(), parts[0].strip(), [p.strip() for p in parts[1:] if p.strip()]
+
+
 def run_one(
-    config: str | None, sets: list[str], allocator: str, seed: int, steps: int, out: Path, eval_every: int | None = None
+    config: str | None,
+    sets: list[str],
+    allocator: str,
+    seed: int,
+    steps: int,
+    out: Path,
+    eval_every: int | None = None,
+    *,
+    arm: str | None = None,
 ) -> dict[str, Any]:
-    run_dir = out / f"{allocator}-s{seed}"
+    """One `trace-train` run of `allocator` (named `arm`, default the allocator) at `seed`; its figures."""
+    arm = arm or allocator
+    run_dir = out / f"{arm}-s{seed}"
     cfg = load_train_config(
         config,
         [
@@ -76,8 +106,14 @@ def run_one(
     res: dict[str, Any] = {k: _mean([r.get(k) for r in rows]) for k in FIGURES}
     res["dev_em"] = rows[-1].get("eval_em")
     res.update(dev_em_curve(rows))
+    evals = [y for x, y in res["dev_em_curve"] if x > 0]
+    res["dev_em_mean"] = _mean(evals)  # over the run's evaluations after training began (issue 22's primary)
+    norms = [float(r["grad_norm"]) for r in rows if r.get("grad_norm") is not None]
+    res["grad_norm"] = _mean(norms)
+    res["clip_rate"] = _mean([float(x > cfg.optim.grad_clip) for x in norms]) if cfg.optim.grad_clip > 0 else 0.0
+    res["lr"] = cfg.optim.lr
     res["wall_s"] = time.perf_counter() - t0
-    res["allocator"], res["seed"] = allocator, seed
+    res["allocator"], res["seed"], res["base_allocator"] = arm, seed, allocator
     return res
 
 
@@ -114,6 +150,18 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
         out[a]["dev_em_curve_ci95"] = [
             [x, mean_ci([p[1] for r in mine for p in r["dev_em_curve"] if p[0] == x])[1]] for x in points
         ]
+        for k in ("dev_em_mean", "grad_norm", "clip_rate"):
+            out[a][k] = _mean([r.get(k) for r in mine])
+        out[a]["lr"] = mine[0].get("lr")
+    if "uniform" in out:  # paired by seed against GRPO: the mean dev EM over each run's evaluations (issue 22)
+        base = {r["seed"]: r for r in runs if r["allocator"] == "uniform"}
+        for a in out:
+            d = [
+                r["dev_em_mean"] - base[r["seed"]]["dev_em_mean"]
+                for r in runs
+                if r["allocator"] == a and r["seed"] in base and r.get("dev_em_mean") is not None
+            ]
+            out[a]["vs_grpo_dev_em_mean"], out[a]["vs_grpo_dev_em_mean_ci95"] = mean_ci(d) if d else (math.nan,) * 2
     if "uniform" in out:  # issue 12's goals, against GRPO, from the mean curves
         grpo = out["uniform"]
         for s in out.values():
@@ -141,13 +189,28 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         "reward_mean",
         "dev_em_final",
         "dev_em_final_ci95",
+        "dev_em_mean",
+        "vs_grpo_dev_em_mean",
+        "vs_grpo_dev_em_mean_ci95",
         "leaves_to_grpo_final",
+        "lr",
+        "grad_norm",
+        "clip_rate",
         "generated_tokens",
         "prefill_tokens",
     )
     lines = ["| allocator | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for a, s in summary.items():
-        cells = ("n/a" if s.get(c) is None else f"{s[c]:.3f}" if s[c] < 100 else f"{s[c]:.0f}" for c in cols)
+        cells = (
+            "n/a"
+            if s.get(c) is None or (isinstance(s[c], float) and math.isnan(s[c]))
+            else f"{s[c]:.2g}"
+            if c == "lr"
+            else f"{s[c]:.3f}"
+            if s[c] < 100
+            else f"{s[c]:.0f}"
+            for c in cols
+        )
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,6 +252,31 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+TUNE_SEED0 = 10_000
+"""Tuning runs use run.seed TUNE_SEED0, TUNE_SEED0 + 1, ...: never a reported seed."""
+
+
+def tune_rates(args: argparse.Namespace, names: list[str], arms: dict[str, tuple[str, list[str]]], work: Path) -> dict:
+    """Each arm's rate of --sweep-lrs: the one with the highest mean dev EM over the run's evaluations, averaged over
+    the tuning seeds. Writes the scores to work/sweep.json."""
+    lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
+    scores: dict[str, dict[str, float]] = {}
+    for a in names:
+        alloc, extra = arms[a]
+        for lr in lrs:
+            ems = []
+            for k in range(args.tune_seeds):
+                sets = [*args.set, *extra, f"optim.lr={lr}"]
+                r = run_one(args.config, sets, alloc, TUNE_SEED0 + k, args.steps, work / "tune", args.eval_every,
+                            arm=f"{a}-lr{lr:g}")  # fmt: skip
+                ems.append(r["dev_em_mean"])
+            scores.setdefault(a, {})[str(lr)] = _mean(ems)
+            print(f"tuning {a} lr {lr:g}: mean dev EM {scores[a][str(lr)]:.3f}")
+    best = {a: max(lrs, key=lambda lr, a=a: scores[a][str(lr)]) for a in names}
+    (work / "sweep.json").write_text(json.dumps({"scores": scores, "rates": best}, indent=2))
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
@@ -198,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=None, help="dev EM every E steps (default: at the end only)")
     p.add_argument("--allocators", default=",".join(ALL))
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--arm", action="append", default=[], help="NAME=ALLOCATOR|SET|SET...: a variant to compare")
+    p.add_argument("--sweep-lrs", default="", help="comma-separated optim.lr values: each arm's own rate, tuned")
+    p.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds of --sweep-lrs (never reported)")
     p.add_argument(
         "--from-runs", default=None, help="summarise FILE.runs.json of a finished comparison again, run nothing"
     )
@@ -211,10 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = out.with_suffix("")
         work.mkdir(parents=True, exist_ok=True)
+        arms = {a: (a, []) for a in allocators}
+        for spec in args.arm:
+            name, alloc, extra = parse_arm(spec)
+            arms[name] = (alloc, extra)
+        missing = [a for a in allocators if a not in arms]
+        assert not missing, f"--allocators names {missing} that are neither allocators nor --arm names"
+        rates = tune_rates(args, allocators, arms, work) if args.sweep_lrs else {}
         runs = []
         for seed in range(args.seeds):
             for a in allocators:
-                r = run_one(args.config, args.set, a, seed, args.steps, work, args.eval_every)
+                alloc, extra = arms[a]
+                sets = [*args.set, *extra, *([f"optim.lr={rates[a]}"] if a in rates else [])]
+                r = run_one(args.config, sets, alloc, seed, args.steps, work, args.eval_every, arm=a)
                 print(f"{a:12s} seed {seed}: " + ", ".join(f"{k}={r[k]:.3f}" for k in ("effective_ratio", "dev_em")))
                 runs.append(r)
     summary = summarise(runs, allocators)

@@ -94,3 +94,29 @@ def test_a_finished_comparison_is_summarised_again_from_its_runs(tmp_path: Path)
     summary = json.loads(out.read_text())
     assert set(summary) == {"uniform", "trace"} and summary["trace"]["leaves_to_grpo_final"] == 128
     assert out.with_suffix(".dev_em.png").exists() and "| trace |" in out.with_suffix(".md").read_text()
+
+
+def test_equal_care_figures_are_paired_by_seed_and_arms_parse() -> None:
+    """Issue 22: the mean dev EM over each run's evaluations, its paired difference against GRPO's on the same seed
+    with a t interval, each arm's rate, gradient norm and clip rate; --arm NAME=ALLOCATOR|SET|... variants."""
+    figures = dict.fromkeys(cmp.FIGURES, 0.0)
+    runs = []
+    for seed, (g, t) in enumerate(((0.30, 0.33), (0.40, 0.42), (0.20, 0.24))):
+        for a, em in (("uniform", g), ("trace-fixed", t)):
+            run = {**figures, "allocator": a, "seed": seed, "dev_em": em, "wall_s": 1.0, "lr": 5e-5}
+            run |= {"grad_norm": 0.5, "clip_rate": 0.25, **cmp.dev_em_curve(_rows({1: em, 3: em}, before=0.1))}
+            run["dev_em_mean"] = em
+            runs.append(run)
+    s = cmp.summarise(runs, ["uniform", "trace-fixed"])
+    assert s["trace-fixed"]["vs_grpo_dev_em_mean"] == pytest.approx(0.03)
+    assert s["trace-fixed"]["vs_grpo_dev_em_mean_ci95"] == pytest.approx(4.303 * 0.01 / 3**0.5, rel=1e-3)
+    assert s["uniform"]["vs_grpo_dev_em_mean"] == 0.0
+    assert s["trace-fixed"]["lr"] == 5e-5 and s["trace-fixed"]["clip_rate"] == 0.25
+    assert "| trace-fixed |" in cmp.table(s) and "5e-05" in cmp.table(s)
+    assert cmp.parse_arm('trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"') == (
+        "trace-fixed",
+        "trace",
+        ['allocation.stage2_share="unmixed"', 'advantage.process_baseline="fresh"'],
+    )
+    with pytest.raises(ValueError, match="expected NAME=ALLOCATOR"):
+        cmp.parse_arm("trace-fixed")
