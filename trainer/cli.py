@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -71,8 +70,9 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def _many_ranks_refused(cfg: TrainConfig) -> str | None:
     """Why this config cannot train on several ranks (None: it can)."""
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp and cfg.optim.kl_coef > 0:
+    from trainer.learner.distributed import fsdp_requested
+
+    if fsdp_requested() and cfg.optim.kl_coef > 0:
         return (
             f"optim.kl_coef={cfg.optim.kl_coef} under FSDP: the KL reference is not sharded yet; set optim.kl_coef = 0 "
             "or train with DDP (configs/accelerate/ddp.yaml)"

@@ -117,7 +117,7 @@ async def plan_rollouts(
     # Stage 2: prefix expansion, round by round; each funded prompt's share of the continuations is exact.
     if alloc.expands and funded:
         shares = share(left, stage2_weights(pool, funded, m, a.stage2_share))
-        mixed = {i for i in funded if len({o >= SUCCESS_THRESHOLD for o in pool[i].root_outcomes()}) > 1}
+        mixed = {i for i in funded if bare_mixed(pool[i])}
         per_round = {i: split_rounds(s, a.rounds) for i, s in zip(funded, shares, strict=True)}
         left = 0
         cont = plan.cont
@@ -190,12 +190,18 @@ async def spill_roots(
 def stage2_weights(pool: list[RolloutTree], funded: list[int], m: list[int], how: str) -> list[int]:
     """The weights stage 2 shares its continuations by, one per funded prompt (`AllocationConfig.stage2_share`):
     its bare rollouts ("roots"), or those of the prompts whose bare rollouts all succeed or all fail (the
-    `SUCCESS_THRESHOLD` that defines a mixed tree), 0 for the mixed ones ("unmixed"; all of them when none is)."""
+    `bare_mixed`), 0 for the mixed ones ("unmixed"; all of them when none is)."""
     weights = [m[i] for i in funded]
     if how == "roots":
         return weights
     assert how == "unmixed", how
-    unmixed = [len({o >= SUCCESS_THRESHOLD for o in pool[i].root_outcomes()}) <= 1 for i in funded]
+    unmixed = [not bare_mixed(pool[i]) for i in funded]
     if not any(unmixed):
         return weights
     return [w if u else 0 for w, u in zip(weights, unmixed, strict=True)]
+
+
+def bare_mixed(tree: RolloutTree) -> bool:
+    """Whether the prompt's bare rollouts hold both a success and a failure (by `SUCCESS_THRESHOLD`, as a mixed tree is
+    defined), whatever stage 2 added."""
+    return len({o >= SUCCESS_THRESHOLD for o in tree.root_outcomes()}) > 1

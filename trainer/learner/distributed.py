@@ -56,6 +56,12 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP the way accelerate reads it (ACCELERATE_USE_FSDP=true: `accelerate launch`
+    with an FSDP config sets it; under torchrun it is set by hand)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 @dataclass
 class Ranks:
     """This process's place among the training ranks, and the command channel between them."""

@@ -40,7 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.learner.config import ModelConfig, OptimConfig, uses_cpu
-from trainer.learner.distributed import Ranks, current, micro_batch_plan
+from trainer.learner.distributed import Ranks, current, fsdp_requested, launched_ranks, micro_batch_plan
 from trainer.learner.loss import install_logprob_head, policy_loss, sequence_logprobs
 from trainer.learner.samples import TrainSample
 
@@ -171,8 +171,7 @@ class Policy:
                 model = self.accelerator.unwrap_model(self.model)  # not DDP's forward: it would sync buffers
                 model.eval()
                 try:
-                    tokens = self.ocfg.micro_batch_tokens
-                    forwards = micro_batch_plan([len(s) for s in seqs], 1, batch, tokens)[0][0]  # rank 0's alone
+                    forwards = self.own_forwards(seqs, batch)
                     return _hidden_states(model, self.accelerator, self.pad_id, seqs, positions, forwards)
                 finally:
                     model.train()
@@ -186,12 +185,13 @@ class Policy:
             ]
         my_seqs, my_pos, n_fw = self.ranks.scatter(parts)
         pad = n_fw - len(my_seqs)  # the same number of forwards (all-gathers) on every rank: blank ones
-        flat_seqs = [s for b in my_seqs for s in b] + [[self.pad_id]] * pad
-        flat_pos = [p for b in my_pos for p in b] + [[0]] * pad
-        fws, at = [], 0
-        for b in [*my_seqs, *[[None]] * pad]:
-            fws.append(list(range(at, at + len(b))))
-            at += len(b)
+        flat_seqs: list[list[int]] = []
+        flat_pos: list[list[int]] = []
+        fws = []
+        for b_seqs, b_pos in [*zip(my_seqs, my_pos, strict=True), *[([[self.pad_id]], [[0]])] * pad]:
+            fws.append(list(range(len(flat_seqs), len(flat_seqs) + len(b_seqs))))
+            flat_seqs += b_seqs
+            flat_pos += b_pos
         with self.lock:
             self.model.eval()
             try:
@@ -295,6 +295,11 @@ class Policy:
         agg = self.ranks.sum(agg)
         agg["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
         return agg
+
+    def own_forwards(self, seqs: Sequence[list[int]], batch: int) -> list[list[int]]:
+        """One process's `hidden_at` forwards over `seqs` (indices, by length): at most `batch` sequences and
+        optim.micro_batch_tokens padded tokens each, as the update's micro-batches."""
+        return micro_batch_plan([len(s) for s in seqs], 1, batch, self.ocfg.micro_batch_tokens)[0][0]
 
     def _micro_batch_plan(self, lengths: Sequence[int], rows: int | None = None) -> tuple[list[list[list[int]]], int]:
         """Each rank's micro-batches (indices into `lengths`) and the count every rank runs: token-balanced shares
@@ -493,8 +498,7 @@ def _accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
     with an FSDP config, or ACCELERATE_USE_FSDP=true and FSDP_* variables under torchrun), with the trainer's
     `fsdp_plugin`; accelerate shards only on accelerators, so on CPU ranks (gloo) its state is switched to FSDP
     here, and its own FSDP2 preparation then runs as it would on GPUs: the path the CPU tests exercise."""
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    plugin = fsdp_plugin(mixed_precision) if fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    plugin = fsdp_plugin(mixed_precision) if fsdp_requested() and launched_ranks() > 1 else None
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=plugin)
     if plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
         acc.state.distributed_type = DistributedType.FSDP
@@ -565,7 +569,7 @@ class FeatureModel:
     ) -> list[torch.Tensor]:
         """As `Policy.hidden_at`, on the copy (batched the same way)."""
         p = self.policy
-        forwards = micro_batch_plan([len(s) for s in seqs], 1, batch, p.ocfg.micro_batch_tokens)[0][0]
+        forwards = p.own_forwards(seqs, batch)
         with self._on_stream():
             return _hidden_states(self.model, p.accelerator, p.pad_id, seqs, positions, forwards)
 
