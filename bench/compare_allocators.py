@@ -25,7 +25,9 @@ leaves and the leaf budget, tokens generated / prefilled / served from cache, pr
 EM after K steps, and against GRPO (uniform): effective_ratio_vs_grpo and leaves_to_grpo_final (the cumulative
 leaves at which the allocator's mean dev-EM curve first reaches GRPO's final dev EM; _frac: over GRPO's own run
 length); per-seed rows go to FILE.runs.json. A markdown table is
-printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png).
+printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png). Each finished run leaves
+result.json in its folder; the same command run again keeps a finished run whose settings are the same (so a
+comparison stopped part way resumes where it stopped) and reruns any other.
 """
 
 from __future__ import annotations
@@ -87,19 +89,24 @@ def run_one(
     """One `trace-train` run of `allocator` (named `arm`, default the allocator) at `seed`; its figures."""
     arm = arm or allocator
     run_dir = out / f"{arm}-s{seed}"
-    cfg = load_train_config(
-        config,
-        [
-            *sets,
-            f'allocation.type="{allocator}"',
-            f"run.seed={seed}",
-            f"run.steps={steps}",
-            f'run.output_dir="{run_dir}"',
-            f"run.eval_every={eval_every or steps}",
-            "run.save_every=0",
-            "run.plot=false",
-        ],
-    )
+    overrides = [
+        *sets,
+        f'allocation.type="{allocator}"',
+        f"run.seed={seed}",
+        f"run.steps={steps}",
+        f'run.output_dir="{run_dir}"',
+        f"run.eval_every={eval_every or steps}",
+        "run.save_every=0",
+        "run.plot=false",
+    ]
+    cfg = load_train_config(config, overrides)
+    done = run_dir / "result.json"
+    key = {"config": config, "overrides": overrides}
+    if done.exists():  # a comparison stopped part way resumes: a finished run with the same settings is kept
+        saved = json.loads(done.read_text())
+        if saved.get("key") == key:
+            print(f"{arm} seed {seed}: kept from {done}")
+            return saved["result"]
     t0 = time.perf_counter()
     asyncio.run(train(cfg))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -114,6 +121,7 @@ def run_one(
     res["lr"] = cfg.optim.lr
     res["wall_s"] = time.perf_counter() - t0
     res["allocator"], res["seed"], res["base_allocator"] = arm, seed, allocator
+    done.write_text(json.dumps({"key": key, "result": res}, indent=2))
     return res
 
 

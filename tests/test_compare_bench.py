@@ -4,6 +4,7 @@ benchmark, not a test): leaves per step must be equal, and the dev-EM curve is b
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -120,3 +121,29 @@ def test_equal_care_figures_are_paired_by_seed_and_arms_parse() -> None:
     )
     with pytest.raises(ValueError, match="expected NAME=ALLOCATOR"):
         cmp.parse_arm("trace-fixed")
+
+
+def test_a_finished_run_is_kept_only_when_its_settings_are_the_same(tmp_path, monkeypatch) -> None:
+    """A comparison stopped part way resumes: run_one keeps a run whose result.json has the same settings, and
+    reruns (here: reaches train, which the test replaces) one whose settings differ."""
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "debug.toml")
+    calls = []
+
+    async def fake_train(cfg):  # only to see whether run_one would train; the real runs are a benchmark
+        calls.append(cfg.optim.lr)
+        raise RuntimeError("would train")
+
+    monkeypatch.setattr(cmp, "train", fake_train)
+    with pytest.raises(RuntimeError, match="would train"):
+        cmp.run_one(config, ["optim.lr=0.001"], "uniform", 3, 2, tmp_path)
+    run_dir = tmp_path / "uniform-s3"
+    overrides = ["optim.lr=0.001", 'allocation.type="uniform"', "run.seed=3", "run.steps=2",
+                 f'run.output_dir="{run_dir}"', "run.eval_every=2", "run.save_every=0", "run.plot=false"]  # fmt: skip
+    (run_dir).mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(
+        json.dumps({"key": {"config": config, "overrides": overrides}, "result": {"dev_em": 0.25}})
+    )
+    assert cmp.run_one(config, ["optim.lr=0.001"], "uniform", 3, 2, tmp_path) == {"dev_em": 0.25}
+    with pytest.raises(RuntimeError, match="would train"):
+        cmp.run_one(config, ["optim.lr=0.002"], "uniform", 3, 2, tmp_path)
+    assert calls == [0.001, 0.002]
