@@ -228,6 +228,10 @@ class SimConfig:
     """predictor.replay_steps: also refit on the rows of this many earlier steps."""
     predictor_open_only: bool = False
     """predictor.open_only: no leaf rows."""
+    predictor_policy_signals: bool = False
+    """predictor.policy_signals: two more features at every node, from the policy that generates the step: its
+    probability of answering next and the entropy (nats) of its next action (the trainer's: log p(`<answer>` next)
+    and the next-token entropy at the node's last token)."""
     prior_a: float = 1.0
     prior_b: float = 1.0
     probe: int = 32
@@ -293,7 +297,7 @@ class Simulation:
         self.prior = BetaPrior(cfg.prior_a, cfg.prior_b)
         self.success_count = [1.0, 2.0]  # trace.py's unseen-root fallback
         self.predictor = SuccessPredictor(
-            N_FEATURES,
+            N_FEATURES + (2 if cfg.predictor_policy_signals else 0),
             hidden=cfg.predictor_hidden,
             lr=cfg.predictor_lr,
             seed=cfg.seed,
@@ -334,7 +338,11 @@ class Simulation:
         kind[int(self.task.hops[idx]) - 1] = 1.0
         state = [0.0] * N_STATES
         state[f] = 1.0
-        return [float(depth), float(self.cfg.max_turns - depth), *kind, *state, *self.task.hint[idx], float(ended)]
+        out = [float(depth), float(self.cfg.max_turns - depth), *kind, *state, *self.task.hint[idx], float(ended)]
+        if self.cfg.predictor_policy_signals:
+            p = self._pi[idx, f]
+            out += [float(p[ANSWER]), float(-(p * np.log(np.maximum(p, 1e-300))).sum())]
+        return out
 
     def new_tree(self, idx: int) -> RolloutTree:
         tree = RolloutTree.new(f"p{idx}", f"q{idx}", ["a"], [int(self.task.hops[idx])], None, index=idx)
