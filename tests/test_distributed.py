@@ -278,6 +278,12 @@ def test_two_rank_updates_equal_the_one_rank_updates(
         float((h1 - h2).abs().max() / h1.abs().max()) for h1, h2 in zip(one["hidden"], two["hidden"], strict=True)
     )
     assert hidden < 1e-6, "features on 2 ranks equal those on 1 (float32 features of a float64 model)"
+    signals = max(
+        float((h1[:, -2:] - h2[:, -2:]).abs().max() / h1[:, -2:].abs().max())
+        for h1, h2 in zip(one["hidden"], two["hidden"], strict=True)
+    )
+    assert signals < 1e-6, "the LM head's signals (inside the FSDP2-sharded head) on 2 ranks equal those on 1"
+    assert all(bool((h[:, -2] < 0).all() and (h[:, -1] > 0).all()) for h in two["hidden"]), "log p < 0, entropy > 0"
     assert two["saved_config"]["dtype"] == "bfloat16"
     assert two["saved"].keys() == one["saved"].keys()
     assert all(torch.equal(two["saved"][k], w2[k]) for k in two["saved"]), "rank 0 wrote the gathered weights"
@@ -286,7 +292,8 @@ def test_two_rank_updates_equal_the_one_rank_updates(
         float((h1 - h2).norm() / h1.norm()) for h1, h2 in zip(one["feature_hidden"], two["feature_hidden"], strict=True)
     )
     assert feature < (0.02 if fsdp else 1e-6)
-    measured.append(f"engine weights (bf16) {bf16:.3g}; prefix features {hidden:.3g}; feature copy {feature:.3g}")
+    measured.append(f"engine weights (bf16) {bf16:.3g}; prefix features {hidden:.3g} (signals {signals:.3g}); "
+                    f"feature copy {feature:.3g}")  # fmt: skip
     held = two["forwards"]["rl"][1]["grad_bytes"]
     measured.append(f"gradient bytes rank 0 holds between micro-batches: {held:,} of the model's {two['full_bytes']:,}")
     print(f"\n[{'fsdp2' if fsdp else 'ddp'}] 2 ranks vs 1, float64:\n  " + "\n  ".join(measured))
@@ -452,11 +459,11 @@ def _worker(out: str, model: str) -> None:
     res["engine_weights"] = weights
     res["tied"] = weights["lm_head.weight"].data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
     positions = [[0, len(x) - 1] for x in ids[:5]]
-    res["hidden"] = policy.hidden_at(ids[:5], positions, batch=2)
+    res["hidden"] = policy.hidden_at(ids[:5], positions, batch=2, signals=(5, 1.0))  # + predictor.policy_signals
     saved = policy.save(Path(out).parent / "weights")
     res["saved_config"] = json.loads((saved / "config.json").read_text())
     res["saved"] = {k: v.clone() for k, v in load_file(saved / "model.safetensors").items()}
-    res["feature_hidden"] = FeatureModel(policy).hidden_at(ids[:5], positions, batch=2)
+    res["feature_hidden"] = FeatureModel(policy).hidden_at(ids[:5], positions, batch=2, signals=(5, 1.0))
     ranks.stop()
     torch.save(res, out)
 

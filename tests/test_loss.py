@@ -343,3 +343,29 @@ def test_token_budget_below_the_context_is_refused():
         load_train_config(sets=["optim.micro_batch_tokens=512", "rollout.max_context_tokens=1024"])
     with pytest.raises(ValueError, match="micro_batch_tokens >= 0"):
         OptimConfig(micro_batch_tokens=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_hidden_at_signals_equal_the_full_logits(tiny_model, temperature):
+    """predictor.policy_signals (issue 22): `hidden_at(..., signals=(token, T))` appends log p(token next) and the
+    next-token entropy at each position, from the same batched forward, inside the chunked LM head; equal in float64
+    to softmax(full logits / T) of each sequence alone (to the float32 rounding of hidden_at's rows), and the hidden-state columns are those of a plain call."""
+    policy = Policy(
+        tiny_model, ModelConfig(device="cpu", dtype="float64", logprob_chunk=2), OptimConfig(), temperature=temperature
+    )
+    torch.manual_seed(7)
+    seqs = [torch.randint(11, 2000, (n,)).tolist() for n in (9, 23, 4, 15)]
+    positions = [[0, 8], [3, 10, 22], [3], [14, 1, 7]]  # unsorted, and rows differing in length and count
+    token = 17
+    plain = policy.hidden_at(seqs, positions, batch=2)
+    got = policy.hidden_at(seqs, positions, batch=2, signals=(token, temperature))
+    model = policy.accelerator.unwrap_model(policy.model)
+    for seq, pos, h, g in zip(seqs, positions, plain, got, strict=True):
+        assert g.shape == (len(pos), h.shape[1] + 2)
+        assert torch.allclose(g[:, :-2], h, rtol=0, atol=1e-12)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0, pos].double() / temperature
+        logp = torch.log_softmax(logits, -1)
+        want = torch.stack([logp[:, token], -(logp.exp() * logp).sum(-1)], 1)
+        # hidden_at's rows are float32: the float64 values rounded once (relative 6e-8)
+        assert ((g[:, -2:].double() - want).abs() <= 1e-6 * want.abs()).all(), (g[:, -2:], want)

@@ -243,3 +243,34 @@ def test_row_replay_keeps_the_last_steps_and_open_only_drops_leaves() -> None:
     tree.backup()
     assert len(collect_training_set([tree])[0]) == 3
     assert collect_training_set([tree], open_only=True)[0][:, 0].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("hidden", [True, False], ids=["with_hidden", "signals_only"])
+def test_policy_signals_are_the_policy_s_next_token_at_each_prefix_end(tiny_model, hidden) -> None:
+    """predictor.policy_signals (issue 22 §6): every node's features gain the policy's log p(`<answer>` next) and
+    its next-token entropy at the node's last token (the distribution the next action's first token is drawn from),
+    before the structural features; with use_hidden_state off they are the only model inputs."""
+    from trainer.algo.step import TraceStep
+    from trainer.config import TrainConfig
+    from trainer.learner.policy import Policy
+
+    cfg = TrainConfig()
+    cfg.model.device = "cpu"
+    cfg.predictor.policy_signals, cfg.predictor.use_hidden_state = True, hidden
+    policy = Policy(tiny_model, cfg.model, cfg.optim, temperature=0.8)
+    answer = policy.tokenizer.encode("<answer>", add_special_tokens=False)
+    assert len(answer) == 1, "the tiny tokenizer has the tag as one token: the signal is p(<answer> next) itself"
+    t = RolloutTree.new("p", "Who?", [], [40, 41, 42, 43], None)
+    a = t.add_child(0, [50, 51, 52, 53, 54], [1, 1, 1, 0, 0], [-0.5] * 3 + [0.0] * 2, action_text="<search>x</search>")
+    t.add_child(a.node_id, [60, 61], [1, 1], [-0.2] * 2, action_text="<answer>y</answer>", status="answered")
+    t.add_child(0, [70], [1], [-0.1], action_text="<answer>z</answer>", status="answered")
+    TraceStep(cfg, policy, runner=None, n_train=100).featurise([t])  # type: ignore[arg-type]
+    ends = {0: 3, 1: 8, 2: 10, 3: 4}  # each node's last token in its history
+    want = policy.hidden_at([t.history_ids(2)], [[3, 8, 10]], signals=(answer[0], 0.8))[0]
+    want = torch.cat([want, policy.hidden_at([t.history_ids(3)], [[4]], signals=(answer[0], 0.8))[0]])
+    width = policy.model.config.hidden_size + 2 if hidden else 2
+    for n in t.nodes:
+        assert len(n.features) == width + len(STRUCTURAL_FEATURES)
+        row = want[[3, 8, 10, 4].index(ends[n.node_id])]
+        assert n.features[width - 2 : width] == pytest.approx(row[-2:].tolist(), rel=1e-6)
+        assert n.features[width - 2] < 0 < n.features[width - 1]

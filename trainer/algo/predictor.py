@@ -63,6 +63,12 @@ class PredictorConfig:
     open_only: bool = False
     """Leave finished nodes (leaves: their value is their reward) out of the training rows: only open nodes, roots
     and anchors, are ever queried."""
+    policy_signals: bool = False
+    """Two more gold-free inputs at every node, from the same forward as its hidden state: the policy's log
+    p(`<answer>` next | H) and its next-token entropy at H's last token (the next action's first token; at the
+    rollout temperature). Where the tag is several tokens (Qwen3's `<answer>` is `<`, `answer`, `>`), the first is
+    its first token's, shared with `<search>`: the entropy then carries the signal alone. Our addition (issue 22);
+    off in the paper's setting."""
 
 
 @contextlib.contextmanager

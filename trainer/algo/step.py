@@ -179,8 +179,11 @@ class TraceStep:
     # ------------------------------------------------------------------ features and values
     def featurise(self, trees: list[RolloutTree], hidden_at: Callable[..., list[torch.Tensor]] | None = None) -> None:
         """Set `features` on every node that lacks them: hidden state at the node's last token (one
-        forward per leaf path, each node computed once) + structural features. hidden_at: the model to take the
+        forward per leaf path, each node computed once; with predictor.policy_signals, then log p(`<answer>` next)
+        and the next-token entropy there, from the same forward) + structural features. hidden_at: the model to take the
         hidden states from, default the policy's (collection passes the frozen copy's when overlapping)."""
+        pcfg = self.cfg.predictor
+        forward = pcfg.use_hidden_state or pcfg.policy_signals
         seqs: list[list[int]] = []
         positions: list[list[int]] = []
         owners: list[list[tuple[RolloutTree, int]]] = []
@@ -196,14 +199,19 @@ class TraceStep:
                 for i in path:
                     acc += len(tree.nodes[i].token_ids)
                     pos[i] = acc - 1
-                seqs.append(tree.history_ids(end) if self.cfg.predictor.use_hidden_state else [])
+                seqs.append(tree.history_ids(end) if forward else [])
                 positions.append([pos[i] for i in need])
                 owners.append([(tree, i) for i in need])
                 done.update(need)
         if not owners:
             return
-        if self.cfg.predictor.use_hidden_state:
-            hidden = (hidden_at or self.policy.hidden_at)(seqs, positions)
+        if forward:
+            # predictor.policy_signals' token: the answer tag's (its first token where the tag is several)
+            answer = self.policy.tokenizer.encode("<answer>", add_special_tokens=False)[0]
+            signals = (answer, self.policy.temperature) if pcfg.policy_signals else None
+            hidden = (hidden_at or self.policy.hidden_at)(seqs, positions, signals=signals)
+            if not pcfg.use_hidden_state:  # the two signals only
+                hidden = [h[:, -2:] for h in hidden]
         else:
             hidden = [torch.zeros(len(p), 0) for p in positions]
         for h, own in zip(hidden, owners, strict=True):

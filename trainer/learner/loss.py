@@ -227,11 +227,19 @@ class _HeadRequest:
     chunk: int
 
 
+@dataclass
+class _SignalRequest:
+    token: int  # the token whose log-probability is wanted (the answer tag's)
+    pairs: Tensor  # [B, K] bool: which (row, kept position) to compute (the others are 0.0)
+    temperature: float
+    chunk: int
+
+
 _REQUEST = threading.local()
 
 
 @contextlib.contextmanager
-def _head_request(req: _HeadRequest) -> Iterator[None]:
+def _head_request(req: _HeadRequest | _SignalRequest) -> Iterator[None]:
     """While active on this thread, a `LogprobHead`'s forward returns logprobs for `req` instead of logits."""
     prev = getattr(_REQUEST, "value", None)
     _REQUEST.value = req
@@ -249,9 +257,13 @@ class LogprobHead(nn.Linear):
     run where the head's weight is gathered, and its gradient reaches the weight as a Linear's would."""
 
     def forward(self, hidden: Tensor) -> Tensor:  # type: ignore[override]
-        req: _HeadRequest | None = getattr(_REQUEST, "value", None)
+        req: _HeadRequest | _SignalRequest | None = getattr(_REQUEST, "value", None)
         if req is None:
             return super().forward(hidden)
+        if isinstance(req, _SignalRequest):
+            where = req.pairs.nonzero(as_tuple=True)
+            sig = next_token_signals(hidden[where], self.weight, req.token, req.temperature, req.chunk)
+            return sig.new_zeros(*req.pairs.shape, 2).index_put(where, sig)
         return token_logprobs(hidden, self.weight, req.targets, req.pairs, req.temperature, req.chunk)
 
 
@@ -286,6 +298,56 @@ def token_logprobs(
         lp = _TokenLogprobs.apply(h, w, targets[where], float(temperature), int(chunk))
     out = lp.new_zeros(pairs.shape)
     return out.index_put(where, lp)
+
+
+@torch.no_grad()
+def next_token_signals(
+    hidden: Tensor, weight: Tensor, token: int, temperature: float = 1.0, chunk: int = 1024
+) -> Tensor:
+    """[N, 2] float32 (float64 for float64 inputs): log p(token) and the entropy (nats) of the next-token
+    distribution softmax(hidden @ weight.T / temperature), for hidden [N, H] and weight [V, H]. `chunk` rows of
+    logits at a time, no gradient: the predictor's gold-free signals at a prefix end (`predictor.policy_signals`)."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    out = hidden.new_empty(hidden.shape[0], 2, dtype=acc)
+    dev = hidden.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    w = weight.to(compute)
+    with torch.autocast(dev, enabled=False):
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[s : s + chunk].to(compute), w, acc, temperature)
+            logp = torch.log_softmax(logits, dim=-1)
+            out[s : s + chunk, 0] = logp[:, token]
+            out[s : s + chunk, 1] = -(logp.exp() * logp).sum(-1)
+            del logits, logp
+    return out
+
+
+class HeadSignals:
+    """`next_token_signals` at given positions of each row of one forward, computed inside the model's
+    `LogprobHead` (so under FSDP2 where its weight is gathered). Pass `keep` as the forward's `logits_to_keep` (the
+    union of the rows' positions: the head sees the last hidden state there only) and run the forward inside
+    `active()`; the output's `logits` is then [B, K, 2], and `rows` turns it into one [len(positions[b]), 2] tensor
+    a row."""
+
+    def __init__(
+        self, positions: list[list[int]], token: int, temperature: float, chunk: int, device: torch.device
+    ) -> None:
+        self.positions = positions
+        keep = sorted({p for ps in positions for p in ps}) or [0]
+        self.col = {p: j for j, p in enumerate(keep)}
+        self.keep = torch.tensor(keep, dtype=torch.long, device=device)
+        pairs = torch.zeros(len(positions), len(keep), dtype=torch.bool, device=device)
+        for b, ps in enumerate(positions):
+            pairs[b, [self.col[p] for p in ps]] = True
+        self.request = _SignalRequest(token, pairs, temperature, chunk)
+
+    def active(self) -> contextlib.AbstractContextManager[None]:
+        return _head_request(self.request)
+
+    def rows(self, sig: Tensor) -> list[Tensor]:
+        want = (len(self.positions), self.keep.numel(), 2)
+        assert tuple(sig.shape) == want, f"the LogprobHead returned {tuple(sig.shape)}, not {want}"
+        return [sig[b, [self.col[p] for p in ps]] for b, ps in enumerate(self.positions)]
 
 
 class _TokenLogprobs(torch.autograd.Function):

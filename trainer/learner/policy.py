@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.learner.config import ModelConfig, OptimConfig, uses_cpu
 from trainer.learner.distributed import Ranks, current, fsdp_requested, launched_ranks, micro_batch_plan
-from trainer.learner.loss import install_logprob_head, policy_loss, sequence_logprobs
+from trainer.learner.loss import HeadSignals, install_logprob_head, policy_loss, sequence_logprobs
 from trainer.learner.samples import TrainSample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -158,13 +158,19 @@ class Policy:
     # ------------------------------------------------------------------ predictor features
     @torch.no_grad()
     def hidden_at(
-        self, seqs: Sequence[list[int]] | None = None, positions: Sequence[list[int]] | None = None, batch: int = 16
+        self,
+        seqs: Sequence[list[int]] | None = None,
+        positions: Sequence[list[int]] | None = None,
+        batch: int = 16,
+        signals: tuple[int, float] | None = None,
     ) -> list[torch.Tensor]:
         """Last-layer hidden state at each given position of each sequence: one [len(pos_i), H] float32
         tensor per sequence (CPU). One forward per sequence, batched by length under the update's limits (at most
         `batch` sequences and optim.micro_batch_tokens padded tokens a forward); no gradient. Rank 0 alone computes
         them on its whole model (one rank, DDP); under FSDP every rank computes a token-balanced share of the
-        sequences, with the same number of forwards, and rank 0 gathers them (the followers get [])."""
+        sequences, with the same number of forwards, and rank 0 gathers them (the followers get []).
+        signals = (token, temperature): [len(pos_i), H + 2], the hidden state then log p(token next) and the
+        next-token entropy at each position, from the same forward (`_hidden_states`)."""
         if not self.sharded:
             assert seqs is not None and positions is not None
             with self.lock:
@@ -172,10 +178,12 @@ class Policy:
                 model.eval()
                 try:
                     forwards = self.own_forwards(seqs, batch)
-                    return _hidden_states(model, self.accelerator, self.pad_id, seqs, positions, forwards)
+                    return _hidden_states(
+                        model, self.accelerator, self.pad_id, seqs, positions, forwards, signals, self.chunk
+                    )
                 finally:
                     model.train()
-        self.ranks.announce("hidden_at", batch=batch)
+        self.ranks.announce("hidden_at", batch=batch, signals=signals)
         parts = None
         if self.ranks.leader:
             assert seqs is not None and positions is not None
@@ -195,7 +203,9 @@ class Policy:
         with self.lock:
             self.model.eval()
             try:
-                hs = _hidden_states(self.model, self.accelerator, self.pad_id, flat_seqs, flat_pos, fws)
+                hs = _hidden_states(
+                    self.model, self.accelerator, self.pad_id, flat_seqs, flat_pos, fws, signals, self.chunk
+                )
                 hs = hs[: len(flat_seqs) - pad]
             finally:
                 self.model.train()
@@ -536,6 +546,7 @@ class FeatureModel:
                 config = policy.accelerator.unwrap_model(policy.model).config
                 model = AutoModelForCausalLM.from_config(config, dtype=policy.save_dtype)
                 model.load_state_dict(self._saved())
+                install_logprob_head(model)  # as the policy's: hidden_at's signals run inside it
                 model = model.to(policy.device)
             else:
                 model = copy.deepcopy(policy.accelerator.unwrap_model(policy.model))
@@ -565,13 +576,17 @@ class FeatureModel:
 
     @torch.no_grad()
     def hidden_at(
-        self, seqs: Sequence[list[int]], positions: Sequence[list[int]], batch: int = 16
+        self,
+        seqs: Sequence[list[int]],
+        positions: Sequence[list[int]],
+        batch: int = 16,
+        signals: tuple[int, float] | None = None,
     ) -> list[torch.Tensor]:
         """As `Policy.hidden_at`, on the copy (batched the same way)."""
         p = self.policy
         forwards = p.own_forwards(seqs, batch)
         with self._on_stream():
-            return _hidden_states(self.model, p.accelerator, p.pad_id, seqs, positions, forwards)
+            return _hidden_states(self.model, p.accelerator, p.pad_id, seqs, positions, forwards, signals, p.chunk)
 
 
 def _hidden_states(
@@ -581,39 +596,53 @@ def _hidden_states(
     seqs: Sequence[list[int]],
     positions: Sequence[list[int]],
     forwards: Sequence[Sequence[int]],
+    signals: tuple[int, float] | None = None,
+    chunk: int = 1024,
 ) -> list[torch.Tensor]:
     """The forward behind `hidden_at`: model in eval mode, no gradient; one forward per list of `forwards` (indices
-    into `seqs`, together covering each once). Returns one tensor per sequence, in `seqs`' order."""
+    into `seqs`, together covering each once). Returns one tensor per sequence, in `seqs`' order.
+
+    signals = (token, temperature): each row also gets, after the hidden state, the model's log p(token next) and
+    its next-token entropy there (`HeadSignals`, from the same forward: the LM head runs at the given positions
+    only, `chunk` of them at a time). The model must have a `LogprobHead`."""
     out: list[torch.Tensor | None] = [None] * len(seqs)
     device = accelerator.device
     for fw in forwards:
-        chunk = [seqs[i] for i in fw]
-        ids = _pad(chunk, pad_id, torch.long, device)
-        att = _pad([[1] * len(s) for s in chunk], 0, torch.long, device)
-        with accelerator.autocast():
+        rows = [seqs[i] for i in fw]
+        ids = _pad(rows, pad_id, torch.long, device)
+        att = _pad([[1] * len(s) for s in rows], 0, torch.long, device)
+        head = None if signals is None else HeadSignals([list(positions[i]) for i in fw], *signals, chunk, device)
+        with accelerator.autocast(), head.active() if head is not None else contextlib.nullcontext():
             # logits_to_keep=1: the LM head runs on one position per row, not the whole batch's full-vocabulary
-            # logits (tens of GB for a Qwen3-8B batch). The last hidden state is taken from the final norm's output
-            # (a hook) rather than `output_hidden_states`, which keeps every layer's; and no KV cache is built.
-            h = _last_hidden(model, input_ids=ids, attention_mask=att, logits_to_keep=1, use_cache=False)
+            # logits (tens of GB for a Qwen3-8B batch); with signals, at the rows' positions only, inside the head.
+            # The last hidden state is taken from the final norm's output (a hook) rather than
+            # `output_hidden_states`, which keeps every layer's; and no KV cache is built.
+            keep = 1 if head is None else head.keep
+            h, logits = _last_hidden(model, input_ids=ids, attention_mask=att, logits_to_keep=keep, use_cache=False)
+        sig = head.rows(logits) if head is not None else None
         for j, i in enumerate(fw):
-            out[i] = h[j, torch.tensor(positions[i], device=h.device)].float().cpu()
+            row = h[j, torch.tensor(positions[i], device=h.device)].float()
+            if sig is not None:
+                row = torch.cat([row, sig[j].float()], dim=1)
+            out[i] = row.cpu()
     assert all(h is not None for h in out), "the forwards cover every sequence"
     return out  # type: ignore[return-value]
 
 
-def _last_hidden(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
-    """The model's last hidden state (after the final norm, as `hidden_states[-1]`) for `inputs`: captured from the
-    decoder's final norm by a forward hook, so no other layer's output is kept. Models without a `norm` on their
-    decoder fall back to `output_hidden_states`."""
+def _last_hidden(model: torch.nn.Module, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's last hidden state (after the final norm, as `hidden_states[-1]`) for `inputs`, and the output's
+    `logits`: the hidden state captured from the decoder's final norm by a forward hook, so no other layer's output
+    is kept. Models without a `norm` on their decoder fall back to `output_hidden_states`."""
     unwrapped = getattr(model, "module", model)  # DDP's wrapper (rank 0's own forwards use the module itself)
     norm = getattr(unwrapped.get_decoder(), "norm", None) if hasattr(unwrapped, "get_decoder") else None
     if norm is None:
-        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+        res = model(**inputs, output_hidden_states=True)
+        return res.hidden_states[-1], res.logits
     seen: list[torch.Tensor] = []
     handle = norm.register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
-        model(**inputs)
+        res = model(**inputs)
     finally:
         handle.remove()
     assert len(seen) == 1, f"the final norm ran {len(seen)} times in one forward"
-    return seen[0]
+    return seen[0], res.logits
