@@ -65,6 +65,7 @@ def test_debug_config_runs_resumes_and_continues(
     out = tmp_path / "run"
     # max_staleness=1: step 1's rollouts run while step 0 trains, and its weight push pauses them mid-flight.
     sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2", "run.max_staleness=1", 'run.report_to=["tensorboard"]']
+    sets.append("predictor.probe_prompts=2")  # issue 22's calibration probe, outside the leaf budget
     cfg = load_train_config(REPO / "configs" / "debug.toml", sets)
     asyncio.run(train(cfg))
     rows = _rows(out)
@@ -75,6 +76,10 @@ def test_debug_config_runs_resumes_and_continues(
         assert r["leaves"] > 0 and r["generated_tokens"] > 0
         assert 0 < r["cached_prefill_tokens"] <= r["prefill_tokens"], "branches re-send prefixes the cache serves"
         assert 0.0 <= r["effective_ratio"] <= 1.0
+        # The probe: 2 prompts, a rollout from each root and one from a turn of it (none when the first turn
+        # ended it), beside the step's own leaves, which stay exactly the budget.
+        assert 2 <= r["probe_leaves"] <= 4 and r["probe_n"] == r["probe_leaves"], r
+        assert r["leaves"] == r["leaf_budget"], r
     assert "eval_em" in rows[-1] and "train_em" in rows[-1] and "eval_em_before" in rows[0]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # run.report_to
 
@@ -88,11 +93,14 @@ def test_debug_config_runs_resumes_and_continues(
 
     # Resume through the command line: continues at step 2, keeps the first rows as they were.
     code = train_main(["--config", str(REPO / "configs" / "debug.toml"), "--steps", "3", "--output-dir", str(out),
-                       "--resume", *[x for s in SMALL for x in ("--set", s)]])  # fmt: skip
+                       "--resume", *[x for s in [*SMALL, "predictor.probe_prompts=2"] for x in ("--set", s)]])  # fmt: skip
     assert code == 0
     again = _rows(out)
     assert [r["step"] for r in again] == [0, 1, 2]
     assert again[:2] == rows
+    # The probe's pairs so far are in the checkpoint: the resumed run's probe_n counts on from them.
+    state = torch.load(out / "checkpoints" / "step_00003" / "trainer.pt", weights_only=False)
+    assert len(state["trace"]["probe"]["pairs"]) == sum(r["probe_n"] for r in again)
     assert again[2]["weight_version"] == 3
     # The KL reference of the resumed run is still the weights the run started from (the cached SFT model).
     state = torch.load(out / "checkpoints" / "step_00003" / "trainer.pt", weights_only=False)

@@ -63,6 +63,12 @@ class PredictorConfig:
     open_only: bool = False
     """Leave finished nodes (leaves: their value is their reward) out of the training rows: only open nodes, roots
     and anchors, are ever queried."""
+    probe_prompts: int = 0
+    """Calibration probe (issue 22), comparable across allocators: this many prompts a step drawn at random from the
+    training split (their own generator, seeded by run.seed: the same prompts for every allocator of a seed), each
+    given one rollout from its root and one from a random non-final turn of that rollout, outside the leaf budget
+    and never trained on (nor counted in the prior); the predictions made for them are scored against those
+    outcomes: metrics `probe_auc` (this step), `probe_auc_run` (every pair so far), `probe_leaves`. 0 = none."""
     policy_signals: bool = False
     """Two more gold-free inputs at every node, from the same forward as its hidden state: the policy's log
     p(`<answer>` next | H) and its next-token entropy at H's last token (the next action's first token; at the

@@ -54,6 +54,7 @@ from trainer.algo.predictor import (
     PredictorConfig,
     RowReplay,
     SuccessPredictor,
+    calibration,
     collect_training_set,
     split_calibration,
     structural_features,
@@ -175,6 +176,10 @@ class TraceStep:
         # collection has already drawn its prompts when step t's checkpoint is written: the checkpoint must hold
         # the state before that draw, or a resumed run would skip (or repeat) that batch.
         self._drawn_from: dict[int, dict[str, Any]] = {}
+        # predictor.probe_prompts: the probe's own generator (the data order and allocation never see it), and
+        # its (prediction, outcome) pairs so far
+        self.probe_rng = random.Random(cfg.run.seed + 7_000_001)
+        self.probe_pairs: list[tuple[float, float]] = []
 
     # ------------------------------------------------------------------ features and values
     def featurise(self, trees: list[RolloutTree], hidden_at: Callable[..., list[torch.Tensor]] | None = None) -> None:
@@ -308,7 +313,49 @@ class TraceStep:
         # HTTP requests to the env server(s) for the step's env_calls: calls made together go as one /v1/batch.
         # (With run.max_staleness >= 1 the evals that ran during this collection are in it too.)
         batch.metrics["env_requests"] = float(self.runner.env.http_requests - requests0)
+        if c.predictor.probe_prompts > 0:
+            batch.metrics.update(await self.probe(step))
         return batch
+
+    async def probe(self, step: int) -> dict[str, float]:
+        """predictor.probe_prompts' calibration probe: prompts drawn with the probe's own generator, valued as
+        stage 1 values a root (`value_roots`), one rollout each; then a random non-final turn of that rollout,
+        valued as an anchor is, and one rollout from it. Its trees are thrown away: no leaf of the budget, no
+        training row, no prior update. Returns the step's figures."""
+        t0 = time.perf_counter()
+        n = min(self.cfg.predictor.probe_prompts, self.sampler.n)
+        idxs = self.probe_rng.sample(range(self.sampler.n), n)
+        trees = await self.new_trees(idxs, step)
+        roots = await self.value_roots(trees)
+        firsts = await asyncio.gather(*(self.runner.expand(t, 0, 1) for t in trees))
+        pairs, picked = [], []
+        for t, v, leaf in zip(trees, roots, firsts, strict=True):
+            if t.lost is not None or not leaf:
+                continue
+            pairs.append((v, t.nodes[leaf[0]].reward))
+            chain = [x for x in t.nodes[1:] if not x.is_finished]
+            if chain:
+                picked.append((t, chain[self.probe_rng.randrange(len(chain))]))
+        await self.afeaturise([t for t, _ in picked])
+        preds = await self.apredict([x.features for _, x in picked], self.base_rate)
+        ends = await asyncio.gather(*(self.runner.expand(t, x.node_id, 1) for t, x in picked))
+        for (t, _), pred, new in zip(picked, preds, ends, strict=True):
+            if t.lost is None and new:
+                pairs.append((pred, t.nodes[new[-1]].reward))
+        for t in trees:
+            self.engine_release(t)
+        pairs = [(p, float(r)) for p, r in pairs if r is not None]
+        self.probe_pairs += pairs
+        now = calibration([p for p, _ in pairs], [r for _, r in pairs])
+        run = calibration([p for p, _ in self.probe_pairs], [r for _, r in self.probe_pairs])
+        return {
+            "probe_auc": float(now["auc"]),
+            "probe_brier": float(now["brier"]),
+            "probe_n": float(len(pairs)),
+            "probe_auc_run": float(run["auc"]),
+            "probe_leaves": float(sum(t.ledger.leaves for t in trees)),
+            "probe_s": time.perf_counter() - t0,
+        }
 
     def _check_split(self, n_train: int) -> None:
         """TrainConfig.validate's leaf-budget checks again, now that the training split's size is known."""
@@ -518,8 +565,12 @@ class TraceStep:
 
     # ------------------------------------------------------------------ checkpoint
     def remember_draw_state(self, step: int) -> None:
-        """Record the sampler and rng state as collect(step) starts, before it draws anything."""
-        self._drawn_from[step] = {"sampler": self.sampler.state_dict(), "rng": self.rng.getstate()}
+        """Record the sampler, rng and probe state as collect(step) starts, before it draws anything."""
+        self._drawn_from[step] = {
+            "sampler": self.sampler.state_dict(),
+            "rng": self.rng.getstate(),
+            "probe": {"rng": self.probe_rng.getstate(), "pairs": list(self.probe_pairs)},
+        }
         for old in [k for k in self._drawn_from if k < step - 1]:
             del self._drawn_from[old]
 
@@ -535,6 +586,7 @@ class TraceStep:
             "predictor_dim": self.predictor.input_dim if self.predictor is not None else None,
             "fitted": self.fitted,
             "success_count": list(self.success_count),
+            "probe": drawn["probe"] if drawn else {"rng": self.probe_rng.getstate(), "pairs": list(self.probe_pairs)},
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -547,3 +599,6 @@ class TraceStep:
             self.predictor.load_state_dict(s["predictor"])
         self.fitted = s["fitted"]
         self.success_count = list(s["success_count"])
+        if "probe" in s:  # checkpoints from before predictor.probe_prompts have none
+            self.probe_rng.setstate(s["probe"]["rng"])
+            self.probe_pairs = [tuple(x) for x in s["probe"]["pairs"]]
