@@ -119,6 +119,11 @@ def run_one(
     res["grad_norm"] = _mean(norms)
     res["clip_rate"] = _mean([float(x > cfg.optim.grad_clip) for x in norms]) if cfg.optim.grad_clip > 0 else 0.0
     res["lr"] = cfg.optim.lr
+    # predictor.probe_prompts' calibration probe (the same prompts for every arm of a seed): AUC over the whole run
+    res["probe_auc"] = rows[-1].get("probe_auc_run", math.nan)
+    res["continuations_to_mixed_frac"] = _mean(
+        [r["continuations_to_mixed"] / r["continuations"] for r in rows if r.get("continuations")]
+    )
     res["wall_s"] = time.perf_counter() - t0
     res["allocator"], res["seed"], res["base_allocator"] = arm, seed, allocator
     done.write_text(json.dumps({"key": key, "result": res}, indent=2))
@@ -158,7 +163,7 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
         out[a]["dev_em_curve_ci95"] = [
             [x, mean_ci([p[1] for r in mine for p in r["dev_em_curve"] if p[0] == x])[1]] for x in points
         ]
-        for k in ("dev_em_mean", "grad_norm", "clip_rate"):
+        for k in ("dev_em_mean", "grad_norm", "clip_rate", "probe_auc", "continuations_to_mixed_frac"):
             out[a][k] = _mean([r.get(k) for r in mine])
         out[a]["lr"] = mine[0].get("lr")
     if "uniform" in out:  # paired by seed against GRPO: the mean dev EM over each run's evaluations (issue 22)
@@ -204,6 +209,9 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         "lr",
         "grad_norm",
         "clip_rate",
+        "predictor_auc",
+        "probe_auc",
+        "continuations_to_mixed_frac",
         "generated_tokens",
         "prefill_tokens",
     )
