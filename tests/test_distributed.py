@@ -287,6 +287,9 @@ def test_two_rank_updates_equal_the_one_rank_updates(
     assert two["saved_config"]["dtype"] == "bfloat16"
     assert two["saved"].keys() == one["saved"].keys()
     assert all(torch.equal(two["saved"][k], w2[k]) for k in two["saved"]), "rank 0 wrote the gathered weights"
+    # Streamed in 1 MB buckets (model.weight_bucket_mb): one safetensors file a bucket, named by the index.
+    assert len(two["saved_files"]) > 2 and two["saved_files"] == one["saved_files"]
+    assert set(two["saved_index"]) == set(two["saved"]) and set(two["saved_index"].values()) == set(two["saved_files"])
     # The feature copy: the policy's own weights on one rank or DDP; under FSDP2 the last save's (bf16).
     feature = max(
         float((h1 - h2).norm() / h1.norm()) for h1, h2 in zip(one["feature_hidden"], two["feature_hidden"], strict=True)
@@ -428,7 +431,8 @@ def _worker(out: str, model: str) -> None:
         return
     torch.manual_seed(0)
     ocfg = OptimConfig(lr=1e-3, micro_batch_size=MICRO_BATCH, kl_coef=0.0, clip_eps_high=None)
-    policy = Policy(model, ModelConfig(device="cpu", save_dtype="bfloat16", dtype="float64"), ocfg, seed=0)
+    mcfg = ModelConfig(device="cpu", save_dtype="bfloat16", dtype="float64", weight_bucket_mb=1)  # streams: buckets
+    policy = Policy(model, mcfg, ocfg, seed=0)
     forwards = _watch_forwards(policy, policy.pad_id)
 
     def params() -> dict[str, torch.Tensor]:
@@ -457,12 +461,17 @@ def _worker(out: str, model: str) -> None:
     weights = policy.engine_weights()
     assert weights is not None
     res["engine_weights"] = weights
-    res["tied"] = weights["lm_head.weight"].data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
+    res["tied"] = "lm_head.weight" not in weights  # left out for the engines, which tie it from the embedding
+    stream = policy.weight_stream()  # a push that fails after its first bucket: closing the stream still runs the
+    next(stream)  # remaining gathers on rank 0, so the followers are in step for the calls below (else they hang)
+    stream.close()
     positions = [[0, len(x) - 1] for x in ids[:5]]
     res["hidden"] = policy.hidden_at(ids[:5], positions, batch=2, signals=(5, 1.0))  # + predictor.policy_signals
     saved = policy.save(Path(out).parent / "weights")
     res["saved_config"] = json.loads((saved / "config.json").read_text())
-    res["saved"] = {k: v.clone() for k, v in load_file(saved / "model.safetensors").items()}
+    res["saved_files"] = sorted(f.name for f in saved.glob("*.safetensors"))
+    res["saved"] = {k: v.clone() for f in saved.glob("*.safetensors") for k, v in load_file(f).items()}
+    res["saved_index"] = json.loads((saved / "model.safetensors.index.json").read_text())["weight_map"]
     res["feature_hidden"] = FeatureModel(policy).hidden_at(ids[:5], positions, batch=2, signals=(5, 1.0))
     ranks.stop()
     torch.save(res, out)

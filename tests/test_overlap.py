@@ -171,6 +171,17 @@ def test_weights_for_the_engines_are_written_in_the_save_dtype(tiny_model: Path,
     assert dtype_args(out, []) == ["--dtype", "bfloat16"]
     assert dtype_args(out, ["--dtype", "float16"]) == [] and dtype_args(out, ["--dtype=half"]) == []
     assert dtype_args(tiny_model, []) == ["--dtype", "float32"]
+    # Issue 23: streamed in buckets of model.weight_bucket_mb, one file a bucket with save_pretrained's index, into
+    # the same folder: the single file of the save before is removed, and the folder loads as the same weights.
+    policy.bucket_bytes = 1 << 20
+    again = policy.save(out)
+    files = sorted(f.name for f in again.glob("*.safetensors"))
+    assert len(files) == len(policy.weight_plan()) > 2 and "model.safetensors" not in files, files
+    index = json.loads((again / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    sharded = Policy(again, ModelConfig(device="cpu"), OptimConfig())
+    for (name, a), b in zip(reread.model.named_parameters(), sharded.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_kl_reference_in_bf16_keeps_rope_buffers_in_float32(tiny_model: Path) -> None:

@@ -258,3 +258,27 @@ def test_buckets_keep_order_and_size_and_drop_only_a_tied_head() -> None:
     untied = [("lm_head.weight", embed.clone()), ("model.embed_tokens.weight", embed)]
     assert [n for n, _ in named_for_push(untied, skipped)] == ["model.embed_tokens.weight", "lm_head.weight"]
     assert skipped == []
+
+
+async def test_the_loop_streams_a_policy_s_weights_bucket_by_bucket(
+    new_weights: tuple[State, Path], make_engine: MakeEngine, tiny_model: Path
+) -> None:
+    """Issue 23: the loop's group push (`trainer.loop._push_group`) sends `Policy.weight_stream`'s buckets as they
+    are gathered, with no whole-model dict: the engine then generates exactly as a fresh engine that loaded the
+    policy's own `save` of the same weights, and the push used the stream's buckets (many, at a small size)."""
+    from trainer.learner.config import ModelConfig, OptimConfig
+    from trainer.learner.policy import Policy
+    from trainer.loop import _push_group
+
+    _, new_dir = new_weights
+    policy = Policy(new_dir, ModelConfig(device="cpu", weight_bucket_mb=1), OptimConfig())
+    saved = policy.save(new_dir.parent / "policy-save")
+    want = await reference(make_engine, saved)
+    url = await make_engine(tiny_model)
+    async with EngineClient([url], **FAST) as client, WeightSync.open(client, bucket_bytes=1 << 20) as sync:
+        assert (await greedy(client))[:2] != want
+        await _push_group(sync, policy, 3)
+        ids, lps, version, _ = await greedy(client)
+        pushed = sync.pushes
+    assert (ids, lps) == want and version == "3" and pushed == 1
+    assert len(policy.weight_plan(bucket_bytes=1 << 20)) > 2

@@ -41,10 +41,12 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 from tqdm import tqdm
 
 from shared.client import EnvClient
@@ -136,11 +138,11 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 row = await compute(trace.update, batch)
                 u1 = time.perf_counter() - t_run
                 policy.version += 1
-                if sync is None:
-                    path = await compute(policy.save, out / "weights" / f"v{policy.version % 2 + 1}")
+                if sync is None:  # feed: under FSDP the feature copy takes the weights from this save's stream
+                    path = await compute(policy.save, out / "weights" / f"v{policy.version % 2 + 1}", True)
                     push = _push(engine, path, policy.version)
                 else:
-                    push = _push_group(sync, await compute(policy.engine_weights), policy.version)
+                    push = _push_group(sync, policy, policy.version)
                 _, push_s = await asyncio.gather(trace.publish(), push)
                 s1 = time.perf_counter() - t_run
                 times.update(update_start=u0, update_end=u1, sync_end=s1, update_s=u1 - u0, sync_s=s1 - u1)
@@ -237,11 +239,23 @@ async def _push(engine: EngineClient, path: Path, version: int) -> float:
     return time.perf_counter() - t0
 
 
-async def _push_group(sync: WeightSync, weights: dict[str, Any] | None, version: int) -> float:
-    """Send the gathered weights to every engine over the group as `version`; the seconds it took."""
-    assert weights is not None, "rank 0 gathers the weights"
+async def _push_group(sync: WeightSync, policy: Policy, version: int) -> float:
+    """Stream the policy's weights to every engine over the group as `version` (`Policy.weight_stream`: one bucket
+    gathered, cast and sent at a time, the feature copy fed from the same buckets under FSDP); the seconds it took.
+    The stream's steps run on the torch thread, where every collective of the policy runs."""
     t0 = time.perf_counter()
-    await sync.push(weights, version=str(version))
+    size = sync.bucket_bytes
+    count = len(await compute(policy.weight_plan, None, size))
+    stream = await compute(policy.weight_stream, size, to_host=sync.backend != "nccl", feed=True)
+
+    async def buckets() -> AsyncIterator[tuple[list[str], list[torch.Tensor]]]:
+        while (bucket := await compute(next, stream, None)) is not None:
+            yield bucket
+
+    try:
+        await sync.push_stream(buckets(), count, version=str(version))
+    finally:
+        await compute(stream.close)  # a push that stopped early: the stream still runs its gathers (ranks in step)
     return time.perf_counter() - t0
 
 

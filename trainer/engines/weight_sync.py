@@ -59,7 +59,7 @@ import datetime
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -354,9 +354,51 @@ class WeightSync:
                 raise WeightSyncError(
                     f"weight group {self.group_name!r} is out of step ({self._broken}); close it and create a new one"
                 )
-            return await self._push(pairs, version)
+            skipped: list[str] = []
+            return await self._push(
+                lambda: self._send_buckets(named_for_push(pairs, skipped), version), skipped, version
+            )
 
-    async def _push(self, pairs: Iterable[tuple[str, torch.Tensor]], version: str) -> PushTimings:
+    async def push_stream(
+        self, buckets: AsyncIterable[tuple[list[str], list[torch.Tensor]]], count: int, *, version: str
+    ) -> PushTimings:
+        """`push`, from buckets made while it sends (`trainer.learner.policy.Policy.weight_stream`: each tensor
+        gathered and cast as its bucket's turn comes), so no whole-model copy exists on this side: each source
+        bucket goes as one bucket, the `count`-th (the last) with the version and the flush. A tied LM head must be
+        left out by the source. Raises if the source gives other than `count` buckets (after closing the bracket)."""
+        if count < 1:
+            raise ValueError(f"push {version}: no buckets to send (count {count})")
+        async with self._lock:
+            if self._closed:
+                raise WeightSyncError(f"weight group {self.group_name!r} is closed")
+            if self._broken is not None:
+                raise WeightSyncError(
+                    f"weight group {self.group_name!r} is out of step ({self._broken}); close it and create a new one"
+                )
+            return await self._push(lambda: self._send_stream(buckets, count, version), [], version)
+
+    async def _send_stream(
+        self, buckets: AsyncIterable[tuple[list[str], list[torch.Tensor]]], count: int, version: str
+    ) -> tuple[int, int, int]:
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        tensors = nbytes = index = 0
+        async for names, ts in buckets:
+            if index == count:
+                raise WeightSyncError(f"push {version}: the source gave more than the {count} buckets announced")
+            index += 1
+            bucket = _Bucket(list(names), list(ts), sum(t.numel() * t.element_size() for t in ts))
+            last = index == count
+            await self._send_bucket(bucket, index, device, version=version if last else None, flush=last)
+            tensors += len(bucket.names)
+            nbytes += bucket.nbytes
+            del bucket, ts
+        if index != count:  # the engines have the buckets sent, and no version or flush: say so
+            raise WeightSyncError(f"push {version}: the source gave {index} buckets, {count} announced")
+        return tensors, nbytes, index
+
+    async def _push(
+        self, send: Callable[[], Awaitable[tuple[int, int, int]]], skipped: list[str], version: str
+    ) -> PushTimings:
         eng = self.engine
         urls = eng.urls
         t0 = time.perf_counter()
@@ -365,7 +407,6 @@ class WeightSync:
         t_pause = time.perf_counter()
         t_begin = t_sent = t_end = t_pause
         sent = (0, 0, 0)
-        skipped: list[str] = []
         primary: BaseException | None = None
         try:
             if errors:
@@ -376,7 +417,7 @@ class WeightSync:
             try:
                 if errors:
                     raise WeightSyncError(_describe(f"push {version}: /begin_weight_update", errors))
-                sent = await self._send_buckets(named_for_push(pairs, skipped), version)
+                sent = await send()
                 t_sent = time.perf_counter()
             except BaseException as e:
                 primary = e

@@ -38,12 +38,19 @@ class ModelConfig:
     """dtype of the weights written for the engines: "auto" = the dtype the model was stored in (its config.json's
     `dtype`: bfloat16 for Qwen3, float32 for the tiny model), or "bfloat16", "float16", "float32". The policy trains
     in `dtype` either way; a launched SGLang server gets the same dtype as --dtype (never its `auto` guess)."""
+    weight_bucket_mb: int = 512
+    """Weights leave the policy (a save for the engines or a checkpoint's export, a push over the weight group, the
+    feature copy under FSDP) as a stream of buckets of this many MB in `save_dtype`: each tensor gathered whole on
+    the training device (under FSDP an all-gather of its shards), cast there and moved to rank 0's host, one bucket
+    at a time (a bigger tensor goes alone): rank 0 never holds more than one bucket of them."""
 
     def __post_init__(self) -> None:  # a section's own check, run however the section is built
         if self.dtype not in TRAIN_DTYPES:
             raise ValueError(f"model.dtype must be one of {TRAIN_DTYPES}, got {self.dtype!r}")
         if self.logprob_chunk < 1:
             raise ValueError(f"model.logprob_chunk must be >= 1 (positions a chunk), got {self.logprob_chunk}")
+        if self.weight_bucket_mb < 1:
+            raise ValueError(f"model.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
 
 
 LOSS_AGG = ("token-mean", "seq-mean-token-mean")

@@ -20,23 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState, init_empty_weights
 from accelerate.utils import DistributedType
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainer.learner.config import ModelConfig, OptimConfig, uses_cpu
@@ -134,9 +136,10 @@ class Policy:
                     p.data = p.data.to(torch.bfloat16)
             self.ref_model = ref.eval().requires_grad_(False)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # Under FSDP, the engines' weights last gathered (`save`, `engine_weights`; rank 0, CPU, save_dtype): the full
-        # weights the feature model (`FeatureModel`) loads, since no rank holds them otherwise.
-        self.saved_state: dict[str, torch.Tensor] | None = None
+        self.bucket_bytes = mcfg.weight_bucket_mb << 20
+        # Under FSDP, the feature copy (`FeatureModel`) takes the weights from the streams that feed it (`save` and
+        # `weight_stream` with feed=True: the loop's hand-off to the engines), since no rank holds them whole.
+        self.feature_taps: list[FeatureModel] = []
 
     @property
     def device(self) -> torch.device:
@@ -392,58 +395,131 @@ class Policy:
         return self.ranks.sum({"loss": loss_sum})["loss"]
 
     # ------------------------------------------------------------------ weights
-    def engine_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-        """The full weights in the engines' dtype (`model.save_dtype`, or `dtype`), on rank 0's CPU (None on the
-        followers):
-        gathered the supported way on several ranks (torch.distributed.checkpoint's full state dict, CPU
-        offload, rank 0 only) and cast tensor by tensor (tied tensors stay one tensor); the float32 master is
-        never copied whole."""
-        self.ranks.announce("engine_weights", dtype=dtype)
-        with self.lock:
-            return self._engine_weights(dtype or self.save_dtype)
-
-    def _engine_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        if self.ranks.many:
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(self.model, options=opts)
-            if not self.ranks.leader:
-                return None
-        else:
-            state = self.accelerator.unwrap_model(self.model).state_dict()
-        cast: dict[int, torch.Tensor] = {}  # by storage: tied weights stay tied
-
-        def one(t: torch.Tensor) -> torch.Tensor:
-            key = t.untyped_storage().data_ptr()
-            if key not in cast:
-                cast[key] = (t.to(dtype, copy=True) if t.is_floating_point() else t).detach().cpu()
-            return cast[key]
-
-        weights = {name: one(t) for name, t in state.items()}
+    def _engine_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of what the engines load, in state-dict order: this rank's view (a DTensor shard under
+        FSDP2: no gather), less a tied LM head (engines tie it from the embedding, as `save_pretrained` drops it)."""
         model = self.accelerator.unwrap_model(self.model)
-        if getattr(model.config, "tie_word_embeddings", False):  # a gathered state dict has two copies: keep one
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
             names = {id(m): n for n, m in model.named_modules()}
-            src, dst = (names.get(id(m)) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
-            if src is not None and dst is not None and f"{dst}.weight" in weights:
-                weights[f"{dst}.weight"] = weights[f"{src}.weight"]
-        if self.sharded and dtype == self.save_dtype:
-            self.saved_state = weights
-        return weights
+            head = names.get(id(model.get_output_embeddings()))
+            state.pop(f"{head}.weight", None)
+        return list(state.items())
 
-    def save(self, out_dir: str | Path) -> Path:
-        """save_pretrained (safetensors, `engine_weights`) + tokenizer: a folder an engine can load. Rank 0 writes;
-        on several ranks the others join the gather and return once the folder is complete."""
+    def weight_plan(self, dtype: torch.dtype | None = None, bucket_bytes: int | None = None) -> list[list[str]]:
+        """The names of `_engine_tensors` in buckets of at most `bucket_bytes` (default model.weight_bucket_mb) in
+        `dtype` (default model.save_dtype): consecutive tensors, a bigger one alone. From the shapes: no gather."""
+        limit = bucket_bytes if bucket_bytes is not None else self.bucket_bytes
+        assert limit >= 1, f"bucket_bytes={limit}"
+        size = torch.empty(0, dtype=dtype or self.save_dtype).element_size()
+        plan: list[list[str]] = []
+        held = 0
+        for name, t in self._engine_tensors():
+            nbytes = t.numel() * (size if t.is_floating_point() else t.element_size())
+            if not plan or (held + nbytes > limit and plan[-1]):
+                plan.append([])
+                held = 0
+            plan[-1].append(name)
+            held += nbytes
+        return plan
+
+    @torch.no_grad()
+    def _weight_stream(
+        self, dtype: torch.dtype, bucket_bytes: int | None, to_host: bool, feed: bool
+    ) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        """The weights, one bucket of `weight_plan` at a time, on every rank (each tensor whole on the training
+        device: under FSDP2 an all-gather of its shards, the same calls in the same order on every rank); cast to
+        `dtype` on the device and, on rank 0, moved to host memory when `to_host`; the followers drop theirs. Yields
+        on rank 0 only. feed: the feature copy (`FeatureModel`, under FSDP) takes each bucket too. Closed early, it
+        still runs every remaining gather, so the ranks stay in step."""
+        entries = dict(self._engine_tensors())
+        plan = self.weight_plan(dtype, bucket_bytes)
+        taps = list(self.feature_taps) if feed else []
+        for tap in taps:
+            tap.begin()
+        closed = False
+        try:
+            for names in plan:
+                out: list[torch.Tensor] = []
+                with self.lock:
+                    for name in names:
+                        t = entries[name].detach()
+                        if isinstance(t, DTensor):
+                            t = t.full_tensor()  # every rank: the whole tensor on its device, for this tensor only
+                        if not self.ranks.leader:
+                            continue
+                        t = t.to(dtype) if t.is_floating_point() else t
+                        out.append(t.to("cpu", copy=True) if to_host else t.clone())
+                if not self.ranks.leader or closed:
+                    continue
+                for tap in taps:
+                    tap.load(names, out)
+                try:
+                    yield names, out
+                except GeneratorExit:
+                    closed = True  # the consumer stopped: finish the gathers (the followers are in them), drop the rest
+                del out
+        finally:
+            for tap in taps:
+                tap.end()
+
+    def weight_stream(
+        self, bucket_bytes: int | None = None, *, to_host: bool = True, feed: bool = False
+    ) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        """(names, tensors) buckets of the engines' weights in model.save_dtype, on rank 0 (`_weight_stream`): what a
+        push over the weight group sends. Consume it whole, on one thread (every step is a collective under FSDP)."""
+        self.ranks.announce("join_weight_stream", bucket_bytes=bucket_bytes, to_host=to_host, feed=feed)
+        yield from self._weight_stream(self.save_dtype, bucket_bytes, to_host, feed)  # announced at the first next()
+
+    def join_weight_stream(self, bucket_bytes: int | None = None, to_host: bool = True, feed: bool = False) -> None:
+        """A follower's side of `weight_stream`."""
+        for _ in self._weight_stream(self.save_dtype, bucket_bytes, to_host, feed):
+            pass
+
+    def engine_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """The engines' weights as one dict on rank 0's CPU (None on the followers), from the stream: the whole
+        model in host memory, for tests and small models; `save` and the weight group never build it."""
+        self.ranks.announce("engine_weights", dtype=dtype)
+        out: dict[str, torch.Tensor] = {}
+        for names, tensors in self._weight_stream(dtype or self.save_dtype, None, True, False):
+            out.update(zip(names, tensors, strict=True))
+        return out if self.ranks.leader else None
+
+    def save(self, out_dir: str | Path, feed: bool = False) -> Path:
+        """A folder an engine can load: config (with the dtype written), tokenizer, and the weights in
+        model.save_dtype as safetensors, one file a bucket of `weight_plan` (`model.safetensors` when one bucket,
+        else `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, as `save_pretrained` shards),
+        streamed: rank 0 holds one bucket at a time. Older weight files in the folder are removed. On several ranks
+        the others join each gather and return once the folder is complete. feed: as `_weight_stream`'s (the loop's
+        save for the engines)."""
         out = Path(out_dir)
-        self.ranks.announce("save", out_dir=str(out))
-        with self.lock:
-            weights = self._engine_weights(self.save_dtype)
-            if weights is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                model = self.accelerator.unwrap_model(self.model)
-                model.save_pretrained(out, state_dict=dict(weights), safe_serialization=True)  # it drops tied keys
-                config = copy.deepcopy(model.config)  # its dtype says what the weights were written in
-                config.dtype = self.save_dtype
-                config.save_pretrained(out)
-                self.tokenizer.save_pretrained(out)
+        self.ranks.announce("save", out_dir=str(out), feed=feed)
+        n = len(self.weight_plan())
+        written: dict[str, str] = {}
+        total = 0
+        leader = self.ranks.leader
+        if leader:
+            out.mkdir(parents=True, exist_ok=True)
+        for i, (names, tensors) in enumerate(self._weight_stream(self.save_dtype, None, True, feed)):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file({k: t.contiguous() for k, t in zip(names, tensors, strict=True)}, out / fname, {"format": "pt"})
+            written.update(dict.fromkeys(names, fname))
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        if not leader:
+            return out
+        index = out / "model.safetensors.index.json"
+        for old in [*out.glob("*.safetensors"), index]:
+            if old.exists() and old.name not in set(written.values()):
+                old.unlink()
+        if n > 1:
+            index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": written}, indent=2))
+        model = self.accelerator.unwrap_model(self.model)
+        config = copy.deepcopy(model.config)  # its dtype says what the weights were written in
+        config.dtype = self.save_dtype
+        config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
         return out
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -526,32 +602,48 @@ class FeatureModel:
     """A frozen copy of the policy's model that computes prefix features while the policy trains.
 
     `hidden_at` gives the same numbers as `Policy.hidden_at` on the same weights (same module, same autocast, eval
-    mode); `sync()` copies the policy's current weights in, tensor by tensor under the policy's lock, so a copy
-    never sees half an update. Between syncs it keeps the weights of the last one: the loop syncs it at every
-    weight push, so it follows the weights the engines serve. Run both on one thread (`trainer.learner.compute.infer`).
+    mode). One rank or DDP: `sync()` copies the policy's current weights in, tensor by tensor under the policy's
+    lock, so a copy never sees half an update; the loop syncs it at every weight push, so it follows the weights the
+    engines serve. Run `hidden_at` and `sync` on one thread (`trainer.learner.compute.infer`).
 
     Memory: one more copy of the weights in float32, as the policy holds them (no gradients, no optimizer state):
     a few MB for the tiny model, 4 bytes a parameter for a large one (32 GB for 8B). `TraceStep.publish` makes it
     only when `run.max_staleness >= 1`; with 0 the policy computes its own features. On a GPU it runs on a CUDA
     stream of its own, so its forwards do not queue behind the optimizer's kernels on the default stream (this
-    GPU path has not been run yet). Under FSDP no rank holds the whole model: the copy is then built from, and synced
-    to, the weights of the policy's last `save` (`Policy.saved_state`, gathered for the engines anyway), in the
-    engines' dtype (bf16 for Qwen3: 2 bytes a parameter on rank 0's device).
+    GPU path has not been run yet).
+
+    Under FSDP no rank holds the whole model: the copy is built empty from the config (no initialisation, no host
+    copy) on rank 0's device in the engines' dtype (bf16 for Qwen3: 2 bytes a parameter), and filled bucket by
+    bucket from the policy's weight stream (`Policy._weight_stream`): once when made (a collective: make it on the
+    thread that runs the policy's calls, `trainer.learner.compute.compute`), then by every stream the loop feeds it
+    (the hand-off to the engines), so `sync()` has nothing left to do. While a stream fills it, `hidden_at` waits.
     """
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        with policy.lock:
-            if policy.sharded:
-                config = policy.accelerator.unwrap_model(policy.model).config
+        self.lock = threading.Lock()  # a stream filling the copy vs its forwards
+        self.stream = torch.cuda.Stream(policy.device) if policy.device.type == "cuda" else None
+        if policy.sharded:
+            config = policy.accelerator.unwrap_model(policy.model).config
+            with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=policy.save_dtype)
-                model.load_state_dict(self._saved())
-                install_logprob_head(model)  # as the policy's: hidden_at's signals run inside it
-                model = model.to(policy.device)
-            else:
+            for module in model.modules():  # real, uninitialised storage: the stream fills every parameter
+                for name, prm in list(module.named_parameters(recurse=False)):
+                    module._parameters[name] = torch.nn.Parameter(
+                        torch.empty(prm.shape, dtype=prm.dtype, device=policy.device), requires_grad=False
+                    )
+            model.tie_weights()
+            install_logprob_head(model)  # as the policy's: hidden_at's signals run inside it
+            model.to(policy.device)  # the buffers (RoPE's inv_freq)
+            self.model = model.eval().requires_grad_(False)
+            self.params = dict(self.model.named_parameters())
+            policy.feature_taps.append(self)
+            for _ in policy.weight_stream(to_host=False, feed=True):  # the whole first fill
+                pass
+        else:
+            with policy.lock:
                 model = copy.deepcopy(policy.accelerator.unwrap_model(policy.model))
             self.model = model.eval().requires_grad_(False)
-        self.stream = torch.cuda.Stream(policy.device) if policy.device.type == "cuda" else None
         if self.stream is not None:  # the copy was made on the default stream
             self.stream.wait_stream(torch.cuda.default_stream(policy.device))
 
@@ -560,19 +652,33 @@ class FeatureModel:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Take the policy's current weights (after an update: the version about to be pushed)."""
+        """Take the policy's current weights (after an update: the version about to be pushed). Under FSDP the
+        stream of the hand-off has brought them already: nothing to do."""
+        if self.policy.sharded:
+            return
         src = self.policy.accelerator.unwrap_model(self.policy.model)
-        with self.policy.lock, self._on_stream():
+        with self.policy.lock, self.lock, self._on_stream():
             if self.stream is not None:  # the optimizer's last kernels (default stream) come first
                 self.stream.wait_stream(torch.cuda.default_stream(self.policy.device))
-            self.model.load_state_dict(self._saved() if self.policy.sharded else src.state_dict())
+            self.model.load_state_dict(src.state_dict())
             if self.stream is not None:  # and the next update may not overwrite them before the copy is done
                 self.stream.synchronize()
 
-    def _saved(self) -> dict[str, torch.Tensor]:
-        state = self.policy.saved_state
-        assert state is not None, "under FSDP the feature model loads the weights of the policy's last save: none yet"
-        return state
+    # A weight stream's tap (under FSDP): begin, load each bucket, end. The lock is held from begin to end.
+    def begin(self) -> None:
+        self.lock.acquire()
+
+    @torch.no_grad()
+    def load(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        for name, t in zip(names, tensors, strict=True):
+            self.params[name].copy_(t, non_blocking=False)
+
+    def end(self) -> None:
+        try:
+            if self.stream is not None:  # the copies ran on the stream's thread's stream: the forwards come after
+                self.stream.wait_stream(torch.cuda.current_stream(self.policy.device))
+        finally:
+            self.lock.release()
 
     @torch.no_grad()
     def hidden_at(
@@ -585,7 +691,7 @@ class FeatureModel:
         """As `Policy.hidden_at`, on the copy (batched the same way)."""
         p = self.policy
         forwards = p.own_forwards(seqs, batch)
-        with self._on_stream():
+        with self.lock, self._on_stream():
             return _hidden_states(self.model, p.accelerator, p.pad_id, seqs, positions, forwards, signals, p.chunk)
 
 
