@@ -448,8 +448,8 @@ class Policy:
                             t = t.full_tensor()  # every rank: the whole tensor on its device, for this tensor only
                         if not self.ranks.leader:
                             continue
-                        t = t.to(dtype) if t.is_floating_point() else t
-                        out.append(t.to("cpu", copy=True) if to_host else t.clone())
+                        t = t.to(dtype) if t.is_floating_point() else t  # a copy unless it is in dtype already
+                        out.append(t.to("cpu") if to_host else t)  # read before the next update: no copy needed
                 if not self.ranks.leader or closed:
                     continue
                 for tap in taps:
