@@ -194,13 +194,13 @@ def test_fsdp_plugin_reduces_in_float32_and_followers_start_empty(
     assert all(torch.equal(a, b) for a, b in zip(empty.buffers(), full.buffers(), strict=True))
 
 
-def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False) -> None:
+def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False, resume: Path | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     if fsdp:
         env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += [__file__, str(out), str(model)]
+    cmd += [__file__, str(out), str(model), *([str(resume)] if resume is not None else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -214,9 +214,19 @@ def one_rank(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict
     return torch.load(out, weights_only=False)
 
 
+@pytest.fixture(scope="module")
+def fsdp_two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[dict, Path]:
+    """The worker on 2 FSDP2 ranks: its results and its folder (the sharded checkpoint is its `state/`)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("fsdp-two-ranks") / "result.pt"
+    _launch(2, out, tiny_model, fsdp=True)
+    return torch.load(out, weights_only=False), out.parent
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_rank_updates_equal_the_one_rank_updates(
-    fsdp: bool, one_rank: dict, tmp_path: Path, tiny_model: Path
+    fsdp: bool, one_rank: dict, tmp_path: Path, tiny_model: Path, request: pytest.FixtureRequest
 ) -> None:
     """Issue 13: one update on 2 ranks (token-balanced shares, zero-weight padding, losses scaled to sum the
     ranks' gradients) gives the parameters of the 1-rank update on the same batch; so do the SFT update, an
@@ -228,9 +238,11 @@ def test_two_rank_updates_equal_the_one_rank_updates(
 
     from trainer.learner.distributed import balanced_shares
 
-    out = tmp_path / "result.pt"
-    _launch(2, out, tiny_model, fsdp=fsdp)
-    two = torch.load(out, weights_only=False)
+    if fsdp:
+        two = request.getfixturevalue("fsdp_two_ranks")[0]
+    else:
+        _launch(2, tmp_path / "result.pt", tiny_model)
+        two = torch.load(tmp_path / "result.pt", weights_only=False)
     one = one_rank
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["sharded"] is fsdp and one["sharded"] is False
@@ -300,6 +312,28 @@ def test_two_rank_updates_equal_the_one_rank_updates(
     held = two["forwards"]["rl"][1]["grad_bytes"]
     measured.append(f"gradient bytes rank 0 holds between micro-batches: {held:,} of the model's {two['full_bytes']:,}")
     print(f"\n[{'fsdp2' if fsdp else 'ddp'}] 2 ranks vs 1, float64:\n  " + "\n  ".join(measured))
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["on-1-rank", "on-2-ranks"])
+def test_a_sharded_checkpoint_resumes_on_one_and_on_two_ranks(
+    nproc: int, fsdp_two_ranks: tuple[dict, Path], tmp_path: Path, tiny_model: Path
+) -> None:
+    """Issue 23: `Policy.save_state` on 2 FSDP2 ranks (each rank writes its own shards: float32 master weights and
+    AdamW state) resumes on 1 rank and on 2 with the same next update as the run that wrote it (float64: to 1e-9 of
+    how far that update moved the parameters), so master weights and optimizer state both came back exactly."""
+    import torch
+
+    saver, folder = fsdp_two_ranks
+    _launch(nproc, tmp_path / "resumed.pt", tiny_model, fsdp=nproc == 2, resume=folder / "state")
+    got = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert got["world_size"] == nproc
+    before, after = saver["rl2_params"], saver["rl3_params"]
+    assert max(float((got["loaded"][k] - before[k]).abs().max()) for k in before) == 0.0, "the master weights"
+    moved = max(float((after[k] - before[k]).abs().max()) for k in after)
+    gap = max(float((got["rl3_params"][k] - after[k]).abs().max()) for k in after)
+    assert moved > 1e-4 and gap <= 1e-9 * moved, (gap, moved)
+    assert got["rl3_metrics"]["loss"] == pytest.approx(saver["rl3_metrics"]["loss"], rel=1e-9)
+    print(f"\nresumed on {nproc} rank(s): next update within {gap:.3g} of the writer's (it moved {moved:.3g})")
 
 
 @pytest.mark.slow
@@ -417,7 +451,7 @@ def _watch_forwards(policy: Any, pad_id: int) -> dict[str, list[dict]]:
     return seen
 
 
-def _worker(out: str, model: str) -> None:
+def _worker(out: str, model: str, resume: str | None = None) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -438,11 +472,19 @@ def _worker(out: str, model: str) -> None:
     def params() -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in (policy.engine_weights(torch.float64) or {}).items()}
 
+    samples = _samples()
+    if resume is not None:  # issue 23: the sharded checkpoint of another run, then that run's next update
+        policy.load_state(resume)
+        res = {"world_size": ranks.size, "sharded": policy.sharded, "loaded": params()}
+        res["rl3_metrics"] = policy.rl_update(samples)
+        res["rl3_params"] = params()
+        ranks.stop()
+        torch.save(res, out)
+        return
     res: dict = {"world_size": ranks.size, "sharded": policy.sharded, "start": params()}
     local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.model.parameters()]
     res["shard_bytes"] = sum(t.numel() * t.element_size() for t in local)  # this rank's share of the parameters
     res["full_bytes"] = sum(p.numel() * p.element_size() for p in policy.model.parameters())
-    samples = _samples()
     forwards["_stage"] = "rl"
     res["rl_metrics"] = policy.rl_update(samples)
     forwards["_stage"] = None
@@ -458,6 +500,9 @@ def _worker(out: str, model: str) -> None:
     forwards["_stage"] = None
     res["rl2_params"] = params()
     res["forwards"] = {k: v for k, v in forwards.items() if k != "_stage"}
+    policy.save_state(Path(out).parent / "state")  # the sharded checkpoint (issue 23), then the next update
+    res["rl3_metrics"] = policy.rl_update(samples)
+    res["rl3_params"] = params()
     weights = policy.engine_weights()
     assert weights is not None
     res["engine_weights"] = weights
@@ -478,4 +523,4 @@ def _worker(out: str, model: str) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    _worker(*sys.argv[1:4])

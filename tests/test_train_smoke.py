@@ -89,11 +89,13 @@ def test_debug_config_runs_resumes_and_continues(
     trees = [json.loads(ln) for f in sorted((out / "trees").glob("step_*.jsonl")) for ln in f.read_text().splitlines()]
     assert trees and {t["prompt_id"] for t in trees} <= {f"train-{i:06d}" for i in range(5)}, "env.train_limit=5"
     assert (out / "checkpoints" / "step_00002" / "model" / "config.json").exists()
+    assert (out / "checkpoints" / "step_00002" / "state" / ".metadata").exists(), "the sharded training state"
     assert any(cache_dir.glob("sft-*/model.safetensors")), "the SFT warm start is cached"
 
     # Resume through the command line: continues at step 2, keeps the first rows as they were.
     code = train_main(["--config", str(REPO / "configs" / "debug.toml"), "--steps", "3", "--output-dir", str(out),
-                       "--resume", *[x for s in [*SMALL, "predictor.probe_prompts=2"] for x in ("--set", s)]])  # fmt: skip
+                       "--resume", *[x for s in [*SMALL, "predictor.probe_prompts=2", "run.keep_checkpoints=1"]
+                                     for x in ("--set", s)]])  # fmt: skip
     assert code == 0
     again = _rows(out)
     assert [r["step"] for r in again] == [0, 1, 2]
@@ -102,6 +104,8 @@ def test_debug_config_runs_resumes_and_continues(
     state = torch.load(out / "checkpoints" / "step_00003" / "trainer.pt", weights_only=False)
     assert len(state["trace"]["probe"]["pairs"]) == sum(r["probe_n"] for r in again)
     assert again[2]["weight_version"] == 3
+    # run.keep_checkpoints=1: the resumed run's checkpoint is complete, so the one it resumed from is gone
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00003"]
     # The KL reference of the resumed run is still the weights the run started from (the cached SFT model).
     state = torch.load(out / "checkpoints" / "step_00003" / "trainer.pt", weights_only=False)
     assert Path(state["reference_model"]).parent == cache_dir and "sft-" in Path(state["reference_model"]).name

@@ -1,9 +1,13 @@
 """Checkpoints of a training run: what `--resume` continues from.
 
-Layout: `<output_dir>/checkpoints/step_XXXXX/{model/, optimizer.pt, trainer.pt}`, where XXXXX is the NEXT step
-to run. `trainer.pt` holds `next_step`, `reference_model` (the weights the run started from, its KL reference:
-an absolute folder or a hub id), the TRACE step's state (`TraceStep.state_dict()`) and the Python and torch RNG
-states.
+Layout: `<output_dir>/checkpoints/step_XXXXX/{state/, model/, trainer.pt}`, where XXXXX is the NEXT step to run.
+`state/` is the training state, sharded (`Policy.save_state`: the float32 master weights and the optimizer's state,
+each rank writing its own shards with torch.distributed.checkpoint; resumable on any number of ranks); `model/` is
+the weights exported for engines and `trace-train eval` (`Policy.save`: Hugging Face safetensors in
+model.save_dtype, streamed); `trainer.pt` holds `next_step`, `reference_model` (the weights the run started from,
+its KL reference: an absolute folder or a hub id), the TRACE step's state (`TraceStep.state_dict()`) and the
+Python and torch RNG states. The last `run.keep_checkpoints` checkpoints are kept. A checkpoint written before
+issue 23 (`optimizer.pt` beside `model/`, no `state/`) still resumes, from its bf16 export as it always did.
 
 What always holds:
 - A checkpoint is written to `step_XXXXX.tmp` and renamed into place, so a folder without `.tmp` is complete;
@@ -32,13 +36,14 @@ from trainer.learner.policy import Policy
 log = structlog.get_logger("trainer")
 
 
-def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep) -> Path:
-    """checkpoints/step_XXXXX/{model/, optimizer.pt, trainer.pt}; written to a tmp folder then renamed."""
+def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep, keep: int = 0) -> Path:
+    """checkpoints/step_XXXXX/{state/, model/, trainer.pt}; written to a tmp folder then renamed; then all but the
+    last `keep` checkpoints are deleted (0: none)."""
     d = out / "checkpoints" / f"step_{next_step:05d}"
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_state(tmp / "state")
     policy.save(tmp / "model")
-    torch.save(policy.optimizer_state(), tmp / "optimizer.pt")
     state = {
         "next_step": next_step,
         "reference_model": policy.reference,
@@ -49,6 +54,11 @@ def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep)
     torch.save(state, tmp / "trainer.pt")
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)
+    if keep > 0:
+        done = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+        for old in done[:-keep]:
+            shutil.rmtree(old)
+            log.info("checkpoint_pruned", path=str(old), keep=keep)
     return d
 
 
@@ -78,7 +88,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def restore_checkpoint(trace: TraceStep, policy: Policy, ckpt: Path, out: Path) -> int:
     """Load trainer state from `ckpt`; drop metrics rows of steps after it. Returns the next step."""
-    policy.load_optimizer_state(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    if (ckpt / "state").exists():
+        policy.load_state(ckpt / "state")  # float32 master weights and optimizer state, on any rank count
+    else:  # before issue 23: the optimizer's state gathered whole; the weights were the bf16 export's
+        policy.load_optimizer_state(torch.load(ckpt / "optimizer.pt", weights_only=False))
     state = torch.load(ckpt / "trainer.pt", weights_only=False)
     trace.load_state_dict(state["trace"])
     random.setstate(state["python_rng"])

@@ -61,6 +61,8 @@ class RunConfig:
     """Evaluate once before the first update too (step 0's row gets eval_em_before, train_em_before, ...)."""
     save_every: int = 10
     """Checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the last this many checkpoints, deleting older ones once a new one is complete (0 = keep all)."""
     save_trees: bool = False
     """Write every step's rollout trees to trees/step_XXXX.jsonl for inspection and replay."""
     plot: bool = True

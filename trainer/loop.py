@@ -162,7 +162,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 if cfg.run.save_trees:
                     _save_trees(out, step, batch)
                 if _due(step, cfg.run.save_every, cfg.run.steps):
-                    await compute(save_checkpoint, out, step + 1, policy, trace)
+                    await compute(save_checkpoint, out, step + 1, policy, trace, cfg.run.keep_checkpoints)
                 bar.update(1)
                 bar.set_postfix(_postfix(row))
         finally:

@@ -24,18 +24,22 @@ import json
 import math
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState, init_empty_weights
 from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
+    get_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
@@ -522,6 +526,27 @@ class Policy:
         self.tokenizer.save_pretrained(out)
         return out
 
+    def save_state(self, path: str | Path) -> None:
+        """The training state, sharded: the float32 master weights and the optimizer's state, written by every rank
+        for its own shards with torch.distributed.checkpoint (no gather: nothing whole on any rank's host), into
+        folder `path` (shared by the ranks). `load_state` resumes it on any number of ranks."""
+        self.ranks.announce("save_state", path=str(path))
+        with self.lock:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            with _one_process_dcp() as no_dist:
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=no_dist)
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore `save_state`'s folder, written on this many ranks or another (each rank reads what its own
+        shards need), into the policy's weights and optimizer."""
+        self.ranks.announce("load_state", path=str(path))
+        with self.lock:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            with _one_process_dcp() as no_dist:
+                dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
     def optimizer_state(self) -> dict[str, Any]:
         """The optimizer's state for a checkpoint (on rank 0; {} on the followers): on several ranks the full
         state gathered to rank 0's CPU, keyed by parameter name."""
@@ -542,6 +567,17 @@ class Policy:
                 return
             opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
             set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state or {}, options=opts)
+
+
+@contextlib.contextmanager
+def _one_process_dcp() -> Iterator[bool]:
+    """Whether torch.distributed.checkpoint runs in one process with no process group (a 1-rank run): then it is
+    said (`no_dist`), and torch's warning that it assumes so is not shown, since it is what we mean."""
+    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield alone
 
 
 def _build_model(model_path: str | Path, dtype: torch.dtype, *, empty: bool) -> torch.nn.Module:
