@@ -10,7 +10,10 @@ vocabulary 151,936, untied head: ~0.75B parameters; `--small`: 8 layers, vocabul
 look); the policy trains it in float32, so the engines' bf16 copy is 1.5 GB. Each rank is a torchrun process;
 rank 0 samples its resident set (VmRSS, every 5 ms on a thread) during each save and reports the peak above what
 it held just before, and the save's seconds, per GB of bf16 weights written. The two paths alternate, `--repeats`
-rounds; each writes into a fresh folder. On CPU the "device" is the host, so the streamed path's figure includes
+rounds; each writes into a fresh folder. Then, after one update (so AdamW's state exists), a checkpoint's policy
+calls before (the optimizer's state gathered whole to rank 0 and `torch.save`d, plus the export) and since
+(`save_state`, each rank writing its shards, plus the streamed export): seconds, disk, rank 0's extra host memory.
+On CPU the "device" is the host, so the streamed path's figure includes
 each gathered tensor (float32) while its bucket is cast: on a GPU those live on the device. Benchmarks are not tests:
 2 shared cores, expect +-30%.
 """
@@ -91,6 +94,26 @@ def old_save(self, out_dir: str) -> None:  # the code before issue 23, as a Poli
         config.save_pretrained(out)
 
 
+def old_checkpoint(self, folder: str) -> None:  # the checkpoint before issue 23: optimizer gathered, + the export
+    import torch
+
+    state = self.optimizer_state()  # gathered whole to rank 0's CPU (the followers join it)
+    if self.ranks.leader:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save(state, Path(folder) / "optimizer.pt")
+    del state
+    self.old_save(str(Path(folder) / "model"))
+
+
+def new_checkpoint(self, folder: str) -> None:  # checkpoint.save_checkpoint's policy calls since issue 23
+    self.save_state(Path(folder) / "state")
+    self.save(Path(folder) / "model")
+
+
+def _disk(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def worker(model: str, out: str, repeats: int) -> None:
     from trainer.learner.config import ModelConfig, OptimConfig
     from trainer.learner.distributed import Ranks, follow
@@ -104,6 +127,12 @@ def worker(model: str, out: str, repeats: int) -> None:
     policy = Policy(model, ModelConfig(device="cpu"), OptimConfig())
     gb = sum(p.numel() for p in policy.model.parameters()) * 2 / 1e9  # bf16 bytes written (no tied head here)
     work = Path(out).parent / "saves"
+    from trainer.learner.samples import TrainSample
+
+    mask = [0, 0, 1, 1, 1, 1]
+    sample = TrainSample([5, 6, 7, 8, 9, 10], mask, [1.0 * m for m in mask], [1.0 * m for m in mask],
+                         [-3.0 * m for m in mask], prompt_id="p", tree_index=0, leaf_id=1)  # fmt: skip
+    policy.rl_update([sample, sample])  # AdamW's state exists from here: what a checkpoint holds (one each rank)
     rows: dict[str, list[dict]] = {"before": [], "streamed": []}
     for r in range(repeats):
         for mode in ("before", "streamed"):
@@ -116,8 +145,27 @@ def worker(model: str, out: str, repeats: int) -> None:
             rows[mode].append({"extra_host_gb": (pk.peak - pk.base) / 1e9, "seconds": secs, "s_per_gb": secs / gb})
             shutil.rmtree(folder, ignore_errors=True)
             print(f"{mode} round {r}: +{(pk.peak - pk.base) / 1e9:.2f} GB, {secs:.1f} s", flush=True)
+    ckpt: dict[str, list[dict]] = {"before": [], "sharded": []}
+    for r in range(repeats):
+        for mode in ("before", "sharded"):
+            folder = work / f"ckpt-{mode}-{r}"
+            shutil.rmtree(folder, ignore_errors=True)
+            with Peak() as pk:
+                t0 = time.perf_counter()
+                (old_checkpoint if mode == "before" else new_checkpoint)(policy, str(folder))
+                secs = time.perf_counter() - t0
+            ckpt[mode].append(
+                {"extra_host_gb": (pk.peak - pk.base) / 1e9, "seconds": secs, "disk_gb": _disk(folder) / 1e9}
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"checkpoint {mode} round {r}: +{(pk.peak - pk.base) / 1e9:.2f} GB, {secs:.1f} s", flush=True)
     ranks.stop()
     res = {
+        "checkpoint_rows": ckpt,
+        **{
+            f"checkpoint_{m}": {k: statistics.median(x[k] for x in rs) for k in ("extra_host_gb", "seconds", "disk_gb")}
+            for m, rs in ckpt.items()
+        },
         "weights_gb_bf16": gb,
         "bucket_gb": policy.bucket_bytes / 1e9,
         "largest_tensor_gb_fp32": max(p.numel() for p in policy.model.parameters()) * 4 / 1e9,
@@ -154,6 +202,10 @@ def main() -> None:
     print(f"rank 0 extra host memory during a save: before {b['extra_host_gb']:.2f} GB, streamed "
           f"{s['extra_host_gb']:.2f} GB ({res['ratio_extra_host']:.2f}x)")  # fmt: skip
     print(f"seconds per GB: before {b['s_per_gb']:.2f}, streamed {s['s_per_gb']:.2f} ({res['ratio_s_per_gb']:.2f}x)")
+    cb, cs = res["checkpoint_before"], res["checkpoint_sharded"]
+    print(f"checkpoint (after one update): before {cb['disk_gb']:.2f} GB on disk in {cb['seconds']:.1f} s, rank 0 "
+          f"+{cb['extra_host_gb']:.2f} GB; sharded + export {cs['disk_gb']:.2f} GB in {cs['seconds']:.1f} s, "
+          f"+{cs['extra_host_gb']:.2f} GB")  # fmt: skip
     print(f"wrote {out}")
 
 
