@@ -290,6 +290,7 @@ def test_two_rank_updates_equal_the_one_rank_updates(
         float((h1 - h2).abs().max() / h1.abs().max()) for h1, h2 in zip(one["hidden"], two["hidden"], strict=True)
     )
     assert hidden < 1e-6, "features on 2 ranks equal those on 1 (float32 features of a float64 model)"
+    assert one["feature_rows_rank0"] == 5 and 1 <= two["feature_rows_rank0"] < 5, "spread over the ranks, DDP too"
     signals = max(
         float((h1[:, -2:] - h2[:, -2:]).abs().max() / h1[:, -2:].abs().max())
         for h1, h2 in zip(one["hidden"], two["hidden"], strict=True)
@@ -511,7 +512,12 @@ def _worker(out: str, model: str, resume: str | None = None) -> None:
     next(stream)  # remaining gathers on rank 0, so the followers are in step for the calls below (else they hang)
     stream.close()
     positions = [[0, len(x) - 1] for x in ids[:5]]
+    rows: list[int] = []  # the feature rows rank 0 itself runs: on several ranks only its share (issue 23)
+    inner = policy.accelerator.unwrap_model(policy.model)
+    count = inner.register_forward_pre_hook(lambda _m, _a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
     res["hidden"] = policy.hidden_at(ids[:5], positions, batch=2, signals=(5, 1.0))  # + predictor.policy_signals
+    count.remove()
+    res["feature_rows_rank0"] = sum(rows)
     saved = policy.save(Path(out).parent / "weights")
     res["saved_config"] = json.loads((saved / "config.json").read_text())
     res["saved_files"] = sorted(f.name for f in saved.glob("*.safetensors"))

@@ -173,12 +173,12 @@ class Policy:
     ) -> list[torch.Tensor]:
         """Last-layer hidden state at each given position of each sequence: one [len(pos_i), H] float32
         tensor per sequence (CPU). One forward per sequence, batched by length under the update's limits (at most
-        `batch` sequences and optim.micro_batch_tokens padded tokens a forward); no gradient. Rank 0 alone computes
-        them on its whole model (one rank, DDP); under FSDP every rank computes a token-balanced share of the
-        sequences, with the same number of forwards, and rank 0 gathers them (the followers get []).
+        `batch` sequences and optim.micro_batch_tokens padded tokens a forward); no gradient. On several ranks every
+        rank computes a token-balanced share of the sequences (DDP: on its own replica; FSDP: with the same number of
+        forwards, whose all-gathers the ranks share) and rank 0 gathers them (the followers get []).
         signals = (token, temperature): [len(pos_i), H + 2], the hidden state then log p(token next) and the
         next-token entropy at each position, from the same forward (`_hidden_states`)."""
-        if not self.sharded:
+        if not self.ranks.many:
             assert seqs is not None and positions is not None
             with self.lock:
                 model = self.accelerator.unwrap_model(self.model)  # not DDP's forward: it would sync buffers
@@ -207,15 +207,14 @@ class Policy:
             fws.append(list(range(len(flat_seqs), len(flat_seqs) + len(b_seqs))))
             flat_seqs += b_seqs
             flat_pos += b_pos
+        model = self.model if self.sharded else self.accelerator.unwrap_model(self.model)  # DDP: its replica
         with self.lock:
-            self.model.eval()
+            model.eval()
             try:
-                hs = _hidden_states(
-                    self.model, self.accelerator, self.pad_id, flat_seqs, flat_pos, fws, signals, self.chunk
-                )
+                hs = _hidden_states(model, self.accelerator, self.pad_id, flat_seqs, flat_pos, fws, signals, self.chunk)
                 hs = hs[: len(flat_seqs) - pad]
             finally:
-                self.model.train()
+                model.train()
         gathered = self.ranks.gather(hs)
         if gathered is None:
             return []
