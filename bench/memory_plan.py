@@ -14,14 +14,18 @@ Bytes per rank, by holder (N parameters; n ranks sharding them, n = 1 under DDP;
 - reference (optim.kl_coef > 0): the frozen KL copy, bf16 under mixed precision: 2N replicated, as the code makes it
   (not supported under FSDP yet), or 2N / n if it were sharded.
 - features (run.max_staleness >= 1): `FeatureModel`. On one GPU and under DDP a float32 deep copy of the model, 4N
-  on rank 0; under FSDP a copy in the engines' dtype (bf16, 2N) on rank 0's GPU, loaded from the last save; 4N / n
-  or 2N / n if it were sharded. Its forward runs while the policy trains, so its transient (`feature_forward`) can
+  on rank 0; under FSDP a copy in the engines' dtype (bf16, 2N) on rank 0's GPU, built empty and filled bucket by
+  bucket from the weight stream (issue 23; before, from the last save's weights kept whole in rank 0's host memory);
+  4N / n or 2N / n if it were sharded. Its forward runs while the policy trains, so its transient (`feature_forward`) can
   land on top of the training peak: `_hidden_states` keeps the last hidden state only (a hook on the final norm) and
   builds no KV cache, for `hidden_at`'s batch of 16 sequences (before d7e0a8d it kept every layer's hidden state and
   a KV cache: 70.9 GB for 8B).
-- engines' weights (`Policy.engine_weights`, for `save`): `model.save_dtype` (bf16 for Qwen3), 2N in rank 0's host
-  memory; on several ranks the full float32 state dict is first gathered there (cpu_offload): 4N more host memory
-  while it is cast, and under FSDP the last save's bf16 weights stay there for the feature model (2N).
+- engines' weights (`Policy.weight_stream`, for `save`, the group push and the FSDP feature copy; issue 23): one
+  bucket (model.weight_bucket_mb, 512 MB) in rank 0's host memory at a time, or the largest tensor alone when it is
+  bigger (Qwen3-8B's embedding: 1.24 GB in bf16); each tensor is gathered whole and cast on the device first (its
+  float32 size, a transient there). Before issue 23: 2N of bf16 weights plus the full float32 state dict gathered to
+  rank 0's host (4N) while cast, and under FSDP the bf16 weights kept there for the feature model (2N): the
+  `before_issue_23` row.
 
 Activations of one micro-batch (B sequences of T tokens; K = positions whose logits are computed: `sequence_logprobs`
 runs the LM head only where some row of the micro-batch has a trained next token, the union over rows, so
@@ -94,6 +98,10 @@ if str(REPO) not in sys.path:  # run as `python bench/memory_plan.py` from anywh
 GB = 1e9
 GPUS = {"H200": 141 * GB, "H100": 80 * GB}
 """Nominal memory of one GPU (the CUDA context and allocator fragmentation take a few GB of it)."""
+
+
+WEIGHT_BUCKET = 512 << 20
+"""model.weight_bucket_mb's default, in bytes: the weight stream's bucket on rank 0's host."""
 
 
 @dataclass(frozen=True)
@@ -396,8 +404,10 @@ def states(s: ModelShape, n: int) -> dict[str, int]:
         "features_replicated": 4 * N,
         "features_sharded": 4 * local,
         "features_bf16": 2 * N,
-        "engine_weights_host": 2 * N,
-        "full_state_dict_host": 4 * N,
+        # the weight stream's bucket on rank 0's host (or the largest tensor alone), and before issue 23: the bf16
+        # weights, the float32 state dict gathered to cast them, and (FSDP) the bf16 copy kept for the feature model
+        "engine_weights_host": min(2 * N, max(WEIGHT_BUCKET, 2 * max(numel(shape) for _, shape in shapes))),
+        "engine_weights_host_before_issue_23": 2 * N + 4 * N + (2 * N if n > 1 else 0),
         # start-up: rank 0 loads the checkpoint in float32 (the master dtype); followers under FSDP build on the meta
         # device (issue 21; before, every rank loaded it: 4N each)
         "startup_host_rank0": 4 * N,
@@ -516,8 +526,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ("KL ref bf16, replicated", "reference_replicated"),
         ("KL ref bf16, if sharded", "reference_sharded"),
         ("features fp32, if sharded", "features_sharded"),
-        ("host, rank 0: engine weights", "engine_weights_host"),
-        ("host, rank 0: fp32 full sd", "full_state_dict_host"),
+        ("host, rank 0: weight hand-off", "engine_weights_host"),
+        ("  the same, before issue 23", "engine_weights_host_before_issue_23"),
         ("host at start-up, rank 0", "startup_host_rank0"),
         ("host at start-up, a follower", "startup_host_follower"),
     ]
