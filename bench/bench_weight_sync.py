@@ -12,7 +12,9 @@ random weights in `--dtype` (the engines' dtype; bfloat16 as the trainer writes 
   `EngineClient.update_weights_from_disk` (pause, load, flush, continue): the time of both.
 - group path: `WeightSync.push` of the same state dict (pause, begin, buckets of `--bucket-mb` broadcast over gloo,
   end, continue); the group is formed once before (its time is reported apart).
-The two are run alternately, one warm-up round then `--repeats` rounds; medians are reported, per GB of weights
+This bench compares the two transports to an engine from a state dict in memory; the trainer's own side of the
+hand-off (`Policy.save` / `Policy.weight_stream`: gathering, casting and writing bucket by bucket, rank 0's host
+memory) is `bench/bench_policy_weights.py`'s. The two are run alternately, one warm-up round then `--repeats` rounds; medians are reported, per GB of weights
 sent (the tied head counted once, as both paths send it once). After the last round each path's greedy logprobs on
 a fixed prompt are compared: they must be equal (the same weights arrived). Benchmarks are not tests: expect +-30% run to run on a shared
 2-core machine.
