@@ -257,7 +257,8 @@ class TraceStep:
             return
         self.served = await compute(lambda: copy.deepcopy(self.predictor) if self.fitted else None)
         if self.features is None:
-            self.features = await infer(FeatureModel, self.policy)
+            # under FSDP its first fill is a collective stream: on the thread of every other policy call
+            self.features = await (compute if self.policy.sharded else infer)(FeatureModel, self.policy)
         else:
             await infer(self.features.sync)
 
