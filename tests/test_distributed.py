@@ -342,7 +342,7 @@ def test_a_sharded_checkpoint_resumes_on_one_and_on_two_ranks(
 def test_debug_config_on_two_ranks_runs_end_to_end_and_resumes(tmp_path: Path, cache_dir: Path) -> None:
     """Issue 13: `torchrun --nproc-per-node 2 -m trainer.cli --config configs/debug.toml` (gloo) runs end to end with
     exactly one env server and one engine (rank 0's), every metrics row carrying world_size; the SFT warm start and
-    the RL updates run on both ranks, checkpoints gather the optimizer state, and `--resume` on 2 ranks restores it
+    the RL updates run on both ranks, checkpoints write the sharded training state, and `--resume` on 2 ranks restores it
     and continues."""
     from test_train_smoke import SMALL
 
@@ -365,8 +365,14 @@ def test_debug_config_on_two_ranks_runs_end_to_end_and_resumes(tmp_path: Path, c
     assert rows[3]["weight_version"] == 4
     logs = sorted(p.name for p in out.glob("*.log"))
     assert logs == ["engine_0.log", "env_server.log"], f"one env server and one engine for both ranks: {logs}"
-    state = torch_load(out / "checkpoints" / "step_00004" / "optimizer.pt")
-    assert state["state"] and all(isinstance(k, str) for k in state["state"]), "gathered, keyed by parameter name"
+    # Issue 23: the checkpoint's training state is sharded (torch.distributed.checkpoint), keyed by parameter name
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(out / "checkpoints" / "step_00004" / "state")).read_metadata().state_dict_metadata
+    assert any(k.startswith("optim.state.") and k.endswith(".exp_avg") for k in keys), sorted(keys)[:5]
+    assert (
+        any(k.startswith("model.") for k in keys) and not (out / "checkpoints" / "step_00004" / "optimizer.pt").exists()
+    )
 
 
 def torch_load(path: Path) -> dict:
