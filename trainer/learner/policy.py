@@ -430,9 +430,10 @@ class Policy:
     def _weight_stream(
         self, dtype: torch.dtype, bucket_bytes: int | None, to_host: bool, feed: bool
     ) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-        """The weights, one bucket of `weight_plan` at a time, on every rank (each tensor whole on the training
-        device: under FSDP2 an all-gather of its shards, the same calls in the same order on every rank); cast to
-        `dtype` on the device and, on rank 0, moved to host memory when `to_host`; the followers drop theirs. Yields
+        """The weights, one bucket of `weight_plan` at a time, on every rank: each tensor cast to `dtype` on the
+        training device (under FSDP2 its shard, then an all-gather of the cast shards: the same calls in the same
+        order on every rank, moving half the bytes of float32 for bf16) and, on rank 0, moved to host memory when
+        `to_host`; the followers drop theirs. Yields
         on rank 0 only. feed: the feature copy (`FeatureModel`, under FSDP) takes each bucket too. Closed early, it
         still runs every remaining gather, so the ranks stay in step."""
         entries = dict(self._engine_tensors())
@@ -447,11 +448,11 @@ class Policy:
                 with self.lock:
                     for name in names:
                         t = entries[name].detach()
-                        if isinstance(t, DTensor):
+                        t = t.to(dtype) if t.is_floating_point() else t  # a copy unless it is in dtype already
+                        if isinstance(t, DTensor):  # cast first (the shard): the all-gather moves the engines' dtype
                             t = t.full_tensor()  # every rank: the whole tensor on its device, for this tensor only
                         if not self.ranks.leader:
                             continue
-                        t = t.to(dtype) if t.is_floating_point() else t  # a copy unless it is in dtype already
                         out.append(t.to("cpu") if to_host else t)  # read before the next update: no copy needed
                 if not self.ranks.leader or closed:
                     continue
