@@ -481,12 +481,13 @@ class Policy:
             pass
 
     def engine_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-        """The engines' weights as one dict on rank 0's CPU (None on the followers), from the stream: the whole
-        model in host memory, for tests and small models; `save` and the weight group never build it."""
+        """The engines' weights as one dict on rank 0's CPU (None on the followers), from the stream, copied (never
+        the live parameters): the whole model in host memory, for tests and small models; `save` and the weight
+        group never build it."""
         self.ranks.announce("engine_weights", dtype=dtype)
         out: dict[str, torch.Tensor] = {}
         for names, tensors in self._weight_stream(dtype or self.save_dtype, None, True, False):
-            out.update(zip(names, tensors, strict=True))
+            out.update(zip(names, [t.clone() for t in tensors], strict=True))  # the stream may alias parameters
         return out if self.ranks.leader else None
 
     def save(self, out_dir: str | Path, feed: bool = False) -> Path:
