@@ -123,6 +123,15 @@ def test_every_allocator_spends_exactly_the_leaf_budget(overrides: dict) -> None
             trees, count = s.collect()
             assert sum(len(t.scored_leaves()) for t in trees) == cfg.leaf_budget, (name, count)
             assert count["roots"] + count["continuations"] + count["respent_as_roots"] == cfg.leaf_budget, count
+            # Issue 24: every node records the allocation phase that made it (trainer.algo.plan.mark_round)
+            rounds = [n.info.get("round") for t in trees for n in t.nodes[1:]]
+            assert None not in rounds and set(rounds) <= set(range(cfg.rounds + 2)), set(rounds)
+            first = sum(1 for t in trees for n in t.nodes[1:] if n.parent == 0 and n.info["round"] == 0)
+            assert first == count["roots"], (name, count, first)  # stage 1's bare rollouts, one first turn each
+            if name == "trace" and count["continuations"]:
+                later = [n for t in trees for n in t.nodes[1:] if n.info["round"] >= 1 and n.parent != 0]
+                assert later and all(t.nodes[n.parent].info["round"] <= n.info["round"] for t in trees for n in t.nodes[1:]
+                                     if n.parent), "a node is never made before its parent"  # fmt: skip
             s.update(trees)
 
 

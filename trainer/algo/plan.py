@@ -101,6 +101,7 @@ async def plan_rollouts(
     m = alloc.roots(v, stage1, a)
     funded = [i for i, mi in enumerate(m) if mi > 0]
     await asyncio.gather(*(src.expand(pool[i], 0, m[i]) for i in funded))
+    mark_round(pool, {}, 0)
     count = {
         "roots": sum(m),
         "continuations": 0,
@@ -140,11 +141,24 @@ async def plan_rollouts(
             jobs = []
             for i, an, ks in zip(live, anchors, placed, strict=True):
                 jobs += [src.expand(pool[i], x.node_id, k) for x, k in zip(an, ks, strict=True) if k]
+            sizes = {id(t): len(t.nodes) for t in pool}
             jobs += await spill_roots(src, plan, unplaced, **spill)
             await asyncio.gather(*jobs)
+            mark_round(pool, sizes, r + 1)
+    sizes = {id(t): len(t.nodes) for t in pool}
     await asyncio.gather(*await spill_roots(src, plan, left, **spill))
+    mark_round(pool, sizes, a.rounds + 1 if alloc.expands else 0)
     plan.cont += [0] * (len(pool) - len(plan.cont))
     return plan
+
+
+def mark_round(trees: list[RolloutTree], sizes: dict[int, int], r: int) -> None:
+    """Record on every node added since `sizes` (id(tree) -> its node count then; a tree not in it: all but its root)
+    the allocation phase that made it, `info["round"]`: 0 for stage 1's bare rollouts, r >= 1 for stage 2's round r
+    (its continuations, and the root rollouts it re-spent), rounds + 1 for the closing re-spend."""
+    for t in trees:
+        for n in t.nodes[sizes.get(id(t), 1) :]:
+            n.info.setdefault("round", r)
 
 
 async def spill_roots(
