@@ -22,6 +22,7 @@ from trainer.algo.predictor import SuccessPredictor
 from trainer.algo.staleness import drop_stale
 from trainer.algo.step import TraceStep
 from trainer.config import TrainConfig, load_train_config
+from trainer.dumps import read_dump
 from trainer.learner.config import ModelConfig, OptimConfig
 from trainer.learner.policy import FeatureModel, Policy
 from trainer.learner.samples import TrainSample
@@ -112,7 +113,7 @@ def test_next_step_generates_while_this_step_trains(
         # ...and its featurisation and prediction never queued behind that update (they did for its whole length).
         assert r["collect_wait_s"] < 0.25 * prev["update_s"], (r["collect_wait_s"], prev["update_s"])
     # Generation really ran on the old weights during the update: step t+1 has nodes of version t.
-    trees = [json.loads(ln) for ln in (out / "trees" / "step_00001.jsonl").read_text().splitlines()]
+    _, trees = read_dump(out / "trees" / "step_00001.jsonl.gz")
     versions = [n["weight_version"] for t in trees for n in t["nodes"][1:]]
     assert 0 in versions, f"no node of step 1 was generated before step 0's push: {sorted(set(versions))}"
     for r in rows:

@@ -21,6 +21,7 @@ from trainer import loop
 from trainer.checkpoint import reference_of
 from trainer.cli import main as train_main
 from trainer.config import ModelConfig, OptimConfig, TrainConfig, load_train_config
+from trainer.dumps import read_dump
 from trainer.learner.policy import Policy
 from trainer.loop import train
 
@@ -86,7 +87,7 @@ def test_debug_config_runs_resumes_and_continues(
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("leaves")] == [(r["step"], r["leaves"]) for r in rows]
-    trees = [json.loads(ln) for f in sorted((out / "trees").glob("step_*.jsonl")) for ln in f.read_text().splitlines()]
+    trees = [t for f in sorted((out / "trees").glob("step_*.jsonl.gz")) for t in read_dump(f)[1]]
     assert trees and {t["prompt_id"] for t in trees} <= {f"train-{i:06d}" for i in range(5)}, "env.train_limit=5"
     assert (out / "checkpoints" / "step_00002" / "model" / "config.json").exists()
     assert (out / "checkpoints" / "step_00002" / "state" / ".metadata").exists(), "the sharded training state"

@@ -64,7 +64,11 @@ class RunConfig:
     keep_checkpoints: int = 3
     """Keep the last this many checkpoints, deleting older ones once a new one is complete (0 = keep all)."""
     save_trees: bool = False
-    """Write every step's rollout trees to trees/step_XXXX.jsonl for inspection and replay."""
+    """Write every step's rollout trees to trees/step_XXXXX.jsonl.gz (`trainer.dumps`: each node's turn, values,
+    advantages, round and whether it was trained), off the event loop; `trace-view` reads them."""
+    save_tree_features: bool = False
+    """Also put each node's predictor input (hidden state + structural features: ~4k floats a node at 8B) in the
+    tree dumps."""
     plot: bool = True
     """Write PNG plots of the metrics at the end."""
     report_to: list[str] = field(default_factory=list)

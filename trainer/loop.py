@@ -62,6 +62,7 @@ from trainer.checkpoint import (
     set_aside_previous_run,
 )
 from trainer.config import TrainConfig, config_to_dict
+from trainer.dumps import config_hash, tree_record, write_dump
 from trainer.engines.client import EngineClient
 from trainer.engines.weight_sync import WeightSync
 from trainer.evaluate import evaluate, greedy_runner, split_size
@@ -83,6 +84,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             "a fresh run in the folder of an earlier one: its metrics and checkpoints were moved", to=str(moved)
         )
     conf = config_to_dict(cfg)
+    conf_hash = config_hash(conf)  # in every tree dump's header
     (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
     t_run = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
@@ -156,11 +158,11 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 row["env_failures"] = row.get("env_failures", 0.0) + greedy.env_failures - eval_failures
                 eval_failures = greedy.env_failures
                 row.update(step=step, weight_version=policy.version, world_size=policy.world_size)
+                if cfg.run.save_trees:  # off the event loop; its size and seconds in the row
+                    row.update(await asyncio.to_thread(_save_trees, out, step, batch, trace, conf_hash))
                 row.update(step_time_s=time.perf_counter() - t0)
                 _append_metrics(out, row)
                 await asyncio.to_thread(track.log, row)  # run.report_to: wandb / tensorboard, off the event loop
-                if cfg.run.save_trees:
-                    _save_trees(out, step, batch)
                 if _due(step, cfg.run.save_every, cfg.run.steps):
                     await compute(save_checkpoint, out, step + 1, policy, trace, cfg.run.keep_checkpoints)
                 bar.update(1)
@@ -274,9 +276,17 @@ def _append_metrics(out: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(clean, sort_keys=True) + "\n")
 
 
-def _save_trees(out: Path, step: int, batch: StepBatch) -> None:
-    d = out / "trees"
-    d.mkdir(exist_ok=True)
-    with open(d / f"step_{step:05d}.jsonl", "w") as f:
-        for t in batch.trees:
-            f.write(json.dumps(t.to_dict()) + "\n")
+def _save_trees(out: Path, step: int, batch: StepBatch, trace: TraceStep, conf_hash: str) -> dict[str, float]:
+    """The step's tree dump (`trainer.dumps`); returns its size and the seconds it took (`tree_dump_*`)."""
+    t0 = time.perf_counter()
+    cfg = trace.cfg
+    process = trace.allocator.expands
+    records = [
+        tree_record(t, cfg.advantage, process, {i for k, i in batch.trained if k == idx}, cfg.run.save_tree_features)
+        for idx, t in enumerate(batch.trees)
+    ]
+    header = {"step": step, "config_hash": conf_hash, "allocator": cfg.allocation.type, "trees": len(records)}
+    nbytes = write_dump(
+        out / "trees" / f"step_{step:05d}.jsonl.gz", header | {"features": cfg.run.save_tree_features}, records
+    )
+    return {"tree_dump_bytes": float(nbytes), "tree_dump_s": time.perf_counter() - t0}

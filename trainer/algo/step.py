@@ -149,6 +149,7 @@ class StepBatch:
     calib: dict[str, float]
     rollout_time_s: float
     metrics: dict[str, float] = field(default_factory=dict)
+    trained: set[tuple[int, int]] = field(default_factory=set)  # (tree index, node id) a training sample used
 
 
 class TraceStep:
@@ -535,6 +536,7 @@ class TraceStep:
         # No process term for allocators that do not expand: uniform and root-only are then exactly GRPO.
         samples = build_training_samples(trees, self.cfg.advantage, process=self.allocator.expands)
         samples, stale = drop_stale(samples, self.policy.version, self.cfg.run.max_staleness)  # trainer.algo.staleness
+        batch.trained = {(s.tree_index, i) for s in samples for i, _, _ in s.segments[1:]}  # for the tree dumps
         pol = self.policy.rl_update(samples) if samples else {}
         ledger = sum((t.ledger for t in trees), Ledger())
         rewards = [r for t in trees for r in t.rewards()]
