@@ -11,7 +11,7 @@ import pytest
 
 from trainer.algo.advantages import AdvantageConfig
 from trainer.algo.tree import RolloutTree
-from trainer.dumps import SCHEMA, DumpError, config_hash, read_dump, tree_record, write_dump
+from trainer.dumps import SCHEMA, DumpError, config_hash, read_dump, sample_rows, tree_record, write_dump
 
 
 def _tree() -> RolloutTree:
@@ -75,3 +75,11 @@ def test_bad_dumps_are_clear_errors(tmp_path: Path) -> None:
     write_dump(short, {"step": 6, "trees": 2}, [rec])
     with pytest.raises(DumpError, match="1 trees where its header says 2: truncated"):
         read_dump(short)
+
+
+def test_tracker_samples_are_each_leaf_s_trajectory_as_text() -> None:
+    rec = tree_record(_tree(), AdvantageConfig(), process=True, trained={1, 2})
+    rows = sample_rows([rec, rec], trees=1, chars=20)
+    assert [r["leaf"] for r in rows] == [2, 3, 4, 5] and [r["round"] for r in rows] == [0, 0, 1, None]
+    assert rows[0]["trajectory"] == "<search>x</search> -> <script>alert(1)</sc || <answer>Bo</answer>"
+    assert rows[0]["reward"] == 0.0 and rows[0]["trained"] and not rows[3]["trained"]

@@ -10,6 +10,12 @@ import pytest
 from trainer.tracking import TensorBoardTracker, Trackers, WandbTracker, check_report_to
 
 CONFIG = {"run": {"steps": 2, "name": "t"}, "optim": {"lr": 0.001}}
+SAMPLES = [  # trainer.dumps.sample_rows' shape
+    {"prompt_id": "p1", "question": "Who?", "leaf": 3, "round": 0, "trajectory": "<search>a|b</search> -> Doc 1",
+     "reward": 1.0, "adv_outcome": 0.5, "trained": True},
+    {"prompt_id": "p1", "question": "Who?", "leaf": 4, "round": 1, "trajectory": "<answer>x</answer>",
+     "reward": 0.0, "adv_outcome": -0.5, "trained": True},
+]  # fmt: skip
 ROWS = [
     {"step": 0, "reward_mean": 0.5, "leaves": 64, "allocator": "trace", "eval_em": None},
     {"step": 1, "reward_mean": 0.75, "leaves": 64, "effective_ratio": float("nan")},
@@ -21,6 +27,7 @@ def test_tensorboard_gets_every_number_of_every_row(tmp_path: Path) -> None:
 
     trackers = Trackers(["tensorboard"], tmp_path, "t", CONFIG, "trace-test")
     for row in ROWS:
+        trackers.log_samples(SAMPLES, row["step"])  # the step's samples come before its row
         trackers.log(row)
     trackers.close()
     ea = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -29,6 +36,9 @@ def test_tensorboard_gets_every_number_of_every_row(tmp_path: Path) -> None:
     assert [e.value for e in ea.Scalars("leaves")] == [64.0, 64.0]
     assert "allocator" not in ea.Tags()["scalars"] and "effective_ratio" not in ea.Tags()["scalars"]
     assert "config/text_summary" in ea.Tags()["tensors"]
+    [first, _] = ea.Tensors("samples/text_summary")
+    text = first.tensor_proto.string_val[0].decode()
+    assert first.step == 0 and "| trajectory |" in text and "<search>a\\|b</search> -> Doc 1" in text, text
 
 
 def test_wandb_offline_gets_the_rows_and_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,9 +49,11 @@ def test_wandb_offline_gets_the_rows_and_the_config(tmp_path: Path, monkeypatch:
     [tracker] = trackers.trackers
     assert isinstance(tracker, WandbTracker)
     for row in ROWS:
+        trackers.log_samples(SAMPLES, row["step"])
         trackers.log(row)
     run = tracker.run
     assert run.summary["reward_mean"] == 0.75 and run.summary["leaves"] == 64
+    assert run.summary["samples"]["_type"] == "table-file" and run.summary["samples"]["nrows"] == len(SAMPLES)
     assert run.config["optim"]["lr"] == 0.001
     trackers.close()
     [log] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))

@@ -87,6 +87,8 @@ def test_debug_config_runs_resumes_and_continues(
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("leaves")] == [(r["step"], r["leaves"]) for r in rows]
+    assert [e.step for e in events.Tensors("samples/text_summary")] == [0, 1], "run.tracker_samples' trajectories"
+    assert all(r["tree_dump_bytes"] > 0 and r["tree_dump_s"] > 0 for r in rows), "what each step's dump cost"
     trees = [t for f in sorted((out / "trees").glob("step_*.jsonl.gz")) for t in read_dump(f)[1]]
     assert trees and {t["prompt_id"] for t in trees} <= {f"train-{i:06d}" for i in range(5)}, "env.train_limit=5"
     assert (out / "checkpoints" / "step_00002" / "model" / "config.json").exists()

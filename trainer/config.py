@@ -67,6 +67,8 @@ class RunConfig:
     """Write every step's rollout trees to trees/step_XXXXX.jsonl.gz (`trainer.dumps`: each node's turn, values,
     advantages, round and whether it was trained), off the event loop. ~0.03 MB a step for the demo, ~4.6 MB for
     configs/qwen3-8b-hotpotqa.toml's 1,536 leaves (bench/bench_tree_dump.py)."""
+    tracker_samples: int = 2
+    """Trees a step whose leaves' trajectories go to the trackers of `report_to` as a table of text (0 = none)."""
     save_tree_features: bool = False
     """Also put each node's predictor input (hidden state + structural features: ~4k floats a node at 8B) in the
     tree dumps."""

@@ -154,3 +154,33 @@ def read_dump(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if len(trees) != header.get("trees"):
         raise DumpError(f"{path}: {len(trees)} trees where its header says {header.get('trees')}: truncated")
     return header, trees
+
+
+def sample_rows(records: list[dict[str, Any]], trees: int, chars: int = 300) -> list[dict[str, Any]]:
+    """The trackers' samples (`run.tracker_samples`): for the first `trees` tree records, one row per leaf with its
+    trajectory as text (each turn's action, then a cut of its observation, `chars` characters at most each)."""
+    rows = []
+    for rec in records[:trees]:
+        nodes = {n["node_id"]: n for n in rec["nodes"]}
+        for leaf in (n for n in rec["nodes"] if not n["children"] and n["parent"] is not None):
+            path, cur = [], leaf
+            while cur["parent"] is not None:
+                path.append(cur)
+                cur = nodes[cur["parent"]]
+            turns = [
+                n["action"][:chars] + (" -> " + n["observation"][:chars] if n["observation"] else "")
+                for n in path[::-1]
+            ]
+            rows.append(
+                {
+                    "prompt_id": rec["prompt_id"],
+                    "question": rec["question"][:chars],
+                    "leaf": leaf["node_id"],
+                    "round": leaf["info"].get("round"),
+                    "trajectory": " || ".join(turns),
+                    "reward": leaf["reward"],
+                    "adv_outcome": leaf["adv_outcome"],
+                    "trained": leaf["trained"],
+                }
+            )
+    return rows

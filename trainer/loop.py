@@ -62,7 +62,7 @@ from trainer.checkpoint import (
     set_aside_previous_run,
 )
 from trainer.config import TrainConfig, config_to_dict
-from trainer.dumps import config_hash, tree_record, write_dump
+from trainer.dumps import config_hash, sample_rows, tree_record, write_dump
 from trainer.engines.client import EngineClient
 from trainer.engines.weight_sync import WeightSync
 from trainer.evaluate import evaluate, greedy_runner, split_size
@@ -158,8 +158,12 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 row["env_failures"] = row.get("env_failures", 0.0) + greedy.env_failures - eval_failures
                 eval_failures = greedy.env_failures
                 row.update(step=step, weight_version=policy.version, world_size=policy.world_size)
-                if cfg.run.save_trees:  # off the event loop; its size and seconds in the row
-                    row.update(await asyncio.to_thread(_save_trees, out, step, batch, trace, conf_hash))
+                if cfg.run.save_trees or (cfg.run.tracker_samples and track.trackers):  # off the event loop
+                    cost, records = await asyncio.to_thread(_tree_records, out, step, batch, trace, conf_hash)
+                    row.update(cost)
+                    if cfg.run.tracker_samples and track.trackers:
+                        samples = sample_rows(records, cfg.run.tracker_samples)
+                        await asyncio.to_thread(track.log_samples, samples, step)
                 row.update(step_time_s=time.perf_counter() - t0)
                 _append_metrics(out, row)
                 await asyncio.to_thread(track.log, row)  # run.report_to: wandb / tensorboard, off the event loop
@@ -276,8 +280,11 @@ def _append_metrics(out: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(clean, sort_keys=True) + "\n")
 
 
-def _save_trees(out: Path, step: int, batch: StepBatch, trace: TraceStep, conf_hash: str) -> dict[str, float]:
-    """The step's tree dump (`trainer.dumps`); returns its size and the seconds it took (`tree_dump_*`)."""
+def _tree_records(
+    out: Path, step: int, batch: StepBatch, trace: TraceStep, conf_hash: str
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The step's tree records (`trainer.dumps`) and, with run.save_trees, its dump; returns the dump's size and the
+    seconds it took (`tree_dump_*`), and the records (the trackers' samples come from them)."""
     t0 = time.perf_counter()
     cfg = trace.cfg
     process = trace.allocator.expands
@@ -285,8 +292,9 @@ def _save_trees(out: Path, step: int, batch: StepBatch, trace: TraceStep, conf_h
         tree_record(t, cfg.advantage, process, {i for k, i in batch.trained if k == idx}, cfg.run.save_tree_features)
         for idx, t in enumerate(batch.trees)
     ]
+    if not cfg.run.save_trees:
+        return {}, records
     header = {"step": step, "config_hash": conf_hash, "allocator": cfg.allocation.type, "trees": len(records)}
-    nbytes = write_dump(
-        out / "trees" / f"step_{step:05d}.jsonl.gz", header | {"features": cfg.run.save_tree_features}, records
-    )
-    return {"tree_dump_bytes": float(nbytes), "tree_dump_s": time.perf_counter() - t0}
+    header["features"] = cfg.run.save_tree_features
+    nbytes = write_dump(out / "trees" / f"step_{step:05d}.jsonl.gz", header, records)
+    return {"tree_dump_bytes": float(nbytes), "tree_dump_s": time.perf_counter() - t0}, records

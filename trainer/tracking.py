@@ -1,8 +1,9 @@
 """Experiment tracking: every metrics row the loop writes to `metrics.jsonl`, and the run's config, also go to the
 trackers named in `run.report_to` ("wandb", "tensorboard"; several allowed; [] or ["none"] = only the jsonl).
 
-Contract: the same per-step figures as `metrics.jsonl` (numbers only; a row's `step` is the tracker's step), the
-config once at the start (wandb: the run config; TensorBoard: a JSON text under `config`). Trackers are opened and
+Contract: the same per-step figures as `metrics.jsonl` (numbers only; a row's `step` is the tracker's step), a few
+of the step's trajectories as text (`run.tracker_samples` trees: wandb a Table "samples", TensorBoard a markdown
+table under "samples"), the config once at the start (wandb: the run config; TensorBoard: a JSON text under `config`). Trackers are opened and
 closed off the event loop (wandb starts a service process). Weights & Biases reads its usual environment
 (`WANDB_MODE=offline` runs with no network and syncs later with `wandb sync`; `WANDB_PROJECT`, `WANDB_ENTITY`);
 TensorBoard writes event files under `<output_dir>/tensorboard`. A tracker named but not installed is a config
@@ -28,6 +29,10 @@ class Tracker(ABC):
     def log(self, row: dict[str, Any], step: int) -> None: ...
 
     @abstractmethod
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """A few of the step's trajectories as a table (`trainer.dumps.sample_rows`), before its metrics row."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -41,6 +46,13 @@ class WandbTracker(Tracker):
 
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log(_numbers(row), step=step, commit=True)  # a row is a whole step: send it now
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        import wandb
+
+        cols = list(rows[0]) if rows else list(SAMPLE_COLUMNS)
+        table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+        self.run.log({"samples": table}, step=step, commit=False)  # the step's metrics row commits it
 
     def close(self) -> None:
         self.run.finish()
@@ -60,9 +72,19 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        cols = list(rows[0]) if rows else list(SAMPLE_COLUMNS)
+        cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731  # one markdown table cell
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+        self.writer.add_text("samples", "\n".join(lines), step)
+
     def close(self) -> None:
         self.writer.close()
 
+
+SAMPLE_COLUMNS = ("prompt_id", "question", "leaf", "round", "trajectory", "reward", "adv_outcome", "trained")
+"""A sample row's columns (`trainer.dumps.sample_rows`)."""
 
 TRACKERS: dict[str, type[Tracker]] = {"wandb": WandbTracker, "tensorboard": TensorBoardTracker}
 
@@ -89,6 +111,10 @@ class Trackers:
     def log(self, row: dict[str, Any]) -> None:
         for t in self.trackers:
             t.log(row, int(row["step"]))
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        for t in self.trackers:
+            t.log_samples(rows, step)
 
     def close(self) -> None:
         for t in self.trackers:
