@@ -1,0 +1,63 @@
+"""`trace-view` (tools/view.py, issue 24) without a browser: the pages it writes from dumps, the escaping of every
+text the model or the corpus wrote, two runs side by side, and a clear error for a run without dumps. The page in
+a real browser: tests/test_view_browser.py (the `browser` tier)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tools.view import main as view_main
+from trainer.algo.advantages import AdvantageConfig
+from trainer.algo.tree import RolloutTree
+from trainer.dumps import tree_record, write_dump
+
+PLANT = "<script>window.__pwned = 1</script><b>bold</b> & more"
+
+
+def _dump(run: Path, step: int, observation: str = "Doc 1") -> dict:
+    t = RolloutTree.new(f"p{step}", "Who <i>is</i> it?", ["Ada"], [1, 2], "s0")
+    a = t.add_child(0, [3, 4], [1, 0], [-0.1, 0.0], snapshot_id="s1", action_text="<search>x</search>",
+                    observation=observation)  # fmt: skip
+    t.add_child(a.node_id, [5], [1], [-0.2], action_text="<answer>Ada</answer>", status="answered").reward = 1.0
+    t.add_child(0, [6], [1], [-0.2], action_text="<answer>Bo</answer>", status="answered").reward = 0.0
+    for n in t.nodes[1:]:
+        n.info["round"] = 0  # stage 1's bare rollouts (trainer.algo.plan.mark_round)
+    t.backup()
+    rec = tree_record(t, AdvantageConfig(), True, {1, 2})
+    write_dump(run / "trees" / f"step_{step:05d}.jsonl.gz", {"step": step, "trees": 1}, [rec])
+    return rec
+
+
+def _data(page: Path) -> dict:
+    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', page.read_text(), re.S)
+    assert m, "the page carries its data"
+    return json.loads(m.group(1))
+
+
+def test_pages_escape_every_text_and_show_two_runs_side_by_side(tmp_path: Path, capsys) -> None:
+    a, b = tmp_path / "trace-run", tmp_path / "grpo-run"
+    _dump(a, 0, PLANT)
+    _dump(a, 1)
+    _dump(b, 1)
+    assert view_main([str(a), str(b), "--out", str(tmp_path / "view")]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    page = (tmp_path / "view" / "step_00000.html").read_text()
+    assert "<script>window.__pwned" not in page and "<b>bold" not in page, "no text from the dump as markup"
+    assert page.count("<script") == 2, "the data block and the page's own script, nothing else"
+    data = _data(tmp_path / "view" / "step_00000.html")
+    assert data["panels"][0]["trees"][0]["nodes"][1]["observation"] == PLANT, "the text itself survives, as text"
+    assert data["panels"][1]["missing"] and data["steps"] == [0, 1]
+    both = _data(tmp_path / "view" / "step_00001.html")["panels"]
+    assert [p["run"] for p in both] == ["trace-run", "grpo-run"] and all(p["summary"]["leaves"] == 2 for p in both)
+    assert both[0]["summary"]["mixed"] == 1 and both[0]["summary"]["bare"] == 2
+    index = _data(tmp_path / "view" / "index.html")
+    assert [r["step"] for r in index["rows"]] == [0, 1] and index["runs"] == ["trace-run", "grpo-run"]
+    assert "innerHTML" not in page and "textContent" in page
+
+
+def test_a_run_without_dumps_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "run").mkdir()
+    assert view_main([str(tmp_path / "run")]) == 2
+    assert "no tree dumps; run trace-train with run.save_trees = true" in capsys.readouterr().err
