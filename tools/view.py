@@ -130,7 +130,8 @@ function el(tag, attrs, text) {  // every text goes in as text, never as markup
   if (text !== undefined && text !== null) e.textContent = String(text);
   return e;
 }
-const fmt = (x) => (x === null || x === undefined) ? '-' : (typeof x === 'number' ? x.toFixed(3) : String(x));
+const fmt = (x) => (x === null || x === undefined) ? '-'
+  : (typeof x === 'number' && !Number.isInteger(x) ? x.toFixed(3) : String(x));
 """
 
 _INDEX_JS = (
@@ -157,12 +158,12 @@ document.getElementById('main').appendChild(table);
 _STEP_JS = (
     _COMMON_JS
     + r"""
-const top = document.getElementById('top');
-top.appendChild(el('a', {href: 'index.html'}, 'all steps'));
+const bar = document.getElementById('top');  // not `top`: window.top
+bar.appendChild(el('a', {href: 'index.html'}, 'all steps'));
 const i = DATA.steps.indexOf(DATA.step);
-if (i > 0) { top.appendChild(el('span', {}, '  ')); top.appendChild(el('a', {href: 'step_' + String(DATA.steps[i - 1]).padStart(5, '0') + '.html', id: 'prev'}, '< step ' + DATA.steps[i - 1])); }
-if (i < DATA.steps.length - 1) { top.appendChild(el('span', {}, '  ')); top.appendChild(el('a', {href: 'step_' + String(DATA.steps[i + 1]).padStart(5, '0') + '.html', id: 'next'}, 'step ' + DATA.steps[i + 1] + ' >')); }
-top.appendChild(el('h2', {}, 'step ' + DATA.step));
+if (i > 0) { bar.appendChild(el('span', {}, '  ')); bar.appendChild(el('a', {href: 'step_' + String(DATA.steps[i - 1]).padStart(5, '0') + '.html', id: 'prev'}, '< step ' + DATA.steps[i - 1])); }
+if (i < DATA.steps.length - 1) { bar.appendChild(el('span', {}, '  ')); bar.appendChild(el('a', {href: 'step_' + String(DATA.steps[i + 1]).padStart(5, '0') + '.html', id: 'next'}, 'step ' + DATA.steps[i + 1] + ' >')); }
+bar.appendChild(el('h2', {}, 'step ' + DATA.step));
 const main = document.getElementById('main');
 const detail = el('div', {id: 'detail'}, 'click a node to read its turn');
 function colour(v) { if (v === null || v === undefined) return '#bbb';
