@@ -285,7 +285,7 @@ def test_two_rank_updates_equal_the_one_rank_updates(
     assert all(w2[k].dtype == torch.bfloat16 for k in w2)
     bf16 = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
     assert bf16 <= 1e-2  # the bf16 rounding of equal values: a tie may round either way
-    assert two["tied"], "the engines' lm_head and embedding are one tensor, as in the model"
+    assert two["tied"], "a tied lm_head is left out of the engines' weights: they tie it from the embedding"
     hidden = max(
         float((h1 - h2).abs().max() / h1.abs().max()) for h1, h2 in zip(one["hidden"], two["hidden"], strict=True)
     )

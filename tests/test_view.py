@@ -61,3 +61,18 @@ def test_a_run_without_dumps_is_a_clear_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "run").mkdir()
     assert view_main([str(tmp_path / "run")]) == 2
     assert "no tree dumps; run trace-train with run.save_trees = true" in capsys.readouterr().err
+
+
+def test_non_finite_numbers_and_older_dumps(tmp_path: Path, capsys) -> None:
+    """A NaN in a dump (a predictor's value, say) must not blank the page: it becomes null; a run holding only
+    older, uncompressed dumps gets read_dump's reason, not "no dumps"."""
+    rec = _dump(tmp_path / "run", 0)
+    rec["nodes"][1]["predicted"] = float("nan")
+    write_dump(tmp_path / "run" / "trees" / "step_00000.jsonl.gz", {"step": 0, "trees": 1}, [rec])
+    assert view_main([str(tmp_path / "run"), "--out", str(tmp_path / "view")]) == 0
+    assert _data(tmp_path / "view" / "step_00000.html")["panels"][0]["trees"][0]["nodes"][1]["predicted"] is None
+    old = tmp_path / "old" / "trees"
+    old.mkdir(parents=True)
+    (old / "step_00000.jsonl").write_text("{}\n")
+    assert view_main([str(tmp_path / "old")]) == 2
+    assert "an older, uncompressed dump" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_the_page_shows_every_node_and_its_text_as_text(browser, tmp_path: Path,
     assert len(circles) == sum(len(t["nodes"]) for t in trees), "every node of the step is on the page"
     target = browser.find_element(By.CSS_SELECTOR, f'circle[data-tree="0-0"][data-node="{turn["node_id"]}"]')
     target.click()
-    assert browser.find_element(By.ID, "node-observation").text == PLANT.replace("'", "'"), "shown as text"
+    assert browser.find_element(By.ID, "node-observation").text == PLANT, "shown as text"
     assert browser.execute_script("return window.__pwned === undefined"), "the planted script never ran"
     assert not browser.find_elements(By.ID, "bold"), "no markup from the dump reached the DOM"
     assert browser.find_element(By.ID, "node-action").text == turn["action"]

@@ -265,7 +265,7 @@ async def test_the_loop_streams_a_policy_s_weights_bucket_by_bucket(
 ) -> None:
     """Issue 23: the loop's group push (`trainer.loop._push_group`) sends `Policy.weight_stream`'s buckets as they
     are gathered, with no whole-model dict: the engine then generates exactly as a fresh engine that loaded the
-    policy's own `save` of the same weights, and the push used the stream's buckets (many, at a small size)."""
+    policy's own `save` of the same weights, over several buckets (1 MB each)."""
     from trainer.learner.config import ModelConfig, OptimConfig
     from trainer.learner.policy import Policy
     from trainer.loop import _push_group

@@ -27,6 +27,7 @@ import argparse
 import functools
 import http.server
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,22 @@ if str(REPO) not in sys.path:
 from trainer.dumps import DumpError, read_dump  # noqa: E402
 
 
+def _finite(x: Any) -> Any:
+    """`x` with every non-finite float (NaN, inf: not JSON, JSON.parse refuses them) as None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _json_for_html(data: Any) -> str:
-    """JSON that is safe inside a <script type="application/json"> element: no `<`, `>` or `&` left raw."""
-    return json.dumps(data).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    """JSON that is safe inside a <script type="application/json"> element: no `<`, `>` or `&` left raw, and no
+    NaN (a page whose data does not parse would show nothing)."""
+    text = json.dumps(_finite(data), allow_nan=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 def step_summary(trees: list[dict[str, Any]]) -> dict[str, Any]:
@@ -71,7 +85,8 @@ def step_summary(trees: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build(runs: list[Path], out: Path) -> list[int]:
     """Write the site for `runs` (one, or two side by side) into `out`; returns the steps written."""
-    dumps = [{int(p.name[5:10]): p for p in sorted((r / "trees").glob("step_*.jsonl.gz"))} for r in runs]
+    # .jsonl too: an older, uncompressed dump gets read_dump's error saying so, not "no dumps"
+    dumps = [{int(p.name[5:10]): p for p in sorted((r / "trees").glob("step_*.jsonl*"))} for r in runs]
     if not dumps[0]:
         raise DumpError(f"{runs[0] / 'trees'}: no tree dumps; run trace-train with run.save_trees = true")
     steps = sorted(set(dumps[0]).union(*dumps[1:]))

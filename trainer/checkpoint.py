@@ -57,8 +57,11 @@ def save_checkpoint(out: Path, next_step: int, policy: Policy, trace: TraceStep,
     if keep > 0:
         done = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
         for old in done[:-keep]:
-            shutil.rmtree(old)
-            log.info("checkpoint_pruned", path=str(old), keep=keep)
+            try:
+                shutil.rmtree(old)
+                log.info("checkpoint_pruned", path=str(old), keep=keep)
+            except OSError as e:  # the new checkpoint is complete: a folder that will not go is worth a warning only
+                log.warning("checkpoint_not_pruned", path=str(old), error=str(e))
     return d
 
 

@@ -248,7 +248,9 @@ async def _push(engine: EngineClient, path: Path, version: int) -> float:
 async def _push_group(sync: WeightSync, policy: Policy, version: int) -> float:
     """Stream the policy's weights to every engine over the group as `version` (`Policy.weight_stream`: one bucket
     gathered, cast and sent at a time, the feature copy fed from the same buckets under FSDP); the seconds it took.
-    The stream's steps run on the torch thread, where every collective of the policy runs."""
+    The stream's steps run on the torch thread, where every collective of the policy runs. The gathers run inside
+    the push's bracket, so the engines' pause (and `transfer_s`) covers them: the price of holding one bucket, not
+    the model."""
     t0 = time.perf_counter()
     size = sync.bucket_bytes
     count = len(await compute(policy.weight_plan, None, size))
@@ -260,8 +262,8 @@ async def _push_group(sync: WeightSync, policy: Policy, version: int) -> float:
 
     try:
         await sync.push_stream(buckets(), count, version=str(version))
-    finally:
-        await compute(stream.close)  # a push that stopped early: the stream still runs its gathers (ranks in step)
+    finally:  # a push that stopped early (or was cancelled): the stream still runs its gathers (ranks in step)
+        await asyncio.shield(compute(stream.close))
     return time.perf_counter() - t0
 
 

@@ -155,7 +155,9 @@ async def plan_rollouts(
 def mark_round(trees: list[RolloutTree], sizes: dict[int, int], r: int) -> None:
     """Record on every node added since `sizes` (id(tree) -> its node count then; a tree not in it: all but its root)
     the allocation phase that made it, `info["round"]`: 0 for stage 1's bare rollouts, r >= 1 for stage 2's round r
-    (its continuations, and the root rollouts it re-spent), rounds + 1 for the closing re-spend."""
+    (its continuations, and the root rollouts it re-spent), rounds + 1 for the closing re-spend of an allocator that
+    expands (0 for one that does not: its re-spent rollouts are bare rollouts too). A tree redone after losing its env
+    state (`TraceStep._recover`) is marked there the same way (0 bare, 1 its continuations)."""
     for t in trees:
         for n in t.nodes[sizes.get(id(t), 1) :]:
             n.info.setdefault("round", r)

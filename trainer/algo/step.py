@@ -48,7 +48,7 @@ from trainer.algo.allocation import (
     plan_round,
     uniform_group,
 )
-from trainer.algo.plan import plan_rollouts
+from trainer.algo.plan import mark_round, plan_rollouts
 from trainer.algo.predictor import (
     BetaPrior,
     PredictorConfig,
@@ -475,7 +475,10 @@ class TraceStep:
                 pool[i] = t
                 t.root.predicted = v[i]
             await self.afeaturise([pool[i] for i in redo])
+            sizes = {id(t): len(t.nodes) for t in pool}
             await asyncio.gather(*(self.runner.expand(pool[i], 0, m[i]) for i in redo + takers))
+            mark_round(pool, sizes, 0)  # bare rollouts (the tree dumps' rounds)
+            sizes = {id(t): len(t.nodes) for t in pool}
             again = [i for i in redo if cont[i] and pool[i].lost is None]
             if again and alloc.expands:
                 await self.value_anchors([pool[i] for i in again])
@@ -490,6 +493,7 @@ class TraceStep:
                 await asyncio.gather(*jobs)
             elif again:
                 await asyncio.gather(*(self.runner.expand(pool[i], 0, cont[i]) for i in again))
+            mark_round(pool, sizes, 1)
 
     async def _drop_target(
         self, pool: list[RolloutTree], idxs: list[int], v: list[float], m: list[int], step: int

@@ -75,9 +75,10 @@ def _pad(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: 
 
 class Policy:
     """The model being trained, on this rank. On several ranks (`trainer.learner.distributed`) rank 0's methods announce
-    themselves to the followers first, and every method that needs the other ranks (the updates, `save`,
-    `engine_weights`, the optimizer state, and `hidden_at` under FSDP) is a collective they join; the followers call
-    the same methods with the data arguments left out (rank 0 scatters their shares)."""
+    themselves to the followers first, and every method that needs the other ranks (the updates, `hidden_at`, the
+    weight stream behind `save`, `weight_stream` and `engine_weights`, `save_state` / `load_state`, the optimizer
+    state) is a collective they join; the followers call the same methods with the data arguments left out (rank 0
+    scatters their shares)."""
 
     def __init__(
         self,
@@ -436,6 +437,8 @@ class Policy:
         `to_host`; the followers drop theirs. Yields
         on rank 0 only. feed: the feature copy (`FeatureModel`, under FSDP) takes each bucket too. Closed early, it
         still runs every remaining gather, so the ranks stay in step."""
+        if not self.ranks.leader and not self.sharded:
+            return  # a DDP follower: nothing to gather, rank 0 holds the whole model
         entries = dict(self._engine_tensors())
         plan = self.weight_plan(dtype, bucket_bytes)
         taps = list(self.feature_taps) if feed else []
@@ -454,10 +457,12 @@ class Policy:
                         if not self.ranks.leader:
                             continue
                         out.append(t.to("cpu") if to_host else t)  # read before the next update: no copy needed
-                if not self.ranks.leader or closed:
+                if not self.ranks.leader:
                     continue
-                for tap in taps:
+                for tap in taps:  # after a close too: the feature copy never keeps half a version
                     tap.load(names, out)
+                if closed:
+                    continue
                 try:
                     yield names, out
                 except GeneratorExit:
@@ -486,8 +491,9 @@ class Policy:
         group never build it."""
         self.ranks.announce("engine_weights", dtype=dtype)
         out: dict[str, torch.Tensor] = {}
-        for names, tensors in self._weight_stream(dtype or self.save_dtype, None, True, False):
-            out.update(zip(names, [t.clone() for t in tensors], strict=True))  # the stream may alias parameters
+        with contextlib.closing(self._weight_stream(dtype or self.save_dtype, None, True, False)) as stream:
+            for names, tensors in stream:  # closed at once on an error: its remaining gathers run here
+                out.update(zip(names, [t.clone() for t in tensors], strict=True))  # the stream may alias parameters
         return out if self.ranks.leader else None
 
     def save(self, out_dir: str | Path, feed: bool = False) -> Path:
@@ -498,18 +504,21 @@ class Policy:
         the others join each gather and return once the folder is complete. feed: as `_weight_stream`'s (the loop's
         save for the engines)."""
         out = Path(out_dir)
+        leader = self.ranks.leader
+        if leader:  # before the followers are told: a folder that cannot be made fails alone
+            out.mkdir(parents=True, exist_ok=True)
         self.ranks.announce("save", out_dir=str(out), feed=feed)
         n = len(self.weight_plan())
         written: dict[str, str] = {}
         total = 0
-        leader = self.ranks.leader
-        if leader:
-            out.mkdir(parents=True, exist_ok=True)
-        for i, (names, tensors) in enumerate(self._weight_stream(self.save_dtype, None, True, feed)):
-            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            save_file({k: t.contiguous() for k, t in zip(names, tensors, strict=True)}, out / fname, {"format": "pt"})
-            written.update(dict.fromkeys(names, fname))
-            total += sum(t.numel() * t.element_size() for t in tensors)
+        with contextlib.closing(self._weight_stream(self.save_dtype, None, True, feed)) as stream:
+            for i, (names, tensors) in enumerate(stream):  # a write that fails closes it: its gathers still run
+                fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                save_file(
+                    {k: t.contiguous() for k, t in zip(names, tensors, strict=True)}, out / fname, {"format": "pt"}
+                )
+                written.update(dict.fromkeys(names, fname))
+                total += sum(t.numel() * t.element_size() for t in tensors)
         if not leader:
             return out
         index = out / "model.safetensors.index.json"
@@ -673,8 +682,8 @@ class FeatureModel:
             install_logprob_head(model)  # as the policy's: hidden_at's signals run inside it
             model.to(policy.device)  # the buffers (RoPE's inv_freq)
             self.model = model.eval().requires_grad_(False)
-            self.params = dict(self.model.named_parameters())
-            policy.feature_taps.append(self)
+            self.params = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            policy.feature_taps[:] = [self]  # one copy fed at a time: an older one is no longer kept current
             for _ in policy.weight_stream(to_host=False, feed=True):  # the whole first fill
                 pass
         else:
