@@ -81,6 +81,7 @@ def check_batch(out: Path, row: dict, budget: int) -> None:
     _, trees = read_dump(out / "trees" / "step_00000.jsonl.gz")  # no lost tree reaches the batch (collect asserts it)
     assert sum(t["ledger"]["leaves"] for t in trees) == budget
     assert all(n["status"] != FinishStatus.OPEN.value for t in trees for n in t["nodes"] if not n["children"])
+    assert all(n["info"].get("round") is not None for t in trees for n in t["nodes"][1:]), "redone trees too"
 
 
 @pytest.mark.parametrize("redo_attempts", [2, 0], ids=["redone", "dropped"])
