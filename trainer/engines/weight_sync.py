@@ -347,13 +347,7 @@ class WeightSync:
     ) -> PushTimings:
         """Send every tensor to every engine and make `version` their weight version (see the module docstring)."""
         pairs = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        async with self._lock:  # checked under the lock: a push waiting here sees what the one before it did
-            if self._closed:
-                raise WeightSyncError(f"weight group {self.group_name!r} is closed")
-            if self._broken is not None:
-                raise WeightSyncError(
-                    f"weight group {self.group_name!r} is out of step ({self._broken}); close it and create a new one"
-                )
+        async with self._lock:  # _push checks the group under it
             skipped: list[str] = []
             return await self._push(
                 lambda: self._send_buckets(named_for_push(pairs, skipped), version), skipped, version
@@ -369,18 +363,16 @@ class WeightSync:
         if count < 1:
             raise ValueError(f"push {version}: no buckets to send (count {count})")
         async with self._lock:
-            if self._closed:
-                raise WeightSyncError(f"weight group {self.group_name!r} is closed")
-            if self._broken is not None:
-                raise WeightSyncError(
-                    f"weight group {self.group_name!r} is out of step ({self._broken}); close it and create a new one"
-                )
             return await self._push(lambda: self._send_stream(buckets, count, version), [], version)
+
+    def _send_device(self) -> torch.device:
+        """Where a bucket is broadcast from: this process's CUDA device under nccl, the CPU under gloo."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     async def _send_stream(
         self, buckets: AsyncIterable[tuple[list[str], list[torch.Tensor]]], count: int, version: str
     ) -> tuple[int, int, int]:
-        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        device = self._send_device()
         tensors = nbytes = index = 0
         async for names, ts in buckets:
             if index == count:
@@ -399,6 +391,14 @@ class WeightSync:
     async def _push(
         self, send: Callable[[], Awaitable[tuple[int, int, int]]], skipped: list[str], version: str
     ) -> PushTimings:
+        """One push, under the lock (`push`, `push_stream`): checked here, so a push waiting for the lock sees what the
+        one before it did."""
+        if self._closed:
+            raise WeightSyncError(f"weight group {self.group_name!r} is closed")
+        if self._broken is not None:
+            raise WeightSyncError(
+                f"weight group {self.group_name!r} is out of step ({self._broken}); close it and create a new one"
+            )
         eng = self.engine
         urls = eng.urls
         t0 = time.perf_counter()
@@ -469,7 +469,7 @@ class WeightSync:
 
     async def _send_buckets(self, pairs: Iterable[tuple[str, torch.Tensor]], version: str) -> tuple[int, int, int]:
         """Send every bucket; returns (tensors, bytes, buckets). The last bucket carries the version and the flush."""
-        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        device = self._send_device()
         buckets = plan_buckets(pairs, self.bucket_bytes)
         current = next(buckets, None)
         if current is None:
