@@ -23,19 +23,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import re
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from trainer.algo.advantages import AdvantageConfig, node_terms
+from trainer.algo.predictor import ANSWER_TAG, SEARCH_TAG
 from trainer.algo.tree import RolloutTree, TurnNode
 
 SCHEMA = 1
 KIND = "trace-trees"
-_SEARCH = re.compile(r"<search>", re.IGNORECASE)
-_ANSWER = re.compile(r"<answer>", re.IGNORECASE)
 
 
 class DumpError(ValueError):
@@ -50,9 +48,9 @@ def config_hash(config: dict[str, Any]) -> str:
 def action_kind(node: TurnNode) -> str:
     if node.parent is None:
         return "prompt"
-    if _ANSWER.search(node.action_text):
+    if ANSWER_TAG.search(node.action_text):
         return "answer"
-    return "search" if _SEARCH.search(node.action_text) else "invalid"
+    return "search" if SEARCH_TAG.search(node.action_text) else "invalid"
 
 
 def tree_record(

@@ -257,9 +257,9 @@ STRUCTURAL_FEATURES = (
 )
 # Every feature is a function of the prefix alone. Not of the gold answers: the trainer learns those only from the
 # first answered leaf and caches features, so a gold-dependent feature would differ with when it was computed.
-_SEARCH = re.compile(r"<search>", re.IGNORECASE)
+SEARCH_TAG = re.compile(r"<search>", re.IGNORECASE)  # also the tree dumps' action kinds (trainer.dumps)
 _QUERY = re.compile(r"<search>(.*?)</search>", re.IGNORECASE | re.DOTALL)
-_ANSWER = re.compile(r"<answer>", re.IGNORECASE)
+ANSWER_TAG = re.compile(r"<answer>", re.IGNORECASE)
 _PASSAGE = re.compile(r"Doc \d+\s*\(Title:")  # env_server.retrieval.format.format_observation
 
 
@@ -267,8 +267,8 @@ def structural_features(node: TurnNode, tree: RolloutTree) -> list[float]:
     """Cheap features of the prefix ending at `node`, in the order of STRUCTURAL_FEATURES."""
     path = [tree.nodes[i] for i in tree.path(node.node_id)]
     turns = path[1:]
-    searches = sum(1 for n in turns if _SEARCH.search(n.action_text))
-    invalid = sum(1 for n in turns if not _SEARCH.search(n.action_text) and not _ANSWER.search(n.action_text))
+    searches = sum(1 for n in turns if SEARCH_TAG.search(n.action_text))
+    invalid = sum(1 for n in turns if not SEARCH_TAG.search(n.action_text) and not ANSWER_TAG.search(n.action_text))
     queries = {normalize_answer(q) for n in turns for q in _QUERY.findall(n.action_text)}
     passages = bool(turns) and _PASSAGE.search(node.observation) is not None
     tokens = sum(len(n.token_ids) for n in path)
