@@ -191,18 +191,19 @@ def parse_generate(body: Any) -> tuple[list[EngineRequest], bool]:
             raise BadRequest(f"input_ids contains {bad!r} ({type(bad).__name__}): token ids must be ints")
     if body.stream:
         raise BadRequest(f"stream=true is not supported by {ENGINE_NAME}")
-    if body.top_logprobs_num:
-        raise BadRequest(f"top_logprobs_num={body.top_logprobs_num}: not supported by {ENGINE_NAME} (send 0)")
     n = len(prompts)
     params = [sampling_params_of(sp) for sp in _per_item(body.sampling_params, n, "sampling_params")]
     want_lp = _per_item(body.return_logprob, n, "return_logprob")
+    tops = _per_item(body.top_logprobs_num if body.top_logprobs_num is not None else 0, n, "top_logprobs_num")
     starts = _per_item(body.logprob_start_len, n, "logprob_start_len")
     if any(s != -1 for s in starts if s is not None):
         raise BadRequest(f"logprob_start_len={starts}: only -1 (output tokens) is supported by {ENGINE_NAME}")
     rids = _per_item(body.rid, n, "rid") if body.rid is not None else [None] * n
     reqs = []
-    for p, sp, lp, rid in zip(prompts, params, want_lp, rids, strict=True):
-        req = EngineRequest(input_ids=p, params=sp, return_logprob=bool(lp))
+    for p, sp, lp, top, rid in zip(prompts, params, want_lp, tops, rids, strict=True):
+        if type(top) is not int:
+            raise BadRequest(f"top_logprobs_num={top!r}: must be an int (or a list of ints, one per prompt)")
+        req = EngineRequest(input_ids=p, params=sp, return_logprob=bool(lp), top_logprobs_num=top)
         if rid is not None:
             req.rid = rid
         reqs.append(req)

@@ -88,6 +88,7 @@ class EngineRequest:
     input_ids: list[int]
     params: SamplingParams
     return_logprob: bool = False
+    top_logprobs_num: int = 0  # top logprobs per output token (SGLang answers them only with return_logprob)
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     t_submit: float = field(default_factory=time.perf_counter)
     aborted: bool = False
@@ -160,6 +161,8 @@ class Engine(Scheduler):
             raise BadRequest(f"min_p must be in [0, 1], got {p.min_p}.")
         if p.top_k != -1 and p.top_k < 1:
             raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {p.top_k}.")
+        if not 0 <= req.top_logprobs_num <= self.vocab_size:
+            raise BadRequest(f"top_logprobs_num must be in [0, {self.vocab_size}], got {req.top_logprobs_num}.")
         if p.n != 1:
             raise BadRequest(f"n={p.n}: {ENGINE_NAME} supports n=1 only; repeat the prompt instead")
         stops = [p.stop] if isinstance(p.stop, str) else (p.stop or [])

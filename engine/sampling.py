@@ -13,6 +13,8 @@
   `log_softmax(logits)` for greedy requests. `original_logprob=True` (`EngineConfig.return_original_logprob`)
   mirrors the env flag: always the untempered `log_softmax(logits)`. (SGLang's all-greedy batch path also uses the
   raw distribution, so a greedy request's logprob is the same whatever it is batched with; so it is here.)
+- Top logprobs (`top_logprobs_num` > 0, SGLang's `output_top_logprobs`) come from that same distribution: the n
+  largest entries of the row's logprobs, largest first (`torch.topk`), as (logprob, token_id) pairs.
 
 Request validation (the ranges of these parameters) is `engine.Engine.validate`'s; finish checks are the scheduler's.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -30,16 +33,26 @@ from shared.engine_protocol import SamplingParams
 SAMPLING_EPS = 1e-6
 
 
+class Sampled(NamedTuple):
+    """One sampling step's answer, a row per request: the token, its logprob, and its top logprobs (a list of
+    (logprob, token_id), largest first; None for a row that asked for none)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[float, int]] | None]
+
+
 def sample_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generator: torch.Generator,
     *,
     original_logprob: bool = False,
-) -> tuple[list[int], list[float]]:
-    """Sample one token per row of `logits` [B, V] with SGLang's semantics; returns (tokens, logprobs).
+    top_n: Sequence[int] | None = None,
+) -> Sampled:
+    """Sample one token per row of `logits` [B, V] with SGLang's semantics; `top_n[i]` top logprobs for row i.
 
-    See the module docstring for the exact order of the filters and which distribution the logprob is from.
+    See the module docstring for the exact order of the filters and which distribution the logprobs are from.
     """
     logits = logits.float()
     bsz, vocab = logits.shape
@@ -73,4 +86,12 @@ def sample_tokens(
         logp = torch.log_softmax(logits, dim=-1)
     lps = logp.gather(1, tokens[:, None]).squeeze(1)
     assert tokens.shape == (bsz,)
-    return tokens.tolist(), lps.tolist()
+    top: list[list[tuple[float, int]] | None] = [None] * bsz
+    want = list(top_n) if top_n is not None else [0] * bsz
+    assert len(want) == bsz and all(0 <= n <= vocab for n in want), f"top_n={want} for {bsz} rows of {vocab}"
+    if max(want, default=0) > 0:
+        vals, idx = logp.topk(max(want), dim=-1)
+        for r, n in enumerate(want):
+            if n:
+                top[r] = list(zip(vals[r, :n].tolist(), idx[r, :n].tolist(), strict=True))
+    return Sampled(tokens.tolist(), lps.tolist(), top)

@@ -49,6 +49,7 @@ class _Seq:
     cached_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[float, int]] | None] = field(default_factory=list)  # per output token, when asked
     length: int = 0  # tokens whose KV is in the running buffer (prompt + output[:-1])
     finish: FinishReason | None = None
     stop_strs: list[str] = field(default_factory=list)
@@ -216,10 +217,14 @@ class Scheduler:
         if seq.req.params.max_new_tokens == 0:
             seq.finish = FinishReason(type="length", length=0)
         else:
-            tokens, lps = sample_tokens(
-                out.logits[:, -1], [seq.req.params], self.generator, original_logprob=self.cfg.return_original_logprob
+            got = sample_tokens(
+                out.logits[:, -1],
+                [seq.req.params],
+                self.generator,
+                original_logprob=self.cfg.return_original_logprob,
+                top_n=[seq.req.top_logprobs_num],
             )
-            self._append(seq, tokens[0], lps[0])
+            self._append(seq, got.tokens[0], got.logprobs[0], got.top[0])
         return kv
 
     def _merge(self, admitted: list[tuple[_Seq, KV]]) -> None:
@@ -277,19 +282,22 @@ class Scheduler:
             s.length += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(self.running)
-        toks, lps = sample_tokens(
+        got = sample_tokens(
             out.logits[:, -1],
             [s.req.params for s in self.running],
             self.generator,
             original_logprob=self.cfg.return_original_logprob,
+            top_n=[s.req.top_logprobs_num for s in self.running],
         )
-        for s, t, lp in zip(self.running, toks, lps, strict=True):
+        for s, t, lp, top in zip(self.running, got.tokens, got.logprobs, got.top, strict=True):
             if s.finish is None:
-                self._append(s, t, lp)
+                self._append(s, t, lp, top)
 
-    def _append(self, seq: _Seq, token: int, logprob: float) -> None:
+    def _append(self, seq: _Seq, token: int, logprob: float, top: list[tuple[float, int]] | None = None) -> None:
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
+        if seq.req.top_logprobs_num:
+            seq.top.append(top)
         self.stats["generated_tokens"] += 1
         p = seq.req.params
         if len(seq.output_ids) >= p.max_new_tokens:
@@ -362,6 +370,9 @@ class Scheduler:
             finish_reason=fin,
             output_token_logprobs=[[lp, t, None] for lp, t in zip(seq.logprobs, seq.output_ids, strict=True)]
             if req.return_logprob
+            else None,
+            output_top_logprobs=[[[lp, t, None] for lp, t in row] if row is not None else None for row in seq.top]
+            if req.return_logprob and req.top_logprobs_num
             else None,
             e2e_latency=time.perf_counter() - req.t_submit,
             weight_version=self.weight_version,

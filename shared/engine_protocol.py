@@ -22,6 +22,9 @@ Facts both sides rely on (SGLang 0.5.23):
   `token_id == output_ids[i]`. The logprob is `log_softmax(logits / temperature)` of the sampled
   token before top-p/top-k/min-p truncation (plain `log_softmax(logits)` for greedy, i.e.
   temperature 0); `SGLANG_RETURN_ORIGINAL_LOGPROB=1` makes it the untempered one.
+- `top_logprobs_num=n` (an int, or one per prompt) adds `output_top_logprobs`: per output token the n largest
+  entries of that same distribution as `[logprob, token_id, text_or_null]`, largest first. Only with
+  `return_logprob` (SGLang adds no logprob field at all without it).
 - `finish_reason` is `{"type": "stop", "matched": <int | str | list[int]>}`,
   `{"type": "length", "length": n}` or `{"type": "abort", "message", "status_code", "err_type"}`.
   An abort with `status_code >= 400` becomes an HTTP error of that code; a plain abort
@@ -62,7 +65,7 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=
     sampling_params: SamplingParams | list[SamplingParams] = msgspec.field(default_factory=SamplingParams)
     return_logprob: bool | list[bool] = False
     logprob_start_len: int | list[int] = -1  # -1 = logprobs of output tokens only
-    top_logprobs_num: int = 0
+    top_logprobs_num: int | list[int] | None = 0  # top logprobs per output token (only with return_logprob)
     rid: str | list[str] | None = None
     stream: bool = False
 
@@ -87,6 +90,9 @@ class MetaInfo(msgspec.Struct, omit_defaults=True):
     finish_reason: FinishReason | None = None
     # one [logprob, token_id, text_or_null] per generated token (SGLang's shape)
     output_token_logprobs: list[list[Any]] | None = None
+    # with top_logprobs_num = n > 0: per generated token, its n most likely [logprob, token_id, text_or_null] (the
+    # same distribution as output_token_logprobs), largest first; SGLang sends null for a token without them
+    output_top_logprobs: list[list[list[Any]] | None] | None = None
     e2e_latency: float | None = None
     weight_version: str | None = None
 

@@ -129,6 +129,35 @@ async def test_sampled_logprobs_are_temperature_scaled_log_softmax(
     assert got == pytest.approx(logprobs_of(ref_model, ids, out, temperature), abs=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+async def test_top_logprobs_answer_as_sglang(client: TestClient, ref_model: Any, temperature: float) -> None:
+    """`top_logprobs_num` (SGLang's `output_top_logprobs`): per output token the n largest logprobs of the distribution
+    the token's own logprob is from (tempered before truncation; untempered for greedy), largest first, as
+    [logprob, token_id, null]; per prompt in a batch; nothing without return_logprob, as SGLang."""
+    ids = prompt(24, 7)
+    sp = {"temperature": temperature, "top_p": 0.9, "max_new_tokens": 8, "ignore_eos": True}
+    r = await gen(client, ids, sampling_params=sp, return_logprob=True, top_logprobs_num=5)
+    out, meta = r["output_ids"], r["meta_info"]
+    top = meta["output_top_logprobs"]
+    assert len(top) == len(out) == 8 and all(len(row) == 5 and all(x is None for *_, x in row) for row in top)
+    with torch.no_grad():
+        logits = ref_model(torch.tensor([ids + out])).logits[0, len(ids) - 1 : -1].double()
+    want = torch.log_softmax(logits / (temperature or 1.0), -1).topk(5, -1)
+    for i, row in enumerate(top):
+        assert [t for _, t, _ in row] == want.indices[i].tolist(), i
+        assert [lp for lp, _, _ in row] == pytest.approx(want.values[i].tolist(), abs=1e-4)
+        own = meta["output_token_logprobs"][i]
+        hit = [lp for lp, t, _ in row if t == own[1]]
+        assert own[0] <= row[0][0] + 1e-6 and (not hit or hit[0] == pytest.approx(own[0], abs=1e-6))
+    if temperature == 0.0:
+        assert [row[0][1] for row in top] == out  # greedy: the top token is the one generated
+    batch = await gen(client, [ids, ids[:10]], sampling_params=sp, return_logprob=True, top_logprobs_num=[3, 0])
+    assert [len(row) for row in batch[0]["meta_info"]["output_top_logprobs"]] == [3] * 8
+    assert "output_top_logprobs" not in batch[1]["meta_info"]
+    plain = await gen(client, ids, sampling_params=sp, top_logprobs_num=5)
+    assert "output_top_logprobs" not in plain["meta_info"] and "output_token_logprobs" not in plain["meta_info"]
+
+
 async def test_stop_token_ids_and_ignore_eos(client: TestClient, ref_model: Any) -> None:
     ids = prompt(25, 3)
     full, _ = greedy_reference(ref_model, ids, 10)
@@ -337,6 +366,10 @@ async def test_update_weights_from_disk(client: TestClient, model_dir: Path, tmp
         ({"input_ids": [1], "sampling_params": [1]}, "$.sampling_params[0]"),
         ({"input_ids": [1], "stream": True}, "stream"),
         ({"input_ids": [1], "logprob_start_len": 0}, "logprob_start_len"),
+        ({"input_ids": [1], "return_logprob": True, "top_logprobs_num": -1}, "top_logprobs_num"),
+        ({"input_ids": [1], "return_logprob": True, "top_logprobs_num": 4096}, "top_logprobs_num"),
+        ({"input_ids": [[1], [2]], "return_logprob": True, "top_logprobs_num": [3]}, "batch of 2"),
+        ({"input_ids": [1], "return_logprob": True, "top_logprobs_num": "5"}, "top_logprobs_num"),
     ],
 )
 async def test_malformed_requests_answer_400(client: TestClient, body: dict[str, Any], fragment: str) -> None:
@@ -364,21 +397,25 @@ def test_sample_tokens_semantics() -> None:
         SamplingParams(temperature=0.5, top_k=1),
         SamplingParams(temperature=2.0, top_p=0.01),
     ]
-    toks, lps = sample_tokens(logits, ps, g)
+    toks, lps, top = sample_tokens(logits, ps, g, top_n=[4, 0, 1])
     assert toks == [0, 2, 3]
+    # top logprobs: the same distribution as the token's logprob, largest first; none for a row that asked for none
+    assert top[1] is None and [t for _, t in top[0]] == [0, 1, 2, 3] and [t for _, t in top[2]] == [3]
+    assert [lp for lp, _ in top[0]] == pytest.approx(torch.log_softmax(logits[0], -1).tolist(), abs=1e-6)
+    assert top[2][0][0] == pytest.approx(float(torch.log_softmax(logits[2] / 2.0, -1)[3]), abs=1e-6)
     want = [
         torch.log_softmax(logits[0], -1)[0],  # greedy: untempered
         torch.log_softmax(logits[1] / 0.5, -1)[2],  # tempered, before the top-k cut
         torch.log_softmax(logits[2] / 2.0, -1)[3],
     ]
     assert lps == pytest.approx([float(w) for w in want], abs=1e-6)
-    _, orig = sample_tokens(logits, ps, g, original_logprob=True)
+    _, orig, _ = sample_tokens(logits, ps, g, original_logprob=True)
     assert orig == pytest.approx([float(torch.log_softmax(logits[i], -1)[t]) for i, t in enumerate(toks)], abs=1e-6)
     # top_k=2 never leaves the two best; min_p=0.9 keeps only near-max tokens
     many = logits[[0]].repeat(400, 1)
-    toks, _ = sample_tokens(many, [SamplingParams(top_k=2)] * 400, g)
+    toks = sample_tokens(many, [SamplingParams(top_k=2)] * 400, g).tokens
     assert set(toks) == {0, 1}
-    toks, _ = sample_tokens(many, [SamplingParams(min_p=0.9)] * 400, g)
+    toks = sample_tokens(many, [SamplingParams(min_p=0.9)] * 400, g).tokens
     assert set(toks) == {0}
 
 
