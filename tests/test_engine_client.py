@@ -296,6 +296,41 @@ async def test_answers_that_break_the_contract_raise_protocol_errors(
             await engine.generate([1, 2], PARAMS, route_key="k")
 
 
+def _tops(body: dict[str, Any], ans: dict[str, Any]) -> None:
+    """Answer top logprobs as SGLang does: per output token [logprob, token_id, null], largest first."""
+    n = body["top_logprobs_num"]
+    ans["meta_info"]["output_top_logprobs"] = [[[-0.1 * (j + 1), j, None] for j in range(n)] for _ in ans["output_ids"]]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (lambda b, a: None, None),
+        (lambda b, a: a["meta_info"].pop("output_top_logprobs"), "output_top_logprobs is missing"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"].pop(), "has 2 rows for 3 output_ids"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][1].reverse(), "largest first"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][0][0].__setitem__(0, 0.5), "logprobs <= 0"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].append([-9.0, 7, None]), "at most 3"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].__setitem__(0, "x"), "does not match GenerateResponse"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].__setitem__(0, [None, 3]), "logprobs <= 0"),
+    ],
+)
+async def test_top_logprobs_are_sent_and_checked(
+    fake: ScriptedEngine, corrupt: Callable[[dict[str, Any], dict[str, Any]], Any], match: str | None
+) -> None:
+    fake.script = [edit(lambda b, a: (_tops(b, a), corrupt(b, a)))(fake)]
+    async with EngineClient([fake.url], **FAST) as engine:
+        if match is None:
+            gen = await engine.generate([1, 2], PARAMS, route_key="k", top_logprobs=3)
+            assert fake.bodies[0]["top_logprobs_num"] == 3
+            assert gen.top_logprobs == [[-0.1, -0.2, -0.30000000000000004]] * 3
+        else:
+            with pytest.raises(EngineProtocolError, match=match):
+                await engine.generate([1, 2], PARAMS, route_key="k", top_logprobs=3)
+        with pytest.raises(ValueError, match="only with return_logprob"):
+            await engine.generate([1, 2], PARAMS, route_key="k", top_logprobs=3, return_logprob=False)
+
+
 async def test_non_json_answer_is_a_protocol_error(fake: ScriptedEngine) -> None:
     fake.script = [answer(200, text="<html>proxy error</html>")]
     async with EngineClient([fake.url], **FAST) as engine:
@@ -517,13 +552,17 @@ async def test_cpu_engine_round_trip(cpu_engines: list[str]) -> None:
             PROMPT, SamplingParams(max_new_tokens=6, stop_token_ids=list(range(512))), route_key="A"
         )
         batch = await engine.generate_many([PROMPT, PROMPT[:30]], GREEDY, route_key="A")
+        top = await engine.generate(PROMPT, GREEDY, route_key="A", top_logprobs=4)
+    # greedy: each token is its row's best, and the row is the token's own distribution
+    assert top.output_ids == gen.output_ids and [len(r) for r in top.top_logprobs] == [4] * 6
+    assert [r[0] for r in top.top_logprobs] == pytest.approx(top.logprobs, abs=1e-6) and gen.top_logprobs == []
     assert gen.finish_type == "length" and len(gen.output_ids) == 6 and len(gen.logprobs) == 6
     assert all(lp <= 0 for lp in gen.logprobs) and gen.prompt_tokens == len(PROMPT)
     assert again.output_ids == gen.output_ids  # greedy is deterministic, cached prefix or not
     assert again.cached_tokens == len(PROMPT) - 1  # SGLang's cap: the last prompt token is recomputed
     assert stop.finish_type == "stop" and len(stop.output_ids) == 1 and stop.finish_matched == stop.output_ids[0]
     assert batch[0].output_ids == gen.output_ids and len(batch[1].output_ids) == 6
-    assert engine.stats.sequences == 5 and engine.stats.cached_tokens >= len(PROMPT) - 1
+    assert engine.stats.sequences == 6 and engine.stats.cached_tokens >= len(PROMPT) - 1
 
 
 async def test_cpu_engines_sticky_routing_reuses_the_prefix_cache(cpu_engines: list[str]) -> None:

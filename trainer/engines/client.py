@@ -62,7 +62,8 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any
 from urllib.parse import quote
 
@@ -151,6 +152,8 @@ class Generation:
     server: str  # base URL of the server that generated it
     rid: str  # request id sent (and echoed by the server)
     latency_s: float  # client wall time of the HTTP call (a batch: the whole call)
+    # with top_logprobs = n > 0: per output token, the n largest logprobs of its distribution, largest first
+    top_logprobs: list[list[float]] = field(default_factory=list)
 
     @property
     def aborted(self) -> bool:
@@ -323,10 +326,14 @@ class EngineClient:
         route_key: str,
         return_logprob: bool = True,
         rid: str | None = None,
+        top_logprobs: int = 0,
     ) -> Generation:
-        """Generate one continuation of `input_ids` on `route_key`'s server."""
+        """Generate one continuation of `input_ids` on `route_key`'s server; `top_logprobs` > 0 asks for that many
+        top logprobs per output token (SGLang's `top_logprobs_num`; needs return_logprob)."""
         rids = [rid] if rid is not None else None
-        [gen] = await self._generate([input_ids], params, route_key, return_logprob, rids, single=True)
+        [gen] = await self._generate(
+            [input_ids], params, route_key, return_logprob, rids, single=True, top_logprobs=top_logprobs
+        )
         return gen
 
     async def generate_many(
@@ -355,8 +362,11 @@ class EngineClient:
         rids: Sequence[str] | None,
         *,
         single: bool,
+        top_logprobs: int = 0,
     ) -> list[Generation]:
         n = len(prompts)
+        if top_logprobs < 0 or (top_logprobs and not return_logprob):
+            raise ValueError(f"top_logprobs={top_logprobs}: must be >= 0, and > 0 only with return_logprob")
         for i, ids in enumerate(prompts):
             if not ids:
                 raise ValueError(f"prompt {i} has no input_ids")
@@ -375,6 +385,7 @@ class EngineClient:
                 "sampling_params": sampling,
                 "return_logprob": return_logprob,
                 "logprob_start_len": -1,
+                "top_logprobs_num": top_logprobs,
                 "rid": rid_list[0] if single else rid_list,
                 "stream": False,
             }
@@ -410,7 +421,13 @@ class EngineClient:
             raise EngineProtocolError(f"{server.url}/generate: {len(items)} answers for {n} prompts")
         gens = [
             _to_generation(
-                item, url=server.url, rid=r, prompt_len=len(p), return_logprob=return_logprob, latency=latency
+                item,
+                url=server.url,
+                rid=r,
+                prompt_len=len(p),
+                return_logprob=return_logprob,
+                latency=latency,
+                top_logprobs=top_logprobs,
             )
             for item, r, p in zip(items, rid_list, prompts, strict=True)
         ]
@@ -688,7 +705,14 @@ class EngineClient:
 
 
 def _to_generation(
-    item: GenerateResponse, *, url: str, rid: str, prompt_len: int, return_logprob: bool, latency: float
+    item: GenerateResponse,
+    *,
+    url: str,
+    rid: str,
+    prompt_len: int,
+    return_logprob: bool,
+    latency: float,
+    top_logprobs: int = 0,
 ) -> Generation:
     """Check one answer item against what was sent and turn it into a `Generation`."""
     mi = item.meta_info
@@ -724,6 +748,7 @@ def _to_generation(
             if isinstance(lp, bool) or not isinstance(lp, (int, float)) or math.isnan(lp) or lp > 1e-6:
                 raise EngineProtocolError(f"{where}: output_token_logprobs[{i}] has logprob {lp!r} (need a float <= 0)")
             logprobs.append(float(lp))
+    tops = _top_logprobs(mi.output_top_logprobs, len(ids), top_logprobs, where) if top_logprobs else []
     if mi.prompt_tokens and mi.prompt_tokens != prompt_len:
         raise EngineProtocolError(
             f"{where}: prompt_tokens={mi.prompt_tokens} but {prompt_len} input_ids were sent (truncated by the server?)"
@@ -743,7 +768,32 @@ def _to_generation(
         server=url,
         rid=rid,
         latency_s=latency,
+        top_logprobs=tops,
     )
+
+
+def _top_logprobs(rows: list[list[list[Any]] | None] | None, n_ids: int, n: int, where: str) -> list[list[float]]:
+    """meta_info.output_top_logprobs checked (one row per output token, at most n [logprob, token_id, ...] entries,
+    largest first) and reduced to the logprobs; a null row (SGLang's for a token without them) is an empty list."""
+    if rows is None and n_ids:
+        raise EngineProtocolError(
+            f"{where}: top_logprobs_num={n} was sent but meta_info.output_top_logprobs is missing"
+        )
+    rows = rows or []
+    if len(rows) != n_ids:
+        raise EngineProtocolError(f"{where}: output_top_logprobs has {len(rows)} rows for {n_ids} output_ids")
+    out = []
+    for i, row in enumerate(rows):
+        lps = [e[0] if isinstance(e, list) and len(e) >= 2 else None for e in row or []]
+        ok = len(lps) <= n and all(
+            not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x) and x <= 1e-6 for x in lps
+        )
+        if not ok or any(a < b for a, b in pairwise(lps)):
+            raise EngineProtocolError(
+                f"{where}: output_top_logprobs[{i}] = {row!r}: need at most {n} logprobs <= 0, largest first"
+            )
+        out.append([float(x) for x in lps])
+    return out
 
 
 def _quote(data: bytes) -> str:
