@@ -288,6 +288,12 @@ class Simulation:
         self.cfg = cfg
         self.acfg = cfg.allocation()
         self.alloc = make_allocator(cfg.allocator)
+        if self.alloc.needs_entropy:
+            raise ValueError(
+                f"allocator {cfg.allocator!r} ranks anchors by the policy's token entropy, which this simulator's "
+                "policy (a success probability per decision) does not have: compare it on the LM testbed "
+                "(bench/compare_allocators.py)"
+            )
         task_rng = np.random.default_rng(cfg.seed)
         self.task = make_task(cfg.n_prompts, task_rng, cfg.kinds, cfg.hint_noise)
         self.eval_task = make_task(cfg.n_eval, task_rng, cfg.kinds, cfg.hint_noise)

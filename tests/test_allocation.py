@@ -1,6 +1,7 @@
 """Stage-1 and stage-2 allocation: exactness against brute force, budgets, baselines and the registry."""
 
 import itertools
+import math
 import random
 
 import pytest
@@ -12,11 +13,13 @@ from trainer.algo.allocation import (
     allocate_prefixes,
     allocate_roots,
     anchors_from_tree,
+    entropy_prefixes,
     make_allocator,
     prefix_value,
     random_prefixes,
     root_value,
     split_rounds,
+    topk_entropy,
     uniform_prefixes,
     uniform_roots,
 )
@@ -180,6 +183,42 @@ def test_budget_never_exceeded(name):
         assert len(k) == len(anchors) and sum(k) <= pb and all(0 <= x <= cfg.max_per_anchor for x in k)
         if alloc.expands:
             assert sum(k) == min(pb, len(anchors) * cfg.max_per_anchor)
+
+
+def test_topk_entropy_is_within_its_truncation_bounds():
+    """topk_entropy of the n largest logprobs lies in [H - m log(V - n), H] (m the mass outside them), float64; exact
+    when the top n hold all the mass, and a confident distribution is nearly exact."""
+    rng = random.Random(3)
+    for _ in range(200):
+        vocab, n = rng.randint(2, 60), rng.randint(1, 8)
+        logits = [rng.gauss(0.0, rng.choice([0.3, 2.0, 6.0])) for _ in range(vocab)]
+        z = math.log(sum(math.exp(x) for x in logits))
+        lps = sorted((x - z for x in logits), reverse=True)
+        full = -sum(math.exp(x) * x for x in lps)
+        top = lps[: min(n, vocab)]
+        m = max(0.0, 1.0 - sum(math.exp(x) for x in top))
+        got = topk_entropy(top)
+        slack = m * math.log(max(vocab - len(top), 1)) + 1e-12
+        assert full - slack <= got <= full + 1e-12, (vocab, n, got, full, m)
+        assert topk_entropy(lps) == pytest.approx(full, abs=1e-12)
+    assert topk_entropy([0.0]) == 0.0 and topk_entropy([math.log(0.5)] * 2) == pytest.approx(math.log(2))
+
+
+def test_entropy_prefixes_take_the_top_k_then_spread_with_a_penalty():
+    an = [Anchor(i, 0.0, 0.5, h) for i, h in enumerate([0.2, 1.5, None, 0.9, 1.4])]
+    assert entropy_prefixes(an, 2, 4) == [0, 1, 0, 0, 1]  # AT2PO's top-K by entropy
+    assert entropy_prefixes(an, 3, 4) == [0, 1, 0, 1, 1]
+    # a second continuation on 1.5 (1.5 / 2 = 0.75) only after 0.9; no entropy counts as 0 and goes last
+    assert entropy_prefixes(an, 4, 4) == [0, 2, 0, 1, 1]
+    assert entropy_prefixes(an, 20, 2) == [2, 2, 2, 2, 2] and entropy_prefixes(an, 7, 0) == [0] * 5
+    assert entropy_prefixes([Anchor(0, 0.0, 0.5), Anchor(1, 1.0, 0.5)], 1, 4) == [1, 0]  # ties: lower index
+    with pytest.raises(AssertionError, match="finite"):
+        entropy_prefixes([Anchor(0, 0.0, 0.5, float("nan"))], 1, 1)
+    ent = make_allocator("entropy")
+    assert ent.needs_entropy and not ent.selects and ent.expands and ent.name == "uniform-entropy"
+    assert not any(make_allocator(n).needs_entropy for n in ALLOCATORS if n != "entropy")
+    with pytest.raises(ValueError, match="entropy_top_k"):
+        AllocationConfig(entropy_top_k=0)
 
 
 def test_make_allocator_per_stage_and_registry():

@@ -9,6 +9,7 @@ trace when prompts x m_max capped it, and stage 1 chose among the very prompts i
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -265,3 +266,44 @@ def test_stage2_shares_by_roots_or_among_unmixed_prompts_only() -> None:
     assert stage2_weights(mixed, [0, 1], [2, 3], "unmixed") == [2, 3], "none unmixed: every prompt"
     with pytest.raises(ValueError, match="stage2_share"):
         AllocationConfig(stage2_share="deepest")
+
+
+async def test_entropy_allocator_branches_where_the_engine_says_the_policy_is_uncertain(
+    make_env_server, engine_url: str, tiny_model: Path
+) -> None:
+    """Issue 25: the "entropy" allocator on real trees. The rollouts ask the CPU engine for top logprobs, so every
+    generated turn carries its entropy (the mean `topk_entropy` of its first tokens, in [0, log V]); each anchor reads
+    it off the turn its chain generated next; each expanded prompt's first continuations went to its highest-entropy
+    anchors; and the step spends exactly the leaf budget, like every allocator."""
+    from trainer.algo.allocation import entropy_prefixes
+
+    server = await make_env_server(max_turns=8)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    async with EnvClient(server.url) as env, EngineClient([engine_url]) as engine:
+        n_train = split_size(await env.info(), "synthetic", "train")
+        rollout = RolloutConfig(max_new_tokens=12, max_context_tokens=512)
+        runner = RolloutRunner(env, engine, tok, rollout, top_logprobs=5, entropy_tokens=4)
+        sets = ['allocation.type="entropy"', "allocation.leaf_budget=12", "allocation.root_budget=6"]
+        sets += ["allocation.max_per_anchor=1", "run.prompts_per_step=3", "env.max_turns=3"]
+        cfg = load_train_config(None, [*sets, "predictor.use_hidden_state=false"])
+        step = TraceStep(cfg, policy=None, runner=runner, n_train=n_train)  # type: ignore[arg-type]
+        batch = await step.collect(0)
+    assert sum(t.ledger.leaves for t in batch.trees) == 12 and batch.metrics["continuations"] > 0
+    turns = [n for t in batch.trees for n in t.nodes[1:] if n.num_generated]
+    assert turns and all(n.entropy is not None and 0.0 <= n.entropy <= math.log(2048) for n in turns)
+    assert len({round(n.entropy, 6) for n in turns}) > len(turns) // 2  # a signal, not a constant
+    checked = 0
+    for t in batch.trees:
+        # stage 2's anchors (one round): the open turns of the bare rollouts, below env.max_turns
+        anchors = [n for n in t.nodes[1:] if n.info.get("round") == 0 and n.children and n.depth < 3]
+        got = [len(n.children) - 1 for n in anchors]  # continuations each anchor received (one round)
+        if sum(got):
+            h = [t.nodes[n.children[0]].entropy for n in anchors]
+            from trainer.algo.allocation import Anchor
+
+            want = entropy_prefixes(
+                [Anchor(n.node_id, 0.0, 0.5, x) for n, x in zip(anchors, h, strict=True)], sum(got), 1
+            )
+            assert got == want, (t.prompt_id, h, got)
+            checked += 1
+    assert checked

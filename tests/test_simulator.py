@@ -135,6 +135,12 @@ def test_every_allocator_spends_exactly_the_leaf_budget(overrides: dict) -> None
             s.update(trees)
 
 
+def test_the_entropy_allocator_is_refused_with_where_to_run_it() -> None:
+    """The simulated policy has no token distribution: an allocator that ranks anchors by entropy would rank ties."""
+    with pytest.raises(ValueError, match="compare_allocators"):
+        sim.Simulation(sim.SimConfig(allocator="entropy", seed=0))
+
+
 def test_comparison_against_grpo_is_paired_by_seed() -> None:
     """Issue 22: each allocator's mean success over the run minus GRPO's on the same seed (same prompts and start),
     with a t interval over seeds, and its leaves to target over GRPO's as a geometric mean with its interval."""

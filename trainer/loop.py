@@ -52,6 +52,7 @@ from tqdm import tqdm
 from shared.client import EnvClient
 from shared.replicas import EnvPool
 from trainer import services
+from trainer.algo.allocation import make_allocator
 from trainer.algo.rollout import RolloutRunner
 from trainer.algo.step import StepBatch, TraceStep
 from trainer.checkpoint import (
@@ -102,7 +103,11 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             e = cfg.engine
             opened = WeightSync.open(engine, master_address=e.sync_address, bucket_bytes=e.sync_bucket_mb << 20)
             sync = await stack.enter_async_context(opened)
-        runner = RolloutRunner(env, engine, policy.tokenizer, cfg.rollout)
+        a = cfg.allocation  # the entropy allocator's signal: top logprobs from the engine, each turn's entropy
+        top = a.entropy_top_k if make_allocator(a.type).needs_entropy else 0
+        runner = RolloutRunner(
+            env, engine, policy.tokenizer, cfg.rollout, top_logprobs=top, entropy_tokens=a.entropy_tokens
+        )
         n_train = split_size(await env.info(), cfg.env.dataset, cfg.env.train_split)
         if cfg.env.train_limit:
             n_train = min(n_train, cfg.env.train_limit)

@@ -248,6 +248,7 @@ class Anchor:
     node_id: int  # the node in its RolloutTree
     r: float  # observed outcome r_ij: the own outcome of the rollout through the anchor (tree.py), in [0, 1]
     v: float  # the predictor's V(H) at this prefix, in [0, 1]
+    h: float | None = None  # the policy's entropy right after this prefix (`TurnNode.entropy` of children[0]), if asked
 
 
 def anchors_from_tree(tree: RolloutTree, max_turns: int | None = None) -> list[Anchor]:
@@ -256,7 +257,8 @@ def anchors_from_tree(tree: RolloutTree, max_turns: int | None = None) -> list[A
     for node in tree.anchors(max_turns):
         assert node.predicted is not None, f"prompt {tree.prompt_id!r} node {node.node_id}: no predicted V(H)"
         r = node.outcome if node.outcome is not None else node.value  # the paper's r_ij: the rollout's own outcome
-        out.append(Anchor(node.node_id, float(r), float(node.predicted)))
+        h = tree.nodes[node.children[0]].entropy if node.children else None
+        out.append(Anchor(node.node_id, float(r), float(node.predicted), h))
     return out
 
 
@@ -307,6 +309,44 @@ def random_prefixes(n_anchors: int, budget: int, max_per_anchor: int, rng: rando
         if k[i] == max_per_anchor:
             open_[j] = open_[-1]
             open_.pop()
+    return k
+
+
+def topk_entropy(top_logprobs: Sequence[float]) -> float:
+    """The entropy (nats) of a next-token distribution known by its n largest logprobs (SGLang's top logprobs):
+    -sum p log p over them, plus the rest of the mass m = 1 - sum p counted as one lump, -m log m.
+
+    Truncation: the true entropy H lies in [this, this + m log(V - n)] (V the vocabulary): the tail's share of H is at
+    least -m log m (each tail token has p <= m) and at most m log((V - n) / m) (the tail spread evenly). So the error is
+    at most m log V, and small where it matters: a step that allocation should see as uncertain has its mass spread
+    over its top few tokens, which the lump still counts as uncertainty, and a confident one (m ~ 0) is exact. The
+    entropy allocator only ranks anchors, so a bias common to all of them costs nothing."""
+    ps = [math.exp(x) for x in top_logprobs]
+    m = max(0.0, 1.0 - sum(ps))
+    return -sum(p * math.log(p) for p in ps if p > 0.0) - (m * math.log(m) if m > 0.0 else 0.0)
+
+
+def entropy_prefixes(anchors: Sequence[Anchor], budget: int, max_per_anchor: int) -> list[int]:
+    """Continuations per anchor by the policy's uncertainty there: one at a time to the anchor with the highest
+    h / (1 + k) (k: what it already has), capped at max_per_anchor; sum = min(budget, cap). With budget <= anchors
+    and distinct entropies that is AT2PO's top-K highest-entropy nodes; the 1 / (1 + k) discount is its branching
+    penalty on nodes already expanded, so a larger budget spreads before it piles up. An anchor without an entropy
+    (none was asked, or its chain's next turn was lost) counts as 0; ties break towards lower indices."""
+    assert budget >= 0 and max_per_anchor >= 0, f"budget={budget} max_per_anchor={max_per_anchor}"
+    h = [a.h if a.h is not None else 0.0 for a in anchors]
+    assert all(math.isfinite(x) and x >= 0.0 for x in h), f"entropies must be finite and >= 0, got {h}"
+    k = [0] * len(anchors)
+    if max_per_anchor == 0:
+        return k
+    heap = [(-hi, i) for i, hi in enumerate(h)]
+    heapq.heapify(heap)
+    left = min(budget, len(anchors) * max_per_anchor)
+    while left > 0:
+        _, i = heapq.heappop(heap)
+        k[i] += 1
+        left -= 1
+        if k[i] < max_per_anchor:
+            heapq.heappush(heap, (-h[i] / (1 + k[i]), i))
     return k
 
 
@@ -402,7 +442,8 @@ def uniform_group(budget: int, group_size: int, prompts_per_step: int) -> int:
 class AllocationConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node", "trace-skip" (our
-    variant: GRESO-style stage 1, TRACE's stage 2)."""
+    variant: GRESO-style stage 1, TRACE's stage 2), "entropy" (GRPO's stage 1, continuations where the policy's
+    entropy after a tool result is highest: ARPO's signal, AT2PO's selection)."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
@@ -423,6 +464,12 @@ class AllocationConfig:
     """Most continuations from one anchor per round."""
     skip_eps: float = 0.1
     """The "trace-skip" allocator's stage 1: a prompt valued below skip_eps or above 1 - skip_eps is skipped."""
+    entropy_top_k: int = 20
+    """The "entropy" allocator's signal: top logprobs per generated token asked of the engine (SGLang's
+    top_logprobs_num), from which each turn's entropy is computed (`topk_entropy`: exact up to the mass outside them)."""
+    entropy_tokens: int = 10
+    """The "entropy" allocator's signal: a turn's entropy is the mean over its first entropy_tokens generated tokens
+    (ARPO's k tokens after a tool result)."""
     stage2_share: str = "roots"
     """How stage 2's continuations are shared across the funded prompts. "roots" (the paper's): in proportion to
     each prompt's stage-1 rollouts, whatever they showed. "unmixed" (our deviation, issue 22): only among prompts
@@ -438,6 +485,10 @@ class AllocationConfig:
         )
         assert 0 <= self.m_min <= self.m_max and self.m_max >= 1, f"m_min={self.m_min} m_max={self.m_max}"
         assert self.group_size >= 0, f"group_size={self.group_size}"
+        if self.entropy_top_k < 1 or self.entropy_tokens < 1:
+            raise ValueError(
+                f"allocation.entropy_top_k ({self.entropy_top_k}) and entropy_tokens ({self.entropy_tokens}) must be >= 1"
+            )
         assert self.rounds >= 1 and self.max_per_anchor >= 0, (
             f"rounds={self.rounds} max_per_anchor={self.max_per_anchor}"
         )
@@ -446,7 +497,7 @@ class AllocationConfig:
 STAGE2_SHARE = ("roots", "unmixed")
 """`AllocationConfig.stage2_share`'s values."""
 STAGE1 = ("active", "uniform", "skip")
-STAGE2 = ("active", "uniform", "random", "none")
+STAGE2 = ("active", "uniform", "random", "entropy", "none")
 
 
 class Allocator(ABC):
@@ -467,6 +518,12 @@ class Allocator(ABC):
         """Whether stage 1 values a candidate pool and funds the best (else it takes prompts as the stream gives
         them, `uniform_group` rollouts each, and never looks at values)."""
         return True
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether `prefixes` reads the anchors' entropies (`Anchor.h`): the rollouts must then ask the engine for top
+        logprobs (allocation.entropy_top_k) and store each turn's entropy."""
+        return False
 
     def stage1_budget(self, cfg: AllocationConfig) -> int:
         """Roots to allocate: root_budget when stage 2 spends the rest of the leaves, else all of leaf_budget, so
@@ -522,6 +579,10 @@ class StagedAllocator(Allocator):
     def selects(self) -> bool:
         return self.stage1 in ("active", "skip")
 
+    @property
+    def needs_entropy(self) -> bool:
+        return self.stage2 == "entropy"
+
     def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
         if self.stage1 == "uniform":
             return uniform_roots(len(prompts_v), budget, cfg.m_min)
@@ -572,6 +633,8 @@ class StagedAllocator(Allocator):
             return uniform_prefixes(len(tree_anchors), budget, cap)
         if self.stage2 == "random":
             return random_prefixes(len(tree_anchors), budget, cap, rng)
+        if self.stage2 == "entropy":
+            return entropy_prefixes(tree_anchors, budget, cap)
         return allocate_prefixes(tree_anchors, budget, cap)
 
 
@@ -607,12 +670,28 @@ class RandomNodeAllocator(StagedAllocator):
     stage1, stage2 = "uniform", "random"
 
 
+class EntropyAllocator(StagedAllocator):
+    """Entropy branching, the field's common alternative to a learned predictor: GRPO's stage 1 (uniform roots, no
+    values) and continuations where the policy is most uncertain. The signal is ARPO's (Dong et al., "Agentic
+    Reinforced Policy Optimization", arXiv 2507.19849): the entropy of the first k tokens the policy generates right
+    after a tool result; our anchors are exactly the prefixes that end in one, and their entropy is read off the turn
+    their chain generated next (`TurnNode.entropy`, the mean of `topk_entropy` over allocation.entropy_tokens tokens,
+    from the engine's top logprobs). The selection is AT2PO's (Zong et al., arXiv 2601.04767): the top-K
+    highest-entropy turn nodes, with a penalty on nodes already branched (`entropy_prefixes`). Per prompt, like every
+    stage 2 here: each funded prompt's share of the continuations (allocation.stage2_share) goes to its own anchors
+    by entropy. Not ARPO's probabilistic branching during generation: that spends a random number of leaves, and
+    every allocator here spends exactly allocation.leaf_budget."""
+
+    stage1, stage2 = "uniform", "entropy"
+
+
 ALLOCATORS: dict[str, type[StagedAllocator]] = {
     "trace": TraceAllocator,
     "uniform": UniformAllocator,
     "root-only": RootOnlyAllocator,
     "random-node": RandomNodeAllocator,
     "trace-skip": TraceSkipAllocator,
+    "entropy": EntropyAllocator,
 }
 
 

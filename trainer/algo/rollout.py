@@ -42,6 +42,7 @@ from shared.client import EnvClient
 from shared.engine_protocol import SamplingParams
 from shared.replicas import EnvPool, EnvUnavailable
 from shared.wire import EnvError, ErrorCode, StepResult
+from trainer.algo.allocation import topk_entropy
 from trainer.algo.tree import FinishStatus, RolloutTree
 from trainer.engines.client import EngineClient, Generation
 
@@ -141,11 +142,25 @@ class StopSpec:
 class RolloutRunner:
     """Grows rollout trees against one env server and one engine client."""
 
-    def __init__(self, env: EnvClient | EnvPool, engine: EngineClient, tokenizer: Any, cfg: RolloutConfig) -> None:
+    def __init__(
+        self,
+        env: EnvClient | EnvPool,
+        engine: EngineClient,
+        tokenizer: Any,
+        cfg: RolloutConfig,
+        *,
+        top_logprobs: int = 0,
+        entropy_tokens: int = 0,
+    ) -> None:
+        """top_logprobs > 0: ask the engine for that many top logprobs per token and set each turn's `entropy` (the
+        mean `topk_entropy` of its first `entropy_tokens` generated tokens), for the "entropy" allocator."""
+        assert top_logprobs >= 0 and (entropy_tokens >= 1 or not top_logprobs), f"{top_logprobs=} {entropy_tokens=}"
         self.env = env
         self.engine = engine
         self.tok = tokenizer
         self.cfg = cfg
+        self.top_logprobs = top_logprobs
+        self.entropy_tokens = entropy_tokens
         self.stop = StopSpec(tokenizer)
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
         self.env_failures = 0
@@ -255,7 +270,9 @@ class RolloutRunner:
 
     async def _generate(self, tree: RolloutTree, ids: list[int], max_new: int) -> Generation:
         for _ in range(self.cfg.abort_retries + 1):
-            gen = await self.engine.generate(ids, self.sampling(max_new), route_key=tree.prompt_id)
+            gen = await self.engine.generate(
+                ids, self.sampling(max_new), route_key=tree.prompt_id, top_logprobs=self.top_logprobs
+            )
             tree.ledger.prefill_tokens += gen.prompt_tokens
             tree.ledger.cached_prefill_tokens += gen.cached_tokens
             tree.ledger.generated_tokens += len(gen.output_ids)
@@ -312,6 +329,9 @@ class RolloutRunner:
                         observation=res.observation,
                         weight_version=_version(gen.weight_version),
                     )
+                    if self.top_logprobs and gen.top_logprobs:
+                        first = gen.top_logprobs[: self.entropy_tokens]
+                        node.entropy = sum(map(topk_entropy, first)) / len(first)
                     if res.done and "golden_answers" in res.info and not tree.golden_answers:
                         tree.golden_answers = list(res.info["golden_answers"])
                     if status != FinishStatus.OPEN:

@@ -101,6 +101,8 @@ class TurnNode:
     n_fresh: int = 0  # number of outcomes `value` averages (set by backup())
     predicted: float | None = None  # predictor's V(H) at allocation time (for calibration logs)
     features: list[float] | None = None  # predictor input at this prefix (hidden state + structural), optional
+    entropy: float | None = None  # mean top-k entropy (nats) of this node's first generated tokens (the "entropy"
+    #   allocator's signal: allocation.entropy_tokens tokens, allocation.entropy_top_k logprobs each); None unless asked
     n_leaves: int = 0  # number of scored leaves in this node's subtree, including itself (set by backup())
 
     @property
