@@ -18,6 +18,8 @@ and the weight update restores the served weights before it returns. Checked:
 - sticky routing: a route key stays on its server; the other server has nothing of that tree cached;
 - pause/continue: a request sent while paused completes after continue; one running when paused with mode
   "abort" comes back aborted (counted, partial tokens); with mode "retract" it finishes after continue;
+- top logprobs (`top_logprobs_num`): SGLang and our CPU engine answer alike (shape, ids, values), from the tempered
+  distribution;
 - `update_weights_from_disk` on both servers: the new version on later answers, the cache flushed, logprobs equal
   the trainer's forward on the new weights (and far from the old ones'); restoring the old weights restores them.
 """
@@ -239,6 +241,57 @@ async def test_logprobs_equal_the_trainers_forward(served: Served) -> None:
                     for p, g in zip(prompts, gens, strict=True)
                 ]
                 assert max(off) > 100 * LOGPROB_ATOL, off
+
+
+async def test_top_logprobs_answer_alike_on_both_engines(served: Served) -> None:
+    """Issue 25: `top_logprobs_num` on real SGLang and on our CPU engine (in this process, same weights): the same
+    answer shape (`meta_info.output_top_logprobs`, per output token n x [logprob, token_id, null], largest first;
+    absent without return_logprob), the same greedy tokens and top-n ids, logprobs within LOGPROB_ATOL of each other;
+    sampled at T = 0.7, SGLang's rows are the trainer's tempered log softmax's top n (the distribution it sampled
+    from, as for the token's own logprob)."""
+    import aiohttp
+    import torch
+    from aiohttp.test_utils import TestServer
+
+    from engine.app import ServerConfig, init_app
+    from engine.engine import EngineConfig
+
+    prompt = prompt_of(served.tok, "top logprobs")
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}}
+    cpu = TestServer(init_app(ServerConfig(engine=EngineConfig(model_path=served.model_dir, seed=0))), host="127.0.0.1")
+    await cpu.start_server()
+    try:
+        answers = {}
+        async with aiohttp.ClientSession() as http:
+            for name, url in (("sglang", served.urls[0]), ("cpu", str(cpu.make_url("")).rstrip("/"))):
+                async with http.post(
+                    f"{url}/generate", json={**body, "return_logprob": True, "top_logprobs_num": 5}
+                ) as r:
+                    assert r.status == 200, await r.text()
+                    answers[name] = await r.json()
+                async with http.post(f"{url}/generate", json={**body, "top_logprobs_num": 5}) as r:
+                    plain = await r.json()
+                    assert r.status == 200 and "output_top_logprobs" not in plain["meta_info"], (name, plain)
+    finally:
+        await cpu.close()
+    sg, ours = answers["sglang"], answers["cpu"]
+    assert sg["output_ids"] == ours["output_ids"], (sg["output_ids"], ours["output_ids"])
+    rows_sg, rows_ours = sg["meta_info"]["output_top_logprobs"], ours["meta_info"]["output_top_logprobs"]
+    assert len(rows_sg) == len(rows_ours) == 6
+    for a, b in zip(rows_sg, rows_ours, strict=True):
+        assert all(len(e) == 3 and e[2] is None for e in a + b) and len(a) == len(b) == 5, (a, b)
+        assert [e[1] for e in a] == [e[1] for e in b], (a, b)
+        assert max_diff([e[0] for e in a], [e[0] for e in b]) < LOGPROB_ATOL, (a, b)
+    assert [r[0][1] for r in rows_sg] == sg["output_ids"]  # greedy: the top token is the one generated
+    async with EngineClient(served.urls, **CLIENT) as engine:
+        params = SamplingParams(max_new_tokens=8, temperature=0.7, ignore_eos=True)
+        gen = await engine.generate(prompt, params, route_key="top", top_logprobs=4)
+    ids = torch.tensor([prompt + gen.output_ids])
+    with torch.no_grad():
+        logits = served.model(ids).logits[0, len(prompt) - 1 : -1].double()
+    want = torch.log_softmax(logits / 0.7, -1).topk(4, -1).values.tolist()
+    for got, ref in zip(gen.top_logprobs, want, strict=True):
+        assert max_diff(got, ref) < LOGPROB_ATOL, (got, ref)
 
 
 async def test_prefix_cache_and_flush(served: Served) -> None:
