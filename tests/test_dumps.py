@@ -21,6 +21,7 @@ def _tree() -> RolloutTree:
     a = t.add_child(0, [10, 11, 12], [1, 1, 0], [-0.1, -0.2, 0.0], snapshot_id="s1", action_text="<search>x</search>",
                     observation="<script>alert(1)</script> Doc 1")  # fmt: skip
     a.info["round"] = 0
+    a.entropy = 0.75  # the entropy allocator's signal, when the engine was asked for top logprobs
     bad = t.add_child(a.node_id, [13], [1], [-0.3], action_text="<answer>Bo</answer>", status="answered")
     bad.reward, bad.info["round"] = 0.0, 0
     good = t.add_child(0, [14], [1], [-0.3], action_text="<answer>Ada</answer>", status="answered")
@@ -41,6 +42,7 @@ def test_a_node_record_says_what_the_update_saw(tmp_path: Path) -> None:
     assert by[1]["trained"] and not by[5]["trained"] and by[1]["generated"] == 2 and by[1]["tokens"] == 3
     assert by[3]["adv_outcome"] > 0 > by[2]["adv_outcome"], "the right answer above the tree's mean, the wrong below"
     assert by[4]["adv_process"] == pytest.approx(by[4]["value"] - by[1]["value"]), "V(node) - V(parent), fresh parent"
+    assert by[1]["entropy"] == 0.75 and by[2]["entropy"] is None
     assert by[0]["adv_outcome"] is None and "features" not in by[1] and "token_ids" not in by[1]
     grpo = tree_record(t, AdvantageConfig(), process=False, trained=set())
     assert {n["adv_process"] for n in grpo["nodes"][1:]} == {0.0}, "no process term for allocators that do not expand"

@@ -8,7 +8,8 @@ One gzipped JSON Lines file a step. Its first line is the header: `{"schema": SC
 bare rollouts, r = stage 2's round r, `trainer.algo.plan.mark_round`), `action` (the decoded action),
 `action_kind` ("search" | "answer" | "invalid"; the root: "prompt"), `observation`, `tokens` (this node's token
 count), `generated` (of them, the policy's), `weight_version`, `value` / `outcome` / `n_fresh` / `n_leaves`
-(`trainer.algo.tree`'s backup), `predicted` (the predictor's V(H) at allocation time), `expanded` (continuations
+(`trainer.algo.tree`'s backup), `predicted` (the predictor's V(H) at allocation time), `entropy` (the policy's
+entropy over this turn's first tokens, set when the "entropy" allocator asked the engine for it, else null), `expanded` (continuations
 were placed at it: more than one child, below the root), `adv_outcome` / `adv_process` (the node's advantage terms,
 `trainer.algo.advantages.node_terms`, weighted as the update weighs them: the process term 0 for allocators that do
 not expand), `trained` (a sample the update used passed through it). Token ids, logprobs and the predictor's raw
@@ -80,6 +81,7 @@ def tree_record(
             "n_fresh": n.n_fresh,
             "n_leaves": n.n_leaves,
             "predicted": n.predicted,
+            "entropy": n.entropy,
             "expanded": n.parent is not None and len(n.children) > 1,
             "adv_outcome": None if o is None else adv.w_outcome * o,
             "adv_process": None if p is None else (adv.w_process * p if process else 0.0),
