@@ -25,6 +25,7 @@ text cut at the stop string) unless `no_stop_trim`. Aborted requests finish with
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -75,6 +76,9 @@ class Scheduler:
     weight_version: str
 
     def __init__(self) -> None:
+        # transformers renamed the KV-cache argument and output field `past_key_values` to `cache` after 5.19, the
+        # version the sglang extra pins: take whichever name this model's forward has
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.batch: Cache | None = None  # KV of `running`, left-padded: every row ends at its layers' column `n`
@@ -206,9 +210,9 @@ class Scheduler:
         suffix = torch.tensor([ids[n_cached:]], device=dev)
         if cache is None:
             out = self.model(input_ids=suffix, use_cache=True, logits_to_keep=1)
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            kv = [(layer.keys, layer.values) for layer in getattr(out, self.cache_kw).layers]
         else:
-            out = self.model(input_ids=suffix, cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=suffix, **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1)
             kv = [(layer.keys, layer.values) for layer in cache.layers]
         assert kv[0][0].shape[2] == len(ids), f"prefill produced {kv[0][0].shape[2]} KV columns for {len(ids)} ids"
         seq.length = len(ids)
@@ -275,7 +279,7 @@ class Scheduler:
             input_ids=tokens,
             attention_mask=self.mask[:, : n + 1],
             position_ids=positions,
-            cache=self.batch,
+            **{self.cache_kw: self.batch},
             use_cache=True,
         )
         for s in self.running:
