@@ -317,10 +317,13 @@ def topk_entropy(top_logprobs: Sequence[float]) -> float:
     -sum p log p over them, plus the rest of the mass m = 1 - sum p counted as one lump, -m log m.
 
     Truncation: the true entropy H lies in [this, this + m log(V - n)] (V the vocabulary): the tail's share of H is at
-    least -m log m (each tail token has p <= m) and at most m log((V - n) / m) (the tail spread evenly). So the error is
-    at most m log V, and small where it matters: a step that allocation should see as uncertain has its mass spread
-    over its top few tokens, which the lump still counts as uncertainty, and a confident one (m ~ 0) is exact. The
-    entropy allocator only ranks anchors, so a bias common to all of them costs nothing."""
+    least -m log m (each tail token has p <= m) and at most m log((V - n) / m) (the tail spread evenly). So the error
+    is at most m log V: small for a trained policy, whose mass sits in its top few tokens, and the allocator only
+    ranks anchors. Measured on the testbed's warm start (`python bench/bench_topk_entropy.py`, 106 turns after a tool
+    result, their first 10 tokens): at n = 20 the mass left out is 0.005 on average, H - this 0.024 nats (H 0.29),
+    Spearman 0.997 with H, and the top quarter by H is found whole; at n = 5, 0.970 and 0.88. Not good enough for a
+    near-uniform policy (the untrained tiny model: tail mass 0.98 at n = 20, Spearman -0.11), where every turn is
+    as uncertain as the next anyway."""
     ps = [math.exp(x) for x in top_logprobs]
     m = max(0.0, 1.0 - sum(ps))
     return -sum(p * math.log(p) for p in ps if p > 0.0) - (m * math.log(m) if m > 0.0 else 0.0)
