@@ -147,3 +147,33 @@ def test_a_finished_run_is_kept_only_when_its_settings_are_the_same(tmp_path, mo
     with pytest.raises(RuntimeError, match="would train"):
         cmp.run_one(config, ["optim.lr=0.002"], "uniform", 3, 2, tmp_path)
     assert calls == [0.001, 0.002]
+
+
+@pytest.mark.parametrize("script", ["run_equal_care.sh", "run_peers.sh"])
+def test_the_long_comparisons_name_real_arms_and_settings(script: str) -> None:
+    """The hours-long comparison scripts fail at their first command, not hours in: every --allocators entry is an
+    allocator or one of the script's --arm names, and every --set and arm override loads on the compare config."""
+    import re
+    import shlex
+
+    from trainer.algo.allocation import ALLOCATORS
+    from trainer.config import load_train_config
+
+    text = (BENCH / script).read_text().replace("\\\n", " ")
+    variables = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
+    calls = [line for line in text.splitlines() if "compare_allocators.py" in line and not line.startswith("#")]
+    assert len(calls) == 2, calls
+    config = Path(__file__).resolve().parents[1] / "configs" / "compare.toml"
+    for call in calls:
+        for name, value in variables.items():
+            value = shlex.split(value)[0] if value else ""
+            call = call.replace(f'"${name}"', shlex.quote(value)).replace(f"${name}", value)
+        argv = shlex.split(call)
+        opt = lambda flag: [argv[i + 1] for i, a in enumerate(argv) if a == flag]  # noqa: E731
+        arms = {arm[0]: arm for arm in map(cmp.parse_arm, opt("--arm"))}
+        sets = opt("--set")
+        for name in opt("--allocators")[0].split(","):
+            allocator, extra = (arms[name][1], arms[name][2]) if name in arms else (name, [])
+            assert allocator in ALLOCATORS, (script, name)
+            cfg = load_train_config(config, [*sets, f'allocation.type="{allocator}"', *extra])
+            assert cfg.allocation.type == allocator
