@@ -169,10 +169,12 @@ def test_the_long_comparisons_name_real_arms_and_settings(script: str) -> None:
             value = shlex.split(value)[0] if value else ""
             call = call.replace(f'"${name}"', shlex.quote(value)).replace(f"${name}", value)
         argv = shlex.split(call)
-        opt = lambda flag: [argv[i + 1] for i, a in enumerate(argv) if a == flag]  # noqa: E731
-        arms = {arm[0]: arm for arm in map(cmp.parse_arm, opt("--arm"))}
-        sets = opt("--set")
-        for name in opt("--allocators")[0].split(","):
+        opt = {
+            flag: [argv[i + 1] for i, a in enumerate(argv) if a == flag] for flag in ("--arm", "--set", "--allocators")
+        }
+        arms = {arm[0]: arm for arm in map(cmp.parse_arm, opt["--arm"])}
+        sets = opt["--set"]
+        for name in opt["--allocators"][0].split(","):
             allocator, extra = (arms[name][1], arms[name][2]) if name in arms else (name, [])
             assert allocator in ALLOCATORS, (script, name)
             cfg = load_train_config(config, [*sets, f'allocation.type="{allocator}"', *extra])
