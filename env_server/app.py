@@ -93,7 +93,7 @@ SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 RESOURCES = web.AppKey("resources", Resources)
 DRAIN = web.AppKey("drain", Drain)
 
-_OPEN_ROUTES = ("/health", "/openapi.json")  # liveness and API discovery need no token
+_OPEN_ROUTES = ("/health", "/openapi.json", "/")  # liveness, API discovery and the page (no data) need no token
 CAPACITY_RETRY_AFTER_S = 1
 """`Retry-After` of a 429: capacity comes back as clients delete finished episodes, which a trainer does all the time;
 idle ones expire on the TTL. A second is a hint, not a promise (a batch over `max_batch_ops` must be split)."""
@@ -317,6 +317,10 @@ def setup_routes(app: web.Application) -> None:
     from env_server.openapi import openapi_json  # imported here: env_server.openapi imports this module
 
     r.add_get("/openapi.json", openapi_json)
+    if app[CONFIG].ui:
+        from env_server.ui import page
+
+        r.add_get("/", page)
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle

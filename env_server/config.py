@@ -101,6 +101,10 @@ class ServerConfig:
     and closes once the requests in flight have finished, or after this many seconds. A second signal closes at once."""
     log_level: str = "info"
     """debug, info, warning or error. Logs are JSON lines when stderr is not a TTY."""
+    ui: bool = True
+    """Serve the server's own page at GET / (list the datasets and tools, play an episode by hand, fork it at any
+    turn, export a snapshot), through the same public API every client uses. The page holds no data, so it needs no
+    token; it asks for one when the API does. --no-ui removes the route."""
 
     def validate(self) -> ServerConfig:
         """Check every cross-field rule; raise ValueError saying what to change."""

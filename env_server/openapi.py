@@ -62,6 +62,7 @@ JSON = "application/json"
 MSGPACK = "application/msgpack"
 BINARY = "binary"  # an application/octet-stream body (a snapshot blob)
 TEXT = "text"  # Prometheus text exposition
+HTML = "html"  # the server's own page (`env_server.ui`)
 
 STRUCTS: tuple[type, ...] = (
     CreateEpisode,
@@ -288,6 +289,17 @@ OPERATIONS: tuple[Operation, ...] = (
         tag="search",
     ),
     Operation("GET", "/metrics", "metrics", "Prometheus metrics", None, TEXT, tag="server"),
+    Operation(
+        "GET",
+        "/",
+        "ui",
+        "The server's own page: datasets and tools, play an episode by hand, fork it, export a snapshot "
+        "(absent with --no-ui)",
+        None,
+        HTML,
+        open=True,
+        tag="server",
+    ),
 )
 
 
@@ -357,6 +369,11 @@ def _operation(op: Operation) -> dict[str, Any]:
         responses["200"] = {
             "description": "Prometheus text exposition format",
             "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    elif op.response == HTML:
+        responses["200"] = {
+            "description": "An HTML page with its script and style inline; it calls the routes above",
+            "content": {"text/html": {"schema": {"type": "string"}}},
         }
     elif op.response == "OpenAPI":
         responses["200"] = {"description": "OpenAPI 3.1 document", "content": {JSON: {"schema": {"type": "object"}}}}
@@ -482,6 +499,7 @@ class _Served:
     max_action_chars: int
     reward_metric: str
     corpus_id: str | None
+    ui: bool = True
 
 
 @functools.lru_cache(maxsize=8)
@@ -493,6 +511,7 @@ def _document_bytes(served: _Served) -> bytes:
         max_turns=served.max_turns,
         max_action_chars=served.max_action_chars,
         reward_metric=served.reward_metric,
+        ui=served.ui,
     )
     return json.dumps(build_openapi(auth_required=served.auth_required, cfg=cfg, corpus_id=served.corpus_id)).encode()
 
@@ -501,7 +520,8 @@ def build_openapi(
     *, auth_required: bool = False, cfg: ServerConfig | None = None, corpus_id: str | None = None
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document; `auth_required` = the server runs with a bearer token; `cfg` gives the limits the
-    request schemas state (default: the default config's); `corpus_id` = the corpus an imported blob must name."""
+    request schemas state and whether `GET /` (the page, `cfg.ui`) is served (default: the default config's); `corpus_id`
+    = the corpus an imported blob must name."""
     _, components = msgspec.json.schema_components(STRUCTS, ref_template=REF)
     clash = sorted(set(components) & set(HAND_WRITTEN))
     assert not clash, f"hand-written schema names clash with wire structs: {clash}"
@@ -510,6 +530,8 @@ def build_openapi(
     _constrain(components, cfg or ServerConfig(), corpus_id)
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
+        if op.response == HTML and not (cfg or ServerConfig()).ui:
+            continue  # --no-ui: no page, so no route to document
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -548,5 +570,6 @@ async def openapi_json(request: web.Request) -> web.Response:
         c.max_action_chars,
         c.reward_metric,
         svc.corpus_id if svc is not None else None,
+        c.ui,
     )
     return web.Response(body=_document_bytes(served), content_type=JSON)

@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,3 +335,21 @@ def sglang_skip_reason() -> str | None:
     if not torch.cuda.is_available() and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         return "no CUDA device and SGLANG_USE_CPU_ENGINE is not 1 (on CPU: tools/sglang-cpu/run-tests)"
     return None
+
+
+# ---------------------------------------------------------------------------------------------- the browser tier
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Debian chromium driven by Selenium through chromium-driver (the `browser` tier, tools/browser/run-tests);
+    skipped where either is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (tools/browser/run-tests)")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("chromium / chromium-driver are not installed (tools/browser/run-tests installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"):
+        opts.add_argument(flag)
+    b = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+    yield b
+    b.quit()

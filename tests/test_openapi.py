@@ -99,6 +99,7 @@ async def test_real_answers_validate_against_the_document(http: RawHTTP) -> None
     await c(http, "GET", "/v1/info", fmt=MSGPACK)
     await c(http, "GET", "/openapi.json")
     await c(http, "GET", "/metrics")
+    await c(http, "GET", "/")  # the page (issue 26)
 
     ep = (await c(http, "POST", "/v1/episodes", body={"dataset": "synthetic", "split": "dev", "index": 3})).body
     eid, step = ep["episode_id"], "/v1/episodes/{episode_id}/step"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,21 +22,6 @@ PLANT = "<script>window.__pwned = 1</script><b id='bold'>bold</b> & more"
 SMALL = ["run.prompts_per_step=3", "sft.max_examples=24", "sft.batch_size=12", "allocation.root_budget=6",
          "allocation.m_max=3", "rollout.max_new_tokens=32", "env.train_limit=5", "run.eval_every=0",
          "run.save_every=0"]  # fmt: skip
-
-
-@pytest.fixture
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (tools/browser/run-tests)")
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not binary or not driver:
-        pytest.skip("chromium / chromium-driver are not installed (tools/browser/run-tests installs them)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"):
-        opts.add_argument(flag)
-    b = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
-    yield b
-    b.quit()
 
 
 def test_the_page_shows_every_node_and_its_text_as_text(browser, tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
