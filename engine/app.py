@@ -201,8 +201,6 @@ def parse_generate(body: Any) -> tuple[list[EngineRequest], bool]:
     rids = _per_item(body.rid, n, "rid") if body.rid is not None else [None] * n
     reqs = []
     for p, sp, lp, top, rid in zip(prompts, params, want_lp, tops, rids, strict=True):
-        if type(top) is not int:
-            raise BadRequest(f"top_logprobs_num={top!r}: must be an int (or a list of ints, one per prompt)")
         req = EngineRequest(input_ids=p, params=sp, return_logprob=bool(lp), top_logprobs_num=top)
         if rid is not None:
             req.rid = rid

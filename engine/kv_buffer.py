@@ -4,7 +4,7 @@ Contract. A `KVLayer` is one layer's K/V, `[batch, kv_heads, capacity, head_dim]
 filled; `keys`/`values` are views of exactly those columns. transformers calls `update` with the new tokens' K/V for
 every row; the buffer doubles when full, so appending is amortised O(1) per token (transformers' DynamicCache
 re-concatenates the whole cache on every token, measured 5x slower per decode step at 16 x 2k tokens on these
-machines). A `transformers.cache_utils.Cache(layers=[KVLayer, ...])` is what the scheduler passes as `cache=`.
+machines). A `transformers.cache_utils.Cache(layers=[KVLayer, ...])` is what the scheduler passes as `cache=` (`past_key_values=` on transformers 5.19).
 
 The layout of the rows (left padding so every row ends at column `n`, the attention mask, position ids) is the
 scheduler's (`scheduler.Scheduler`); this module only stores columns.

@@ -5,8 +5,9 @@ step, `/v1/snapshots/{id}/episodes` to fork at any turn, `GET /v1/snapshots/{id}
 no data, so the route needs no token (a browser navigation sends no bearer header); when the API answers 401 the
 page asks for the token and keeps it in its memory only (no storage, no cookie), sending it on every call. Every
 text from the server goes into the page as text (`textContent`), never as markup; the Content-Security-Policy admits
-only the page's own inline script and style (by their hashes) and calls to this origin, so even a mistake there
-could not run a script that came with a passage. `ServerConfig.ui` (`--no-ui`) removes the route.
+only the page's own inline script and style (by their hashes) and calls to this origin (no image, frame, form or
+other source), so even a mistake there could not run a script or load anything that came with a passage. Starting a
+new question deletes the previous tree's episodes. `ServerConfig.ui` (`--no-ui`) removes the route.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ CSP = (
     "default-src 'none'; "
     f"script-src {' '.join(_hashes('script'))}; "
     f"style-src {' '.join(_hashes('style'))}; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 HEADERS = {
     "Content-Security-Policy": CSP,

@@ -337,6 +337,20 @@ def sglang_skip_reason() -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- top logprobs
+def assert_top_logprobs(row: list[tuple[float, int]], ref: Any, tol: float) -> None:
+    """An engine's top logprobs for one token, (logprob, token_id) largest first, against `ref`, the reference's
+    logprobs over the whole vocabulary (a float64 tensor): position by position the reference's top values within
+    `tol`, and each token's own reference logprob within `tol` of what the engine gave. Near-tied tokens may come in
+    either order (their order rests on float rounding, which differs between machines and kernels); a wrong token or
+    a wrong value fails."""
+    values = ref.topk(len(row)).values.tolist()
+    assert [lp for lp, _ in row] == sorted((lp for lp, _ in row), reverse=True), row
+    for (lp, tok), want in zip(row, values, strict=True):
+        assert abs(lp - want) < tol, (row, values)
+        assert abs(lp - float(ref[tok])) < tol, (tok, lp, float(ref[tok]))
+
+
 # ---------------------------------------------------------------------------------------------- the browser tier
 @pytest.fixture
 def browser() -> Iterator[Any]:

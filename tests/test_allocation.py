@@ -208,12 +208,17 @@ def test_entropy_prefixes_take_the_top_k_then_spread_with_a_penalty():
     an = [Anchor(i, 0.0, 0.5, h) for i, h in enumerate([0.2, 1.5, None, 0.9, 1.4])]
     assert entropy_prefixes(an, 2, 4) == [0, 1, 0, 0, 1]  # AT2PO's top-K by entropy
     assert entropy_prefixes(an, 3, 4) == [0, 1, 0, 1, 1]
-    # a second continuation on 1.5 (1.5 / 2 = 0.75) only after 0.9; no entropy counts as 0 and goes last
-    assert entropy_prefixes(an, 4, 4) == [0, 2, 0, 1, 1]
+    assert entropy_prefixes(an, 4, 4) == [1, 1, 0, 1, 1]  # top-K whatever the gaps: 0.2 before a second on 1.5
+    # past one each, h / (1 + k): 1.5 / 2 = 0.75 > 1.4 / 2 = 0.7 > 1.5 / 3 = 0.5 > 0.9 / 2; no entropy counts as 0
+    assert entropy_prefixes(an, 6, 4) == [1, 2, 1, 1, 1] and entropy_prefixes(an, 8, 4) == [1, 3, 1, 1, 2]
+    assert entropy_prefixes([Anchor(0, 0.0, 0.5, 2.0), Anchor(1, 0.0, 0.5, 0.5)], 2, 4) == [1, 1]
     assert entropy_prefixes(an, 20, 2) == [2, 2, 2, 2, 2] and entropy_prefixes(an, 7, 0) == [0] * 5
     assert entropy_prefixes([Anchor(0, 0.0, 0.5), Anchor(1, 1.0, 0.5)], 1, 4) == [1, 0]  # ties: lower index
+    assert entropy_prefixes([Anchor(i, 0.0, 0.5) for i in range(3)], 3, 4) == [1, 1, 1], "no entropy: spread, not piled"
+    assert entropy_prefixes([Anchor(i, 0.0, 0.5) for i in range(3)], 5, 4) == [2, 2, 1]
     with pytest.raises(AssertionError, match="finite"):
         entropy_prefixes([Anchor(0, 0.0, 0.5, float("nan"))], 1, 1)
+    assert topk_entropy([1e-7]) == 0.0, "a logprob rounded above 0 is a certain token, not a negative entropy"
     ent = make_allocator("entropy")
     assert ent.needs_entropy and not ent.selects and ent.expands and ent.name == "uniform-entropy"
     assert not any(make_allocator(n).needs_entropy for n in ALLOCATORS if n != "entropy")

@@ -309,10 +309,12 @@ def _tops(body: dict[str, Any], ans: dict[str, Any]) -> None:
         (lambda b, a: a["meta_info"].pop("output_top_logprobs"), "output_top_logprobs is missing"),
         (lambda b, a: a["meta_info"]["output_top_logprobs"].pop(), "has 2 rows for 3 output_ids"),
         (lambda b, a: a["meta_info"]["output_top_logprobs"][1].reverse(), "largest first"),
-        (lambda b, a: a["meta_info"]["output_top_logprobs"][0][0].__setitem__(0, 0.5), "logprobs <= 0"),
-        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].append([-9.0, 7, None]), "at most 3"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][0][0].__setitem__(0, 0.5), "logprob <= 0"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].append([-9.0, 7, None]), "need 3"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].pop(), "need 3"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"].__setitem__(1, None), "null row"),
         (lambda b, a: a["meta_info"]["output_top_logprobs"][2].__setitem__(0, "x"), "does not match GenerateResponse"),
-        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].__setitem__(0, [None, 3]), "logprobs <= 0"),
+        (lambda b, a: a["meta_info"]["output_top_logprobs"][2].__setitem__(0, [None, 3]), "logprob <= 0"),
     ],
 )
 async def test_top_logprobs_are_sent_and_checked(
@@ -324,6 +326,9 @@ async def test_top_logprobs_are_sent_and_checked(
             gen = await engine.generate([1, 2], PARAMS, route_key="k", top_logprobs=3)
             assert fake.bodies[0]["top_logprobs_num"] == 3
             assert gen.top_logprobs == [[-0.1, -0.2, -0.30000000000000004]] * 3
+        elif match == "null row":  # SGLang's null for a token without top logprobs: an empty row, not an error
+            gen = await engine.generate([1, 2], PARAMS, route_key="k", top_logprobs=3)
+            assert [len(r) for r in gen.top_logprobs] == [3, 0, 3]
         else:
             with pytest.raises(EngineProtocolError, match=match):
                 await engine.generate([1, 2], PARAMS, route_key="k", top_logprobs=3)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import assert_top_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.app import ServerConfig, init_app
@@ -142,10 +143,9 @@ async def test_top_logprobs_answer_as_sglang(client: TestClient, ref_model: Any,
     assert len(top) == len(out) == 8 and all(len(row) == 5 and all(x is None for *_, x in row) for row in top)
     with torch.no_grad():
         logits = ref_model(torch.tensor([ids + out])).logits[0, len(ids) - 1 : -1].double()
-    want = torch.log_softmax(logits / (temperature or 1.0), -1).topk(5, -1)
+    ref = torch.log_softmax(logits / (temperature or 1.0), -1)
     for i, row in enumerate(top):
-        assert [t for _, t, _ in row] == want.indices[i].tolist(), i
-        assert [lp for lp, _, _ in row] == pytest.approx(want.values[i].tolist(), abs=1e-4)
+        assert_top_logprobs([(lp, t) for lp, t, _ in row], ref[i], 1e-4)
         own = meta["output_token_logprobs"][i]
         hit = [lp for lp, t, _ in row if t == own[1]]
         assert own[0] <= row[0][0] + 1e-6 and (not hit or hit[0] == pytest.approx(own[0], abs=1e-6))

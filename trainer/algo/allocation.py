@@ -324,32 +324,37 @@ def topk_entropy(top_logprobs: Sequence[float]) -> float:
     Spearman 0.997 with H, and the top quarter by H is found whole; at n = 5, 0.970 and 0.88. Not good enough for a
     near-uniform policy (the untrained tiny model: tail mass 0.98 at n = 20, Spearman -0.11), where every turn is
     as uncertain as the next anyway."""
-    ps = [math.exp(x) for x in top_logprobs]
+    ps = [math.exp(min(x, 0.0)) for x in top_logprobs]  # an engine may round a certain token's logprob above 0
     m = max(0.0, 1.0 - sum(ps))
-    return -sum(p * math.log(p) for p in ps if p > 0.0) - (m * math.log(m) if m > 0.0 else 0.0)
+    h = -sum(p * math.log(p) for p in ps if p > 0.0) - (m * math.log(m) if m > 0.0 else 0.0)
+    return max(0.0, h)
 
 
 def entropy_prefixes(anchors: Sequence[Anchor], budget: int, max_per_anchor: int) -> list[int]:
-    """Continuations per anchor by the policy's uncertainty there: one at a time to the anchor with the highest
-    h / (1 + k) (k: what it already has), capped at max_per_anchor; sum = min(budget, cap). With budget <= anchors
-    and distinct entropies that is AT2PO's top-K highest-entropy nodes; the 1 / (1 + k) discount is its branching
+    """Continuations per anchor by the policy's uncertainty there (h = `Anchor.h`), capped at max_per_anchor; sum =
+    min(budget, cap). First one each to the min(budget, anchors) highest-entropy anchors: AT2PO's top-K; then what is
+    left one at a time to the highest h / (1 + k) (k: what the anchor already has this round), AT2PO's branching
     penalty on nodes already expanded, so a larger budget spreads before it piles up. An anchor without an entropy
-    (none was asked, or its chain's next turn was lost) counts as 0; ties break towards lower indices."""
+    (none was asked, or its chain's next turn was lost) counts as 0; ties go to fewer continuations, then to lower
+    indices. The penalty counts this round's continuations only (an anchor expanded in an earlier round starts at 0)."""
     assert budget >= 0 and max_per_anchor >= 0, f"budget={budget} max_per_anchor={max_per_anchor}"
     h = [a.h if a.h is not None else 0.0 for a in anchors]
     assert all(math.isfinite(x) and x >= 0.0 for x in h), f"entropies must be finite and >= 0, got {h}"
     k = [0] * len(anchors)
     if max_per_anchor == 0:
         return k
-    heap = [(-hi, i) for i, hi in enumerate(h)]
-    heapq.heapify(heap)
     left = min(budget, len(anchors) * max_per_anchor)
+    for i in sorted(range(len(anchors)), key=lambda i: (-h[i], i))[:left]:
+        k[i] = 1
+    left -= sum(k)
+    heap = [(-h[i] / 2, 1, i) for i in range(len(anchors)) if k[i] < max_per_anchor]
+    heapq.heapify(heap)
     while left > 0:
-        _, i = heapq.heappop(heap)
+        _, _, i = heapq.heappop(heap)
         k[i] += 1
         left -= 1
         if k[i] < max_per_anchor:
-            heapq.heappush(heap, (-h[i] / (1 + k[i]), i))
+            heapq.heappush(heap, (-h[i] / (1 + k[i]), k[i], i))
     return k
 
 

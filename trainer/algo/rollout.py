@@ -329,8 +329,8 @@ class RolloutRunner:
                         observation=res.observation,
                         weight_version=_version(gen.weight_version),
                     )
-                    if self.top_logprobs and gen.top_logprobs:
-                        first = gen.top_logprobs[: self.entropy_tokens]
+                    first = [row for row in gen.top_logprobs[: self.entropy_tokens] if row]  # [] = none sent
+                    if self.top_logprobs and first:
                         node.entropy = sum(map(topk_entropy, first)) / len(first)
                     if res.done and "golden_answers" in res.info and not tree.golden_answers:
                         tree.golden_answers = list(res.info["golden_answers"])

@@ -152,7 +152,8 @@ class Generation:
     server: str  # base URL of the server that generated it
     rid: str  # request id sent (and echoed by the server)
     latency_s: float  # client wall time of the HTTP call (a batch: the whole call)
-    # with top_logprobs = n > 0: per output token, the n largest logprobs of its distribution, largest first
+    # with top_logprobs = n > 0: per output token, the n largest logprobs of its distribution, largest first ([] for a
+    # token the engine sent none for)
     top_logprobs: list[list[float]] = field(default_factory=list)
 
     @property
@@ -745,7 +746,7 @@ def _to_generation(
                 raise EngineProtocolError(
                     f"{where}: output_token_logprobs[{i}] is for token {tid!r} but output_ids[{i}] = {tok}"
                 )
-            if isinstance(lp, bool) or not isinstance(lp, (int, float)) or math.isnan(lp) or lp > 1e-6:
+            if not _is_logprob(lp):
                 raise EngineProtocolError(f"{where}: output_token_logprobs[{i}] has logprob {lp!r} (need a float <= 0)")
             logprobs.append(float(lp))
     tops = _top_logprobs(mi.output_top_logprobs, len(ids), top_logprobs, where) if top_logprobs else []
@@ -773,8 +774,8 @@ def _to_generation(
 
 
 def _top_logprobs(rows: list[list[list[Any]] | None] | None, n_ids: int, n: int, where: str) -> list[list[float]]:
-    """meta_info.output_top_logprobs checked (one row per output token, at most n [logprob, token_id, ...] entries,
-    largest first) and reduced to the logprobs; a null row (SGLang's for a token without them) is an empty list."""
+    """meta_info.output_top_logprobs checked (one row per output token, n [logprob, token_id, ...] entries, largest
+    first) and reduced to the logprobs; a null row (SGLang's for a token without them) is an empty list."""
     if rows is None and n_ids:
         raise EngineProtocolError(
             f"{where}: top_logprobs_num={n} was sent but meta_info.output_top_logprobs is missing"
@@ -784,16 +785,21 @@ def _top_logprobs(rows: list[list[list[Any]] | None] | None, n_ids: int, n: int,
         raise EngineProtocolError(f"{where}: output_top_logprobs has {len(rows)} rows for {n_ids} output_ids")
     out = []
     for i, row in enumerate(rows):
-        lps = [e[0] if isinstance(e, list) and len(e) >= 2 else None for e in row or []]
-        ok = len(lps) <= n and all(
-            not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x) and x <= 1e-6 for x in lps
-        )
-        if not ok or any(a < b for a, b in pairwise(lps)):
+        if row is None:
+            out.append([])
+            continue
+        lps = [e[0] if isinstance(e, list) and len(e) >= 2 else None for e in row]
+        if len(lps) != n or not all(map(_is_logprob, lps)) or any(a < b for a, b in pairwise(lps)):
             raise EngineProtocolError(
-                f"{where}: output_top_logprobs[{i}] = {row!r}: need at most {n} logprobs <= 0, largest first"
+                f"{where}: output_top_logprobs[{i}] = {row!r}: need {n} [logprob <= 0, token_id, ...], largest first"
             )
         out.append([float(x) for x in lps])
     return out
+
+
+def _is_logprob(x: Any) -> bool:
+    """A log-probability as an engine sends it: a number <= 0 (1e-6 of rounding above it allowed), not NaN."""
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x) and x <= 1e-6
 
 
 def _quote(data: bytes) -> str:
