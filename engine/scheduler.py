@@ -80,7 +80,9 @@ class Scheduler:
         # version the sglang extra pins: take whichever name this model's forward has
         params = inspect.signature(self.model.forward).parameters
         self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), "")
-        assert self.cache_kw, f"{type(self.model).__name__}.forward takes neither cache nor past_key_values: {list(params)}"
+        assert self.cache_kw, (
+            f"{type(self.model).__name__}.forward takes neither cache nor past_key_values: {list(params)}"
+        )
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.batch: Cache | None = None  # KV of `running`, left-padded: every row ends at its layers' column `n`
