@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,15 @@ def _world(tmp: Path) -> list[str]:
     planted.write_text(json.dumps({"id": "q0", "question": QUESTION, "golden_answers": ["Ada"]}) + "\n")
     data = ["--data", "synthetic:dev", str(BUILTIN_WORLD / "dev.jsonl"), "--data", "planted:test", str(planted)]
     return [*data, "--corpus", str(corpus), "--index-dir", str(tmp / "index"), "--auth-token", TOKEN]
+
+
+def _status(url: str, method: str, path: str) -> int:
+    req = urllib.request.Request(url + path, method=method, headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def _wait(browser: Any, css: str, count: int = 1, timeout_s: float = 15.0) -> list[Any]:
@@ -88,6 +99,8 @@ def test_a_person_plays_forks_and_exports_an_episode(browser: Any, tmp_path: Pat
             "markup from the data reached the DOM"
         )
 
+        planted_episode = browser.find_element(By.CSS_SELECTOR, '.branch[data-branch="1"] .episode-id').text
+
         # The built-in world's 3-hop dev question 1, played by its oracle; forked after turn 1, the fork answers wrong.
         oracle = json.loads((BUILTIN_WORLD / "dev.jsonl").read_text().splitlines()[1])["metadata"]["oracle"]
         Select(browser.find_element(By.ID, "dataset")).select_by_value("synthetic")
@@ -98,6 +111,11 @@ def test_a_person_plays_forks_and_exports_an_episode(browser: Any, tmp_path: Pat
         browser.find_element(By.ID, "create").click()
         _wait(browser, '.branch[data-branch="1"] .turn', 1)
         assert len(browser.find_elements(By.CSS_SELECTOR, ".branch")) == 1, "a new episode starts a new tree"
+        gone = f"/v1/episodes/{planted_episode}/snapshot"  # 404 once the page has deleted the old tree's episode
+        deadline = time.monotonic() + 10
+        while _status(url, "POST", gone) != 404 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _status(url, "POST", gone) == 404, "the old tree's episode was released"
         first = _step(browser, 1, f"<search> {oracle[0]['text']} </search>")
         first.find_element(By.CSS_SELECTOR, "button.fork").click()
         fork = _wait(browser, '.branch[data-branch="2"]')[0]
