@@ -5,8 +5,8 @@ with a bearer token, the built-in world's corpus plus a planted passage, and a p
 Checked: the page asks for the token and keeps it in memory only (no storage, no cookie; a reload asks again); it
 lists the datasets and tools; a question and a passage carrying `<script>` and markup show as text and nothing of
 them runs or reaches the DOM; an episode is played to its answer (the oracle's reward 1); a fork after turn 1
-continues on both branches independently (the fork's wrong answer 0, the original's right one 1); an exported
-snapshot is the server's blob. A screenshot is written ($TRACE_ENV_UI_SCREENSHOT, else the test's folder)."""
+continues on both branches independently (the fork's wrong answer 0, the original's right one 1); starting a new
+question deletes the previous tree's episodes; an exported snapshot is the server's blob. A screenshot is written ($TRACE_ENV_UI_SCREENSHOT, else the test's folder)."""
 
 from __future__ import annotations
 
