@@ -189,6 +189,7 @@ function show(tree, n) {
     ['depth', n.depth], ['status', n.status], ['reward', n.reward], ['V(H) predicted', n.predicted],
     ['value (what followed)', n.value], ['leaves under it', n.n_leaves], ['outcome advantage', n.adv_outcome],
     ['process advantage', n.adv_process], ['trained', n.trained], ['expanded anchor', n.expanded]];
+  if (n.entropy !== undefined && n.entropy !== null) lines.push(['entropy of its first tokens', n.entropy]);
   const t = el('table', {id: 'node-facts'});
   for (const [k, v] of lines) { const tr = el('tr'); tr.appendChild(el('th', {}, k)); tr.appendChild(el('td', {}, fmt(v))); t.appendChild(tr); }
   detail.appendChild(t);
