@@ -219,6 +219,11 @@ def test_entropy_prefixes_take_the_top_k_then_spread_with_a_penalty():
     with pytest.raises(AssertionError, match="finite"):
         entropy_prefixes([Anchor(0, 0.0, 0.5, float("nan"))], 1, 1)
     assert topk_entropy([1e-7]) == 0.0, "a logprob rounded above 0 is a certain token, not a negative entropy"
+    greso = make_allocator("greso")  # GRPO's group shape, confident prompts skipped, no tree
+    assert greso.selects and not greso.expands and greso.stage1_budget(AllocationConfig(leaf_budget=16)) == 16
+    v = [0.02, 0.5, 0.97, 0.4, 0.6, 0.3, 0.01, 0.5]
+    assert greso.roots(v, 16, AllocationConfig(group_size=4)) == [0, 4, 0, 4, 4, 4, 0, 0]
+    assert greso.roots(v, 16, AllocationConfig(m_min=2)) == [2] * 8, "8 groups of 2: the skipped fund the rest"
     ent = make_allocator("entropy")
     assert ent.needs_entropy and not ent.selects and ent.expands and ent.name == "uniform-entropy"
     assert not any(make_allocator(n).needs_entropy for n in ALLOCATORS if n != "entropy")

@@ -450,8 +450,9 @@ def uniform_group(budget: int, group_size: int, prompts_per_step: int) -> int:
 class AllocationConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node", "trace-skip" (our
-    variant: GRESO-style stage 1, TRACE's stage 2), "entropy" (GRPO's stage 1, continuations where the policy's
-    entropy after a tool result is highest: ARPO's signal, AT2PO's selection)."""
+    variant: GRESO-style stage 1, TRACE's stage 2), "greso" (GRPO skipping prompts valued all-0 or all-1, no tree),
+    "entropy" (GRPO's stage 1, continuations where the policy's entropy after a tool result is highest: ARPO's
+    signal, AT2PO's selection)."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
@@ -465,13 +466,15 @@ class AllocationConfig:
     group_size: int = 0
     """Rollouts per prompt of a uniform stage 1 (GRPO's group size G): uniform takes leaf_budget // G prompts
     from the stream, random-node root_budget // G, the remainder one by one to the first. 0 = the stage-1
-    budget // run.prompts_per_step, i.e. prompts_per_step prompts a step."""
+    budget // run.prompts_per_step, i.e. prompts_per_step prompts a step. A skipping stage 1 (trace-skip, greso)
+    funds group_size rollouts a prompt too when it is set (else m_min)."""
     rounds: int = 1
     """Expansion rounds (expand, observe, back up, re-score); each prompt's continuations are split evenly."""
     max_per_anchor: int = 4
     """Most continuations from one anchor per round."""
     skip_eps: float = 0.1
-    """The "trace-skip" allocator's stage 1: a prompt valued below skip_eps or above 1 - skip_eps is skipped."""
+    """The "trace-skip" and "greso" allocators' stage 1: a prompt valued below skip_eps or above 1 - skip_eps is
+    skipped."""
     entropy_top_k: int = 20
     """The "entropy" allocator's signal: top logprobs per generated token asked of the engine (SGLang's
     top_logprobs_num), from which each turn's entropy is computed (`topk_entropy`: exact up to the mass outside them)."""
@@ -594,8 +597,8 @@ class StagedAllocator(Allocator):
     def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
         if self.stage1 == "uniform":
             return uniform_roots(len(prompts_v), budget, cfg.m_min)
-        if self.stage1 == "skip":
-            return skip_roots(prompts_v, budget, max(cfg.m_min, 1), cfg.skip_eps)
+        if self.stage1 == "skip":  # GRPO's group size when one is set, else m_min rollouts a prompt
+            return skip_roots(prompts_v, budget, cfg.group_size or max(cfg.m_min, 1), cfg.skip_eps)
         return allocate_roots(prompts_v, budget, cfg.m_min, cfg.m_max)
 
     def spill_roots(
@@ -672,6 +675,16 @@ class TraceSkipAllocator(StagedAllocator):
     stage1, stage2 = "skip", "active"
 
 
+class GresoAllocator(StagedAllocator):
+    """GRESO-style skipping as a peer (Li et al., 2025, "Act Only When It Pays"): GRPO that skips the prompts its
+    values say will come back all 0 or all 1 (`skip_roots`: within allocation.skip_eps of 0 or 1; in groups of
+    allocation.group_size when set, so GRPO's group shape), no tree. A prompt seen before is valued by its Beta
+    posterior, i.e. its history (an unseen one by the predictor); GRESO itself reads the history alone and skips with
+    a probability it adapts, where this skips deterministically."""
+
+    stage1, stage2 = "skip", "none"
+
+
 class RandomNodeAllocator(StagedAllocator):
     """TreePO / Tree-GRPO style: uniform roots (no prompt selection), continuations from random anchors."""
 
@@ -700,6 +713,7 @@ ALLOCATORS: dict[str, type[StagedAllocator]] = {
     "random-node": RandomNodeAllocator,
     "trace-skip": TraceSkipAllocator,
     "entropy": EntropyAllocator,
+    "greso": GresoAllocator,
 }
 
 
