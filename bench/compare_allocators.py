@@ -27,7 +27,8 @@ leaves at which the allocator's mean dev-EM curve first reaches GRPO's final dev
 length); per-seed rows go to FILE.runs.json. A markdown table is
 printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png). Each finished run leaves
 result.json in its folder; the same command run again keeps a finished run whose settings are the same (so a
-comparison stopped part way resumes where it stopped) and reruns any other.
+comparison stopped part way resumes where it stopped) and reruns any other. A run that fails is run once more (its
+folder kept as NAME.failed-1); a second failure stops the comparison with both folders named.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import argparse
 import asyncio
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -108,7 +110,21 @@ def run_one(
             print(f"{arm} seed {seed}: kept from {done}")
             return saved["result"]
     t0 = time.perf_counter()
-    asyncio.run(train(cfg))
+    for attempt in (1, 2):  # one failed run (an engine stalled past its timeout, say) must not end hours of others
+        try:
+            asyncio.run(train(cfg))
+            break
+        except Exception as e:
+            failed = run_dir.with_name(f"{run_dir.name}.failed-{attempt}")  # kept: its logs say what happened
+            shutil.rmtree(failed, ignore_errors=True)
+            if run_dir.exists():
+                run_dir.rename(failed)
+            if attempt == 2:
+                raise RuntimeError(
+                    f"{arm} seed {seed} failed twice ({type(e).__name__}: {e}); logs in {run_dir.name}.failed-1 and "
+                    f".failed-2 under {run_dir.parent}; the same command resumes (finished runs are kept)"
+                ) from e
+            print(f"{arm} seed {seed}: failed ({type(e).__name__}: {e}), logs moved to {failed}; once more", flush=True)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     res: dict[str, Any] = {k: _mean([r.get(k) for r in rows]) for k in FIGURES}
     res["dev_em"] = rows[-1].get("eval_em")

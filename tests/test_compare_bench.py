@@ -146,7 +146,38 @@ def test_a_finished_run_is_kept_only_when_its_settings_are_the_same(tmp_path, mo
     assert cmp.run_one(config, ["optim.lr=0.001"], "uniform", 3, 2, tmp_path) == {"dev_em": 0.25}
     with pytest.raises(RuntimeError, match="would train"):
         cmp.run_one(config, ["optim.lr=0.002"], "uniform", 3, 2, tmp_path)
-    assert calls == [0.001, 0.002]
+    assert calls == [0.001, 0.001, 0.002, 0.002], "a failed run is run once more, then the comparison stops"
+
+
+def test_a_failed_run_is_run_once_more_and_its_logs_kept(tmp_path, monkeypatch) -> None:
+    """Issue 22's comparison died when one run's engine call timed out: now a failure is retried once, the failed
+    run's folder kept beside it, and only a second failure stops the comparison, naming both folders."""
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "debug.toml")
+    attempts = []
+
+    def fake_run(out: Path) -> None:  # the first attempt stalls, the second finishes one step
+        out.mkdir(parents=True, exist_ok=True)
+        attempts.append(out)
+        if len(attempts) == 1:
+            (out / "engine_0.log").write_text("stalled")
+            raise TimeoutError("POST /generate timed out after 600s")
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "leaves": 12, "eval_em": 0.5, "eval_em_before": 0.1}))
+
+    async def flaky_train(cfg):
+        fake_run(Path(cfg.run.output_dir))
+
+    monkeypatch.setattr(cmp, "train", flaky_train)
+    res = cmp.run_one(config, [], "uniform", 1, 1, tmp_path)
+    assert res["dev_em"] == 0.5 and len(attempts) == 2
+    assert (tmp_path / "uniform-s1.failed-1" / "engine_0.log").read_text() == "stalled"
+    assert (tmp_path / "uniform-s1" / "result.json").exists()
+
+    async def broken_train(cfg):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cmp, "train", broken_train)
+    with pytest.raises(RuntimeError, match=r"uniform seed 2 failed twice \(ValueError: a bug\).*\.failed-1"):
+        cmp.run_one(config, [], "uniform", 2, 1, tmp_path)
 
 
 @pytest.mark.parametrize("script", ["run_equal_care.sh", "run_peers.sh"])
