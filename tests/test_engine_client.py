@@ -166,16 +166,6 @@ def answer(status: int = 200, payload: Any = None, *, text: str | None = None, d
     return act
 
 
-def pause(seconds: float) -> Action:
-    """An action that waits, then lets the normal answer through."""
-
-    async def act(body: dict[str, Any]) -> None:
-        await asyncio.sleep(seconds)
-        return None
-
-    return act
-
-
 def edit(fn: Callable[[dict[str, Any], dict[str, Any]], None]) -> Callable[[ScriptedEngine], Action]:
     """An action that answers normally and then lets `fn(body, answer)` corrupt the answer."""
 
@@ -392,14 +382,23 @@ async def test_batch_with_a_missing_item_is_a_protocol_error(fake: ScriptedEngin
 
 async def test_route_keys_stick_and_new_keys_go_to_the_least_loaded(fake2: list[ScriptedEngine]) -> None:
     s0, s1 = (e.url for e in fake2)
-    fake2[0].script = [pause(0.3)]  # the first call to s0 is slow
+    go = asyncio.Event()
+
+    async def held(body: dict[str, Any]) -> None:  # the first call to s0 answers only once the test says so
+        await go.wait()
+
+    fake2[0].script = [held]  # (a fixed delay raced the routing below on a loaded machine)
 
     async with EngineClient([s0, s1], **FAST) as engine:
         slow = asyncio.ensure_future(engine.generate([1, 2, 3], PARAMS, route_key="A"))
-        await asyncio.sleep(0.05)
-        assert engine.route_of("A") == s0 and engine.load() == {s0: 1, s1: 0}
+        for _ in range(1000):  # until the held call is in flight (10 s at most)
+            if engine.load() == {s0: 1, s1: 0}:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.route_of("A") == s0
         engine.release("A")  # s0: no keys but one sequence in flight; s1: idle
         assert (await engine.generate([9], PARAMS, route_key="C")).server == s1
+        go.set()
         await asyncio.wait_for(slow, 5)
         # idle again: s1 holds key C, s0 none -> a new key goes to s0
         assert (await engine.generate([9], PARAMS, route_key="D")).server == s0
