@@ -30,13 +30,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from tools.procmem import PeakRSS  # noqa: E402
 
 
 def build_model(root: Path, small: bool) -> tuple[Path, int]:
@@ -45,34 +45,6 @@ def build_model(root: Path, small: bool) -> tuple[Path, int]:
     cfg = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
     cfg |= dict(num_hidden_layers=8, vocab_size=32768) if small else dict(num_hidden_layers=28, vocab_size=151936)
     return build_shaped_model(root / "model", dtype="bfloat16", tie_word_embeddings=False, **cfg)
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-class Peak:
-    """The highest VmRSS seen while the block runs (a sampling thread)."""
-
-    def __enter__(self) -> Peak:
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
 
 
 def old_save(self, out_dir: str) -> None:  # the code before issue 23, as a Policy method
@@ -142,26 +114,24 @@ def worker(model: str, out: str, repeats: int, checkpoints: bool) -> None:
         for mode in ("before", "streamed"):
             folder = work / f"{mode}-{r}"
             shutil.rmtree(folder, ignore_errors=True)
-            with Peak() as pk:
+            with PeakRSS() as pk:
                 t0 = time.perf_counter()
                 policy.old_save(str(folder)) if mode == "before" else policy.save(folder)
                 secs = time.perf_counter() - t0
-            rows[mode].append({"extra_host_gb": (pk.peak - pk.base) / 1e9, "seconds": secs, "s_per_gb": secs / gb})
+            rows[mode].append({"extra_host_gb": pk.above / 1e9, "seconds": secs, "s_per_gb": secs / gb})
             shutil.rmtree(folder, ignore_errors=True)
-            print(f"{mode} round {r}: +{(pk.peak - pk.base) / 1e9:.2f} GB, {secs:.1f} s", flush=True)
+            print(f"{mode} round {r}: +{pk.above / 1e9:.2f} GB, {secs:.1f} s", flush=True)
     for r in range(repeats if checkpoints else 0):
         for mode in ("before", "sharded"):
             folder = work / f"ckpt-{mode}-{r}"
             shutil.rmtree(folder, ignore_errors=True)
-            with Peak() as pk:
+            with PeakRSS() as pk:
                 t0 = time.perf_counter()
                 (old_checkpoint if mode == "before" else new_checkpoint)(policy, str(folder))
                 secs = time.perf_counter() - t0
-            ckpt[mode].append(
-                {"extra_host_gb": (pk.peak - pk.base) / 1e9, "seconds": secs, "disk_gb": _disk(folder) / 1e9}
-            )
+            ckpt[mode].append({"extra_host_gb": pk.above / 1e9, "seconds": secs, "disk_gb": _disk(folder) / 1e9})
             shutil.rmtree(folder, ignore_errors=True)
-            print(f"checkpoint {mode} round {r}: +{(pk.peak - pk.base) / 1e9:.2f} GB, {secs:.1f} s", flush=True)
+            print(f"checkpoint {mode} round {r}: +{pk.above / 1e9:.2f} GB, {secs:.1f} s", flush=True)
     ranks.stop()
     res = {
         "checkpoint_rows": ckpt,

@@ -72,7 +72,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
+from tools.procmem import rss_bytes, status_bytes  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # corpus and queries
@@ -129,19 +129,14 @@ def random_corpus(n_docs: int, n_queries: int, seed: int) -> tuple[list[tuple[st
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return rss_bytes() / 2**20
 
 
 def hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        return status_bytes("VmHWM") / 2**20
+    except RuntimeError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bm25s_tokenize(texts: list[str]) -> list[list[str]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from tools.procmem import rss_bytes  # noqa: E402
 
 
 def build_model(root: Path) -> tuple[Path, int]:
@@ -33,14 +34,6 @@ def build_model(root: Path) -> tuple[Path, int]:
     cfg = dict(vocab_size=32768, hidden_size=1024, intermediate_size=3072, num_hidden_layers=16)
     cfg |= dict(num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False)
     return build_shaped_model(root / "model", dtype="bfloat16", **cfg)
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def worker(model: str, mode: str, out: str) -> None:
@@ -54,7 +47,7 @@ def worker(model: str, mode: str, out: str) -> None:
     if mode == "before":  # every rank loads the checkpoint, as before issue 21
         build = pol_mod._build_model
         pol_mod._build_model = lambda path, dtype, empty: build(path, dtype, empty=False)
-    before = _rss_kb()
+    before = rss_bytes() // 1024
     shard = 0
     if ranks.leader:
         policy = pol_mod.Policy(model, ModelConfig(device="cpu"), OptimConfig())

@@ -33,7 +33,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from tools.procmem import PeakRSS  # noqa: E402
 
 RESULTS: dict[str, Any] = {}
 
@@ -86,27 +86,13 @@ def samples(n: int, length: int, vocab: int, seed: int = 0) -> list:
     return out
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
-
-
 def host_peak(fn: Any) -> tuple[float, float]:
     """(seconds, peak host RSS above the start in bytes) of fn()."""
-    base, peak, stop = _rss(), [0], threading.Event()
-
-    def run() -> None:
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], _rss())
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    fn()
-    secs = time.perf_counter() - t0
-    stop.set()
-    t.join()
-    return secs, max(peak[0], _rss()) - base
+    with PeakRSS() as p:
+        t0 = time.perf_counter()
+        fn()
+        secs = time.perf_counter() - t0
+    return secs, p.above
 
 
 def stage_rank0(medium: Path, device: str, out: Path) -> None:
