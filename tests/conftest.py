@@ -293,6 +293,20 @@ def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout
         return out, err + "\n[killed after timeout]"
 
 
+# ---------------------------------------------------------------------------------------------- the debug run, smaller
+DEBUG_SMALL = [
+    "run.prompts_per_step=3",
+    "sft.max_examples=24",
+    "sft.batch_size=12",
+    "allocation.root_budget=6",
+    "allocation.m_max=3",
+    "rollout.max_new_tokens=32",
+    "env.train_limit=5",
+]
+"""configs/debug.toml made smaller for the tests that run the whole loop (smoke, overlap, trace-view's page). One list,
+so their SFT warm starts share a cache key and are built once a session (`cache_dir`)."""
+
+
 # ---------------------------------------------------------------------------------------------- the CPU engine
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

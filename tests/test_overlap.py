@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEBUG_SMALL
 
 from trainer.algo.predictor import SuccessPredictor
 from trainer.algo.staleness import drop_stale
@@ -84,15 +85,7 @@ async def test_collection_predicts_with_the_snapshot_of_the_last_publish(tiny_mo
 
 
 # ---------------------------------------------------------------------------------------------- the real loop
-SMALL = [  # tests/test_train_smoke.py's SMALL, less what this test does not need (trees, KL)
-    "run.prompts_per_step=3",
-    "sft.max_examples=24",
-    "sft.batch_size=12",
-    "allocation.root_budget=6",
-    "allocation.m_max=3",
-    "rollout.max_new_tokens=32",
-    "env.train_limit=5",
-]
+SMALL = DEBUG_SMALL
 
 
 @pytest.mark.slow

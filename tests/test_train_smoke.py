@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEBUG_SMALL
 
 from tools.tiny_model import build_tiny_model
 from trainer import loop
@@ -40,18 +41,7 @@ REQUIRED = (
     "step_time_s",
     "env_calls",
 )
-SMALL = [
-    "run.prompts_per_step=3",
-    "run.eval_size=4",
-    "sft.max_examples=24",
-    "sft.batch_size=12",
-    "allocation.root_budget=6",
-    "allocation.m_max=3",
-    "rollout.max_new_tokens=32",
-    "env.train_limit=5",
-    "run.save_trees=true",
-    "optim.kl_coef=0.1",
-]
+SMALL = [*DEBUG_SMALL, "run.eval_size=4", "run.save_trees=true", "optim.kl_coef=0.1"]
 
 
 def _rows(out: Path) -> list[dict]:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import DEBUG_SMALL
 
 from tools.view import main as view_main
 from trainer.config import load_train_config
@@ -19,9 +20,7 @@ from trainer.loop import train
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[1]
 PLANT = "<script>window.__pwned = 1</script><b id='bold'>bold</b> & more"
-SMALL = ["run.prompts_per_step=3", "sft.max_examples=24", "sft.batch_size=12", "allocation.root_budget=6",
-         "allocation.m_max=3", "rollout.max_new_tokens=32", "env.train_limit=5", "run.eval_every=0",
-         "run.save_every=0"]  # fmt: skip
+SMALL = [*DEBUG_SMALL, "run.eval_every=0", "run.save_every=0"]
 
 
 def test_the_page_shows_every_node_and_its_text_as_text(browser, tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
