@@ -52,6 +52,9 @@ def test_pages_escape_every_text_and_show_two_runs_side_by_side(tmp_path: Path, 
     both = _data(tmp_path / "view" / "step_00001.html")["panels"]
     assert [p["run"] for p in both] == ["trace-run", "grpo-run"] and all(p["summary"]["leaves"] == 2 for p in both)
     assert both[0]["summary"]["mixed"] == 1 and both[0]["summary"]["bare"] == 2
+    # each tree carries the counts its heading shows (tree_counts), the same the step's summary adds up
+    counts = both[0]["trees"][0]["counts"]
+    assert counts == {"leaves": 2, "wins": 1, "mixed": True, "bare": 2, "continuations": 0}, counts
     index = _data(tmp_path / "view" / "index.html")
     assert [r["step"] for r in index["rows"]] == [0, 1] and index["runs"] == ["trace-run", "grpo-run"]
     assert "innerHTML" not in page and "textContent" in page

@@ -57,29 +57,37 @@ def _json_for_html(data: Any) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
+def tree_counts(tree: dict[str, Any]) -> dict[str, Any]:
+    """One tree's scored leaves, successes among them, whether it is mixed, its bare rollouts (stage 1's first turns)
+    and continuations (turns started at an expanded anchor by stage 2). The page shows them per tree (`counts`, set
+    by `build`) and `step_summary` adds them up: one definition for both."""
+    nodes = tree["nodes"]
+    rewards = [x["reward"] for x in nodes if not x["children"] and x["reward"] is not None]
+    wins = sum(r >= 0.5 for r in rewards)
+    return {
+        "leaves": len(rewards),
+        "wins": wins,
+        "mixed": 0 < wins < len(rewards),
+        "bare": sum(1 for x in nodes[1:] if x["parent"] == 0 and x["info"].get("round") == 0),
+        "continuations": sum(
+            1 for x in nodes[1:] if (x["info"].get("round") or 0) >= 1 and nodes[x["parent"]]["expanded"]
+        ),
+    }
+
+
 def step_summary(trees: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per step: prompts, leaves, mixed prompts, bare rollouts (stage 1's first turns), continuations (turns started
-    at an expanded anchor by stage 2) and the predictor's Brier score (V(H) predicted vs the value that followed)."""
-    leaves = mixed = bare = cont = 0
-    sq, n = 0.0, 0
-    for t in trees:
-        rewards = [x["reward"] for x in t["nodes"] if not x["children"] and x["reward"] is not None]
-        leaves += len(rewards)
-        mixed += int(bool(rewards) and 0 < sum(r >= 0.5 for r in rewards) < len(rewards))
-        nodes = t["nodes"]
-        bare += sum(1 for x in nodes[1:] if x["parent"] == 0 and x["info"].get("round") == 0)
-        cont += sum(1 for x in nodes[1:] if (x["info"].get("round") or 0) >= 1 and nodes[x["parent"]]["expanded"])
-        for x in t["nodes"]:
-            if x["predicted"] is not None and x["value"] is not None:
-                sq += (x["predicted"] - x["value"]) ** 2
-                n += 1
+    """Per step: prompts, and the sums of `tree_counts` (leaves, mixed prompts, bare rollouts, continuations), and
+    the predictor's Brier score (V(H) predicted vs the value that followed)."""
+    counts = [tree_counts(t) for t in trees]
+    pairs = [(x["predicted"], x["value"]) for t in trees for x in t["nodes"]]
+    sq = [(p - v) ** 2 for p, v in pairs if p is not None and v is not None]
     return {
         "prompts": len(trees),
-        "leaves": leaves,
-        "mixed": mixed,
-        "bare": bare,
-        "continuations": cont,
-        "brier": sq / n if n else None,
+        "leaves": sum(c["leaves"] for c in counts),
+        "mixed": sum(c["mixed"] for c in counts),
+        "bare": sum(c["bare"] for c in counts),
+        "continuations": sum(c["continuations"] for c in counts),
+        "brier": sum(sq) / len(sq) if sq else None,
     }
 
 
@@ -99,6 +107,8 @@ def build(runs: list[Path], out: Path) -> list[int]:
                 panels.append({"run": run.name, "missing": True, "trees": [], "summary": None})
                 continue
             header, trees = read_dump(files[step])  # one step of one run in memory at a time
+            for t in trees:
+                t["counts"] = tree_counts(t)
             panels.append({"run": run.name, "header": header, "trees": trees, "summary": step_summary(trees)})
         (out / f"step_{step:05d}.html").write_text(_page(step, steps, panels))
         index.append({"step": step, "panels": [{"run": p["run"], "summary": p["summary"]} for p in panels]})
@@ -201,12 +211,8 @@ function show(tree, n) {
 function drawTree(tree, panelIndex, treeIndex) {
   const box = el('div', {class: 'tree'});
   const nodes = tree.nodes;
-  const rewards = nodes.filter(n => !n.children.length && n.reward !== null).map(n => n.reward);
-  const wins = rewards.filter(r => r >= 0.5).length;
-  const mixed = wins > 0 && wins < rewards.length;
-  const bare = nodes.filter(n => n.parent === 0 && n.info.round === 0).length;
-  const cont = nodes.filter(n => n.parent !== null && n.info.round >= 1 && nodes[n.parent].expanded).length;
-  box.appendChild(el('h3', {}, `${tree.prompt_id}: ${bare} bare, ${cont} continuations, ${mixed ? 'mixed' : 'not mixed'} (${wins}/${rewards.length})`));
+  const c = tree.counts;  // tools/view.py tree_counts
+  box.appendChild(el('h3', {}, `${tree.prompt_id}: ${c.bare} bare, ${c.continuations} continuations, ${c.mixed ? 'mixed' : 'not mixed'} (${c.wins}/${c.leaves})`));
   box.appendChild(el('div', {class: 'question'}, tree.question));
   let row = 0; const y = {};
   (function place(id) { const n = nodes[id]; if (!n.children.length) { y[id] = row++; return; }
