@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tools.procmem import PeakRSS  # noqa: E402
+from trainer.learner.distributed import FSDP2_ENV  # noqa: E402
 
 
 def build_model(root: Path, small: bool) -> tuple[Path, int]:
@@ -165,7 +166,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         model, n = build_model(Path(tmp), args.small)
-        env = dict(os.environ, ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", **FSDP2_ENV)
         env |= dict(FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP", PYTHONPATH=str(REPO))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
         cmd += [__file__, "--worker", str(model), str(out), str(args.repeats), str(int(args.checkpoints))]

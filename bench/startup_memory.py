@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tools.procmem import rss_bytes  # noqa: E402
+from trainer.learner.distributed import FSDP2_ENV  # noqa: E402
 
 
 def build_model(root: Path) -> tuple[Path, int]:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {n:,} parameters, {4 * n / 1e9:.2f} GB in float32")
         for mode in ("before", "after"):
             out = Path(d) / f"{mode}.json"
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+            env = {**os.environ, "OMP_NUM_THREADS": "1", **FSDP2_ENV}
             env["FSDP_AUTO_WRAP_POLICY"] = "TRANSFORMER_BASED_WRAP"
             env.pop("WORLD_SIZE", None)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -198,7 +198,9 @@ def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False, resume: P
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     if fsdp:
-        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")
+        from trainer.learner.distributed import FSDP2_ENV
+
+        env.update(FSDP2_ENV)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd += [__file__, str(out), str(model), *([str(resume)] if resume is not None else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tools.procmem import PeakRSS  # noqa: E402
+from trainer.learner.distributed import FSDP2_ENV  # noqa: E402
 
 RESULTS: dict[str, Any] = {}
 
@@ -265,7 +266,7 @@ def main() -> int:
                   str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", "1"]  # fmt: skip
     else:  # the dry run: 2 gloo ranks, FSDP2 asked for as the CPU tests ask for it
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        env |= dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP")
+        env |= FSDP2_ENV
     rcs["fsdp1"] = subprocess.run([*launch, *base[1:], "--stage", "fsdp1"], env=env).returncode
     for name in rcs:
         f = out / f"{name}.json"

@@ -56,6 +56,12 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
+"""The FSDP settings `accelerate launch --config_file configs/accelerate/fsdp2.yaml` gives the ranks, for launching
+them under torchrun instead (tests, benches, tools/gpu_check.py). The wrap policy matters: without it accelerate wraps
+nothing (NO_WRAP), the whole model one FSDP unit, which is not how the trainer runs."""
+
+
 def fsdp_requested() -> bool:
     """Whether the launcher asked for FSDP the way accelerate reads it (ACCELERATE_USE_FSDP=true: `accelerate launch`
     with an FSDP config sets it; under torchrun it is set by hand)."""
