@@ -31,6 +31,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_the_torchrun_fsdp2_environment_is_the_shipped_accelerate_config() -> None:
+    """FSDP2_ENV (what tests, benches and tools/gpu_check.py launch ranks with) says what configs/accelerate/fsdp2.yaml
+    says: FSDP2, transformer-layer wrapping (without it accelerate wraps nothing)."""
+    import yaml
+
+    from trainer.learner.distributed import FSDP2_ENV
+
+    fsdp = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp2.yaml").read_text())["fsdp_config"]
+    assert FSDP2_ENV["ACCELERATE_USE_FSDP"] == "true"
+    assert FSDP2_ENV["FSDP_VERSION"] == str(fsdp["fsdp_version"]) == "2"
+    assert FSDP2_ENV["FSDP_AUTO_WRAP_POLICY"] == fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
 def test_token_shares_balance_tokens_and_cover_every_item_once() -> None:
     from trainer.learner.distributed import micro_batches, token_shares
 
