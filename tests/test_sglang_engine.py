@@ -97,9 +97,10 @@ CPU_SERVER_ARGS = [
 
 
 ON_CPU = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
-# Tokens a request needs to still be decoding ~2 s after it was sent: ~0.1 s a decode step on 2 CPU cores
-# (../shared/SGLANG_CPU.md), a few ms on a GPU.
-STILL_RUNNING_TOKENS = 40 if ON_CPU else 1500
+# Tokens a request needs to still be decoding ~4 s after it was sent: ~0.1 s a decode step on 2 loaded CPU cores
+# (../shared/SGLANG_CPU.md), a few ms on a GPU. 40 was too few on an idle machine: the request finished before the
+# pause it was meant to be caught by (2026-12-06).
+STILL_RUNNING_TOKENS = 300 if ON_CPU else 1500
 
 
 def server_args() -> list[str]:
@@ -373,6 +374,7 @@ async def test_pause_and_continue(served: Served) -> None:
         long = SamplingParams(max_new_tokens=STILL_RUNNING_TOKENS, ignore_eos=True)
         running = asyncio.create_task(engine.generate(prompt, long, route_key="p"))
         await asyncio.sleep(1.5)
+        assert not running.done(), "finished before the pause: raise STILL_RUNNING_TOKENS"
         await engine.pause_generation(url, "retract")
         try:
             await asyncio.sleep(2.0)
