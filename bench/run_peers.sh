@@ -4,6 +4,7 @@
 # Resumable: run it again and every finished run is kept (bench/compare_allocators.py's result.json per run).
 #
 #   setsid nohup bench/run_peers.sh [COMMIT] > runs/peers.log 2>&1 &
+#   PEERS_REGIMES=epochs setsid nohup bench/run_peers.sh [COMMIT] > runs/peers.log 2>&1 &   # one regime
 #
 # $TRACE_CMP_TREE: the worktree's path (default runs/worktree-COMMIT); resume with the tree path it started with.
 #
@@ -17,12 +18,13 @@
 #   entropy      entropy branching (ARPO's signal, AT2PO's top-K): GRPO's stage 1, continuations at the anchors
 #                where the policy's entropy after a tool result is highest
 # Regime "single" (run first: it finishes sooner): today's testbed (configs/compare.toml, 1,500 questions, 20 steps:
-#   no prompt seen twice), all five arms (the three of issue 22's regime 1 run again here: a run is not bit-for-bit
-#   reproducible, its rollouts' sampling order depends on timing, so arms are compared only within one comparison).
+#   no prompt seen twice), every arm but greso, which without a history skips nothing and is GRPO exactly (the three
+#   of issue 22's regime 1 run again here: a run is not bit-for-bit reproducible, its rollouts' sampling order
+#   depends on timing, so arms are compared only within one comparison).
 # Regime "epochs": 300 train questions, 5 passes (94 steps of 16 prompts), where a prompt's history has data; dev EM
 #   every 10 steps. configs/compare.toml with env.train_limit=300.
 # Rates: 5e-5, 1e-4, 2e-4 for both (issue 22's regime 1 found every arm best at the top of 2e-5..1e-4).
-# Cost: regime "single" is 70 runs of 20 steps (~2.5 min alone on 2 cores), ~3 h; a 94-step run is ~10-12 min, so
+# Cost: regime "single" is 56 runs of 20 steps (~2.5-3.5 min alone on 2 cores), ~3 h; a 94-step run is ~10-12 min, so
 # regime "epochs" (5 arms x (3 rates x 2 tuning + 8) = 70 runs) is ~13 h: several sessions, resumed each time.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,9 +39,14 @@ ARMS=uniform,trace,trace-fixed,greso,entropy
 FIXED='trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"'
 GRESO='greso=greso|allocation.group_size=4'
 LRS=5e-5,1e-4,2e-4  # issue 22's regime 1 found every arm best at 1e-4, the top of 2e-5..1e-4: centred on it here
+REGIMES="${PEERS_REGIMES:-single epochs}"
+if [[ " $REGIMES " == *" single "* ]]; then
 "$PY" bench/compare_allocators.py --steps 20 --seeds 8 --eval-every 2 --out "$REPO/runs/compare_peers_single.json" \
-    --allocators "$ARMS" --arm "$FIXED" --arm "$GRESO" --sweep-lrs "$LRS" --tune-seeds 2
+    --allocators uniform,trace,trace-fixed,entropy --arm "$FIXED" --sweep-lrs "$LRS" --tune-seeds 2
 echo "regime single done $(date)"
+fi
+if [[ " $REGIMES " == *" epochs "* ]]; then
 "$PY" bench/compare_allocators.py --steps 94 --seeds 8 --eval-every 10 --out "$REPO/runs/compare_peers_epochs.json" \
     --allocators "$ARMS" --arm "$FIXED" --arm "$GRESO" --set env.train_limit=300 --sweep-lrs "$LRS" --tune-seeds 2
 echo "regime epochs done $(date)"
+fi
