@@ -12,7 +12,8 @@ Arms: an --allocators entry is an allocator name, or an arm named by --arm NAME=
 the allocator with extra --set overrides). --sweep-lrs: every arm runs each rate on --tune-seeds tuning seeds
 (run.seed 10000, 10001, ...; never reported) and keeps the rate with the highest mean dev EM over the run's
 evaluations; the reported seeds 0..S-1 then run at each arm's own rate. Every arm of a seed starts from the same
-warm start (model.tiny_seed, not run.seed) and draws the same prompt stream. Against GRPO ("uniform"), paired by
+warm start (model.tiny_seed, not run.seed) and draws from the same prompt stream (the same order; how far
+into it a step reads differs by arm, as spilled continuations take new prompts and skips consume them). Against GRPO ("uniform"), paired by
 seed: vs_grpo_dev_em_mean (the mean over the run's evaluations, the difference with its 95% interval).
 
 Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
@@ -60,6 +61,7 @@ FIGURES = (
     "prefill_tokens",
     "cached_prefill_tokens",
     "predictor_auc",
+    "prompts_skipped",
 )
 
 

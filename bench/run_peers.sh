@@ -13,8 +13,8 @@
 #   uniform      GRPO
 #   trace        TRACE as in the paper
 #   trace-fixed  the simulator's best variant (stage 2 among unmixed prompts, fresh-valued process baseline)
-#   greso        GRESO-style skipping: GRPO (groups of 4, no tree) whose stage 1 drops prompts valued within
-#                allocation.skip_eps of 0 or 1 (a seen prompt's value is its Beta posterior: its history)
+#   greso        GRESO (Zheng et al., 2025): GRPO (groups of 4, no tree) behind GRESO's pre-rollout filter, which
+#                skips a prompt whose latest visits were all 0 or all 1 with a probability that adapts (epochs only)
 #   entropy      entropy branching (ARPO's signal, AT2PO's top-K): GRPO's stage 1, continuations at the anchors
 #                where the policy's entropy after a tool result is highest
 # Regime "single" (run first: it finishes sooner): today's testbed (configs/compare.toml, 1,500 questions, 20 steps:

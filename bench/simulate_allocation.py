@@ -294,6 +294,11 @@ class Simulation:
                 "policy (a success probability per decision) does not have: compare it on the LM testbed "
                 "(bench/compare_allocators.py)"
             )
+        if self.alloc.stage1 == "greso":
+            raise ValueError(
+                f"allocator {cfg.allocator!r} filters prompts by their history across passes of the data, which this "
+                "simulator does not keep: compare it on the LM testbed (bench/run_peers.sh, regime epochs)"
+            )
         task_rng = np.random.default_rng(cfg.seed)
         self.task = make_task(cfg.n_prompts, task_rng, cfg.kinds, cfg.hint_noise)
         self.eval_task = make_task(cfg.n_eval, task_rng, cfg.kinds, cfg.hint_noise)

@@ -219,11 +219,10 @@ def test_entropy_prefixes_take_the_top_k_then_spread_with_a_penalty():
     with pytest.raises(AssertionError, match="finite"):
         entropy_prefixes([Anchor(0, 0.0, 0.5, float("nan"))], 1, 1)
     assert topk_entropy([1e-7]) == 0.0, "a logprob rounded above 0 is a certain token, not a negative entropy"
-    greso = make_allocator("greso")  # GRPO's group shape, confident prompts skipped, no tree
-    assert greso.selects and not greso.expands and greso.stage1_budget(AllocationConfig(leaf_budget=16)) == 16
-    v = [0.02, 0.5, 0.97, 0.4, 0.6, 0.3, 0.01, 0.5]
-    assert greso.roots(v, 16, AllocationConfig(group_size=4)) == [0, 4, 0, 4, 4, 4, 0, 0]
-    assert greso.roots(v, 16, AllocationConfig(m_min=2)) == [2] * 8, "8 groups of 2: the skipped fund the rest"
+    greso = make_allocator("greso")  # GRPO's group shape on the prompts GRESO's filter kept, no tree
+    assert not greso.selects and not greso.expands and greso.stage1_budget(AllocationConfig(leaf_budget=16)) == 16
+    v = [0.02, 0.5, 0.97, 0.4]  # values are never read: the filter decided which prompts are here
+    assert greso.roots(v, 16, AllocationConfig(group_size=4)) == [4, 4, 4, 4]
     ent = make_allocator("entropy")
     assert ent.needs_entropy and not ent.selects and ent.expands and ent.name == "uniform-entropy"
     assert not any(make_allocator(n).needs_entropy for n in ALLOCATORS if n != "entropy")
@@ -272,3 +271,63 @@ def test_skip_roots_keeps_breadth_and_skips_confident_prompts() -> None:
     assert skip_roots(v, 12, 2, 0.1) == [2, 2, 2, 0, 2, 2, 2], "too few unskipped: skipped ones in stream order"
     assert skip_roots(v, 8, 2, 0.0) == [2, 2, 2, 2, 0, 0, 0], "eps 0 skips nothing: a uniform stage 1"
     assert sum(skip_roots([0.5] * 10, 17, 2, 0.1)) == 17
+
+
+def test_greso_filter_skips_by_zero_variance_streaks_and_adapts() -> None:
+    """GRESO's filter (Zheng et al., 2025): a prompt with z zero-variance visits in a row is kept with probability
+    p^z (p_easy or p_hard by its latest kind); unseen or mixed prompts always, without a draw; p moves by `step`
+    towards target / 3 easy and 2 target / 3 hard prompts among those rolled out."""
+    from trainer.algo.allocation import GresoFilter
+
+    f = GresoFilter(p=0.5, target=0.3, step=0.1)
+    rng = random.Random(0)
+    state = rng.getstate()
+    assert all(f.keep(i, rng) for i in range(50)) and rng.getstate() == state, "no history: GRPO, no draw"
+    # step 1 of 4 prompts: 0 all-success (easy), 1 all-failure (hard), 2 mixed, 3 a single rollout (ignored)
+    f.observe({0: [1.0, 1.0], 1: [0.0, 0.0, 0.0], 2: [1.0, 0.0], 3: [1.0]})
+    assert (f.keep_probability(0), f.keep_probability(1), f.keep_probability(2), f.keep_probability(3)) == (
+        pytest.approx(0.4),  # easy share 1/3 > 0.1: p_easy 0.5 -> 0.4
+        pytest.approx(0.4),  # hard share 1/3 > 0.2: p_hard 0.5 -> 0.4
+        1.0,
+        1.0,
+    )
+    f.observe({0: [1.0, 1.0], 1: [0.0, 1.0], 5: [1.0, 0.0], 6: [1.0, 0.0], 7: [0.0, 1.0]})
+    # easy 1/5 > 0.1: p_easy 0.3; hard 0/5 < 0.2: p_hard 0.5; prompt 0 has z = 2, prompt 1's streak ended
+    assert f.keep_probability(0) == pytest.approx(0.3**2) and f.keep_probability(1) == 1.0
+    assert (f.p_easy, f.p_hard) == (pytest.approx(0.3), pytest.approx(0.5))
+    f.observe({4: [0.0, 0.0]})  # a hard prompt after easy ones: kinds are per prompt
+    assert f.keep_probability(4) == pytest.approx(0.4) and f.keep_probability(0) == pytest.approx(0.4**2)
+    kept = sum(f.keep(0, random.Random(s)) for s in range(4000)) / 4000
+    assert abs(kept - 0.16) < 0.03, kept
+    g = GresoFilter()
+    g.load_state_dict(f.state_dict())
+    assert [g.keep_probability(i) for i in range(8)] == [f.keep_probability(i) for i in range(8)]
+    for _ in range(200):  # the probabilities stay in [0, 1]
+        f.observe({9: [1.0, 1.0]})
+    assert f.p_easy == 0.0 and f.keep_probability(9) == 0.0
+    with pytest.raises(ValueError, match="GRESO"):
+        GresoFilter(p=1.5)
+    with pytest.raises(ValueError, match="GRESO"):
+        AllocationConfig(greso_target=-0.1)
+
+
+def test_draw_kept_consumes_skipped_prompts_and_fills_in_when_too_few_pass() -> None:
+    from trainer.algo.plan import draw_kept
+    from trainer.algo.step import PromptSampler
+
+    s = PromptSampler(10, seed=3)
+    order = PromptSampler(10, seed=3).take(10)
+    odd = lambda i: i % 2 == 1  # noqa: E731
+    got, skipped = draw_kept(s, 3, odd)
+    want = [i for i in order if i % 2][:3]
+    assert got == want and skipped == order.index(want[-1]) + 1 - 3
+    # the skipped ones were consumed: the next draw goes on from where this one stopped
+    rest = order[order.index(want[-1]) + 1 :]
+    got2, _ = draw_kept(s, 2, odd)
+    assert got2 == [i for i in rest if i % 2][:2]
+    # nothing passes: at most one whole pass is examined, then the first skipped fill in, distinct
+    s = PromptSampler(6, seed=1)
+    got, skipped = draw_kept(s, 4, lambda i: False)
+    assert len(set(got)) == 4 and skipped == 2
+    got, skipped = draw_kept(PromptSampler(6, seed=1), 6, lambda i: i == 2)
+    assert sorted(got) == list(range(6)) and got[0] == 2 and skipped == 0

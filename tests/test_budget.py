@@ -30,7 +30,7 @@ from trainer.algo.allocation import (
 )
 from trainer.algo.predictor import SuccessPredictor
 from trainer.algo.rollout import RolloutConfig, RolloutRunner
-from trainer.algo.step import TraceStep
+from trainer.algo.step import PromptSampler, TraceStep
 from trainer.algo.tree import FinishStatus, RolloutTree
 from trainer.config import TrainConfig, load_train_config
 from trainer.engines.client import EngineClient
@@ -307,3 +307,32 @@ async def test_entropy_allocator_branches_where_the_engine_says_the_policy_is_un
             assert got == want, (t.prompt_id, h, got)
             checked += 1
     assert checked
+
+
+async def test_greso_skips_prompts_whose_last_visit_was_zero_variance_on_real_trees(
+    make_env_server, engine_url: str, tiny_model: Path
+) -> None:
+    """GRESO on real rollouts over a 4-prompt split, 2 prompts a step: the first pass (steps 0-1) has no history,
+    so nothing is skipped; the untrained tiny model fails every rollout, so every prompt comes back all-0, and with
+    allocation.greso_p = 0 the second pass (step 2) skips all four, consumed, and the first two skipped fill in."""
+    server = await make_env_server(max_turns=2)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    async with EnvClient(server.url) as env, EngineClient([engine_url]) as engine:
+        runner = RolloutRunner(env, engine, tok, RolloutConfig(max_new_tokens=8, max_context_tokens=512))
+        sets = ['allocation.type="greso"', "allocation.leaf_budget=4", "allocation.group_size=2"]
+        sets += ["allocation.greso_p=0.0", "env.max_turns=2", "predictor.use_hidden_state=false"]
+        cfg = load_train_config(None, [*sets, "run.prompts_per_step=2", "run.pool_size=8"])
+        step = TraceStep(cfg, policy=None, runner=runner, n_train=4)  # type: ignore[arg-type]
+        ref = PromptSampler(4, cfg.run.seed)
+        ref.take(4)
+        second_pass = ref.take(4)
+        seen = []
+        for s in range(3):
+            batch = await step.collect(s)
+            assert sum(t.ledger.leaves for t in batch.trees) == 4 and len(batch.trees) == 2
+            assert all(t.root_outcomes() == [0.0, 0.0] for t in batch.trees), "the untrained model fails"
+            seen.append(batch.metrics["prompts_skipped"])
+            assert batch.metrics["greso_p_hard"] == 0.0
+        assert seen == [0.0, 0.0, 2.0]
+        assert step.greso.streak == dict.fromkeys(second_pass[:2], 2) | dict.fromkeys(second_pass[2:], 1)
+        assert step.sampler.epoch == 1 and step.sampler.pos == 4, "the whole second pass was examined"

@@ -54,7 +54,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import tyro
@@ -201,7 +201,7 @@ def top_up_roots(v: Sequence[float], m: Sequence[int], budget: int, cap: int | N
 
 
 def skip_roots(v: Sequence[float], budget: int, m: int, eps: float) -> list[int]:
-    """GRESO's idea as a stage 1 (Li et al., 2025, "Act Only When It Pays"): keep a uniform stage 1's breadth, m
+    """GRESO's idea as a stage 1 on predicted values (Zheng et al., 2025, "Act Only When It Pays"): keep a uniform stage 1's breadth, m
     rollouts a prompt in the order the stream gave them, but skip a prompt whose value is within `eps` of 0 or 1
     (confidently all-fail or all-succeed). Skipped prompts are funded after the others only if too few remain; the
     remainder of budget // m goes one rollout each to the first funded prompts. Sums to `budget` when the pool
@@ -217,6 +217,71 @@ def skip_roots(v: Sequence[float], budget: int, m: int, eps: float) -> list[int]
     for i in sorted(chosen)[: budget - m * len(chosen)] if chosen else []:
         out[i] += 1
     return out
+
+
+class GresoFilter:
+    """GRESO's pre-rollout filter (Zheng et al., 2025, "Act Only When It Pays: Efficient Reinforcement Learning for
+    LLM Reasoning via Selective Rollouts", arXiv 2506.02177), the "greso" allocator's stage 1. A prompt's history is
+    z, how many of its latest visits in a row were zero-variance (every bare rollout the same reward), and whether
+    the latest such was all-success (easy) or all-failure (hard). Before rollout, a prompt with z > 0 is kept with
+    probability p^z (p_easy or p_hard by its kind) and otherwise skipped for this pass of the data; a prompt never
+    seen, or mixed on its latest visit, is always kept (and draws nothing from the generator, so with no history
+    this is GRPO exactly). After each step p_easy and p_hard move by `step` towards the target shares of
+    zero-variance prompts among those rolled out: down (skip more) when the step's share of easy prompts is above
+    target / 3, else up, and likewise hard against 2 * target / 3 (the GRESO authors' split), each kept in [0, 1].
+    Defaults are GRESO's released settings: p_easy = p_hard = 0.5, target 0.25, step 0.01. Keyed by the prompt's
+    index in the training split. A visit with fewer than 2 bare rollouts says nothing about variance: ignored."""
+
+    def __init__(self, p: float = 0.5, target: float = 0.25, step: float = 0.01) -> None:
+        if not (0.0 <= p <= 1.0 and 0.0 <= target <= 1.0 and 0.0 <= step <= 1.0):
+            raise ValueError(f"GRESO's p ({p}), target ({target}) and step ({step}) must be in [0, 1]")
+        self.p_easy = self.p_hard = p
+        self.alpha_easy, self.alpha_hard, self.step = target / 3, 2 * target / 3, step
+        self.streak: dict[int, int] = {}  # prompt index -> z
+        self.easy: dict[int, bool] = {}  # prompt index -> its latest zero-variance visit was all-success
+
+    def keep_probability(self, idx: int) -> float:
+        z = self.streak.get(idx, 0)
+        return 1.0 if z == 0 else (self.p_easy if self.easy[idx] else self.p_hard) ** z
+
+    def keep(self, idx: int, rng: random.Random) -> bool:
+        """Whether to roll the prompt out on this visit (a draw from `rng` only when it has a zero-variance streak)."""
+        q = self.keep_probability(idx)
+        return q >= 1.0 or rng.random() < q
+
+    def observe(self, outcomes: dict[int, Sequence[float]], threshold: float = 0.5) -> None:
+        """One step's bare-rollout rewards per prompt rolled out: update each prompt's streak, then p_easy and
+        p_hard from the step's shares (`threshold`: the reward at which a rollout counts as a success)."""
+        easy = hard = n = 0
+        for idx, rs in outcomes.items():
+            if len(rs) < 2:
+                continue
+            n += 1
+            if max(rs) != min(rs):
+                self.streak[idx] = 0
+                continue
+            self.streak[idx] = self.streak.get(idx, 0) + 1
+            self.easy[idx] = rs[0] >= threshold
+            easy += self.easy[idx]
+            hard += not self.easy[idx]
+        if n == 0:
+            return
+        sign_e = -1.0 if easy / n > self.alpha_easy else 1.0
+        sign_h = -1.0 if hard / n > self.alpha_hard else 1.0
+        self.p_easy = min(max(self.p_easy + sign_e * self.step, 0.0), 1.0)
+        self.p_hard = min(max(self.p_hard + sign_h * self.step, 0.0), 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "p_easy": self.p_easy,
+            "p_hard": self.p_hard,
+            "streak": [[i, z, self.easy.get(i, False)] for i, z in self.streak.items()],
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.p_easy, self.p_hard = float(s["p_easy"]), float(s["p_hard"])
+        self.streak = {int(i): int(z) for i, z, _ in s["streak"]}
+        self.easy = {int(i): bool(e) for i, _, e in s["streak"]}
 
 
 def uniform_roots(n_prompts: int, budget: int, m_min: int = 1) -> list[int]:
@@ -450,14 +515,15 @@ def uniform_group(budget: int, group_size: int, prompts_per_step: int) -> int:
 class AllocationConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node", "trace-skip" (our
-    variant: GRESO-style stage 1, TRACE's stage 2), "greso" (GRPO skipping prompts valued all-0 or all-1, no tree),
+    variant: GRESO-style stage 1, TRACE's stage 2), "greso" (GRPO behind GRESO's filter of prompts whose latest
+    visits were all-0 or all-1, no tree),
     "entropy" (GRPO's stage 1, continuations where the policy's entropy after a tool result is highest: ARPO's
     signal, AT2PO's selection)."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
     root_budget: int = 64
-    """M: stage 1's share of leaf_budget for allocators that expand (trace, random-node); the rest,
+    """M: stage 1's share of leaf_budget for allocators that expand (trace, trace-skip, random-node, entropy); the rest,
     leaf_budget - M, are stage 2's continuations (the paper's M * N: leaf_budget = M (1 + N))."""
     m_min: int = 2
     """Fewest rollouts of a selected prompt (a prompt gets 0 or m_min..m_max); 2 is the fewest that can be mixed."""
@@ -466,15 +532,23 @@ class AllocationConfig:
     group_size: int = 0
     """Rollouts per prompt of a uniform stage 1 (GRPO's group size G): uniform takes leaf_budget // G prompts
     from the stream, random-node root_budget // G, the remainder one by one to the first. 0 = the stage-1
-    budget // run.prompts_per_step, i.e. prompts_per_step prompts a step. A skipping stage 1 (trace-skip, greso)
-    funds group_size rollouts a prompt too when it is set (else m_min)."""
+    budget // run.prompts_per_step, i.e. prompts_per_step prompts a step. trace-skip's stage 1 funds group_size
+    rollouts a prompt too when it is set (else m_min); greso's is uniform's on the prompts its filter kept."""
     rounds: int = 1
     """Expansion rounds (expand, observe, back up, re-score); each prompt's continuations are split evenly."""
     max_per_anchor: int = 4
     """Most continuations from one anchor per round."""
     skip_eps: float = 0.1
-    """The "trace-skip" and "greso" allocators' stage 1: a prompt valued below skip_eps or above 1 - skip_eps is
+    """The "trace-skip" allocator's stage 1: a prompt valued at or below skip_eps or at or above 1 - skip_eps is
     skipped."""
+    greso_p: float = 0.5
+    """The "greso" allocator (`GresoFilter`): the starting keep probability of a prompt per zero-variance visit in a
+    row (GRESO's p_easy = p_hard = 0.5)."""
+    greso_target: float = 0.25
+    """The "greso" allocator: the share of zero-variance prompts among those rolled out that its keep probabilities
+    adapt towards (a third of it easy, two thirds hard; GRESO's 0.25)."""
+    greso_step: float = 0.01
+    """The "greso" allocator: how far p_easy and p_hard move a step (GRESO's 0.01)."""
     entropy_top_k: int = 20
     """The "entropy" allocator's signal: top logprobs per generated token asked of the engine (SGLang's
     top_logprobs_num), from which each turn's entropy is computed (`topk_entropy`: exact up to the mass outside them)."""
@@ -496,6 +570,7 @@ class AllocationConfig:
         )
         assert 0 <= self.m_min <= self.m_max and self.m_max >= 1, f"m_min={self.m_min} m_max={self.m_max}"
         assert self.group_size >= 0, f"group_size={self.group_size}"
+        GresoFilter(self.greso_p, self.greso_target, self.greso_step)  # the clear error, at load time
         if self.entropy_top_k < 1 or self.entropy_tokens < 1:
             raise ValueError(
                 f"allocation.entropy_top_k ({self.entropy_top_k}) and entropy_tokens ({self.entropy_tokens}) must be >= 1"
@@ -507,7 +582,7 @@ class AllocationConfig:
 
 STAGE2_SHARE = ("roots", "unmixed")
 """`AllocationConfig.stage2_share`'s values."""
-STAGE1 = ("active", "uniform", "skip")
+STAGE1 = ("active", "uniform", "skip", "greso")
 STAGE2 = ("active", "uniform", "random", "entropy", "none")
 
 
@@ -595,7 +670,7 @@ class StagedAllocator(Allocator):
         return self.stage2 == "entropy"
 
     def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
-        if self.stage1 == "uniform":
+        if self.stage1 in ("uniform", "greso"):  # greso: the stream's prompts its filter kept (plan_rollouts)
             return uniform_roots(len(prompts_v), budget, cfg.m_min)
         if self.stage1 == "skip":  # GRPO's group size when one is set, else m_min rollouts a prompt
             return skip_roots(prompts_v, budget, cfg.group_size or max(cfg.m_min, 1), cfg.skip_eps)
@@ -610,7 +685,10 @@ class StagedAllocator(Allocator):
         cfg: AllocationConfig,
     ) -> tuple[list[int], list[int]]:
         assert len(funded_v) == len(funded_m) and budget >= 0, f"{len(funded_v)=} {len(funded_m)=} {budget=}"
-        if self.stage1 == "uniform":  # new prompts of the stream, evenly; extra bare rollouts only without any
+        if self.stage1 in (
+            "uniform",
+            "greso",
+        ):  # new prompts of the stream, evenly; extra bare rollouts only without any
             new = uniform_roots(len(new_v), budget, 1)
             extra = uniform_roots(len(funded_m), budget - sum(new), 1)
             assert sum(extra) + sum(new) == budget, f"spill_roots: {budget} rollouts and no prompt to take them"
@@ -668,21 +746,22 @@ class RootOnlyAllocator(StagedAllocator):
 
 
 class TraceSkipAllocator(StagedAllocator):
-    """Our variant (issue 22), not the paper's: GRESO-style stage 1 (`skip_roots`: m_min rollouts a prompt in stream
-    order, prompts valued within allocation.skip_eps of 0 or 1 skipped: GRPO's breadth, values used only to skip)
-    and TRACE's active stage 2."""
+    """Our variant (issue 22), not the paper's: GRESO-style stage 1 (`skip_roots`: group_size, else m_min, rollouts
+    a prompt in stream order, prompts valued within allocation.skip_eps of 0 or 1 skipped: GRPO's breadth, values
+    used only to skip) and TRACE's active stage 2."""
 
     stage1, stage2 = "skip", "active"
 
 
 class GresoAllocator(StagedAllocator):
-    """GRESO-style skipping as a peer (Li et al., 2025, "Act Only When It Pays"): GRPO that skips the prompts its
-    values say will come back all 0 or all 1 (`skip_roots`: within allocation.skip_eps of 0 or 1; in groups of
-    allocation.group_size when set, so GRPO's group shape), no tree. A prompt seen before is valued by its Beta
-    posterior, i.e. its history (an unseen one by the predictor); GRESO itself reads the history alone and skips with
-    a probability it adapts, where this skips deterministically."""
+    """GRESO as a peer (Zheng et al., 2025, arXiv 2506.02177): GRPO (groups of allocation.group_size when set) whose
+    prompts pass GRESO's pre-rollout filter first (`GresoFilter`: a prompt whose latest visits were zero-variance is
+    skipped for this pass of the data with a probability that grows with the streak and adapts to a target share),
+    no tree. Its values are never used: a prompt's own history decides, so in a single pass over the data (no prompt
+    seen twice) it is GRPO exactly. The stream's next prompts are examined in order until the step's groups are
+    filled (`plan_rollouts`), at most one whole pass; skipped ones are consumed, not given back."""
 
-    stage1, stage2 = "skip", "none"
+    stage1, stage2 = "greso", "none"
 
 
 class RandomNodeAllocator(StagedAllocator):
@@ -695,13 +774,18 @@ class EntropyAllocator(StagedAllocator):
     """Entropy branching, the field's common alternative to a learned predictor: GRPO's stage 1 (uniform roots, no
     values) and continuations where the policy is most uncertain. The signal is ARPO's (Dong et al., "Agentic
     Reinforced Policy Optimization", arXiv 2507.19849): the entropy of the first k tokens the policy generates right
-    after a tool result; our anchors are exactly the prefixes that end in one, and their entropy is read off the turn
-    their chain generated next (`TurnNode.entropy`, the mean of `topk_entropy` over allocation.entropy_tokens tokens,
-    from the engine's top logprobs). The selection is AT2PO's (Zong et al., arXiv 2601.04767): the top-K
-    highest-entropy turn nodes, with a penalty on nodes already branched (`entropy_prefixes`). Per prompt, like every
+    after a tool's answer; our anchors are the prefixes that end in the env's observation of a turn (a search's
+    passages, or the error message of a malformed or failed call, which ARPO would not branch on), and their entropy
+    is read off the turn their chain generated next (`TurnNode.entropy`, the mean of `topk_entropy` over
+    allocation.entropy_tokens tokens, from the engine's top logprobs). Raw entropy, not ARPO's change from the
+    rollout's first-turn entropy: the anchors ranked here are one prompt's, so a per-rollout baseline matters less.
+    The selection is AT2PO's (Zong et al., arXiv 2601.04767): the top-K highest-entropy turn nodes, with a penalty on
+    nodes already branched (`entropy_prefixes`; the penalty acts only when a prompt's share of a round exceeds its
+    anchors, rare at 2 continuations a prompt, so at configs/compare.toml the top-K decides). Per prompt, like every
     stage 2 here: each funded prompt's share of the continuations (allocation.stage2_share) goes to its own anchors
-    by entropy. Not ARPO's probabilistic branching during generation: that spends a random number of leaves, and
-    every allocator here spends exactly allocation.leaf_budget."""
+    by entropy, and the advantages are TRACE's (the process term at expanded anchors), as for every allocator that
+    expands. Not ARPO's probabilistic branching during generation: that spends a random number of leaves, and every
+    allocator here spends exactly allocation.leaf_budget."""
 
     stage1, stage2 = "uniform", "entropy"
 

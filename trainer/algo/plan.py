@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from trainer.algo.allocation import (
     AllocationConfig,
     Allocator,
+    GresoFilter,
     anchors_from_tree,
     plan_round,
     share,
@@ -85,17 +86,27 @@ async def plan_rollouts(
     prompts_per_step: int,
     max_turns: int,
     step: int,
+    prompt_filter: GresoFilter | None = None,
 ) -> StepPlan:
     """One step's allocation and rollouts (the module docstring). Trees whose `lost` is set sit the later rounds out,
-    their shares owed in `cont`."""
+    their shares owed in `cont`. prompt_filter: the "greso" allocator's history (`GresoFilter`), required by it."""
     stage1 = alloc.stage1_budget(a)
     # Stage 1: an active stage 1 values a candidate pool and funds the best (the rest go back to the stream);
-    # a uniform one takes stage1 // group prompts as the stream gives them and never looks at values.
+    # a uniform one takes stage1 // group prompts as the stream gives them and never looks at values; greso's
+    # takes as many that its filter keeps.
     if alloc.selects:
         n_draw = min(pool_size, sampler.n)
     else:
         n_draw = stage1 // uniform_group(stage1, a.group_size, prompts_per_step)
-    idxs = sampler.take(n_draw)
+    skipped = 0
+    if alloc.stage1 == "greso":
+        if prompt_filter is None:
+            raise ValueError(
+                f"allocator {alloc.name!r} filters prompts by their history: pass plan_rollouts a prompt_filter"
+            )
+        idxs, skipped = draw_kept(sampler, min(n_draw, sampler.n), lambda i: prompt_filter.keep(i, rng))
+    else:
+        idxs = sampler.take(n_draw)
     pool = await src.new_trees(idxs, step)
     v = await src.value_roots(pool)
     m = alloc.roots(v, stage1, a)
@@ -111,6 +122,7 @@ async def plan_rollouts(
         "trees_dropped": 0,
         "leaves_lost": 0,
         "continuations_to_mixed": 0,
+        "prompts_skipped": skipped,
     }
     plan = StepPlan(pool, idxs, v, m, [0] * len(pool), count)
     left = a.leaf_budget - sum(m)  # stage 2's continuations; for allocators that do not expand, normally 0
@@ -150,6 +162,24 @@ async def plan_rollouts(
     mark_round(pool, sizes, a.rounds + 1 if alloc.expands else 0)
     plan.cont += [0] * (len(pool) - len(plan.cont))
     return plan
+
+
+def draw_kept(sampler: PromptStream, n: int, keep: Callable[[int], bool]) -> tuple[list[int], int]:
+    """n distinct prompts from the stream that `keep` lets through, examined in stream order; the ones it skips are
+    consumed (GRESO skips a prompt for the pass). At most one whole pass of the split is examined: if fewer than n
+    pass, the first skipped fill in, in stream order. Returns (the prompts, how many were skipped)."""
+    assert 0 <= n <= sampler.n, f"{n} prompts from a split of {sampler.n}"
+    kept: list[int] = []
+    skipped: list[int] = []
+    seen: set[int] = set()
+    while len(kept) < n and len(seen) < sampler.n:
+        for i in sampler.take(min(n - len(kept), sampler.n - len(seen))):
+            if i in seen:  # the stream wrapped into its next pass within this step
+                continue
+            seen.add(i)
+            (kept if keep(i) else skipped).append(i)
+    fill = skipped[: n - len(kept)]
+    return kept + fill, len(skipped) - len(fill)
 
 
 def mark_round(trees: list[RolloutTree], sizes: dict[int, int], r: int) -> None:

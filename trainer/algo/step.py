@@ -43,6 +43,7 @@ from trainer.algo.advantages import (
 )
 from trainer.algo.allocation import (
     AllocationConfig,
+    GresoFilter,
     anchors_from_tree,
     make_allocator,
     plan_round,
@@ -61,7 +62,7 @@ from trainer.algo.predictor import (
 )
 from trainer.algo.rollout import RolloutRunner
 from trainer.algo.staleness import drop_stale
-from trainer.algo.tree import Ledger, RolloutTree
+from trainer.algo.tree import SUCCESS_THRESHOLD, Ledger, RolloutTree
 from trainer.learner.compute import compute, infer
 from trainer.learner.policy import FeatureModel, Policy
 
@@ -161,6 +162,8 @@ class TraceStep:
         self.sampler = PromptSampler(n_train, cfg.run.seed)
         self._check_split(n_train)
         self.prior = BetaPrior(cfg.predictor.prior_a, cfg.predictor.prior_b)
+        a = cfg.allocation
+        self.greso = GresoFilter(a.greso_p, a.greso_target, a.greso_step)  # the "greso" allocator's prompt history
         self.rng = random.Random(cfg.run.seed)
         self.predictor: SuccessPredictor | None = None
         self.replay = RowReplay(cfg.predictor.replay_steps)  # the predictor's training rows of recent steps
@@ -286,6 +289,7 @@ class TraceStep:
             prompts_per_step=c.run.prompts_per_step,
             max_turns=c.env.max_turns,
             step=step,
+            prompt_filter=self.greso,
         )
         pool, idxs, v, m, cont, count = plan.pool, plan.idxs, plan.v, plan.m, plan.cont, plan.count
         await self._recover(pool, idxs, v, m, cont, step, count)
@@ -297,6 +301,9 @@ class TraceStep:
             self.engine_release(t)
         for t in trees:
             t.backup()
+        if alloc.stage1 == "greso":  # GRESO's history: each prompt's bare rollouts of this visit
+            outcomes = {i: t.root_outcomes() for i, t, mi in zip(idxs, pool, m, strict=True) if mi > 0}
+            self.greso.observe(outcomes, SUCCESS_THRESHOLD)
         leaves = sum(t.ledger.leaves for t in trees)
         assert leaves == a.leaf_budget, (
             f"step {step}: {alloc.name} generated {leaves} leaves, allocation.leaf_budget is {a.leaf_budget} "
@@ -311,6 +318,8 @@ class TraceStep:
         # continuations: placed at anchors (continuations_moved of them on another prompt's anchors);
         # respent_as_roots: continuations no anchor could take, run as new roots. They sum to leaf_budget.
         batch.metrics = {"leaf_budget": float(a.leaf_budget), **{k: float(x) for k, x in count.items()}}
+        if alloc.stage1 == "greso":  # its keep probabilities after this step's observation
+            batch.metrics.update(greso_p_easy=self.greso.p_easy, greso_p_hard=self.greso.p_hard)
         batch.metrics["env_failures"] = float(self.runner.env_failures - failures0)
         # HTTP requests to the env server(s) for the step's env_calls: calls made together go as one /v1/batch.
         # (With run.max_staleness >= 1 the evals that ran during this collection are in it too.)
@@ -588,6 +597,7 @@ class TraceStep:
         return {
             "sampler": drawn["sampler"] if drawn else self.sampler.state_dict(),
             "prior": self.prior.state_dict(),
+            "greso": self.greso.state_dict(),
             "rng": drawn["rng"] if drawn else self.rng.getstate(),
             "predictor": self.predictor.state_dict() if self.predictor is not None else None,
             "predictor_dim": self.predictor.input_dim if self.predictor is not None else None,
@@ -599,6 +609,8 @@ class TraceStep:
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.sampler.load_state_dict(s["sampler"])
         self.prior.load_state_dict(s["prior"])
+        if "greso" in s:  # checkpoints from before the greso allocator have none
+            self.greso.load_state_dict(s["greso"])
         self.rng.setstate(s["rng"])
         if s["predictor"] is not None:
             p = self.cfg.predictor
