@@ -328,6 +328,7 @@ async def test_greso_skips_prompts_whose_last_visit_was_zero_variance_on_real_tr
         second_pass = ref.take(4)
         seen = []
         for s in range(3):
+            before = step.greso.state_dict()
             batch = await step.collect(s)
             assert sum(t.ledger.leaves for t in batch.trees) == 4 and len(batch.trees) == 2
             assert all(t.root_outcomes() == [0.0, 0.0] for t in batch.trees), "the untrained model fails"
@@ -336,3 +337,5 @@ async def test_greso_skips_prompts_whose_last_visit_was_zero_variance_on_real_tr
         assert seen == [0.0, 0.0, 2.0]
         assert step.greso.streak == dict.fromkeys(second_pass[:2], 2) | dict.fromkeys(second_pass[2:], 1)
         assert step.sampler.epoch == 1 and step.sampler.pos == 4, "the whole second pass was examined"
+        # a checkpoint written while step 2's collection overlaps step 1's update holds the history from before it
+        assert step.state_dict(at_step=2)["greso"] == before != step.state_dict()["greso"]

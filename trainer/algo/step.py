@@ -581,10 +581,11 @@ class TraceStep:
 
     # ------------------------------------------------------------------ checkpoint
     def remember_draw_state(self, step: int) -> None:
-        """Record the sampler, rng and probe state as collect(step) starts, before it draws anything."""
+        """Record the sampler, rng, GRESO history and probe state as collect(step) starts, before it draws anything."""
         self._drawn_from[step] = {
             "sampler": self.sampler.state_dict(),
             "rng": self.rng.getstate(),
+            "greso": self.greso.state_dict(),
             "probe": {"rng": self.probe_rng.getstate(), "pairs": list(self.probe_pairs)},
         }
         for old in [k for k in self._drawn_from if k < step - 1]:
@@ -597,7 +598,7 @@ class TraceStep:
         return {
             "sampler": drawn["sampler"] if drawn else self.sampler.state_dict(),
             "prior": self.prior.state_dict(),
-            "greso": self.greso.state_dict(),
+            "greso": drawn["greso"] if drawn else self.greso.state_dict(),
             "rng": drawn["rng"] if drawn else self.rng.getstate(),
             "predictor": self.predictor.state_dict() if self.predictor is not None else None,
             "predictor_dim": self.predictor.input_dim if self.predictor is not None else None,
