@@ -38,7 +38,8 @@ echo "peers comparison at $COMMIT, from $TREE; $(date)"
 ARMS=uniform,trace,trace-fixed,greso,entropy
 FIXED='trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"'
 GRESO='greso=greso|allocation.group_size=4'
-LRS=5e-5,1e-4,2e-4  # issue 22's regime 1 found every arm best at 1e-4, the top of 2e-5..1e-4: centred on it here
+# issue 22's regime 1 found every arm best at 1e-4, the top of 2e-5..1e-4: centred on it here.
+LRS=5e-5,1e-4,2e-4
 REGIMES="${PEERS_REGIMES:-single epochs}"
 if [[ " $REGIMES " == *" single "* ]]; then
 "$PY" bench/compare_allocators.py --steps 20 --seeds 8 --eval-every 2 --out "$REPO/runs/compare_peers_single.json" \
