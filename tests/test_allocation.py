@@ -274,39 +274,39 @@ def test_skip_roots_keeps_breadth_and_skips_confident_prompts() -> None:
 
 
 def test_greso_filter_skips_by_zero_variance_streaks_and_adapts() -> None:
-    """GRESO's filter (Zheng et al., 2025): a prompt with z zero-variance visits in a row is kept with probability
-    p^z (p_easy or p_hard by its latest kind); unseen or mixed prompts always, without a draw; p moves by `step`
-    towards target / 3 easy and 2 target / 3 hard prompts among those rolled out."""
+    """GRESO's filter (Zheng et al., 2025, as its released code runs it): a prompt with z zero-variance visits of one
+    kind in a row is kept with probability max(p^z, 0.01) (p_easy or p_hard by that kind); unseen or mixed prompts
+    always, without a draw; p moves by `step` towards target / 3 easy and 2 target / 3 hard prompts among those rolled
+    out (at or above: down), within [p_min, p_max], and only when asked to (after the first pass of the data)."""
     from trainer.algo.allocation import GresoFilter
 
     f = GresoFilter(p=0.5, target=0.3, step=0.1)
     rng = random.Random(0)
     state = rng.getstate()
     assert all(f.keep(i, rng) for i in range(50)) and rng.getstate() == state, "no history: GRPO, no draw"
-    # step 1 of 4 prompts: 0 all-success (easy), 1 all-failure (hard), 2 mixed, 3 a single rollout (ignored)
-    f.observe({0: [1.0, 1.0], 1: [0.0, 0.0, 0.0], 2: [1.0, 0.0], 3: [1.0]})
-    assert (f.keep_probability(0), f.keep_probability(1), f.keep_probability(2), f.keep_probability(3)) == (
-        pytest.approx(0.4),  # easy share 1/3 > 0.1: p_easy 0.5 -> 0.4
-        pytest.approx(0.4),  # hard share 1/3 > 0.2: p_hard 0.5 -> 0.4
-        1.0,
-        1.0,
-    )
+    # 0 all-success (easy), 1 all-failure (hard), 2 mixed, 3 a single rollout (ignored); the first pass: no adapting
+    f.observe({0: [1.0, 1.0], 1: [0.0, 0.0, 0.0], 2: [1.0, 0.0], 3: [1.0]}, adapt=False)
+    assert [f.keep_probability(i) for i in range(4)] == [0.5, 0.5, 1.0, 1.0] and f.p_easy == f.p_hard == 0.5
     f.observe({0: [1.0, 1.0], 1: [0.0, 1.0], 5: [1.0, 0.0], 6: [1.0, 0.0], 7: [0.0, 1.0]})
-    # easy 1/5 > 0.1: p_easy 0.3; hard 0/5 < 0.2: p_hard 0.5; prompt 0 has z = 2, prompt 1's streak ended
-    assert f.keep_probability(0) == pytest.approx(0.3**2) and f.keep_probability(1) == 1.0
-    assert (f.p_easy, f.p_hard) == (pytest.approx(0.3), pytest.approx(0.5))
-    f.observe({4: [0.0, 0.0]})  # a hard prompt after easy ones: kinds are per prompt
-    assert f.keep_probability(4) == pytest.approx(0.4) and f.keep_probability(0) == pytest.approx(0.4**2)
-    kept = sum(f.keep(0, random.Random(s)) for s in range(4000)) / 4000
+    # easy 1/5 >= 0.1: p_easy 0.4; hard 0/5 < 0.2: p_hard 0.6; prompt 0 has z = 2, prompt 1's streak ended
+    assert (f.p_easy, f.p_hard) == (pytest.approx(0.4), pytest.approx(0.6))
+    assert f.keep_probability(0) == pytest.approx(0.4**2) and f.keep_probability(1) == 1.0
+    f.observe({0: [0.0, 0.0], 4: [0.0, 0.0]})  # prompt 0 turns hard: a new streak of its new kind
+    assert f.keep_probability(0) == pytest.approx(0.5) and f.keep_probability(4) == pytest.approx(0.5)
+    f.observe({4: [0.0, 0.0]})  # hard share 1 >= 0.2 again: p_hard 0.4, and prompt 4's z = 2
+    assert f.keep_probability(4) == pytest.approx(0.4**2)
+    kept = sum(f.keep(4, random.Random(s)) for s in range(4000)) / 4000
     assert abs(kept - 0.16) < 0.03, kept
     g = GresoFilter()
     g.load_state_dict(f.state_dict())
     assert [g.keep_probability(i) for i in range(8)] == [f.keep_probability(i) for i in range(8)]
-    for _ in range(200):  # the probabilities stay in [0, 1]
-        f.observe({9: [1.0, 1.0]})
-    assert f.p_easy == 0.0 and f.keep_probability(9) == 0.0
+    for _ in range(200):  # p stays in [p_min, p_max], a long streak's keep probability at min_keep
+        f.observe({9: [0.0, 0.0]})
+    assert f.p_hard == pytest.approx(0.05) and f.keep_probability(9) == 0.01
     with pytest.raises(ValueError, match="GRESO"):
         GresoFilter(p=1.5)
+    with pytest.raises(ValueError, match="GRESO"):
+        GresoFilter(p=0.01)  # below p_min
     with pytest.raises(ValueError, match="GRESO"):
         AllocationConfig(greso_target=-0.1)
 
@@ -331,3 +331,14 @@ def test_draw_kept_consumes_skipped_prompts_and_fills_in_when_too_few_pass() -> 
     assert len(set(got)) == 4 and skipped == 2
     got, skipped = draw_kept(PromptSampler(6, seed=1), 6, lambda i: i == 2)
     assert sorted(got) == list(range(6)) and got[0] == 2 and skipped == 0
+    # the stream wraps into its next pass within a call: a prompt it gives again goes back to the front, not lost
+    first, ref = PromptSampler(6, seed=0).take(6), PromptSampler(6, seed=0)
+    ref.take(6)
+    second = ref.take(6)
+    tail = first[4:]
+    assert second[0] not in tail and set(second[1:3]) == set(tail), "the case this checks: seed 0's two passes"
+    s = PromptSampler(6, seed=0)
+    s.take(4)
+    got, skipped = draw_kept(s, 3, lambda i: False)
+    assert got == [*tail, second[0]] and skipped == 3
+    assert s.returned == second[1:3], "the tail's next-pass visits come first next step"

@@ -21,6 +21,7 @@ from shared.client import EnvClient
 from trainer.algo.allocation import (
     ALLOCATORS,
     AllocationConfig,
+    GresoFilter,
     anchors_from_tree,
     make_allocator,
     place_continuations,
@@ -313,16 +314,17 @@ async def test_greso_skips_prompts_whose_last_visit_was_zero_variance_on_real_tr
     make_env_server, engine_url: str, tiny_model: Path
 ) -> None:
     """GRESO on real rollouts over a 4-prompt split, 2 prompts a step: the first pass (steps 0-1) has no history,
-    so nothing is skipped; the untrained tiny model fails every rollout, so every prompt comes back all-0, and with
-    allocation.greso_p = 0 the second pass (step 2) skips all four, consumed, and the first two skipped fill in."""
+    so nothing is skipped; the untrained tiny model fails every rollout, so every prompt comes back all-0, and with a
+    keep probability of 0 the second pass (step 2) skips all four, consumed, and the first two skipped fill in."""
     server = await make_env_server(max_turns=2)
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     async with EnvClient(server.url) as env, EngineClient([engine_url]) as engine:
         runner = RolloutRunner(env, engine, tok, RolloutConfig(max_new_tokens=8, max_context_tokens=512))
         sets = ['allocation.type="greso"', "allocation.leaf_budget=4", "allocation.group_size=2"]
-        sets += ["allocation.greso_p=0.0", "env.max_turns=2", "predictor.use_hidden_state=false"]
+        sets += ["env.max_turns=2", "predictor.use_hidden_state=false"]
         cfg = load_train_config(None, [*sets, "run.prompts_per_step=2", "run.pool_size=8"])
         step = TraceStep(cfg, policy=None, runner=runner, n_train=4)  # type: ignore[arg-type]
+        step.greso = GresoFilter(p=0.0, p_min=0.0, min_keep=0.0)  # a streak is always skipped: the test is exact
         ref = PromptSampler(4, cfg.run.seed)
         ref.take(4)
         second_pass = ref.take(4)

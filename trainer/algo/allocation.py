@@ -221,37 +221,53 @@ def skip_roots(v: Sequence[float], budget: int, m: int, eps: float) -> list[int]
 
 class GresoFilter:
     """GRESO's pre-rollout filter (Zheng et al., 2025, "Act Only When It Pays: Efficient Reinforcement Learning for
-    LLM Reasoning via Selective Rollouts", arXiv 2506.02177), the "greso" allocator's stage 1. A prompt's history is
-    z, how many of its latest visits in a row were zero-variance (every bare rollout the same reward), and whether
-    the latest such was all-success (easy) or all-failure (hard). Before rollout, a prompt with z > 0 is kept with
-    probability p^z (p_easy or p_hard by its kind) and otherwise skipped for this pass of the data; a prompt never
-    seen, or mixed on its latest visit, is always kept (and draws nothing from the generator, so with no history
-    this is GRPO exactly). After each step p_easy and p_hard move by `step` towards the target shares of
-    zero-variance prompts among those rolled out: down (skip more) when the step's share of easy prompts is above
-    target / 3, else up, and likewise hard against 2 * target / 3 (the GRESO authors' split), each kept in [0, 1].
-    Defaults are GRESO's released settings: p_easy = p_hard = 0.5, target 0.25, step 0.01. Keyed by the prompt's
-    index in the training split. A visit with fewer than 2 bare rollouts says nothing about variance: ignored."""
+    LLM Reasoning via Selective Rollouts", arXiv 2506.02177; as its released code, Infini-AI-Lab/GRESO, runs it), the
+    "greso" allocator's stage 1. A prompt's history is its kind on its latest zero-variance visit (every bare rollout
+    the same reward: easy if they all succeeded, hard if they all failed) and z, how many of its latest visits in a
+    row were zero-variance of that kind. Before rollout, a prompt with z > 0 is kept with probability
+    max(p^z, min_keep) (p_easy or p_hard by its kind) and otherwise skipped for this pass of the data; a prompt never
+    seen, or mixed on its latest visit, is always kept (and draws nothing from the generator, so with no history this
+    is GRPO exactly). After each step past the first pass of the data, p_easy and p_hard move by `step` towards the
+    target shares of zero-variance prompts among those rolled out: down (skip more) when the step's share of easy
+    prompts is at or above target / 3, else up, and likewise hard against 2 * target / 3, each kept in
+    [p_min, p_max]. Defaults are GRESO's released settings: p_easy = p_hard = 0.5, target 0.25, step 0.01, p in
+    [0.05, 0.95], keep probability at least 0.01. Unlike GRESO, which runs on top of dynamic sampling (zero-variance
+    groups dropped after rollout and the batch refilled), every group rolled out stays in the batch: the leaves per
+    step are fixed. Keyed by the prompt's index in the training split; rewards are read as success at `threshold`
+    (binary EM here). A visit with fewer than 2 bare rollouts says nothing about variance: ignored."""
 
-    def __init__(self, p: float = 0.5, target: float = 0.25, step: float = 0.01) -> None:
-        if not (0.0 <= p <= 1.0 and 0.0 <= target <= 1.0 and 0.0 <= step <= 1.0):
-            raise ValueError(f"GRESO's p ({p}), target ({target}) and step ({step}) must be in [0, 1]")
+    def __init__(
+        self,
+        p: float = 0.5,
+        target: float = 0.25,
+        step: float = 0.01,
+        p_min: float = 0.05,
+        p_max: float = 0.95,
+        min_keep: float = 0.01,
+    ) -> None:
+        if not all(0.0 <= x <= 1.0 for x in (p, target, step, p_min, p_max, min_keep)) or not p_min <= p <= p_max:
+            raise ValueError(
+                f"GRESO's p ({p}), target ({target}), step ({step}), p_min ({p_min}), p_max ({p_max}) and min_keep "
+                f"({min_keep}) must be in [0, 1], with p_min <= p <= p_max"
+            )
         self.p_easy = self.p_hard = p
         self.alpha_easy, self.alpha_hard, self.step = target / 3, 2 * target / 3, step
+        self.p_min, self.p_max, self.min_keep = p_min, p_max, min_keep
         self.streak: dict[int, int] = {}  # prompt index -> z
-        self.easy: dict[int, bool] = {}  # prompt index -> its latest zero-variance visit was all-success
+        self.easy: dict[int, bool] = {}  # prompt index -> the kind of its latest zero-variance visit
 
     def keep_probability(self, idx: int) -> float:
         z = self.streak.get(idx, 0)
-        return 1.0 if z == 0 else (self.p_easy if self.easy[idx] else self.p_hard) ** z
+        return 1.0 if z == 0 else max((self.p_easy if self.easy[idx] else self.p_hard) ** z, self.min_keep)
 
     def keep(self, idx: int, rng: random.Random) -> bool:
         """Whether to roll the prompt out on this visit (a draw from `rng` only when it has a zero-variance streak)."""
         q = self.keep_probability(idx)
         return q >= 1.0 or rng.random() < q
 
-    def observe(self, outcomes: dict[int, Sequence[float]], threshold: float = 0.5) -> None:
-        """One step's bare-rollout rewards per prompt rolled out: update each prompt's streak, then p_easy and
-        p_hard from the step's shares (`threshold`: the reward at which a rollout counts as a success)."""
+    def observe(self, outcomes: dict[int, Sequence[float]], threshold: float = 0.5, adapt: bool = True) -> None:
+        """One step's bare-rollout rewards per prompt rolled out: update each prompt's streak, then (when `adapt`:
+        GRESO starts after the first pass of the data) p_easy and p_hard from the step's shares."""
         easy = hard = n = 0
         for idx, rs in outcomes.items():
             if len(rs) < 2:
@@ -260,16 +276,18 @@ class GresoFilter:
             if max(rs) != min(rs):
                 self.streak[idx] = 0
                 continue
-            self.streak[idx] = self.streak.get(idx, 0) + 1
-            self.easy[idx] = rs[0] >= threshold
-            easy += self.easy[idx]
-            hard += not self.easy[idx]
-        if n == 0:
+            kind = rs[0] >= threshold
+            same = self.streak.get(idx, 0) > 0 and self.easy[idx] == kind
+            self.streak[idx] = self.streak[idx] + 1 if same else 1
+            self.easy[idx] = kind
+            easy += kind
+            hard += not kind
+        if n == 0 or not adapt:
             return
-        sign_e = -1.0 if easy / n > self.alpha_easy else 1.0
-        sign_h = -1.0 if hard / n > self.alpha_hard else 1.0
-        self.p_easy = min(max(self.p_easy + sign_e * self.step, 0.0), 1.0)
-        self.p_hard = min(max(self.p_hard + sign_h * self.step, 0.0), 1.0)
+        sign_e = -1.0 if easy / n >= self.alpha_easy else 1.0
+        sign_h = -1.0 if hard / n >= self.alpha_hard else 1.0
+        self.p_easy = min(max(self.p_easy + sign_e * self.step, self.p_min), self.p_max)
+        self.p_hard = min(max(self.p_hard + sign_h * self.step, self.p_min), self.p_max)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -543,7 +561,7 @@ class AllocationConfig:
     skipped."""
     greso_p: float = 0.5
     """The "greso" allocator (`GresoFilter`): the starting keep probability of a prompt per zero-variance visit in a
-    row (GRESO's p_easy = p_hard = 0.5)."""
+    row (GRESO's p_easy = p_hard = 0.5; kept in [0.05, 0.95] as it adapts)."""
     greso_target: float = 0.25
     """The "greso" allocator: the share of zero-variance prompts among those rolled out that its keep probabilities
     adapt towards (a third of it easy, two thirds hard; GRESO's 0.25)."""

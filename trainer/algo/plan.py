@@ -167,18 +167,22 @@ async def plan_rollouts(
 def draw_kept(sampler: PromptStream, n: int, keep: Callable[[int], bool]) -> tuple[list[int], int]:
     """n distinct prompts from the stream that `keep` lets through, examined in stream order; the ones it skips are
     consumed (GRESO skips a prompt for the pass). At most one whole pass of the split is examined: if fewer than n
-    pass, the first skipped fill in, in stream order. Returns (the prompts, how many were skipped)."""
+    pass, the first skipped fill in, in stream order. A prompt the stream gives again within the call (it wrapped into
+    its next pass) goes back to its front, examined next step. Returns (the prompts, how many were skipped)."""
     assert 0 <= n <= sampler.n, f"{n} prompts from a split of {sampler.n}"
     kept: list[int] = []
     skipped: list[int] = []
+    again: list[int] = []
     seen: set[int] = set()
     while len(kept) < n and len(seen) < sampler.n:
         for i in sampler.take(min(n - len(kept), sampler.n - len(seen))):
-            if i in seen:  # the stream wrapped into its next pass within this step
+            if i in seen:
+                again.append(i)
                 continue
             seen.add(i)
             (kept if keep(i) else skipped).append(i)
     fill = skipped[: n - len(kept)]
+    sampler.give_back(list(dict.fromkeys(again)))
     return kept + fill, len(skipped) - len(fill)
 
 

@@ -303,7 +303,7 @@ class TraceStep:
             t.backup()
         if alloc.stage1 == "greso":  # GRESO's history: each prompt's bare rollouts of this visit
             outcomes = {i: t.root_outcomes() for i, t, mi in zip(idxs, pool, m, strict=True) if mi > 0}
-            self.greso.observe(outcomes, SUCCESS_THRESHOLD)
+            self.greso.observe(outcomes, SUCCESS_THRESHOLD, adapt=self.sampler.epoch > 0)
         leaves = sum(t.ledger.leaves for t in trees)
         assert leaves == a.leaf_budget, (
             f"step {step}: {alloc.name} generated {leaves} leaves, allocation.leaf_budget is {a.leaf_budget} "
