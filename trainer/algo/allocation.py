@@ -777,7 +777,8 @@ class GresoAllocator(StagedAllocator):
     skipped for this pass of the data with a probability that grows with the streak and adapts to a target share),
     no tree. Its values are never used: a prompt's own history decides, so in a single pass over the data (no prompt
     seen twice) it is GRPO exactly. The stream's next prompts are examined in order until the step's groups are
-    filled (`plan_rollouts`), at most one whole pass; skipped ones are consumed, not given back."""
+    filled (`plan_rollouts`), at most one whole pass; skipped ones are consumed, not given back (a prompt taken to
+    replace one whose env state was lost is taken unfiltered)."""
 
     stage1, stage2 = "greso", "none"
 
