@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import pytest
@@ -11,11 +12,14 @@ from tools.procmem import PeakRSS, rss_bytes, status_bytes
 
 def test_peak_rss_sees_a_transient_allocation() -> None:
     with PeakRSS(interval_s=0.001) as p:
-        block = bytearray(64 << 20)  # zero-filled by the allocator: resident as soon as it is touched
-        block[::4096] = b"x" * len(block[::4096])
+        # a fresh anonymous mapping, resident page by page as it is touched (a bytearray may reuse memory malloc
+        # already holds resident: in a long test process it once raised the resident set by one page)
+        block = mmap.mmap(-1, 64 << 20)
+        for off in range(0, len(block), mmap.PAGESIZE):
+            block[off] = 1
         held = rss_bytes()
         time.sleep(0.02)  # several sampling intervals while the block is resident
-        del block
+        block.close()
     # the sampler reads what the kernel says at its own instants: within a page or two of `held`, 64 MB above base
     assert p.base > 0 and p.peak >= held - (1 << 20) and p.above >= 60 << 20, (p.base, p.peak, held)
     assert status_bytes("VmHWM") > p.base // 2  # (the kernel updates VmHWM lazily: not compared to the samples)
