@@ -16,6 +16,26 @@ def test_sampler_order_is_seeded_and_covers_each_epoch() -> None:
     assert sorted(second) == list(range(10)) and second != first  # a fresh permutation each epoch
 
 
+def test_an_epoch_boundary_inside_a_take_defers_a_repeat_instead_of_losing_it() -> None:
+    """A take that crosses into the next epoch can meet a prompt it already holds from the last one: it waits at the
+    front for the next take, so every prompt is visited once per epoch (it used to be dropped: one visit lost)."""
+    from collections import Counter
+
+    for seed in range(20):
+        s = PromptSampler(10, seed=seed)
+        draws: list[int] = []
+        for _ in range(25):
+            got = s.take(4)
+            assert len(set(got)) == 4
+            draws += got
+        consumed = Counter()  # every permutation entry the stream has passed
+        for e in range(s.epoch + 1):
+            ref = PromptSampler(10, seed=seed)
+            ref.epoch = e
+            consumed.update(ref._make_perm()[: s.pos if e == s.epoch else 10])
+        assert Counter(draws) + Counter(s.returned) == consumed, seed
+
+
 def test_prompts_left_at_zero_come_back_first() -> None:
     s = PromptSampler(20, seed=0)
     batch = s.take(4)

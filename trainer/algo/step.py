@@ -103,7 +103,9 @@ class StepConfig(Protocol):
 class PromptSampler:
     """The data stream every allocator draws from: a seeded permutation per epoch; prompts stage 1 leaves at 0
     (the candidates of the pool it did not fund) go back to the front of the queue for the next batch (DESIGN:
-    "left for a later batch"). `take(k)` gives k distinct prompts (k <= n)."""
+    "left for a later batch"). `take(k)` gives k distinct prompts (k <= n); a prompt the next epoch's permutation
+    gives again within one take (it was also near the end of the last) waits at the front for the next take, so
+    every epoch still visits every prompt once."""
 
     def __init__(self, n: int, seed: int) -> None:
         assert n > 0, "the training split is empty"
@@ -120,14 +122,15 @@ class PromptSampler:
         assert 0 <= k <= self.n, f"asked for {k} distinct prompts of a split of {self.n}"
         out = self.returned[:k]
         self.returned = self.returned[k:]
+        later: list[int] = []
         while len(out) < k:
             if self.pos >= self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._perm = self._make_perm()
             i = self._perm[self.pos]
             self.pos += 1
-            if i not in out:
-                out.append(i)
+            (later if i in out else out).append(i)
+        self.returned[:0] = [i for i in dict.fromkeys(later) if i not in self.returned]
         return out
 
     def give_back(self, idxs: list[int]) -> None:
