@@ -13,6 +13,9 @@
 # Regime 2: the paper's (GRPO's effective ratio near 0.27: sft.flawed_frac 0.95), rates 1e-4, 2e-4, 4e-4, with the
 # calibration probe (predictor.probe_prompts 8). Arms: GRPO (uniform), TRACE as in the paper, and the simulator's best
 # variant (stage2_share unmixed + process_baseline fresh); 2 tuning seeds, 8 reported seeds, 20 steps, dev EM every 2.
+# The body is one brace group: bash reads all of it before it runs any, so editing this file while a comparison
+# runs (hours) cannot change what the running one does next.
+{
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COMMIT="$(git -C "$REPO" rev-parse --short "${1:-HEAD}")"
@@ -30,3 +33,5 @@ echo "regime 1 done $(date)"
     --allocators uniform,trace,trace-fixed --arm "$ARM" --set sft.flawed_frac=0.95 --set predictor.probe_prompts=8 \
     --sweep-lrs 1e-4,2e-4,4e-4 --tune-seeds 2
 echo "regime 2 done $(date)"
+exit
+}

@@ -26,6 +26,9 @@
 # Rates: 5e-5, 1e-4, 2e-4 for both (issue 22's regime 1 found every arm best at the top of 2e-5..1e-4).
 # Cost: regime "single" is 56 runs of 20 steps (~2.5-3.5 min alone on 2 cores), ~3 h; a 94-step run is ~10-12 min, so
 # regime "epochs" (5 arms x (3 rates x 2 tuning + 8) = 70 runs) is ~13 h: several sessions, resumed each time.
+# The body is one brace group: bash reads all of it before it runs any, so editing this file while a comparison
+# runs (hours) cannot change what the running one does next.
+{
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COMMIT="$(git -C "$REPO" rev-parse --short "${1:-HEAD}")"
@@ -51,3 +54,5 @@ if [[ " $REGIMES " == *" epochs "* ]]; then
     --allocators "$ARMS" --arm "$FIXED" --arm "$GRESO" --set env.train_limit=300 --sweep-lrs "$LRS" --tune-seeds 2
 echo "regime epochs done $(date)"
 fi
+exit
+}
