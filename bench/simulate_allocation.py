@@ -80,6 +80,7 @@ from trainer.algo.advantages import (
 )
 from trainer.algo.allocation import (
     AllocationConfig,
+    GresoFilter,
     make_allocator,
 )
 from trainer.algo.plan import plan_rollouts
@@ -92,7 +93,7 @@ from trainer.algo.predictor import (
     split_calibration,
 )
 from trainer.algo.step import PromptSampler
-from trainer.algo.tree import FinishStatus, RolloutTree
+from trainer.algo.tree import SUCCESS_THRESHOLD, FinishStatus, RolloutTree
 from trainer.learner.loss import policy_loss
 
 ALL = ("trace", "uniform", "root-only", "random-node")
@@ -294,11 +295,6 @@ class Simulation:
                 "policy (a success probability per decision) does not have: compare it on the LM testbed "
                 "(bench/compare_allocators.py)"
             )
-        if self.alloc.stage1 == "greso":
-            raise ValueError(
-                f"allocator {cfg.allocator!r} filters prompts by their history across passes of the data, which this "
-                "simulator does not keep: compare it on the LM testbed (bench/run_peers.sh, regime epochs)"
-            )
         task_rng = np.random.default_rng(cfg.seed)
         self.task = make_task(cfg.n_prompts, task_rng, cfg.kinds, cfg.hint_noise)
         self.eval_task = make_task(cfg.n_eval, task_rng, cfg.kinds, cfg.hint_noise)
@@ -306,6 +302,7 @@ class Simulation:
         self.alloc_rng = random.Random(cfg.seed)  # trace.py's self.rng (random-node's anchors)
         self.sampler = PromptSampler(cfg.n_prompts, cfg.seed)
         self.prior = BetaPrior(cfg.prior_a, cfg.prior_b)
+        self.greso = GresoFilter(self.acfg.greso_p, self.acfg.greso_target, self.acfg.greso_step)  # as TraceStep's
         self.success_count = [1.0, 2.0]  # trace.py's unseen-root fallback
         self.predictor = SuccessPredictor(
             N_FEATURES + (2 if cfg.predictor_policy_signals else 0),
@@ -433,6 +430,7 @@ class Simulation:
                 prompts_per_step=c.prompts_per_step,
                 max_turns=c.max_turns,
                 step=0,
+                prompt_filter=self.greso,
             )
         )
         if alloc.selects:
@@ -440,6 +438,9 @@ class Simulation:
         trees = [t for t, mi in zip(plan.pool, plan.m, strict=True) if mi > 0]
         for t in trees:
             t.backup()
+        if alloc.stage1 == "greso":  # as TraceStep.collect: the history of each prompt rolled out
+            outcomes = {i: t.root_outcomes() for i, t, mi in zip(plan.idxs, plan.pool, plan.m, strict=True) if mi > 0}
+            self.greso.observe(outcomes, SUCCESS_THRESHOLD, adapt=self.sampler.epoch > 0)
         leaves = sum(t.ledger.leaves for t in trees)
         assert leaves == a.leaf_budget, f"{alloc.name} generated {leaves} leaves, leaf_budget is {a.leaf_budget}"
         return trees, plan.count

@@ -141,6 +141,28 @@ def test_the_entropy_allocator_is_refused_with_where_to_run_it() -> None:
         sim.Simulation(sim.SimConfig(allocator="entropy", seed=0))
 
 
+def test_greso_is_grpo_until_a_prompt_comes_back_then_skips_by_its_history() -> None:
+    """GRESO in the simulator (the trainer's filter and plan): over a 64-prompt stream, 16 prompts a step, the first
+    pass (4 steps) draws the same prompts as GRPO and skips nothing; in the next passes prompts whose last visits
+    were zero-variance are skipped, and every step still spends exactly the leaf budget."""
+    runs = {name: sim.Simulation(sim.SimConfig(allocator=name, seed=4, n_prompts=64)) for name in ("uniform", "greso")}
+    skipped = []
+    for step in range(12):
+        drawn = {}
+        for name, s in runs.items():
+            s._pi = s.probs(s.task)
+            trees, count = s.collect()
+            assert sum(len(t.scored_leaves()) for t in trees) == s.cfg.leaf_budget
+            drawn[name] = [t.prompt_id for t in trees]
+            if name == "greso":
+                skipped.append(count["prompts_skipped"])
+            s.update(trees)
+        if step < 4:
+            assert drawn["greso"] == drawn["uniform"], step
+    assert skipped[:4] == [0] * 4 and sum(skipped[4:]) > 0, skipped
+    assert runs["greso"].greso.streak, "the history is kept"
+
+
 def test_comparison_against_grpo_is_paired_by_seed() -> None:
     """Issue 22: each allocator's mean success over the run minus GRPO's on the same seed (same prompts and start),
     with a t interval over seeds, and its leaves to target over GRPO's as a geometric mean with its interval."""
