@@ -22,7 +22,8 @@ No language model. The task (DESIGN §1's multi-hop search, reduced to its decis
 
 What runs is the project's own code: real `RolloutTree`s (dummy token ids: the kind at the root, the action at
 a turn), `backup()`, `anchors_from_tree`, the allocators (`make_allocator`, stage 1, `plan_round`, `share`,
-`split_rounds`, `Allocator.spill_roots`), `PromptSampler`, `BetaPrior`, `SuccessPredictor` fitted every step on
+`split_rounds`, `Allocator.spill_roots`), `PromptSampler`, `BetaPrior`, `GresoFilter` (greso's history, fed as
+`TraceStep.collect` feeds it), `SuccessPredictor` fitted every step on
 `collect_training_set` from state features, `split_calibration`, `build_training_samples(..., process=
 allocator.expands)`, `effective_ratio`, `mixed_per_100_leaves` and `trainer.learner.loss.policy_loss` for the policy-
 gradient step (on-policy, one optimizer step a training step: the trainer's AdamW with its gradient norm clipped at
@@ -211,7 +212,8 @@ class SimConfig:
     max_turns: int = 5
     kinds: tuple[int, ...] = (1, 2, 3)
     n_prompts: int = 4000
-    """The training stream: with 50 steps of <= 64 candidates, most prompts are seen once or never (one epoch)."""
+    """The training stream: with 50 steps of <= 64 candidates, most prompts are seen once or never (one epoch); a
+    smaller one (200: 50 steps of 16 prompts are 4 passes) is a multi-pass regime, where greso's history has data."""
     n_eval: int = 500
     hint_noise: float = 0.5
     target: float = 0.3
