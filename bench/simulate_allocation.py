@@ -49,7 +49,7 @@ Figures per allocator (mean over seeds, with `_ci95` = half-width of Student's t
   on the same pairs: comparable across allocators, where predictor_auc scores each allocator's own nodes;
 - grad_norm / clip_rate: the policy gradient's norm before clipping, and the share of steps it was clipped;
 - continuations_to_mixed_frac: the share of stage 2's continuations placed on prompts whose bare rollouts were
-  already mixed (nan without expansion);
+  already mixed (nan without expansion); prompts_skipped: prompts greso's filter skipped a step (0 for the others);
 - vs_grpo_mean_success (paired by seed, mean difference with its 95% interval) and vs_grpo_leaves_ratio (leaves to
   target over GRPO's, the geometric mean of the per-seed ratios with its 95% interval), against "uniform".
 A figure without samples (anchor bias of an allocator that never expands) is null. FILE.runs.json holds the per-run
@@ -503,12 +503,13 @@ class Simulation:
         errs: dict[str, list[float]] = {"root": [], "anchor": [], "visit_root": [], "visit_anchor": []}
         per_step: dict[str, list[float]] = {"effective_ratio": [], "mixed_per_100_leaves": []}
         per_step |= {"nonzero_adv_token_frac": [], "predictor_auc": [], "predictor_brier": []}
-        per_step |= {"grad_norm": [], "clip_rate": [], "continuations_to_mixed_frac": []}
+        per_step |= {"grad_norm": [], "clip_rate": [], "continuations_to_mixed_frac": [], "prompts_skipped": []}
         for _ in range(c.steps):
             self._pi = self.probs(self.task)
             trees, count = self.collect_with_truth(errs)
             if count["continuations"]:
                 per_step["continuations_to_mixed_frac"].append(count["continuations_to_mixed"] / count["continuations"])
+            per_step["prompts_skipped"].append(count["prompts_skipped"])  # greso's, this step (0 for the others)
             per_step["effective_ratio"].append(effective_ratio(trees))
             per_step["mixed_per_100_leaves"].append(mixed_per_100_leaves(trees))
             calib = split_calibration(trees)
@@ -644,6 +645,7 @@ FIGURES = (
     "grad_norm",
     "clip_rate",
     "continuations_to_mixed_frac",
+    "prompts_skipped",
     "probe_auc",
     "probe_auc_oracle",
     "leaves_to_target",
