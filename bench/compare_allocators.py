@@ -13,8 +13,8 @@ the allocator with extra --set overrides). --sweep-lrs: every arm runs each rate
 (run.seed 10000, 10001, ...; never reported) and keeps the rate with the highest mean dev EM over the run's
 evaluations; the reported seeds 0..S-1 then run at each arm's own rate. Every arm of a seed starts from the same
 warm start (model.tiny_seed, not run.seed) and draws from the same prompt stream (the same order; how far
-into it a step reads differs by arm, as spilled continuations take new prompts and skips consume them). Against GRPO ("uniform"), paired by
-seed: vs_grpo_dev_em_mean (the mean over the run's evaluations, the difference with its 95% interval).
+into it a step reads differs by arm, as spilled continuations take new prompts and skips consume them). Against
+GRPO ("uniform"), paired by seed: vs_grpo_dev_em_mean (the mean over the run's evaluations, the difference with its 95% interval).
 
 Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
 warm start is cached per seed, so every allocator of a seed starts from identical weights), with

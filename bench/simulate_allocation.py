@@ -84,7 +84,7 @@ from trainer.algo.allocation import (
     GresoFilter,
     make_allocator,
 )
-from trainer.algo.plan import plan_rollouts
+from trainer.algo.plan import feed_history, plan_rollouts
 from trainer.algo.predictor import (
     BetaPrior,
     RowReplay,
@@ -94,7 +94,7 @@ from trainer.algo.predictor import (
     split_calibration,
 )
 from trainer.algo.step import PromptSampler
-from trainer.algo.tree import SUCCESS_THRESHOLD, FinishStatus, RolloutTree
+from trainer.algo.tree import FinishStatus, RolloutTree
 from trainer.learner.loss import policy_loss
 
 ALL = ("trace", "uniform", "root-only", "random-node")
@@ -440,9 +440,7 @@ class Simulation:
         trees = [t for t, mi in zip(plan.pool, plan.m, strict=True) if mi > 0]
         for t in trees:
             t.backup()
-        if alloc.stage1 == "greso":  # as TraceStep.collect: the history of each prompt rolled out
-            outcomes = {i: t.root_outcomes() for i, t, mi in zip(plan.idxs, plan.pool, plan.m, strict=True) if mi > 0}
-            self.greso.observe(outcomes, SUCCESS_THRESHOLD, adapt=self.sampler.epoch > 0)
+        feed_history(plan, alloc, self.greso, self.sampler)  # as TraceStep.collect feeds it
         leaves = sum(t.ledger.leaves for t in trees)
         assert leaves == a.leaf_budget, f"{alloc.name} generated {leaves} leaves, leaf_budget is {a.leaf_budget}"
         return trees, plan.count

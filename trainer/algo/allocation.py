@@ -201,8 +201,8 @@ def top_up_roots(v: Sequence[float], m: Sequence[int], budget: int, cap: int | N
 
 
 def skip_roots(v: Sequence[float], budget: int, m: int, eps: float) -> list[int]:
-    """GRESO's idea as a stage 1 on predicted values (Zheng et al., 2025, "Act Only When It Pays"): keep a uniform stage 1's breadth, m
-    rollouts a prompt in the order the stream gave them, but skip a prompt whose value is within `eps` of 0 or 1
+    """GRESO's idea as a stage 1 on predicted values (Zheng et al., 2025, "Act Only When It Pays"): keep a uniform
+    stage 1's breadth, m rollouts a prompt in the order the stream gave them, but skip a prompt whose value is within `eps` of 0 or 1
     (confidently all-fail or all-succeed). Skipped prompts are funded after the others only if too few remain; the
     remainder of budget // m goes one rollout each to the first funded prompts. Sums to `budget` when the pool
     has budget // m prompts."""
@@ -534,15 +534,14 @@ class AllocationConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node", "trace-skip" (our
     variant: GRESO-style stage 1, TRACE's stage 2), "greso" (GRPO behind GRESO's filter of prompts whose latest
-    visits were all-0 or all-1, no tree),
-    "entropy" (GRPO's stage 1, continuations where the policy's entropy after a tool result is highest: ARPO's
+    visits were all-0 or all-1, no tree), "entropy" (GRPO's stage 1, continuations where the policy's entropy after a tool result is highest: ARPO's
     signal, AT2PO's selection)."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
     root_budget: int = 64
-    """M: stage 1's share of leaf_budget for allocators that expand (trace, trace-skip, random-node, entropy); the rest,
-    leaf_budget - M, are stage 2's continuations (the paper's M * N: leaf_budget = M (1 + N))."""
+    """M: stage 1's share of leaf_budget for allocators that expand (trace, trace-skip, random-node, entropy); the
+    rest, leaf_budget - M, are stage 2's continuations (the paper's M * N: leaf_budget = M (1 + N))."""
     m_min: int = 2
     """Fewest rollouts of a selected prompt (a prompt gets 0 or m_min..m_max); 2 is the fewest that can be mixed."""
     m_max: int = 8
@@ -688,7 +687,7 @@ class StagedAllocator(Allocator):
         return self.stage2 == "entropy"
 
     def roots(self, prompts_v: Sequence[float], budget: int, cfg: AllocationConfig) -> list[int]:
-        if self.stage1 in ("uniform", "greso"):  # greso: the stream's prompts its filter kept (plan_rollouts)
+        if not self.selects:  # uniform, or greso's: the stream's prompts its filter kept (plan_rollouts)
             return uniform_roots(len(prompts_v), budget, cfg.m_min)
         if self.stage1 == "skip":  # GRPO's group size when one is set, else m_min rollouts a prompt
             return skip_roots(prompts_v, budget, cfg.group_size or max(cfg.m_min, 1), cfg.skip_eps)
@@ -703,10 +702,7 @@ class StagedAllocator(Allocator):
         cfg: AllocationConfig,
     ) -> tuple[list[int], list[int]]:
         assert len(funded_v) == len(funded_m) and budget >= 0, f"{len(funded_v)=} {len(funded_m)=} {budget=}"
-        if self.stage1 in (
-            "uniform",
-            "greso",
-        ):  # new prompts of the stream, evenly; extra bare rollouts only without any
+        if not self.selects:  # new prompts of the stream, evenly; extra bare rollouts only without any
             new = uniform_roots(len(new_v), budget, 1)
             extra = uniform_roots(len(funded_m), budget - sum(new), 1)
             assert sum(extra) + sum(new) == budget, f"spill_roots: {budget} rollouts and no prompt to take them"

@@ -41,6 +41,11 @@ class PromptStream(Protocol):
 
     def give_back(self, idxs: list[int]) -> None: ...
 
+    @property
+    def epoch(self) -> int:
+        """Passes over the split begun before the current one (0 in the first)."""
+        ...
+
 
 class Rollouts(Protocol):
     """What the plan asks of whoever makes rollouts."""
@@ -184,6 +189,16 @@ def draw_kept(sampler: PromptStream, n: int, keep: Callable[[int], bool]) -> tup
     fill = skipped[: n - len(kept)]
     sampler.give_back(list(dict.fromkeys(again)))
     return kept + fill, len(skipped) - len(fill)
+
+
+def feed_history(plan: StepPlan, alloc: Allocator, prompt_filter: GresoFilter | None, sampler: PromptStream) -> None:
+    """After a step's rollouts (and any tree redone since): the "greso" allocator's filter learns each rolled-out
+    prompt's bare-rollout rewards, adapting its keep probabilities once the stream is past its first pass. Nothing
+    for other allocators."""
+    if alloc.stage1 != "greso" or prompt_filter is None:
+        return
+    outcomes = {i: t.root_outcomes() for i, t, mi in zip(plan.idxs, plan.pool, plan.m, strict=True) if mi > 0}
+    prompt_filter.observe(outcomes, SUCCESS_THRESHOLD, adapt=sampler.epoch > 0)
 
 
 def mark_round(trees: list[RolloutTree], sizes: dict[int, int], r: int) -> None:

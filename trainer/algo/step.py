@@ -49,7 +49,7 @@ from trainer.algo.allocation import (
     plan_round,
     uniform_group,
 )
-from trainer.algo.plan import mark_round, plan_rollouts
+from trainer.algo.plan import feed_history, mark_round, plan_rollouts
 from trainer.algo.predictor import (
     BetaPrior,
     PredictorConfig,
@@ -62,7 +62,7 @@ from trainer.algo.predictor import (
 )
 from trainer.algo.rollout import RolloutRunner
 from trainer.algo.staleness import drop_stale
-from trainer.algo.tree import SUCCESS_THRESHOLD, Ledger, RolloutTree
+from trainer.algo.tree import Ledger, RolloutTree
 from trainer.learner.compute import compute, infer
 from trainer.learner.policy import FeatureModel, Policy
 
@@ -304,9 +304,7 @@ class TraceStep:
             self.engine_release(t)
         for t in trees:
             t.backup()
-        if alloc.stage1 == "greso":  # GRESO's history: each prompt's bare rollouts of this visit
-            outcomes = {i: t.root_outcomes() for i, t, mi in zip(idxs, pool, m, strict=True) if mi > 0}
-            self.greso.observe(outcomes, SUCCESS_THRESHOLD, adapt=self.sampler.epoch > 0)
+        feed_history(plan, alloc, self.greso, self.sampler)  # after _recover: the trees that count
         leaves = sum(t.ledger.leaves for t in trees)
         assert leaves == a.leaf_budget, (
             f"step {step}: {alloc.name} generated {leaves} leaves, allocation.leaf_budget is {a.leaf_budget} "
