@@ -14,7 +14,8 @@ the allocator with extra --set overrides). --sweep-lrs: every arm runs each rate
 evaluations; the reported seeds 0..S-1 then run at each arm's own rate. Every arm of a seed starts from the same
 warm start (model.tiny_seed, not run.seed) and draws from the same prompt stream (the same order; how far
 into it a step reads differs by arm, as spilled continuations take new prompts and skips consume them). Against
-GRPO ("uniform"), paired by seed: vs_grpo_dev_em_mean (the mean over the run's evaluations, the difference with its 95% interval).
+GRPO ("uniform"), paired by seed, each a difference with its 95% interval: vs_grpo_dev_em_mean (the mean over the
+run's evaluations: the primary figure) and vs_grpo_dev_em_final (the last evaluation's).
 
 Each (allocator, seed) is a full `trace-train` run from the same SFT-warm-started tiny model (the
 warm start is cached per seed, so every allocator of a seed starts from identical weights), with
@@ -169,7 +170,8 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
     assert len(per_step) == 1, f"allocators ran at different leaves per step {sorted(per_step)}: not equal cost"
     for a in allocators:
         mine = [r for r in runs if r["allocator"] == a]
-        out[a] = {k: _mean([r[k] for r in mine]) for k in (*FIGURES, "dev_em", "wall_s")}
+        # .get: a runs.json written before a figure existed (--from-runs) summarises with that figure n/a
+        out[a] = {k: _mean([r.get(k) for r in mine]) for k in (*FIGURES, "dev_em", "wall_s")}
         out[a]["seeds"] = len(mine)
         out[a]["leaves_per_step"] = mine[0]["leaves_per_step"]
         finals = [float(r["dev_em"]) for r in mine if r["dev_em"] is not None]
@@ -187,12 +189,16 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
     if "uniform" in out:  # paired by seed against GRPO: the mean dev EM over each run's evaluations (issue 22)
         base = {r["seed"]: r for r in runs if r["allocator"] == "uniform"}
         for a in out:
-            d = [
-                r["dev_em_mean"] - base[r["seed"]]["dev_em_mean"]
-                for r in runs
-                if r["allocator"] == a and r["seed"] in base and r.get("dev_em_mean") is not None
-            ]
-            out[a]["vs_grpo_dev_em_mean"], out[a]["vs_grpo_dev_em_mean_ci95"] = mean_ci(d) if d else (math.nan,) * 2
+            for k, name in (("dev_em_mean", "vs_grpo_dev_em_mean"), ("dev_em", "vs_grpo_dev_em_final")):
+                d = [
+                    r[k] - base[r["seed"]][k]
+                    for r in runs
+                    if r["allocator"] == a
+                    and r["seed"] in base
+                    and r.get(k) is not None
+                    and base[r["seed"]].get(k) is not None
+                ]
+                out[a][name], out[a][f"{name}_ci95"] = mean_ci(d) if d else (math.nan,) * 2
     if "uniform" in out:  # issue 12's goals, against GRPO, from the mean curves
         grpo = out["uniform"]
         for s in out.values():
@@ -223,6 +229,8 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         "dev_em_mean",
         "vs_grpo_dev_em_mean",
         "vs_grpo_dev_em_mean_ci95",
+        "vs_grpo_dev_em_final",
+        "vs_grpo_dev_em_final_ci95",
         "leaves_to_grpo_final",
         "lr",
         "grad_norm",
@@ -318,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare_allocators.json")
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "compare.toml"))
     p.add_argument("--eval-every", type=int, default=None, help="dev EM every E steps (default: at the end only)")
-    p.add_argument("--allocators", default=",".join(ALL))
+    p.add_argument(
+        "--allocators",
+        default=None,
+        help=f"comma-separated allocators and --arm names (default: {','.join(ALL)}; with --from-runs, every arm of the runs)",
+    )
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--arm", action="append", default=[], help="NAME=ALLOCATOR|SET|SET...: a variant to compare")
     p.add_argument("--sweep-lrs", default="", help="comma-separated optim.lr values: each arm's own rate, tuned")
@@ -327,12 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         "--from-runs", default=None, help="summarise FILE.runs.json of a finished comparison again, run nothing"
     )
     args = p.parse_args(argv)
-    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    allocators = [a.strip() for a in (args.allocators or ",".join(ALL)).split(",") if a.strip()]
     out = Path(args.out)
     if args.from_runs:
         saved = json.loads(Path(args.from_runs).read_text())
         runs, args.steps, args.seeds = saved["runs"], saved["steps"], saved["seeds"]
-        allocators = [a for a in allocators if any(r["allocator"] == a for r in runs)]
+        present = list(dict.fromkeys(r["allocator"] for r in runs))  # in the order they ran (GRPO first)
+        absent = [a for a in allocators if a not in present]
+        assert args.allocators is None or not absent, f"--allocators names {absent}, not in {args.from_runs}"
+        allocators = present if args.allocators is None else allocators
     else:
         work = out.with_suffix("")
         work.mkdir(parents=True, exist_ok=True)

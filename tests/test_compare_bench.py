@@ -84,17 +84,23 @@ def test_a_finished_comparison_is_summarised_again_from_its_runs(tmp_path: Path)
 
     figures = dict.fromkeys(cmp.FIGURES, 0.0)
     runs = []
-    for a, ems in (("uniform", {1: 0.2, 3: 0.4}), ("trace", {1: 0.4, 3: 0.5})):
+    for a, ems in (("uniform", {1: 0.2, 3: 0.4}), ("trace", {1: 0.4, 3: 0.5}), ("trace-fixed", {1: 0.3, 3: 0.4})):
         for seed in range(2):
             run = {**figures, "effective_ratio": 0.5, "allocator": a, "seed": seed, "dev_em": ems[3], "wall_s": 1.0}
             runs.append({**run, **cmp.dev_em_curve(_rows(ems, before=0.1))})
+    del runs[0]["prompts_skipped"]  # a runs.json from before a figure existed still summarises
     saved = tmp_path / "c.runs.json"
     saved.write_text(json.dumps({"steps": 4, "seeds": 2, "runs": runs}))
     out = tmp_path / "again.json"
     assert cmp.main(["--from-runs", str(saved), "--out", str(out)]) == 0
     summary = json.loads(out.read_text())
-    assert set(summary) == {"uniform", "trace"} and summary["trace"]["leaves_to_grpo_final"] == 128
-    assert out.with_suffix(".dev_em.png").exists() and "| trace |" in out.with_suffix(".md").read_text()
+    # every arm of the runs, --arm variants included, in the order they ran
+    assert list(summary) == ["uniform", "trace", "trace-fixed"] and summary["trace"]["leaves_to_grpo_final"] == 128
+    assert out.with_suffix(".dev_em.png").exists() and "| trace-fixed |" in out.with_suffix(".md").read_text()
+    assert cmp.main(["--from-runs", str(saved), "--out", str(out), "--allocators", "uniform,trace"]) == 0
+    assert list(json.loads(out.read_text())) == ["uniform", "trace"]
+    with pytest.raises(AssertionError, match="entropy"):
+        cmp.main(["--from-runs", str(saved), "--out", str(out), "--allocators", "uniform,entropy"])
 
 
 def test_equal_care_figures_are_paired_by_seed_and_arms_parse() -> None:
@@ -112,6 +118,8 @@ def test_equal_care_figures_are_paired_by_seed_and_arms_parse() -> None:
     assert s["trace-fixed"]["vs_grpo_dev_em_mean"] == pytest.approx(0.03)
     assert s["trace-fixed"]["vs_grpo_dev_em_mean_ci95"] == pytest.approx(4.303 * 0.01 / 3**0.5, rel=1e-3)
     assert s["uniform"]["vs_grpo_dev_em_mean"] == 0.0
+    assert s["trace-fixed"]["vs_grpo_dev_em_final"] == pytest.approx(0.03)  # the last evaluation's, paired
+    assert s["uniform"]["vs_grpo_dev_em_final"] == 0.0
     assert s["trace-fixed"]["lr"] == 5e-5 and s["trace-fixed"]["clip_rate"] == 0.25
     assert "| trace-fixed |" in cmp.table(s) and "5e-05" in cmp.table(s)
     assert cmp.parse_arm('trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"') == (
