@@ -22,7 +22,8 @@
 #   of issue 22's regime 1 run again here: a run is not bit-for-bit reproducible, its rollouts' sampling order
 #   depends on timing, so arms are compared only within one comparison).
 # Regime "epochs": 300 train questions, 5 passes (94 steps of 16 prompts), where a prompt's history has data; dev EM
-#   every 10 steps. configs/compare.toml with env.train_limit=300.
+#   every 10 steps. configs/compare.toml with env.train_limit=300 (= configs/compare-epochs.toml, checked by
+#   tests/test_config.py; the command below keeps its --set form so that a resumed comparison keeps its runs).
 # Rates: 5e-5, 1e-4, 2e-4 for both (issue 22's regime 1 found every arm best at the top of 2e-5..1e-4).
 # Cost: regime "single" is 56 runs of 20 steps (~2.5-3.5 min alone on 2 cores), ~3 h; a 94-step run is ~10-12 min, so
 # regime "epochs" (5 arms x (3 rates x 2 tuning + 8) = 70 runs) is ~13 h: several sessions, resumed each time.

@@ -7,7 +7,8 @@ A program's config is a tree of dataclasses whose fields carry a type, a default
 
 - TOML: keys are field names, one table per nested section (`[run]`, `[optim]`, ...); a program may also accept
   its fields under one table of its own (the env server's `[server]`). Unknown keys and wrong types are errors
-  naming the file and the key; values merge onto the defaults, so a table sets only what it names.
+  naming the file and the key; values merge onto the defaults, so a table sets only what it names. A top-level
+  `extends = "base.toml"` (relative to the file) merges the base first, so a variant names only what it changes.
 - Environment variables: each program names the few that make sense (a token, a URL), as `{VAR: "dotted.field"}`;
   the first one set wins, and a TOML value is overridden by it.
 - `--set section.field=value`: the value in TOML syntax (numbers, booleans, lists, quoted strings; a bare word is a
@@ -61,11 +62,10 @@ def load_config(
     """`cls` (or `base`) updated by a TOML file, then environment variables, then `section.field=value` items;
     types are checked field by field. No `validate()` here: `parse_args` runs it after the flags."""
     values = dataclasses.asdict(base if base is not None else cls())  # type: ignore[call-overload]
-    if toml_path is not None:
-        raw = _read_toml(toml_path)
+    for path, raw in _toml_chain(toml_path) if toml_path is not None else []:
         if toml_table is not None and isinstance(raw.get(toml_table), dict):
             raw = raw[toml_table]
-        _merge(values, raw, cls, where=str(toml_path))
+        _merge(values, raw, cls, where=str(path))
     done: set[str] = set()
     for var, dotted in (env_vars or {}).items():
         text = os.environ.get(var)
@@ -80,6 +80,24 @@ def load_config(
         hint = _field_type(cls, key, where=f"--set {item!r}")
         _merge(values, _nested(key, _coerce(text, hint)), cls, where=f"--set {item!r}")
     return _convert(values, cls, where=str(toml_path or "config"))
+
+
+def _toml_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The file and the files it extends, the farthest base first: a top-level `extends = "base.toml"` (a path
+    relative to the file) loads the base's values before the file's own, which override them key by key."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    here: Path | None = Path(path)
+    while here is not None:
+        if any(here.resolve() == seen.resolve() for seen, _ in chain):
+            names = " -> ".join(str(p) for p, _ in chain)
+            raise ConfigError(f"{path}: `extends` goes round in a circle ({names} -> {here})")
+        raw = _read_toml(here)
+        base = raw.pop("extends", None)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"{here}: `extends` must be a path to a TOML file (a string), not {base!r}")
+        chain.append((here, raw))
+        here = None if base is None else here.parent / base
+    return chain[::-1]
 
 
 def _read_toml(path: str | Path) -> dict[str, Any]:

@@ -74,6 +74,34 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
         load_config(TrainConfig, sets=["optim.lr"])
 
 
+def test_a_config_extends_another(tmp_path: Path) -> None:
+    """`extends`: the base's values first, then the file's own, key by key; chains, relative paths, and a circle
+    or a non-path are errors naming the file."""
+    from trainer.config import TrainConfig, load_train_config
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.toml").write_text('[run]\nsteps = 7\nname = "base"\n[optim]\nlr = 0.5\n')
+    (tmp_path / "sub" / "mid.toml").write_text('extends = "../base.toml"\n[run]\nname = "mid"\n')
+    leaf = tmp_path / "sub" / "leaf.toml"
+    leaf.write_text('extends = "mid.toml"\n[optim]\nkl_coef = 0.25\n')
+    cfg = load_config(TrainConfig, leaf)
+    assert (cfg.run.steps, cfg.run.name, cfg.optim.lr, cfg.optim.kl_coef) == (7, "mid", 0.5, 0.25)
+    (tmp_path / "base.toml").write_text('extends = "sub/leaf.toml"\n')
+    with pytest.raises(ConfigError, match="circle"):
+        load_config(TrainConfig, leaf)
+    leaf.write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match=r"leaf\.toml: `extends` must be a path"):
+        load_config(TrainConfig, leaf)
+    leaf.write_text('extends = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match=r"nowhere\.toml"):
+        load_config(TrainConfig, leaf)
+    # the shipped multi-pass regime is compare.toml with the two settings bench/run_peers.sh gives it
+    epochs = load_train_config(REPO / "configs" / "compare-epochs.toml")
+    sets = ["env.train_limit=300", "run.steps=94", "run.eval_every=10"]  # --set, --steps 94, --eval-every 10
+    assert epochs == load_train_config(REPO / "configs" / "compare.toml", sets)
+    assert epochs.env.train_limit == 300 and epochs.run.prompts_per_step * epochs.run.steps >= 5 * 300
+
+
 def test_env_server_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from env_server.config import parse_serve_args
 
