@@ -105,7 +105,9 @@ class PromptSampler:
     (the candidates of the pool it did not fund) go back to the front of the queue for the next batch (DESIGN:
     "left for a later batch"). `take(k)` gives k distinct prompts (k <= n); a prompt the next epoch's permutation
     gives again within one take (it was also near the end of the last) waits at the front for the next take, so
-    every epoch still visits every prompt once."""
+    every epoch still visits every prompt once. A prompt waits in the queue at most once: given back while it
+    waits, or given again by a later epoch's permutation while it waits, it keeps its one place (over several
+    passes a pool would otherwise fill with copies of the prompts stage 1 keeps leaving unfunded)."""
 
     def __init__(self, n: int, seed: int) -> None:
         assert n > 0, "the training split is empty"
@@ -129,12 +131,13 @@ class PromptSampler:
                 self._perm = self._make_perm()
             i = self._perm[self.pos]
             self.pos += 1
-            (later if i in out else out).append(i)
+            (later if i in out or i in self.returned else out).append(i)
         self.returned[:0] = [i for i in dict.fromkeys(later) if i not in self.returned]
         return out
 
     def give_back(self, idxs: list[int]) -> None:
-        self.returned.extend(idxs)
+        waiting = set(self.returned)
+        self.returned.extend(i for i in dict.fromkeys(idxs) if i not in waiting)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "returned": list(self.returned)}
