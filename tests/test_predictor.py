@@ -53,6 +53,18 @@ def test_beta_prior():
         b.update("p", [2.0])
 
 
+def test_prior_decay_is_a_checked_setting_the_trainer_uses() -> None:
+    from trainer.algo.step import TraceStep
+    from trainer.config import TrainConfig, load_train_config
+
+    cfg = load_train_config(sets=["predictor.prior_decay=0.5"])
+    assert TraceStep(cfg, None, None, 64).prior.decay == 0.5  # type: ignore[arg-type]  # state only
+    assert TraceStep(TrainConfig(), None, None, 64).prior.decay == 1.0  # type: ignore[arg-type]  # the paper's
+    for bad in ("predictor.prior_decay=0", "predictor.prior_decay=1.5", "predictor.prior_a=0"):
+        with pytest.raises(ValueError, match=bad.split("=")[0].split(".")[1]):
+            load_train_config(sets=[bad])
+
+
 def test_structural_features():
     t = RolloutTree.new("p", "Who?", ["The Eiffel Tower"], [1, 2, 3, 4], None)
     a = t.add_child(

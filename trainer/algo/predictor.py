@@ -56,7 +56,12 @@ class PredictorConfig:
     """Input = the policy's last hidden state at the prefix end + structural features (else structural only)."""
     prior_a: float = 1.0
     prior_b: float = 1.0
-    """Beta(a, b) prior of a prompt's success rate, for roots never seen before."""
+    """A prompt's stage-1 value is a Beta posterior of its past bare-rollout outcomes centred on the predictor's
+    V(root) with a + b pseudo-counts (a prompt never seen gets V(root) itself); a / (a + b) is the centre only where
+    there is no predictor value."""
+    prior_decay: float = 1.0
+    """In (0, 1]: a prompt's past counts are multiplied by this before each new visit's outcomes are added, so that
+    outcomes of an older policy fade over passes (1.0: every visit counts for ever, as the paper's prior)."""
     replay_steps: int = 0
     """Refit on this step's rows and those of the last replay_steps steps (`RowReplay`; 0 = this step only). A step
     gives a few dozen outcomes; older rows carry older features (the policy's hidden states moved since)."""
@@ -75,6 +80,12 @@ class PredictorConfig:
     rollout temperature). Where the tag is several tokens (Qwen3's `<answer>` is `<`, `answer`, `>`), the first is
     its first token's, shared with `<search>`: the entropy then carries the signal alone. Our addition (issue 22);
     off in the paper's setting."""
+
+    def __post_init__(self) -> None:
+        if not (self.prior_a > 0 and self.prior_b > 0):
+            raise ValueError(f"predictor.prior_a and prior_b must be > 0, got {self.prior_a} and {self.prior_b}")
+        if not 0 < self.prior_decay <= 1:
+            raise ValueError(f"predictor.prior_decay must be in (0, 1], got {self.prior_decay}")
 
 
 @contextlib.contextmanager

@@ -167,7 +167,7 @@ class TraceStep:
         self.allocator = make_allocator(cfg.allocation.type)
         self.sampler = PromptSampler(n_train, cfg.run.seed)
         self._check_split(n_train)
-        self.prior = BetaPrior(cfg.predictor.prior_a, cfg.predictor.prior_b)
+        self.prior = BetaPrior(cfg.predictor.prior_a, cfg.predictor.prior_b, cfg.predictor.prior_decay)
         a = cfg.allocation
         self.greso = GresoFilter(a.greso_p, a.greso_target, a.greso_step)  # the "greso" allocator's prompt history
         self.rng = random.Random(cfg.run.seed)
