@@ -50,7 +50,8 @@ Figures per allocator (mean over seeds, with `_ci95` = half-width of Student's t
 - grad_norm / clip_rate: the policy gradient's norm before clipping, and the share of steps it was clipped;
 - continuations_to_mixed_frac: the share of stage 2's continuations placed on prompts whose bare rollouts were
   already mixed (nan without expansion); prompts_skipped: prompts greso's filter skipped a step (0 for the others);
-- vs_grpo_mean_success (paired by seed, mean difference with its 95% interval) and vs_grpo_leaves_ratio (leaves to
+- vs_grpo_mean_success and vs_grpo_final_success (paired by seed, mean difference with its 95% interval: the mean
+  over the run, the primary figure, and at its end) and vs_grpo_leaves_ratio (leaves to
   target over GRPO's, the geometric mean of the per-seed ratios with its 95% interval), against "uniform".
 A figure without samples (anchor bias of an allocator that never expands) is null. FILE.runs.json holds the per-run
 figures and curves. Also FILE.png: success vs cumulative leaves, mean and 95% band per allocator; a table is printed.
@@ -714,6 +715,7 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
         for a in allocators:
             pairs = [(r, base[r["seed"]]) for r in runs if r["allocator"] == a and r["seed"] in base]
             d_mean, d_ci = mean_ci([r["mean_success"] - g["mean_success"] for r, g in pairs])
+            f_mean, f_ci = mean_ci([r["final_success"] - g["final_success"] for r, g in pairs])
             logs = [
                 math.log(r["leaves_to_target"] / g["leaves_to_target"])
                 for r, g in pairs
@@ -721,6 +723,7 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
             ]
             l_mean, l_ci = mean_ci(logs) if logs else (math.nan, math.nan)
             out[a]["vs_grpo_mean_success"], out[a]["vs_grpo_mean_success_ci95"] = d_mean, d_ci
+            out[a]["vs_grpo_final_success"], out[a]["vs_grpo_final_success_ci95"] = f_mean, f_ci
             out[a]["vs_grpo_leaves_ratio"] = math.exp(l_mean)
             out[a]["vs_grpo_leaves_ratio_ci95"] = [math.exp(l_mean - l_ci), math.exp(l_mean + l_ci)]
     return out
@@ -752,11 +755,13 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
                 cells.append(f"{x:+.{prec}f} ± {ci:.{prec}f}" if "bias" in k else f"{x:.{prec}f} ± {ci:.{prec}f}")
         lines.append(f"| {a} | {fig.get('lr')} | " + " | ".join(cells) + " |")
     if all("vs_grpo_mean_success" in f for f in summary.values()):
-        lines += ["", "| allocator | mean success - GRPO's (paired, 95%) | leaves to target / GRPO's (95%) |"]
-        lines.append("|---|---|---|")
+        lines += ["", "| allocator | mean success - GRPO's (paired, 95%) | final success - GRPO's (paired, 95%) "
+                  "| leaves to target / GRPO's (95%) |"]  # fmt: skip
+        lines.append("|---|---|---|---|")
         for a, f in summary.items():
             lo, hi = f["vs_grpo_leaves_ratio_ci95"]
             lines.append(f"| {a} | {f['vs_grpo_mean_success']:+.3f} ± {f['vs_grpo_mean_success_ci95']:.3f} | "
+                         f"{f['vs_grpo_final_success']:+.3f} ± {f['vs_grpo_final_success_ci95']:.3f} | "
                          f"{f['vs_grpo_leaves_ratio']:.2f}x [{lo:.2f}, {hi:.2f}] |")  # fmt: skip
     return "\n".join(lines)
 

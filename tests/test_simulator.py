@@ -171,14 +171,16 @@ def test_comparison_against_grpo_is_paired_by_seed() -> None:
     for seed, (g, t, lg, lt) in enumerate(((0.30, 0.32, 640, 320), (0.40, 0.41, 1280, 640), (0.20, 0.23, 320, 160))):
         common = {**fig, "seed": seed, "success_curve": [0.1, 0.2], "initial_success": 0.1, "optimal_success": 0.5}
         common |= {"wall_s": 1.0, "lr": 0.1}
-        runs.append({**common, "allocator": "uniform", "mean_success": g, "leaves_to_target": lg})
-        runs.append({**common, "allocator": "trace", "mean_success": t, "leaves_to_target": lt})
+        runs.append({**common, "allocator": "uniform", "mean_success": g, "leaves_to_target": lg, "final_success": g})
+        runs.append({**common, "allocator": "trace", "mean_success": t, "leaves_to_target": lt, "final_success": g - t})
     out = sim.summarise(runs, ["uniform", "trace"])
+    assert out["trace"]["vs_grpo_final_success"] == pytest.approx(-(0.32 + 0.41 + 0.23) / 3)  # (g - t) - g, paired
+    assert out["uniform"]["vs_grpo_final_success"] == 0
     assert out["trace"]["vs_grpo_mean_success"] == pytest.approx(0.02)
     assert out["trace"]["vs_grpo_mean_success_ci95"] == pytest.approx(4.303 * 0.01 / 3**0.5, rel=1e-3)
     assert out["trace"]["vs_grpo_leaves_ratio"] == pytest.approx(0.5) and out["uniform"]["vs_grpo_leaves_ratio"] == 1
     assert out["trace"]["vs_grpo_leaves_ratio_ci95"] == pytest.approx([0.5, 0.5])
-    assert "| trace | +0.020" in sim.table(out)
+    assert "| trace | +0.020 ± 0.025 | -0.320 ± 0." in sim.table(out)
 
 
 def test_calibration_probe_is_outside_the_run_and_scores_an_oracle_too() -> None:
