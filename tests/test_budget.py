@@ -336,6 +336,7 @@ async def test_greso_skips_prompts_whose_last_visit_was_zero_variance_on_real_tr
             assert all(t.root_outcomes() == [0.0, 0.0] for t in batch.trees), "the untrained model fails"
             seen.append(batch.metrics["prompts_skipped"])
             assert batch.metrics["greso_p_hard"] == 0.0
+            assert batch.metrics["data_epoch"] == [0.5, 1.0, 2.0][s]  # 2, then 4 of 4 prompts; then a whole pass
         assert seen == [0.0, 0.0, 2.0]
         assert step.greso.streak == dict.fromkeys(second_pass[:2], 2) | dict.fromkeys(second_pass[2:], 1)
         assert step.sampler.epoch == 1 and step.sampler.pos == 4, "the whole second pass was examined"

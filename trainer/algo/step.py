@@ -322,6 +322,8 @@ class TraceStep:
         # continuations: placed at anchors (continuations_moved of them on another prompt's anchors);
         # respent_as_roots: continuations no anchor could take, run as new roots. They sum to leaf_budget.
         batch.metrics = {"leaf_budget": float(a.leaf_budget), **{k: float(x) for k, x in count.items()}}
+        # passes over the training split the stream has made (2.5: half-way through the third), for multi-pass runs
+        batch.metrics["data_epoch"] = self.sampler.epoch + self.sampler.pos / self.sampler.n
         if alloc.stage1 == "greso":  # its keep probabilities after this step's observation
             batch.metrics.update(greso_p_easy=self.greso.p_easy, greso_p_hard=self.greso.p_hard)
         batch.metrics["env_failures"] = float(self.runner.env_failures - failures0)
