@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--allocators",
         default=None,
-        help=f"comma-separated allocators and --arm names (default: {','.join(ALL)}; with --from-runs, every arm of the runs)",
+        help=f"comma-separated allocators and --arm names (default: {','.join(ALL)}; "
+        "with --from-runs, every arm of the runs)",
     )
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--arm", action="append", default=[], help="NAME=ALLOCATOR|SET|SET...: a variant to compare")

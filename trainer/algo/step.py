@@ -446,9 +446,10 @@ class TraceStep:
         the same prompt (a create, on a replica that is up; with none up it waits up to env.patience_s) gets the same
         m[i] bare rollouts and, for allocators that expand, its cont[i] continuations placed by one allocation round
         over its own anchors. After env.redo_attempts redos the prompt is *dropped* for this step (an allocator that
-        selects gives it back to the stream, as it does its unfunded candidates): its m[i] + cont[i] leaves go, as bare rollouts, to the first unfunded
-        candidate of the pool, else to the next prompt of the stream that is not in this step. Counted in
-        trees_redone / trees_dropped, the finished leaves thrown away in leaves_lost; each logged."""
+        selects gives it back to the stream, as it does its unfunded candidates; the others do not, so in a
+        multi-pass run a dropped prompt misses that pass): its m[i] + cont[i] leaves go, as bare rollouts, to the
+        first unfunded candidate of the pool, else to the next prompt of the stream that is not in this step.
+        Counted in trees_redone / trees_dropped, the finished leaves thrown away in leaves_lost; each logged."""
         a, alloc, env = self.cfg.allocation, self.allocator, self.cfg.env
         tries: dict[int, int] = {}
         while lost := [i for i in range(len(pool)) if m[i] > 0 and pool[i].lost is not None]:
