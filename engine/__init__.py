@@ -12,3 +12,7 @@ the outside in (each module docstring states its contract):
 - `kv_buffer`: the preallocated, doubling per-layer KV buffers the model writes into during prefill and decode.
 - `sampling`: SGLang's sampling (greedy, temperature, top-k, top-p, min-p) and the logprob it reports.
 """
+
+from shared.cpu_threads import passive_openmp_waits
+
+passive_openmp_waits()  # before any module of this package imports torch: OpenMP reads the policy once, at load

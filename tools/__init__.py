@@ -8,3 +8,7 @@ Arrows: `tools` uses the env server only by URL and the trainer only through its
 agent); neither the env server nor the trainer imports `tools` (the trainer runs its builders as child
 processes).
 """
+
+from shared.cpu_threads import passive_openmp_waits
+
+passive_openmp_waits()  # before any module of this package imports torch: OpenMP reads the policy once, at load

@@ -14,3 +14,7 @@ Each part's config section lives beside it (`algo.allocation.AllocationConfig`, 
 `engines.config.EngineConfig`, ...); `trainer.config.TrainConfig` composes them, so no part imports the loop's
 config (the step names the shape it reads as a Protocol, `algo.step.StepConfig`).
 """
+
+from shared.cpu_threads import passive_openmp_waits
+
+passive_openmp_waits()  # before any module of this package imports torch: OpenMP reads the policy once, at load
