@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         runs, args.steps, args.seeds = saved["runs"], saved["steps"], saved["seeds"]
         present = list(dict.fromkeys(r["allocator"] for r in runs))  # in the order they ran (GRPO first)
         absent = [a for a in allocators if a not in present]
-        assert args.allocators is None or not absent, f"--allocators names {absent}, not in {args.from_runs}"
+        if args.allocators is not None and absent:
+            p.error(f"--allocators names {absent}, which {args.from_runs} has no runs of (it has {present})")
         allocators = present if args.allocators is None else allocators
     else:
         work = out.with_suffix("")
