@@ -3,9 +3,9 @@
 torch's CPU kernels run on an OpenMP team per thread, whose threads by default spin between parallel regions
 (GNU libgomp: up to GOMP_SPINCOUNT iterations before sleeping). When another busy process holds a core (the
 engine beside the trainer, a second run, the test suite), a spinning thread burns the time slice that the thread it
-waits for needs, and every small op pays. With `OMP_WAIT_POLICY=PASSIVE` the threads sleep: the tiny model's policy
-update beside one of our LM comparison runs on 2 cores took 7.4 s against 28.6 s with the default policy
-(`bench/bench_cpu_threads.py`; docs/results.md has the figures).
+waits for needs, and every small op pays. With `OMP_WAIT_POLICY=PASSIVE` the threads sleep: on 2 cores the tiny
+model's policy update beside a busy 2-thread process took 7.8 s against 21.3 s with the default policy, and 4.30 s
+against 4.14 s alone (`bench/bench_cpu_threads.py`; docs/results.md has the figures).
 
 The policy is read once, when the OpenMP runtime loads with torch, so it must be in the environment before the
 first `import torch`: `trainer` and `engine` call `passive_openmp_waits()` in their package `__init__`, which runs
