@@ -1,17 +1,18 @@
-"""What OpenMP's wait policy does to a CPU policy update when the cores are shared (a second torch process).
+"""What OpenMP's wait policy does to an update-shaped CPU step when the cores are shared (a second torch process).
 
     python bench/bench_cpu_threads.py [--reps 4] [--rounds 2] --out runs/bench_cpu_threads.json
 
 torch's CPU kernels run on an OpenMP team per thread. By default a team's threads spin (GNU libgomp: up to
 GOMP_SPINCOUNT iterations) waiting for the next parallel region; when another busy process holds a core, a
 spinning thread burns the slice the thread it waits for needs, and every small op pays. `OMP_WAIT_POLICY=PASSIVE`
-makes them sleep instead. `trainer` and `engine` set it (if unset) when first imported, before torch loads
-(`shared.cpu_threads`).
+makes them sleep instead. `trainer`, `engine` and `tools` set it (if unset) when first imported, before torch
+loads (`shared.cpu_threads`).
 
-This times the tiny model's policy update (64 sequences x 400 tokens in micro-batches of 8, forward, backward,
-AdamW step; float32) in fresh processes, under each policy (the libgomp default, i.e. OMP_WAIT_POLICY unset, and
-PASSIVE), alone and beside a competitor process that runs 2-thread matmuls without pause (as an engine or another
-run would). Rounds interleave the four settings; each setting's figure is the median of its reps over rounds.
+This times an update-shaped step of the tiny model (not the trainer's loss: 64 random sequences x 400 tokens in
+micro-batches of 8, forward, backward of a stand-in loss (the logits' mean logsumexp), AdamW step; float32) in fresh
+processes, under each policy (the libgomp default, i.e. OMP_WAIT_POLICY unset, and PASSIVE), alone and beside a
+competitor process that runs 2-thread matmuls without pause (as an engine or another run would). Rounds interleave the
+four settings; each setting's figure is the median of its reps over rounds.
 Prints the seconds and the ratios (beside / alone under each policy; PASSIVE / default in each condition) and writes
 JSON. The tiny model is built here (tools.tiny_model), no download.
 """

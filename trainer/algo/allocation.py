@@ -202,10 +202,10 @@ def top_up_roots(v: Sequence[float], m: Sequence[int], budget: int, cap: int | N
 
 def skip_roots(v: Sequence[float], budget: int, m: int, eps: float) -> list[int]:
     """GRESO's idea as a stage 1 on predicted values (Zheng et al., 2025, "Act Only When It Pays"): keep a uniform
-    stage 1's breadth, m rollouts a prompt in the order the stream gave them, but skip a prompt whose value is within `eps` of 0 or 1
-    (confidently all-fail or all-succeed). Skipped prompts are funded after the others only if too few remain; the
-    remainder of budget // m goes one rollout each to the first funded prompts. Sums to `budget` when the pool
-    has budget // m prompts."""
+    stage 1's breadth, m rollouts a prompt in the order the stream gave them, but skip a prompt whose value is within
+    `eps` of 0 or 1 (confidently all-fail or all-succeed). Skipped prompts are funded after the others only if too few
+    remain; the remainder of budget // m goes one rollout each to the first funded prompts. Sums to `budget` when the
+    pool has budget // m prompts."""
     assert m >= 1 and budget >= 0 and 0.0 <= eps < 0.5, f"{m=} {budget=} {eps=}"
     out = [0] * len(v)
     n = budget // m
@@ -534,8 +534,8 @@ class AllocationConfig:
     type: Annotated[str, tyro.conf.arg(aliases=("--allocator",))] = "trace"
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node", "trace-skip" (our
     variant: GRESO-style stage 1, TRACE's stage 2), "greso" (GRPO behind GRESO's filter of prompts whose latest
-    visits were all-0 or all-1, no tree), "entropy" (GRPO's stage 1, continuations where the policy's entropy after a tool result is highest: ARPO's
-    signal, AT2PO's selection)."""
+    visits were all-0 or all-1, no tree), "entropy" (GRPO's stage 1, continuations where the policy's entropy
+    after a tool result is highest: ARPO's signal, AT2PO's selection)."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
