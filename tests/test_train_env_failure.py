@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from trainer import services
 from trainer.algo.rollout import RolloutRunner
+from trainer.algo.step import PromptSampler
 from trainer.algo.tree import FinishStatus
 from trainer.config import TrainConfig, load_train_config
 from trainer.dumps import read_dump
@@ -84,12 +85,17 @@ def check_batch(out: Path, row: dict, budget: int) -> None:
     assert all(n["info"].get("round") is not None for t in trees for n in t["nodes"][1:]), "redone trees too"
 
 
-@pytest.mark.parametrize("redo_attempts", [2, 0], ids=["redone", "dropped"])
+@pytest.mark.parametrize(
+    ("redo_attempts", "allocator"),
+    [(2, "trace"), (0, "trace"), (0, "uniform")],
+    ids=["redone", "dropped", "dropped-uniform"],
+)
 def test_one_of_two_replicas_dies_mid_step(
-    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, redo_attempts: int
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, redo_attempts: int, allocator: str
 ) -> None:
     """Redone (the same prompts again on the replica left) or, with env.redo_attempts 0, dropped (fresh prompts
-    take their leaves)."""
+    take their leaves, and the dropped ones go back to the stream, for an allocator that selects and for one that
+    takes prompts as the stream gives them: in a multi-pass run none misses its pass)."""
     monkeypatch.setenv("TRACE_CACHE_DIR", str(cache_dir))
     out = tmp_path / "run"
     base = load_train_config(REPO / "configs" / "debug.toml", [*SMALL, f'run.output_dir="{out}"'])
@@ -102,8 +108,17 @@ def test_one_of_two_replicas_dies_mid_step(
                 f'run.output_dir="{out}"',
                 f"env.urls={json.dumps([u for _, u in procs])}",
                 f"env.redo_attempts={redo_attempts}",
+                f'allocation.type="{allocator}"',
             ],
         )
+        given_back: list[int] = []  # what the stream was given back (then given back for real)
+        give_back = PromptSampler.give_back
+
+        def recording(self: PromptSampler, idxs: list[int]) -> None:
+            given_back.extend(idxs)
+            give_back(self, idxs)
+
+        monkeypatch.setattr(PromptSampler, "give_back", recording)
         fired = kill_at_rollout(monkeypatch, 6, lambda: os.kill(procs[1][0].pid, signal.SIGKILL))
         with capture_logs() as logs:
             asyncio.run(train(cfg))
@@ -119,6 +134,7 @@ def test_one_of_two_replicas_dies_mid_step(
             assert row["trees_dropped"] >= 1 and row["trees_redone"] == 0
             dropped = [x for x in logs if x["event"].startswith("a prompt lost its env state too often")]
             assert len(dropped) == row["trees_dropped"]
+            assert {x["idx"] for x in dropped} <= set(given_back), (dropped, given_back)
         assert "waiting for an env server to come back" not in events, "the other replica was up all along"
     finally:
         for p, _ in procs:

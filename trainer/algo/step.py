@@ -299,8 +299,9 @@ class TraceStep:
         )
         pool, idxs, v, m, cont, count = plan.pool, plan.idxs, plan.v, plan.m, plan.cont, plan.count
         await self._recover(pool, idxs, v, m, cont, step, count)
-        if alloc.selects:
-            self.sampler.give_back([idx for idx, mi in zip(idxs, m, strict=True) if mi == 0])
+        # Back to the stream: an allocator that selects, its unfunded candidates; every allocator, the prompts
+        # _recover dropped (a non-selecting pool has no other prompt at 0), so none misses its pass over the data.
+        self.sampler.give_back([idx for idx, mi in zip(idxs, m, strict=True) if mi == 0])
         trees = [t for t, mi in zip(pool, m, strict=True) if mi > 0]
         assert all(t.lost is None for t in trees), "a lost tree reached the batch"
         for t in pool:  # every tree's engine route, a dropped prompt's too
@@ -445,11 +446,11 @@ class TraceStep:
         exactly leaf_budget leaves and no half-finished tree reaches the update. A lost tree is *redone*: a new tree of
         the same prompt (a create, on a replica that is up; with none up it waits up to env.patience_s) gets the same
         m[i] bare rollouts and, for allocators that expand, its cont[i] continuations placed by one allocation round
-        over its own anchors. After env.redo_attempts redos the prompt is *dropped* for this step (an allocator that
-        selects gives it back to the stream, as it does its unfunded candidates; the others do not, so in a
-        multi-pass run a dropped prompt misses that pass): its m[i] + cont[i] leaves go, as bare rollouts, to the
-        first unfunded candidate of the pool, else to the next prompt of the stream that is not in this step.
-        Counted in trees_redone / trees_dropped, the finished leaves thrown away in leaves_lost; each logged."""
+        over its own anchors. After env.redo_attempts redos the prompt is *dropped* for this step (`collect` gives it
+        back to the stream, as it does an allocator's unfunded candidates, so in a multi-pass run it does not miss
+        its pass): its m[i] + cont[i] leaves go, as bare rollouts, to the first unfunded candidate of the pool, else to
+        the next prompt of the stream that is not in this step. Counted in trees_redone / trees_dropped, the finished
+        leaves thrown away in leaves_lost; each logged."""
         a, alloc, env = self.cfg.allocation, self.allocator, self.cfg.env
         tries: dict[int, int] = {}
         while lost := [i for i in range(len(pool)) if m[i] > 0 and pool[i].lost is not None]:
@@ -477,6 +478,7 @@ class TraceStep:
                 log.error(
                     "a prompt lost its env state too often; dropped for this step, another prompt takes its leaves",
                     prompt=pool[i].prompt_id,
+                    idx=idxs[i],
                     tries=tries[i],
                     leaves=m[i] + cont[i],
                     to=pool[j].prompt_id,
