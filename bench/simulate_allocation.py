@@ -238,6 +238,9 @@ class SimConfig:
     and the next-token entropy at the node's last token)."""
     prior_a: float = 1.0
     prior_b: float = 1.0
+    prior_decay: float = 1.0
+    """predictor.prior_decay: a prompt's past bare-rollout counts are multiplied by this before each new visit's
+    (1.0, the paper's: every past outcome counts; below 1 an older policy's outcomes fade), in (0, 1]."""
     probe: int = 32
     """Calibration probe (issue 22): prompts a step drawn at random from the training stream, the same for every
     allocator of a seed, outside the leaf budget and never trained on; each gets one rollout from its root and one
@@ -304,7 +307,9 @@ class Simulation:
         self.rng = np.random.default_rng(cfg.seed + 1_000_003)  # outcomes
         self.alloc_rng = random.Random(cfg.seed)  # trace.py's self.rng (random-node's anchors)
         self.sampler = PromptSampler(cfg.n_prompts, cfg.seed)
-        self.prior = BetaPrior(cfg.prior_a, cfg.prior_b)
+        if not 0 < cfg.prior_decay <= 1:
+            raise ValueError(f"prior_decay must be in (0, 1], got {cfg.prior_decay}")
+        self.prior = BetaPrior(cfg.prior_a, cfg.prior_b, cfg.prior_decay)
         self.greso = GresoFilter(self.acfg.greso_p, self.acfg.greso_target, self.acfg.greso_step)  # as TraceStep's
         self.success_count = [1.0, 2.0]  # trace.py's unseen-root fallback
         self.predictor = SuccessPredictor(

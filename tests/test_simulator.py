@@ -163,6 +163,31 @@ def test_greso_is_grpo_until_a_prompt_comes_back_then_skips_by_its_history() -> 
     assert runs["greso"].greso.streak, "the history is kept"
 
 
+def test_prior_decay_fades_a_prompts_earlier_visits() -> None:
+    """--prior-decay reaches the simulator's per-prompt prior: over two passes of a 32-prompt stream, a prompt's
+    Beta counts with decay 0.5 are its last visit's outcomes plus half of the one before, against the plain sum at
+    1.0; a decay outside (0, 1] is refused."""
+    counts = {}
+    for decay in (1.0, 0.5):
+        s = sim.Simulation(sim.SimConfig(allocator="trace", seed=4, n_prompts=32, lr=0.0, prior_decay=decay))
+        visits: dict[str, list[list[float]]] = {}
+        for _ in range(6):
+            s._pi = s.probs(s.task)
+            trees, _ = s.collect()
+            for t in trees:
+                visits.setdefault(t.prompt_id, []).append([float(r) for r in t.root_outcomes()])
+            s.update(trees)
+        for pid, vs in visits.items():
+            succ = 0.0
+            for rs in vs:
+                succ = decay * succ + sum(rs)
+            assert s.prior.counts[pid][0] == pytest.approx(succ), (decay, pid, vs)
+        counts[decay] = {pid: len(vs) for pid, vs in visits.items()}
+        assert max(counts[decay].values()) >= 2, "some prompt was visited twice"
+    with pytest.raises(ValueError, match="prior_decay"):
+        sim.Simulation(sim.SimConfig(seed=0, prior_decay=0.0))
+
+
 def test_comparison_against_grpo_is_paired_by_seed() -> None:
     """Issue 22: each allocator's mean success over the run minus GRPO's on the same seed (same prompts and start),
     with a t interval over seeds, and its leaves to target over GRPO's as a geometric mean with its interval."""
