@@ -97,6 +97,8 @@ _OPEN_ROUTES = ("/health", "/openapi.json", "/")  # liveness, API discovery and 
 CAPACITY_RETRY_AFTER_S = 1
 """`Retry-After` of a 429: capacity comes back as clients delete finished episodes, which a trainer does all the time;
 idle ones expire on the TTL. A second is a hint, not a promise (a batch over `max_batch_ops` must be split)."""
+SNAPSHOT_VIEWS = ("msgpack", "json")
+"""`GET /v1/snapshots/{id}?view=`: the blob's MessagePack bytes (the default) or the same struct as JSON."""
 _BLOB_TYPES = (  # a snapshot blob is MessagePack
     "",
     "application/octet-stream",
@@ -260,15 +262,23 @@ async def delete_episode(request: web.Request) -> web.Response:
 
 
 async def get_snapshot(request: web.Request) -> web.Response:
-    blob = _svc(request).export_snapshot(request.match_info["snapshot_id"])
-    return web.Response(body=blob, content_type="application/octet-stream")
+    """The blob (MessagePack, whatever `Accept` says: clients that ask every answer as JSON still get the bytes they
+    can import anywhere); `?view=json`: the same `SnapshotBlob` as JSON, to read or to edit and import."""
+    view = request.query.get("view", "msgpack")
+    if view not in SNAPSHOT_VIEWS:
+        raise EnvError(ErrorCode.MALFORMED, f"view must be one of {', '.join(SNAPSHOT_VIEWS)}, got {view!r}")
+    blob = _svc(request).export_snapshot(request.match_info["snapshot_id"], as_json=view == "json")
+    return web.Response(body=blob, content_type=codec.JSON if view == "json" else "application/octet-stream")
 
 
 async def import_snapshot(request: web.Request) -> web.Response:
     ct = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if ct not in _BLOB_TYPES:
-        raise EnvError(ErrorCode.UNSUPPORTED_MEDIA, f"send the blob as application/octet-stream, got {ct!r}")
-    return _answer(request, _svc(request).import_snapshot(await _read(request)))
+    if ct not in _BLOB_TYPES and ct != codec.JSON:
+        raise EnvError(
+            ErrorCode.UNSUPPORTED_MEDIA,
+            f"send the blob as application/octet-stream (or its JSON view as application/json), got {ct!r}",
+        )
+    return _answer(request, _svc(request).import_snapshot(await _read(request), as_json=ct == codec.JSON))
 
 
 async def snapshot_episodes(request: web.Request) -> web.Response:

@@ -194,10 +194,13 @@ class EpisodeStore:
 # ---------------------------------------------------------------------------------------------- export/import
 _blob_encoder = msgspec.msgpack.Encoder()
 _blob_decoder = msgspec.msgpack.Decoder(SnapshotBlob)
+_blob_json_encoder = msgspec.json.Encoder()
+_blob_json_decoder = msgspec.json.Decoder(SnapshotBlob)
 
 
-def export_blob(node: StateNode, *, corpus_id: str, reward_metric: str) -> bytes:
-    """A self-contained MessagePack blob of the state at `node` (walks its parent chain once)."""
+def export_blob(node: StateNode, *, corpus_id: str, reward_metric: str, as_json: bool = False) -> bytes:
+    """A self-contained MessagePack blob of the state at `node` (walks its parent chain once); with `as_json`, the
+    same `SnapshotBlob` as JSON (readable; `import_blob` takes either)."""
     turns: list[TurnRecord] = []
     cur: StateNode | None = node
     while cur is not None and cur.record is not None:
@@ -213,14 +216,15 @@ def export_blob(node: StateNode, *, corpus_id: str, reward_metric: str) -> bytes
         reward_metric=reward_metric,
         server_version=__version__,
     )
-    return _blob_encoder.encode(blob)
+    return (_blob_json_encoder if as_json else _blob_encoder).encode(blob)
 
 
-def import_blob(data: bytes, *, corpus_id: str, reward_metric: str, max_turns: int) -> StateNode:
-    """Rebuild the node chain of a blob from `export_blob`; raise EnvError (422) on a corrupt, foreign or invalid
-    blob. `max_turns` is this server's cap: the blob's task must pass `check_task` with it, as a created task does."""
+def import_blob(data: bytes, *, corpus_id: str, reward_metric: str, max_turns: int, as_json: bool = False) -> StateNode:
+    """Rebuild the node chain of a blob from `export_blob` (MessagePack, or JSON with `as_json`); raise EnvError (422)
+    on a corrupt, foreign or invalid blob. `max_turns` is this server's cap: the blob's task must pass `check_task`
+    with it, as a created task does."""
     try:
-        blob = _blob_decoder.decode(data)
+        blob = (_blob_json_decoder if as_json else _blob_decoder).decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise EnvError(
             ErrorCode.INVALID_VALUE, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}"

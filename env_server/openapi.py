@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from env_server.app import CONFIG, SERVICE
+from env_server.app import CONFIG, SERVICE, SNAPSHOT_VIEWS
 from env_server.config import ServerConfig
 from env_server.episodes import INT64, MAX_BLOB_DEPTH, NON_BLANK
 from shared.version import API_VERSION, SNAPSHOT_FORMAT_VERSION, __version__
@@ -143,7 +143,8 @@ HAND_WRITTEN: dict[str, dict[str, Any]] = {
 """Shapes built by handlers rather than wire structs (see the module docstring)."""
 
 ERROR_MEANING: dict[int, str] = {
-    400: "malformed body: not JSON/MessagePack, or a field of the wrong type or unknown (the message names it)",
+    400: "malformed request: a body not JSON/MessagePack or with a field of the wrong type or unknown, or a bad query "
+    "parameter (the message names it)",
     401: "missing or wrong bearer token (only when the server runs with --auth-token)",
     408: "the request body did not arrive within the server's body_timeout_s; the connection is closed",
     404: "unknown (deleted, expired) episode or snapshot",
@@ -232,10 +233,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET",
         "/v1/snapshots/{snapshot_id}",
         "export_snapshot",
-        "Export a snapshot as a self-contained MessagePack blob (`SnapshotBlob`)",
+        "Export a snapshot as a self-contained MessagePack blob (`SnapshotBlob`), or as JSON with `?view=json`",
         None,
         BINARY,
-        (404,),
+        (400, 404),
         tag="snapshots",
     ),
     Operation(
@@ -351,19 +352,35 @@ def _operation(op: Operation) -> dict[str, Any]:
         out["requestBody"] = {
             "required": True,
             "description": "The blob exactly as exported: MessagePack bytes of `SnapshotBlob`, sent as "
-            "application/octet-stream or as application/msgpack (whose schema says what the server checks).",
+            "application/octet-stream or as application/msgpack (whose schema says what the server checks); or its "
+            "JSON view (`GET /v1/snapshots/{snapshot_id}?view=json`, edited or not) as application/json.",
             "content": {
                 "application/octet-stream": {"schema": {"type": "string", "contentMediaType": MSGPACK}},
                 MSGPACK: {"schema": _ref("SnapshotBlob")},
+                JSON: {"schema": _ref("SnapshotBlob")},
             },
         }
     elif op.request is not None:
         out["requestBody"] = {"required": op.body_required, "content": _media(_ref(_name(op.request)))}
     responses: dict[str, Any] = {}
     if op.response == BINARY:
+        out.setdefault("parameters", []).append(
+            {
+                "name": "view",
+                "in": "query",
+                "required": False,
+                "description": "msgpack (default): the blob's bytes, whatever `Accept` says; json: the same "
+                "`SnapshotBlob` as JSON, which POST /v1/snapshots imports too",
+                "schema": {"type": "string", "enum": list(SNAPSHOT_VIEWS), "default": SNAPSHOT_VIEWS[0]},
+            }
+        )
         responses["200"] = {
-            "description": "MessagePack encoding of `SnapshotBlob` (components), sent as application/octet-stream",
-            "content": {"application/octet-stream": {"schema": {"type": "string", "contentMediaType": MSGPACK}}},
+            "description": "MessagePack encoding of `SnapshotBlob` (components), sent as application/octet-stream; "
+            "with `view=json`, the same struct as application/json",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "contentMediaType": MSGPACK}},
+                JSON: {"schema": _ref("SnapshotBlob")},
+            },
         }
     elif op.response == TEXT:
         responses["200"] = {

@@ -344,13 +344,17 @@ class EnvService:
         self.store.delete_snapshot(snapshot_id)
         return Deleted(snapshot_id)
 
-    def export_snapshot(self, snapshot_id: str) -> bytes:
+    def export_snapshot(self, snapshot_id: str, as_json: bool = False) -> bytes:
         node = self.store.snapshot(snapshot_id).node
-        return export_blob(node, corpus_id=self.corpus_id, reward_metric=self.cfg.reward_metric)
+        return export_blob(node, corpus_id=self.corpus_id, reward_metric=self.cfg.reward_metric, as_json=as_json)
 
-    def import_snapshot(self, data: bytes) -> SnapshotCreated:
+    def import_snapshot(self, data: bytes, as_json: bool = False) -> SnapshotCreated:
         node = import_blob(
-            data, corpus_id=self.corpus_id, reward_metric=self.cfg.reward_metric, max_turns=self.cfg.max_turns
+            data,
+            corpus_id=self.corpus_id,
+            reward_metric=self.cfg.reward_metric,
+            max_turns=self.cfg.max_turns,
+            as_json=as_json,
         )
         self.store.check_capacity(0, 1)
         return SnapshotCreated(self.store.add_snapshot(node))

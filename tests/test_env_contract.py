@@ -151,6 +151,57 @@ async def test_fork_snapshot_export_import_delete(http: RawHTTP, fmt: str) -> No
     assert (await http.call("POST", f"/v1/episodes/{eid}/step", {"action": "x"}, fmt=fmt)).status == 404
 
 
+async def test_snapshot_json_view_reads_edits_and_imports(http: RawHTTP) -> None:
+    """`GET /v1/snapshots/{id}?view=json` is the blob's own content as JSON (the MessagePack blob stays the default,
+    whatever `Accept` asks); `POST /v1/snapshots` takes that JSON back, edited or not, through the same checks: a
+    prefix of the turns imports as the state after them and continues exactly as the original state did."""
+    eid = (await create(http))["episode_id"]
+    s1 = await step(http, eid, {"action": "<search> Fozan Editions </search>"})
+    sid1 = s1["snapshot_id"]
+    s2 = await step(http, eid, {"action": "<search> Kelmar </search>"})
+    blob = await http.call("GET", f"/v1/snapshots/{s2['snapshot_id']}", headers={"Accept": JSON})
+    assert blob.status == 200 and blob.content_type == "application/octet-stream"
+    view = await http.call("GET", f"/v1/snapshots/{s2['snapshot_id']}?view=json", fmt=MSGPACK)
+    assert view.status == 200 and view.content_type == JSON
+    assert view.body == msgpack.unpackb(blob.body)
+    assert [t[0] for t in view.body["turns"]] == ["<search> Fozan Editions </search>", "<search> Kelmar </search>"]
+    assert view.body["turns"][1][1] == s2["observation"]
+
+    json_ct = {"Content-Type": JSON}
+    whole = await http.call("POST", "/v1/snapshots", raw=json.dumps(view.body).encode(), headers=json_ct)
+    assert whole.status == 200 and whole.body["snapshot_id"].startswith("snp_")
+    again = await http.call("GET", f"/v1/snapshots/{whole.body['snapshot_id']}")
+    assert again.body == blob.body, "imported from JSON, exported as MessagePack: the same blob"
+
+    prefix = {**view.body, "turns": view.body["turns"][:1]}  # the state after turn 1, made from the JSON
+    made = await http.call("POST", "/v1/snapshots", raw=json.dumps(prefix).encode(), headers=json_ct)
+    assert made.status == 200
+    same = {"action": "<search> Kelmar </search>"}
+    ours = (await http.call("POST", f"/v1/snapshots/{made.body['snapshot_id']}/episodes", {"n": 1})).body
+    theirs = (await http.call("POST", f"/v1/snapshots/{sid1}/episodes", {"n": 1})).body
+    a = await step(http, ours["episode_ids"][0], same)
+    b = await step(http, theirs["episode_ids"][0], same)
+    assert a["turn"] == b["turn"] == 2 and a["observation"] == b["observation"] == s2["observation"]
+
+    bad = {
+        "garbage": b"{not json",
+        "msgpack sent as JSON": blob.body,
+        "foreign corpus": json.dumps({**view.body, "corpus_id": "tantivy:0000000000000000"}).encode(),
+        "done before the last turn": json.dumps(
+            {
+                **view.body,
+                "turns": [[*view.body["turns"][0][:3], True, *view.body["turns"][0][4:]], view.body["turns"][1]],
+            }
+        ).encode(),
+    }
+    for name, data in bad.items():
+        r = await http.call("POST", "/v1/snapshots", raw=data, headers=json_ct)
+        assert r.status == 422 and r.error_code() == "invalid_value", (name, r.body)
+    r = await http.call("GET", f"/v1/snapshots/{sid1}?view=xml")
+    assert r.status == 400 and "view must be one of msgpack, json" in r.body["error"]["message"]
+    assert (await http.call("GET", "/v1/snapshots/snp_nope?view=json")).status == 404
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 async def test_batch_mixed_ops_in_order(http: RawHTTP, fmt: str) -> None:
     eid = (await create(http, fmt))["episode_id"]

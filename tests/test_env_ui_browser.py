@@ -6,7 +6,8 @@ Checked: the page asks for the token and keeps it in memory only (no storage, no
 lists the datasets and tools; a question and a passage carrying `<script>` and markup show as text and nothing of
 them runs or reaches the DOM; an episode is played to its answer (the oracle's reward 1); a fork after turn 1
 continues on both branches independently (the fork's wrong answer 0, the original's right one 1); starting a new
-question deletes the previous tree's episodes; an exported snapshot is the server's blob. A screenshot is written ($TRACE_ENV_UI_SCREENSHOT, else the test's folder)."""
+question deletes the previous tree's episodes; an exported snapshot is the server's blob, and the page continues
+it (a garbage file refused, the tree kept). A screenshot is written ($TRACE_ENV_UI_SCREENSHOT, else the test's folder)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _step(browser: Any, branch: int, action: str) -> Any:
 
 def test_a_person_plays_forks_and_exports_an_episode(browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     proc, url = start_server_process([*_world(tmp_path), "--log-level", "warning"], timeout_s=60)
     try:
@@ -143,6 +144,36 @@ def test_a_person_plays_forks_and_exports_an_episode(browser: Any, tmp_path: Pat
         browser.execute_script("window.scrollTo(0, 0)")
         shot = Path(os.environ.get("TRACE_ENV_UI_SCREENSHOT") or tmp_path / "env_server_ui.png")
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+        # Continue that exported state on the page: a garbage file is refused with the server's error and the tree
+        # stays; the blob becomes a new tree whose turn 1 is the export's, played on to the oracle's answer, with a
+        # fork at its start (the page imported each prefix of the state).
+        bad = tmp_path / "garbage.msgpack"
+        bad.write_bytes(b"\xc1 not a snapshot")
+        before = len(browser.find_elements(By.CSS_SELECTOR, ".branch"))
+        browser.find_element(By.ID, "import-file").send_keys(str(bad))
+        WebDriverWait(browser, 15).until(lambda b: "422" in b.find_element(By.ID, "error").text)
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".branch")) == before
+        exported = tmp_path / f"snapshot-{sid}.msgpack"
+        exported.write_bytes(blob)
+        browser.find_element(By.ID, "import-file").send_keys(str(exported))
+        WebDriverWait(browser, 15).until(lambda b: "continued from" in b.find_element(By.ID, "branches").text)
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".branch")) == 1, "an imported state starts a new tree"
+        assert browser.find_element(By.ID, "error").text == ""
+        card = browser.find_element(By.CSS_SELECTOR, '.branch[data-branch="1"]')
+        assert f"continued from snapshot-{sid}.msgpack" in card.text
+        turns = card.find_elements(By.CSS_SELECTOR, ".turn")
+        assert [t.get_attribute("data-turn") for t in turns] == ["0", "1"]
+        assert oracle[0]["text"] in turns[1].find_element(By.CSS_SELECTOR, "pre.action").text
+        question = json.loads((BUILTIN_WORLD / "dev.jsonl").read_text().splitlines()[1])["question"]
+        assert browser.find_element(By.ID, "prompt").text == question.strip()
+        turns[0].find_element(By.CSS_SELECTOR, "button.fork").click()  # the start: a prefix the page imported
+        assert "forked from branch 1 after turn 0" in _wait(browser, '.branch[data-branch="2"]')[0].text
+        for st in oracle[1:]:
+            tag = "search" if st["kind"] == "search" else "answer"
+            last = _step(browser, 1, f"<{tag}> {st['text']} </{tag}>")
+        assert "reward 1" in last.text, last.text
+
         browser.refresh()
         _wait(browser, "#auth:not([hidden]) #token")  # a reload forgets the token
     finally:

@@ -83,7 +83,7 @@ async def test_every_route_is_documented_and_vice_versa(env_server: LiveServer, 
         assert name in doc["components"]["schemas"], name
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
-            params = {p["name"] for p in op.get("parameters", [])}
+            params = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
             assert params == {seg[1:-1] for seg in path.split("/") if seg.startswith("{")}, (method, path)
             for status, resp in op["responses"].items():
                 if int(status) >= 400 and path != "/health":
@@ -115,6 +115,9 @@ async def test_real_answers_validate_against_the_document(http: RawHTTP) -> None
     spec.validate(msgpack.unpackb(blob.body), spec.component("SnapshotBlob"))
     octet = {"Content-Type": "application/octet-stream"}
     imported = (await c(http, "POST", "/v1/snapshots", raw=blob.body, headers=octet)).body
+    view = await c(http, "GET", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{s1['snapshot_id']}?view=json")
+    assert view.content_type == JSON and view.body == msgpack.unpackb(blob.body)
+    await c(http, "POST", "/v1/snapshots", raw=json.dumps(view.body).encode(), headers={"Content-Type": JSON})
     sid_path = f"/v1/snapshots/{imported['snapshot_id']}/episodes"
     await c(http, "POST", "/v1/snapshots/{snapshot_id}/episodes", sid_path, {"n": 3})
     done = await c(
@@ -162,6 +165,7 @@ async def test_real_answers_validate_against_the_document(http: RawHTTP) -> None
     expect(await c(http, "POST", fork, f"/v1/episodes/{eid}/fork", {"n": 1}), 404)
     expect(await c(http, "POST", fork, f"/v1/episodes/{finished}/fork", {"n": 0}), 422)
     expect(await c(http, "GET", "/v1/snapshots/{snapshot_id}", "/v1/snapshots/snp_nope"), 404)
+    expect(await c(http, "GET", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{s1['snapshot_id']}?view=yaml"), 400)
     expect(await c(http, "POST", "/v1/snapshots", raw=b"\x93garbage", headers=octet), 422)
     expect(await c(http, "POST", "/retrieve", body={"queries": ["x"], "topk": 0}), 422)
     expect(await c(http, "DELETE", "/v1/snapshots/{snapshot_id}", "/v1/snapshots/snp_nope"), 404)
