@@ -11,7 +11,8 @@
 Arms: an --allocators entry is an allocator name, or an arm named by --arm NAME=ALLOCATOR|SET|SET... (a variant:
 the allocator with extra --set overrides). --sweep-lrs: every arm runs each rate on --tune-seeds tuning seeds
 (run.seed 10000, 10001, ...; never reported) and keeps the rate with the highest mean dev EM over the run's
-evaluations; the reported seeds 0..S-1 then run at each arm's own rate. Every arm of a seed starts from the same
+evaluations (--tune-on final: the last evaluation's; either way FILE.tuning.json says what each figure picks);
+the reported seeds 0..S-1 then run at each arm's own rate. Every arm of a seed starts from the same
 warm start (model.tiny_seed, not run.seed) and draws from the same prompt stream (the same order; how far
 into it a step reads differs by arm, as spilled continuations take new prompts and skips consume them). Against
 GRPO ("uniform"), paired by seed, each a difference with its 95% interval: vs_grpo_dev_em_mean (the mean over the
@@ -298,10 +299,16 @@ TUNE_SEED0 = 10_000
 """Tuning runs use run.seed TUNE_SEED0, TUNE_SEED0 + 1, ...: never a reported seed."""
 
 
+TUNE_ON = {"mean": "dev_em_mean", "final": "dev_em"}
+"""--tune-on: the figure of a tuning run a rate is chosen by: the mean dev EM over the run's evaluations (the
+protocol's, issue 22: it rewards a fast start) or the last evaluation's (it rewards the end)."""
+
+
 def tune_rates(args: argparse.Namespace, names: list[str], arms: dict[str, tuple[str, list[str]]], work: Path) -> dict:
-    """Each arm's rate of --sweep-lrs: the one with the highest mean dev EM over the run's evaluations, averaged over
-    the tuning seeds. Writes the scores to work/sweep.json."""
+    """Each arm's rate of --sweep-lrs: the one with the highest --tune-on figure (default the mean dev EM over the
+    run's evaluations), averaged over the tuning seeds. Writes the scores to work/sweep.json."""
     lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
+    key = TUNE_ON[args.tune_on]
     scores: dict[str, dict[str, float]] = {}
     for a in names:
         alloc, extra = arms[a]
@@ -311,12 +318,41 @@ def tune_rates(args: argparse.Namespace, names: list[str], arms: dict[str, tuple
                 sets = [*args.set, *extra, f"optim.lr={lr}"]
                 r = run_one(args.config, sets, alloc, TUNE_SEED0 + k, args.steps, work / "tune", args.eval_every,
                             arm=f"{a}-lr{lr:g}")  # fmt: skip
-                ems.append(r["dev_em_mean"])
+                ems.append(r[key])
             scores.setdefault(a, {})[str(lr)] = _mean(ems)
-            print(f"tuning {a} lr {lr:g}: mean dev EM {scores[a][str(lr)]:.3f}")
+            print(f"tuning {a} lr {lr:g}: {args.tune_on} dev EM {scores[a][str(lr)]:.3f}")
     best = {a: max(lrs, key=lambda lr, a=a: scores[a][str(lr)]) for a in names}
-    (work / "sweep.json").write_text(json.dumps({"scores": scores, "rates": best}, indent=2))
+    sweep = {"tuned_on": args.tune_on, "scores": scores, "rates": best}
+    (work / "sweep.json").write_text(json.dumps(sweep, indent=2))
     return best
+
+
+def tuning_sensitivity(tune_dir: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
+    """What the tuning runs under `tune_dir` (`{arm}-lr{lr}-s{seed}/result.json`, finished ones) say under either
+    --tune-on figure: per arm, each rate's mean dev EM over the run and final dev EM averaged over its tuning seeds,
+    and the rate each figure picks (a tie goes to the lower rate). Says whether the comparison's rates hang on the
+    protocol's choice of figure; {} when there are no tuning runs."""
+    per: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for f in sorted(tune_dir.glob("*/result.json")):
+        r = json.loads(f.read_text())["result"]
+        arm = str(r["allocator"]).rsplit("-lr", 1)[0]
+        if arm in arms:
+            per.setdefault(arm, {}).setdefault(float(r["lr"]), []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for arm in (a for a in arms if a in per):
+        rates = {
+            lr: {fig: _mean([r[key] for r in rs]) for fig, key in TUNE_ON.items()} | {"seeds": len(rs)}
+            for lr, rs in sorted(per[arm].items())
+        }
+        picks = {f"rate_by_{fig}": max(rates, key=lambda lr, fig=fig: rates[lr][fig]) for fig in TUNE_ON}
+        out[arm] = {"rates": {f"{lr:g}": v for lr, v in rates.items()}, **picks}
+    return out
+
+
+def print_sensitivity(sens: dict[str, dict[str, Any]]) -> None:
+    for arm, s in sens.items():
+        cells = ", ".join(f"{lr}: {v['mean']:.3f} / {v['final']:.3f} (n={v['seeds']})" for lr, v in s["rates"].items())
+        print(f"tuning {arm}: by mean {s['rate_by_mean']:g}, by final {s['rate_by_final']:g} (mean / final: {cells})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arm", action="append", default=[], help="NAME=ALLOCATOR|SET|SET...: a variant to compare")
     p.add_argument("--sweep-lrs", default="", help="comma-separated optim.lr values: each arm's own rate, tuned")
     p.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds of --sweep-lrs (never reported)")
+    p.add_argument(
+        "--tune-on",
+        choices=list(TUNE_ON),
+        default="mean",
+        help="the tuning runs' figure a rate is chosen by: mean dev EM over the run (the protocol's) or the final",
+    )
     p.add_argument(
         "--from-runs", default=None, help="summarise FILE.runs.json of a finished comparison again, run nothing"
     )
@@ -372,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     md = table(summary)
     print(md)
     out.write_text(json.dumps(summary, indent=2))
+    # The tuning runs in the comparison's work folder: the rate either --tune-on figure picks (FILE.tuning.json).
+    work = Path(args.from_runs).with_suffix("").with_suffix("") if args.from_runs else out.with_suffix("")
+    if sens := tuning_sensitivity(work / "tune", allocators):
+        print_sensitivity(sens)
+        out.with_suffix(".tuning.json").write_text(json.dumps(sens, indent=2))
     out.with_suffix(".runs.json").write_text(
         json.dumps({"steps": args.steps, "seeds": args.seeds, "runs": runs}, indent=2)
     )

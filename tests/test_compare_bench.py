@@ -132,6 +132,79 @@ def test_equal_care_figures_are_paired_by_seed_and_arms_parse() -> None:
         cmp.parse_arm("trace-fixed")
 
 
+# A tuning sweep where the two figures disagree: 5e-5 ends highest, 2e-4 starts fastest (mean over the run); for
+# "trace" 1e-4 and 5e-5 end level (a tie goes to the lower rate).
+TUNING = {
+    ("uniform", 5e-5): (0.40, 0.56),
+    ("uniform", 1e-4): (0.45, 0.55),
+    ("uniform", 2e-4): (0.50, 0.52),
+    ("trace", 5e-5): (0.42, 0.55),
+    ("trace", 1e-4): (0.48, 0.55),
+    ("trace", 2e-4): (0.47, 0.50),
+}
+
+
+def _tuning_run(arm: str, lr: float, seed: int) -> dict:
+    mean, final = TUNING[(arm, lr)]
+    d = 0.01 if seed % 2 else -0.01  # two seeds around each figure
+    return {"allocator": f"{arm}-lr{lr:g}", "lr": lr, "seed": seed, "dev_em_mean": mean + d, "dev_em": final - d}
+
+
+def test_tuning_on_either_figure_and_what_each_would_pick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tune-on picks each arm's rate by the tuning runs' mean dev EM (the protocol's) or their final one, and
+    writes which to sweep.json; a summary from finished runs (--from-runs) reports the rate either figure picks, from
+    the tuning runs in the comparison's work folder (FILE.tuning.json)."""
+    import argparse
+
+    def fake_run_one(config, sets, alloc, seed, steps, out, eval_every, arm):  # the runs are a benchmark
+        name, lr = arm.rsplit("-lr", 1)
+        return _tuning_run(name, float(lr), seed)
+
+    monkeypatch.setattr(cmp, "run_one", fake_run_one)
+    arms = {"uniform": ("uniform", []), "trace": ("trace", [])}
+    picked = {}
+    for on in ("mean", "final"):
+        args = argparse.Namespace(sweep_lrs="5e-5,1e-4,2e-4", tune_on=on, tune_seeds=2, set=[], config="c.toml",
+                                  steps=4, eval_every=2)  # fmt: skip
+        picked[on] = cmp.tune_rates(args, ["uniform", "trace"], arms, tmp_path)
+        assert json.loads((tmp_path / "sweep.json").read_text())["tuned_on"] == on
+    assert picked == {"mean": {"uniform": 2e-4, "trace": 1e-4}, "final": {"uniform": 5e-5, "trace": 5e-5}}
+
+    work = tmp_path / "cmp"
+    for (arm, lr), _ in TUNING.items():
+        for seed in (10_000, 10_001):
+            run_dir = work / "tune" / f"{arm}-lr{lr:g}-s{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "result.json").write_text(json.dumps({"key": {}, "result": _tuning_run(arm, lr, seed)}))
+    sens = cmp.tuning_sensitivity(work / "tune", ["uniform", "trace"])
+    assert {a: (s["rate_by_mean"], s["rate_by_final"]) for a, s in sens.items()} == {
+        "uniform": (2e-4, 5e-5),
+        "trace": (1e-4, 5e-5),
+    }
+    assert sens["uniform"]["rates"]["0.0002"] == {"mean": pytest.approx(0.50), "final": pytest.approx(0.52), "seeds": 2}
+    assert cmp.tuning_sensitivity(tmp_path / "nowhere", ["uniform"]) == {}
+
+    figures = dict.fromkeys(cmp.FIGURES, 0.0)
+    runs = [
+        {
+            **figures,
+            "allocator": a,
+            "seed": seed,
+            "dev_em": 0.5,
+            "wall_s": 1.0,
+            **cmp.dev_em_curve(_rows({3: 0.5}, 0.1)),
+        }
+        for seed in range(2)
+        for a in ("uniform", "trace")
+    ]
+    saved = tmp_path / "cmp.runs.json"
+    saved.write_text(json.dumps({"steps": 4, "seeds": 2, "runs": runs}))
+    out = tmp_path / "again.json"
+    assert cmp.main(["--from-runs", str(saved), "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".tuning.json").read_text()) == json.loads(json.dumps(sens))
+    assert list(json.loads(out.read_text())) == ["uniform", "trace"], "the summary keeps only the arms"
+
+
 def test_a_finished_run_is_kept_only_when_its_settings_are_the_same(tmp_path, monkeypatch) -> None:
     """A comparison stopped part way resumes: run_one keeps a run whose result.json has the same settings, and
     reruns (here: reaches train, which the test replaces) one whose settings differ."""
