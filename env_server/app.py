@@ -263,11 +263,16 @@ async def delete_episode(request: web.Request) -> web.Response:
 
 async def get_snapshot(request: web.Request) -> web.Response:
     """The blob (MessagePack, whatever `Accept` says: clients that ask every answer as JSON still get the bytes they
-    can import anywhere); `?view=json`: the same `SnapshotBlob` as JSON, to read or to edit and import."""
+    can import anywhere); `?view=json`: the same `SnapshotBlob` as JSON, to read or to edit and import; `?turns=k`:
+    the state after the snapshot's first k turns (an earlier state of the same episode)."""
     view = request.query.get("view", "msgpack")
     if view not in SNAPSHOT_VIEWS:
         raise EnvError(ErrorCode.MALFORMED, f"view must be one of {', '.join(SNAPSHOT_VIEWS)}, got {view!r}")
-    blob = _svc(request).export_snapshot(request.match_info["snapshot_id"], as_json=view == "json")
+    turns_arg = request.query.get("turns")
+    if turns_arg is not None and not (turns_arg.isascii() and turns_arg.isdigit() and len(turns_arg) <= 6):
+        raise EnvError(ErrorCode.MALFORMED, f"turns must be a whole number of turns, got {turns_arg!r}")
+    turns = None if turns_arg is None else int(turns_arg)
+    blob = _svc(request).export_snapshot(request.match_info["snapshot_id"], as_json=view == "json", turns=turns)
     return web.Response(body=blob, content_type=codec.JSON if view == "json" else "application/octet-stream")
 
 

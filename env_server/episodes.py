@@ -249,14 +249,14 @@ def import_blob(data: bytes, *, corpus_id: str, reward_metric: str, max_turns: i
             ErrorCode.INVALID_VALUE,
             f"snapshot was judged with reward_metric={blob.reward_metric!r}, this server uses {reward_metric!r}",
         )
-    _check_depth(blob.task.metadata, "task.metadata")
+    _check_free_form(blob.task.metadata, "task.metadata")
     check_task(blob.task, max_turns, where="snapshot task: ", answers_field="golden_answers")
     if len(blob.turns) > blob.task.max_turns:
         raise EnvError(
             ErrorCode.INVALID_VALUE, f"snapshot has {len(blob.turns)} turns > max_turns {blob.task.max_turns}"
         )
     for i, t in enumerate(blob.turns, start=1):
-        _check_depth(t.info, f"turns[{i - 1}].info")
+        _check_free_form(t.info, f"turns[{i - 1}].info")
         if t.done and i < len(blob.turns):
             raise EnvError(ErrorCode.INVALID_VALUE, "snapshot has a finished turn before its last one")
         if not t.done and i == blob.task.max_turns:
@@ -328,8 +328,12 @@ def check_task(task: TaskRecord, max_turns_cap: int, *, where: str = "", answers
     check_answers(task.golden_answers, where, answers_field)
 
 
-def _check_depth(value: Any, name: str) -> None:
-    """Raise EnvError 422 when `value` nests deeper than `MAX_BLOB_DEPTH` (iterative: no recursion to exhaust)."""
+def _check_free_form(value: Any, name: str) -> None:
+    """Raise EnvError 422 unless `value` (a blob's `task.metadata` or a turn's `info`) is JSON data nested at most
+    `MAX_BLOB_DEPTH` levels: objects with string keys, arrays, strings, booleans, null, finite numbers and integers
+    that MessagePack carries ([-2**63, 2**64 - 1]). So a state imported in either encoding exports in both, and its
+    JSON view is the blob itself (MessagePack could carry bytes, extension types, other keys, NaN; JSON, integers of
+    any size). Iterative: no recursion to exhaust."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         v, depth = stack.pop()
@@ -339,4 +343,24 @@ def _check_depth(value: Any, name: str) -> None:
                     ErrorCode.INVALID_VALUE,
                     f"snapshot {name} nests deeper than {MAX_BLOB_DEPTH} levels; this server refuses such blobs",
                 )
+            if isinstance(v, dict) and not all(isinstance(k, str) for k in v):
+                bad = next(k for k in v if not isinstance(k, str))
+                raise EnvError(ErrorCode.INVALID_VALUE, f"snapshot {name} has a key {bad!r}; keys are strings")
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+        elif isinstance(v, bool) or v is None or isinstance(v, str):
+            continue
+        elif isinstance(v, int):
+            if not INT64[0] <= v <= 2**64 - 1:
+                raise EnvError(
+                    ErrorCode.INVALID_VALUE,
+                    f"snapshot {name} holds an integer outside [-2**63, 2**64 - 1], past what MessagePack carries",
+                )
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise EnvError(ErrorCode.INVALID_VALUE, f"snapshot {name} holds {v}; numbers are finite")
+        else:
+            raise EnvError(
+                ErrorCode.INVALID_VALUE,
+                f"snapshot {name} holds a {type(v).__name__}; free-form values are JSON data (objects with string "
+                "keys, arrays, strings, numbers, booleans, null)",
+            )

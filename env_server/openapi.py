@@ -236,7 +236,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Export a snapshot as a self-contained MessagePack blob (`SnapshotBlob`), or as JSON with `?view=json`",
         None,
         BINARY,
-        (400, 404),
+        (400, 404, 422),
         tag="snapshots",
     ),
     Operation(
@@ -374,6 +374,16 @@ def _operation(op: Operation) -> dict[str, Any]:
                 "schema": {"type": "string", "enum": list(SNAPSHOT_VIEWS), "default": SNAPSHOT_VIEWS[0]},
             }
         )
+        out["parameters"].append(
+            {
+                "name": "turns",
+                "in": "query",
+                "required": False,
+                "description": "the state after the snapshot's first `turns` turns instead (an earlier state of its "
+                "episode; 422 past the snapshot's own turn)",
+                "schema": {"type": "integer", "minimum": 0, "maximum": 999_999},
+            }
+        )
         responses["200"] = {
             "description": "MessagePack encoding of `SnapshotBlob` (components), sent as application/octet-stream; "
             "with `view=json`, the same struct as application/json",
@@ -485,7 +495,10 @@ def _constrain(components: dict[str, Any], cfg: ServerConfig, corpus_id: str | N
     task["golden_answers"] = {"type": "array", "minItems": 1, "items": non_blank}
     task["max_turns"] = {"type": "integer", "minimum": 1, "maximum": cfg.max_turns}
     task["seed"] = nullable({"type": "integer", "minimum": INT64[0], "maximum": INT64[1]})
-    task["metadata"]["description"] = f"Nests at most {MAX_BLOB_DEPTH} levels, as each turn's `info` does."
+    task["metadata"]["description"] = (
+        f"JSON data (string keys, finite numbers, integers within [-2**63, 2**64 - 1]) nested at most {MAX_BLOB_DEPTH} "
+        "levels, as each turn's `info` is."
+    )
     components["TurnRecord"]["maxItems"] = 6
 
     step = components["StepRequest"]

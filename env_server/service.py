@@ -344,8 +344,17 @@ class EnvService:
         self.store.delete_snapshot(snapshot_id)
         return Deleted(snapshot_id)
 
-    def export_snapshot(self, snapshot_id: str, as_json: bool = False) -> bytes:
+    def export_snapshot(self, snapshot_id: str, as_json: bool = False, turns: int | None = None) -> bytes:
+        """The snapshot's blob, or with `turns` the blob of the state after its first `turns` turns."""
         node = self.store.snapshot(snapshot_id).node
+        if turns is not None:
+            if turns > node.turn:
+                raise EnvError(
+                    ErrorCode.INVALID_VALUE, f"snapshot {snapshot_id} is after turn {node.turn}; turns={turns} is later"
+                )
+            for _ in range(node.turn - turns):
+                assert node.parent is not None
+                node = node.parent
         return export_blob(node, corpus_id=self.corpus_id, reward_metric=self.cfg.reward_metric, as_json=as_json)
 
     def import_snapshot(self, data: bytes, as_json: bool = False) -> SnapshotCreated:

@@ -254,7 +254,8 @@ class TaskRecord(msgspec.Struct, frozen=True):
 
 class SnapshotBlob(msgspec.Struct, frozen=True):
     """`GET /v1/snapshots/{sid}`: a self-contained, portable episode state (MessagePack; `?view=json` the same as JSON,
-    which `POST /v1/snapshots` imports too: a turn is an array, [action, observation, reward, done, truncated, info]).
+    which `POST /v1/snapshots` imports too: a turn is an array, [action, observation, reward, done, truncated, info];
+    `?turns=k`: the state after its first k turns).
 
     Another server imports it and continues with the same observations and rewards, provided it
     serves the same corpus (`corpus_id` is checked) and judge (`reward_metric`)."""

@@ -183,8 +183,28 @@ async def test_snapshot_json_view_reads_edits_and_imports(http: RawHTTP) -> None
     b = await step(http, theirs["episode_ids"][0], same)
     assert a["turn"] == b["turn"] == 2 and a["observation"] == b["observation"] == s2["observation"]
 
+    # ?turns=k: an earlier state of the same episode, in either view
+    for k, expect in ((1, sid1), (0, None), (2, s2["snapshot_id"])):
+        earlier = await http.call("GET", f"/v1/snapshots/{s2['snapshot_id']}?turns={k}")
+        assert earlier.status == 200 and msgpack.unpackb(earlier.body)["turns"] == view.body["turns"][:k]
+        if expect:
+            assert earlier.body == (await http.call("GET", f"/v1/snapshots/{expect}")).body
+    as_json = await http.call("GET", f"/v1/snapshots/{s2['snapshot_id']}?turns=1&view=json")
+    assert as_json.content_type == JSON and as_json.body == {**view.body, "turns": view.body["turns"][:1]}
+    late = await http.call("GET", f"/v1/snapshots/{s2['snapshot_id']}?turns=3")
+    assert late.status == 422 and "is after turn 2" in late.body["error"]["message"]
+    for bad_turns in ("-1", "one", "1.0", "", "9" * 40):
+        r = await http.call("GET", f"/v1/snapshots/{s2['snapshot_id']}?turns={bad_turns}")
+        assert r.status == 400 and r.error_code() == "malformed_request", (bad_turns, r.body)
+
     bad = {
         "garbage": b"{not json",
+        "an integer MessagePack cannot carry": json.dumps(
+            {**view.body, "task": {**view.body["task"], "metadata": {"x": 10**26}}}
+        ).encode(),
+        "a 5000-digit integer": json.dumps({**view.body, "task": {**view.body["task"], "metadata": {"x": 0}}})
+        .replace('"x": 0', '"x": ' + "9" * 5000)
+        .encode(),
         "msgpack sent as JSON": blob.body,
         "foreign corpus": json.dumps({**view.body, "corpus_id": "tantivy:0000000000000000"}).encode(),
         "done before the last turn": json.dumps(
@@ -561,6 +581,11 @@ async def test_422_foreign_or_corrupt_snapshot_blobs(http: RawHTTP, make_env_ser
         "more turns than max_turns": tampered(task={**good["task"], "max_turns": 0}),
         "done before the last turn": tampered(turns=[done_turn, good["turns"][0]]),
         "missing field": msgpack.packb({k: v for k, v in good.items() if k != "task"}),
+        # free-form values are JSON data, so that the state's JSON view is the blob itself
+        "bytes in metadata": tampered(task={**good["task"], "metadata": {"b": b"\x00\x01"}}),
+        "an extension type in info": tampered(turns=[[*good["turns"][0][:5], {"e": msgpack.ExtType(5, b"x")}]]),
+        "a non-string key": tampered(task={**good["task"], "metadata": {"m": {1: "one"}}}),
+        "NaN in info": tampered(turns=[[*good["turns"][0][:5], {"x": float("nan")}]]),
     }
     for name, data in bad_blobs.items():
         r = await http.call("POST", "/v1/snapshots", raw=data, headers={"Content-Type": "application/octet-stream"})

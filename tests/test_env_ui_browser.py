@@ -167,12 +167,22 @@ def test_a_person_plays_forks_and_exports_an_episode(browser: Any, tmp_path: Pat
         assert oracle[0]["text"] in turns[1].find_element(By.CSS_SELECTOR, "pre.action").text
         question = json.loads((BUILTIN_WORLD / "dev.jsonl").read_text().splitlines()[1])["question"]
         assert browser.find_element(By.ID, "prompt").text == question.strip()
-        turns[0].find_element(By.CSS_SELECTOR, "button.fork").click()  # the start: a prefix the page imported
+        turns[0].find_element(By.CSS_SELECTOR, "button.export").click()  # the start: a state the page imported
+        start_sid = _wait(browser, '.branch[data-branch="1"] .turn[data-turn="0"] a.download')[0].get_attribute(
+            "data-snapshot"
+        )
+        assert start_sid != sid and _status(url, "GET", f"/v1/snapshots/{start_sid}") == 200
+        turns[0].find_element(By.CSS_SELECTOR, "button.fork").click()
         assert "forked from branch 1 after turn 0" in _wait(browser, '.branch[data-branch="2"]')[0].text
         for st in oracle[1:]:
             tag = "search" if st["kind"] == "search" else "answer"
             last = _step(browser, 1, f"<{tag}> {st['text']} </{tag}>")
         assert "reward 1" in last.text, last.text
+        browser.find_element(By.ID, "create").click()  # a new tree releases the snapshots the import made
+        deadline = time.monotonic() + 10
+        while _status(url, "GET", f"/v1/snapshots/{start_sid}") != 404 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _status(url, "GET", f"/v1/snapshots/{start_sid}") == 404, "the import's snapshots were released"
 
         browser.refresh()
         _wait(browser, "#auth:not([hidden]) #token")  # a reload forgets the token

@@ -115,6 +115,7 @@ async def test_real_answers_validate_against_the_document(http: RawHTTP) -> None
     spec.validate(msgpack.unpackb(blob.body), spec.component("SnapshotBlob"))
     octet = {"Content-Type": "application/octet-stream"}
     imported = (await c(http, "POST", "/v1/snapshots", raw=blob.body, headers=octet)).body
+    await c(http, "GET", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{s1['snapshot_id']}?turns=0")
     view = await c(http, "GET", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{s1['snapshot_id']}?view=json")
     assert view.content_type == JSON and view.body == msgpack.unpackb(blob.body)
     await c(http, "POST", "/v1/snapshots", raw=json.dumps(view.body).encode(), headers={"Content-Type": JSON})
@@ -166,6 +167,7 @@ async def test_real_answers_validate_against_the_document(http: RawHTTP) -> None
     expect(await c(http, "POST", fork, f"/v1/episodes/{finished}/fork", {"n": 0}), 422)
     expect(await c(http, "GET", "/v1/snapshots/{snapshot_id}", "/v1/snapshots/snp_nope"), 404)
     expect(await c(http, "GET", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{s1['snapshot_id']}?view=yaml"), 400)
+    expect(await c(http, "GET", "/v1/snapshots/{snapshot_id}", f"/v1/snapshots/{s1['snapshot_id']}?turns=5"), 422)
     expect(await c(http, "POST", "/v1/snapshots", raw=b"\x93garbage", headers=octet), 422)
     expect(await c(http, "POST", "/retrieve", body={"queries": ["x"], "topk": 0}), 422)
     expect(await c(http, "DELETE", "/v1/snapshots/{snapshot_id}", "/v1/snapshots/snp_nope"), 404)
