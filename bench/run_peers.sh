@@ -38,6 +38,9 @@ TREE="${TRACE_CMP_TREE:-$REPO/runs/worktree-$COMMIT}"
 PY="${PY:-$REPO/.venv/bin/python}"
 cd "$TREE"
 export PYTHONPATH="$TREE"
+# Idle OpenMP threads sleep instead of spinning (shared/cpu_threads.py sets it too; a frozen tree from before it
+# does not): otherwise anything else on the cores makes each policy update 10-20x slower. Numerics unchanged.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 echo "peers comparison at $COMMIT, from $TREE; $(date)"
 ARMS=uniform,trace,trace-fixed,greso,entropy
 FIXED='trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"'
