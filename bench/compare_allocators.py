@@ -3,6 +3,7 @@
     python bench/compare_allocators.py --steps K --seeds S --out FILE.json [--config configs/compare.toml]
         [--eval-every E] [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
     python bench/compare_allocators.py --from-runs FILE.runs.json --out FILE.json   # summarise again, run nothing
+    python bench/compare_allocators.py [the comparison's own arguments] --progress  # runs finished, time left
     python bench/compare_allocators.py --steps 20 --seeds 8 --eval-every 2 --out FILE.json \
         --allocators uniform,trace,trace-fixed \
         --arm 'trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"' \
@@ -355,6 +356,29 @@ def print_sensitivity(sens: dict[str, dict[str, Any]]) -> None:
         print(f"tuning {arm}: by mean {s['rate_by_mean']:g}, by final {s['rate_by_final']:g} (mean / final: {cells})")
 
 
+def progress(work: Path, names: list[str], lrs: list[float], tune_seeds: int, seeds: int) -> dict[str, Any]:
+    """How far a comparison with these arms, rates and seeds has got: its planned runs (tuning runs, then reported
+    ones) that have a result.json under `work`, and a time left from the finished ones' median wall time (a run slowed
+    by other work on the cores does not move it much). A finished run
+    whose settings differ from the command's is run again on resume, so this counts at most what will be kept."""
+    tune = [work / "tune" / f"{a}-lr{lr:g}-s{TUNE_SEED0 + k}" for a in names for lr in lrs for k in range(tune_seeds)]
+    reported = [work / f"{a}-s{seed}" for seed in range(seeds) for a in names]
+    done = [d for d in tune + reported if (d / "result.json").exists()]
+    walls = [json.loads((d / "result.json").read_text())["result"].get("wall_s") for d in done]
+    known = [float(w) for w in walls if w is not None]
+    wall = statistics.median(known) if known else None
+    left = len(tune) + len(reported) - len(done)
+    return {
+        "tuning_done": sum(d in done for d in tune),
+        "tuning_planned": len(tune),
+        "reported_done": sum(d in done for d in reported),
+        "reported_planned": len(reported),
+        "median_run_s": wall,
+        "hours_left": None if wall is None else left * wall / 3600,
+        "next": next((d.name for d in tune + reported if d not in done), None),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
@@ -381,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--from-runs", default=None, help="summarise FILE.runs.json of a finished comparison again, run nothing"
     )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="with the comparison's own arguments: how many of its runs have finished and the time left; run nothing",
+    )
     args = p.parse_args(argv)
     allocators = [a.strip() for a in (args.allocators or ",".join(ALL)).split(",") if a.strip()]
     out = Path(args.out)
@@ -392,6 +421,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.allocators is not None and absent:
             p.error(f"--allocators names {absent}, which {args.from_runs} has no runs of (it has {present})")
         allocators = present if args.allocators is None else allocators
+    elif args.progress:
+        lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
+        st = progress(out.with_suffix(""), allocators, lrs, args.tune_seeds if lrs else 0, args.seeds)
+        left = "n/a" if st["hours_left"] is None else f"{st['hours_left']:.1f} h"
+        print(
+            f"tuning runs {st['tuning_done']}/{st['tuning_planned']}, reported runs {st['reported_done']}/"
+            f"{st['reported_planned']}; next {st['next']}; ~{left} left at the finished runs' median "
+            + ("n/a" if st["median_run_s"] is None else f"{st['median_run_s'] / 60:.1f} min")
+        )
+        return 0
     else:
         work = out.with_suffix("")
         work.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@
 #   PEERS_REGIMES=epochs setsid nohup bench/run_peers.sh [COMMIT] > runs/peers.log 2>&1 &   # one regime
 #
 # $TRACE_CMP_TREE: the worktree's path (default runs/worktree-COMMIT); resume with the tree path it started with.
+# How far it has got: a regime's compare_allocators.py command below with --progress appended (runs nothing).
 #
 # Arms, every one at exactly allocation.leaf_budget leaves a step, each at its own rate from a sweep on 2 tuning
 # seeds (never reported), 8 reported seeds paired by seed against GRPO:

@@ -205,6 +205,30 @@ def test_tuning_on_either_figure_and_what_each_would_pick(tmp_path: Path, monkey
     assert list(json.loads(out.read_text())) == ["uniform", "trace"], "the summary keeps only the arms"
 
 
+def test_progress_counts_the_finished_runs_of_the_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--progress, given a comparison's own arguments, counts its planned tuning and reported runs that have a
+    result.json (a folder without one is a run cut off part way) and estimates the time left at their median."""
+    work = tmp_path / "cmp"
+    for name, wall in (
+        ("uniform-lr5e-05-s10000", 600),
+        ("uniform-lr5e-05-s10001", 3000),
+        ("trace-lr5e-05-s10000", 500),
+    ):
+        (work / "tune" / name).mkdir(parents=True)
+        (work / "tune" / name / "result.json").write_text(json.dumps({"key": {}, "result": {"wall_s": wall}}))
+    (work / "tune" / "uniform-lr0.0001-s10000").mkdir()  # cut off: no result.json
+    (work / "uniform-s0").mkdir(parents=True)
+    (work / "uniform-s0" / "result.json").write_text(json.dumps({"key": {}, "result": {"wall_s": 700}}))
+    st = cmp.progress(work, ["uniform", "trace"], [5e-5, 1e-4], 2, 3)
+    assert (st["tuning_done"], st["tuning_planned"], st["reported_done"], st["reported_planned"]) == (3, 8, 1, 6)
+    assert st["median_run_s"] == 650 and st["hours_left"] == pytest.approx(10 * 650 / 3600)
+    assert st["next"] == "uniform-lr0.0001-s10000"
+    argv = ["--out", str(tmp_path / "cmp.json"), "--allocators", "uniform,trace", "--seeds", "3"]
+    assert cmp.main([*argv, "--sweep-lrs", "5e-5,1e-4", "--progress"]) == 0
+    assert "tuning runs 3/8, reported runs 1/6; next uniform-lr0.0001-s10000; ~1.8 h left" in capsys.readouterr().out
+    assert not (tmp_path / "cmp.json").exists(), "--progress runs and writes nothing"
+
+
 def test_a_finished_run_is_kept_only_when_its_settings_are_the_same(tmp_path, monkeypatch) -> None:
     """A comparison stopped part way resumes: run_one keeps a run whose result.json has the same settings, and
     reruns (here: reaches train, which the test replaces) one whose settings differ."""
