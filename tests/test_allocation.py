@@ -24,6 +24,7 @@ from trainer.algo.allocation import (
     uniform_roots,
 )
 from trainer.algo.tree import FinishStatus, RolloutTree
+from trainer.config import load_train_config
 
 
 def objective(v, m):
@@ -236,12 +237,25 @@ def test_make_allocator_per_stage_and_registry():
     assert make_allocator("random-node").name == "uniform-random"
     a = make_allocator(stage1="active", stage2="uniform")
     assert a.name == "active-uniform" and a.expands
-    with pytest.raises(KeyError, match="unknown allocator"):
+    with pytest.raises(ValueError, match=r"unknown allocator 'nope'.*STAGE1\+STAGE2"):
         make_allocator("nope")
-    with pytest.raises(ValueError, match="stage1"):
+    with pytest.raises(ValueError, match="stage 1 'greedy'"):
         make_allocator(stage1="greedy", stage2="active")
-    with pytest.raises(AssertionError, match="allocation type"):
+    with pytest.raises(ValueError, match="unknown allocator"):
         AllocationConfig(type="nope")
+    # The paper's per-stage ablation by name (issue: DESIGN "Uniform/active can be chosen per stage"): any pair.
+    s2 = make_allocator("uniform+active")  # TRACE's stage 2 alone, on GRPO's stage 1
+    assert s2.name == "uniform-active" and s2.expands and not s2.selects and not s2.needs_entropy
+    assert make_allocator("active+uniform").name == a.name
+    assert make_allocator("skip+entropy").needs_entropy and make_allocator("greso+none").stage1 == "greso"
+    for bad, msg in (("uniform+nope", "stage 2 'nope'"), ("a+b+c", "unknown allocator"), ("+", "stage 1 ''")):
+        with pytest.raises(ValueError, match=msg):
+            make_allocator(bad)
+    assert AllocationConfig(type="uniform+active").type == "uniform+active"
+    cfg = load_train_config(None, ['allocation.type="uniform+active"'])
+    assert make_allocator(cfg.allocation.type).stage2 == "active"
+    with pytest.raises(ValueError, match="stage 2 'greedy'"):
+        load_train_config(None, ['allocation.type="active+greedy"'])
     assert not make_allocator("uniform").selects and not make_allocator("random-node").selects
     assert make_allocator("trace").selects and make_allocator("root-only").selects
     assert AllocationConfig().leaf_budget == 128 and AllocationConfig().root_budget == 64

@@ -208,7 +208,7 @@ async def test_every_allocator_spends_exactly_the_leaf_budget_on_real_trees(
     async with EnvClient(server.url) as env, EngineClient([engine_url]) as engine:
         n_train = split_size(await env.info(), "synthetic", "train")
         runner = RolloutRunner(env, engine, tok, RolloutConfig(max_new_tokens=12, max_context_tokens=512))
-        for name in sorted(ALLOCATORS):
+        for name in [*sorted(ALLOCATORS), "uniform+active"]:  # and a pair of stages (the per-stage ablation)
             cfg = load_train_config(
                 None,
                 [

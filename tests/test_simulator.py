@@ -5,6 +5,7 @@ allocation where the visit-weighted backup is not, and every allocator spends ex
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -132,6 +133,22 @@ def test_every_allocator_spends_exactly_the_leaf_budget(overrides: dict) -> None
                 later = [n for t in trees for n in t.nodes[1:] if n.info["round"] >= 1 and n.parent != 0]
                 assert later and all(t.nodes[n.parent].info["round"] <= n.info["round"] for t in trees for n in t.nodes[1:]
                                      if n.parent), "a node is never made before its parent"  # fmt: skip
+            s.update(trees)
+
+
+def test_every_pair_of_stages_spends_exactly_the_leaf_budget() -> None:
+    """The per-stage ablation (allocation.type "STAGE1+STAGE2") through the trainer's planning code: every stage 1
+    with every stage 2 the simulator can run (entropy needs token entropies), 3 steps each over a stream that wraps
+    (greso's filter gets history), exactly the leaf budget a step."""
+    from trainer.algo.allocation import STAGE1, STAGE2
+
+    for stage1, stage2 in itertools.product(STAGE1, [x for x in STAGE2 if x != "entropy"]):
+        cfg = sim.SimConfig(allocator=f"{stage1}+{stage2}", seed=5, lr=5.0, n_prompts=24, steps=3)
+        s = sim.Simulation(cfg)
+        for _ in range(3):
+            s._pi = s.probs(s.task)
+            trees, count = s.collect()
+            assert sum(len(t.scored_leaves()) for t in trees) == cfg.leaf_budget, (stage1, stage2, count)
             s.update(trees)
 
 

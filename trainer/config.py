@@ -20,7 +20,7 @@ import tyro
 
 from shared import config as shared_config
 from trainer.algo.advantages import AdvantageConfig
-from trainer.algo.allocation import ALLOCATORS, AllocationConfig, uniform_group
+from trainer.algo.allocation import AllocationConfig, make_allocator, uniform_group
 from trainer.algo.predictor import PredictorConfig
 from trainer.algo.rollout import RolloutConfig
 from trainer.engines.config import WEIGHT_SYNC, EngineConfig
@@ -186,8 +186,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Cross-section checks; raise ValueError saying what to change."""
-        if self.allocation.type not in ALLOCATORS:
-            raise ValueError(f"allocation.type {self.allocation.type!r} not in {sorted(ALLOCATORS)}")
+        make_allocator(self.allocation.type)  # an unknown name: a ValueError naming the choices
         if self.engine.type not in ("cpu", "sglang", "url"):
             raise ValueError(f"engine.type must be cpu, sglang or url, got {self.engine.type!r}")
         if self.engine.type == "url" and not self.engine.urls:
@@ -247,7 +246,7 @@ class TrainConfig:
         """Refuse settings under which an allocator cannot spend exactly allocation.leaf_budget rollouts a step
         (trainer/algo/allocation.py, "The leaf budget"); each message names the field to change."""
         a, run = self.allocation, self.run
-        alloc = ALLOCATORS[a.type]()
+        alloc = make_allocator(a.type)
         stage1 = alloc.stage1_budget(a)
         if run.pool_size < 1:
             raise ValueError(f"run.pool_size must be >= 1, got {run.pool_size}")

@@ -535,7 +535,10 @@ class AllocationConfig:
     """Allocator name in ALLOCATORS: "trace", "uniform" (GRPO), "root-only", "random-node", "trace-skip" (our
     variant: GRESO-style stage 1, TRACE's stage 2), "greso" (GRPO behind GRESO's filter of prompts whose latest
     visits were all-0 or all-1, no tree), "entropy" (GRPO's stage 1, continuations where the policy's entropy
-    after a tool result is highest: ARPO's signal, AT2PO's selection)."""
+    after a tool result is highest: ARPO's signal, AT2PO's selection). Or any pair of stages, the paper's per-stage
+    ablation, as "STAGE1+STAGE2": stage 1 "active" (TRACE's), "uniform" (GRPO's), "skip" or "greso"; stage 2
+    "active" (TRACE's), "uniform", "random", "entropy" or "none" (e.g. "uniform+active": TRACE's stage 2 alone;
+    "trace" is "active+active", "uniform" is "uniform+none")."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
@@ -579,7 +582,7 @@ class AllocationConfig:
     has its contrast; every prompt when none is unmixed."""
 
     def __post_init__(self) -> None:
-        assert self.type in ALLOCATORS, f"allocation type {self.type!r} not in {sorted(ALLOCATORS)}"
+        make_allocator(self.type)  # an unknown name: the ValueError naming the choices, at load time
         if self.stage2_share not in STAGE2_SHARE:
             raise ValueError(f"allocation.stage2_share must be one of {STAGE2_SHARE}, got {self.stage2_share!r}")
         assert self.leaf_budget >= 1 and self.root_budget >= 1, (
@@ -818,13 +821,19 @@ ALLOCATORS: dict[str, type[StagedAllocator]] = {
 
 def make_allocator(name: str | None = None, *, stage1: str | None = None, stage2: str | None = None) -> StagedAllocator:
     """`make_allocator("trace")`, or per stage as in the paper's ablation: `make_allocator(stage1="active",
-    stage2="uniform")` (stage1 in STAGE1, stage2 in STAGE2)."""
+    stage2="uniform")`, or the same as a name, `make_allocator("active+uniform")` (stage1 in STAGE1, stage2 in
+    STAGE2). An unknown name raises ValueError naming the choices."""
     if name is not None:
         assert stage1 is None and stage2 is None, "give either a name or the two stages, not both"
-        if name not in ALLOCATORS:
-            raise KeyError(f"unknown allocator {name!r}; known: {sorted(ALLOCATORS)}")
-        return ALLOCATORS[name]()
+        if name in ALLOCATORS:
+            return ALLOCATORS[name]()
+        if name.count("+") != 1:
+            raise ValueError(
+                f"unknown allocator {name!r}: one of {sorted(ALLOCATORS)}, or STAGE1+STAGE2 with stage 1 in {STAGE1} "
+                f"and stage 2 in {STAGE2} (e.g. 'uniform+active': TRACE's stage 2 on GRPO's stage 1)"
+            )
+        stage1, stage2 = name.split("+")
     if stage1 not in STAGE1 or stage2 not in STAGE2:
-        raise ValueError(f"stage1={stage1!r} must be in {STAGE1}, stage2={stage2!r} in {STAGE2}")
+        raise ValueError(f"stage 1 {stage1!r} must be in {STAGE1}, stage 2 {stage2!r} in {STAGE2}")
     cls = type(f"Allocator_{stage1}_{stage2}", (StagedAllocator,), {"stage1": stage1, "stage2": stage2})
     return cls()
