@@ -53,7 +53,9 @@ class ServerConfig:
     max_episodes: int = 10_000
     """Live episodes cap; creating or forking past it answers 429."""
     max_snapshots: int = 500_000
-    """Live snapshot (state node) cap, counting the automatic one of every create/step; past it: 429."""
+    """Live snapshot (state node) cap. The automatic snapshots (one per create/step) are a cache of branch points:
+    at the cap the least recently used give way (a kept id of one then answers 404). Explicit ones (POST .../snapshot,
+    imports) never do: past the cap with nothing automatic left to drop, 429."""
     episode_ttl_s: Annotated[float, tyro.conf.arg(aliases=("--episode-ttl",))] = 1800.0
     """Idle episodes and snapshots are reaped after this many seconds without use."""
     max_turns: int = 8

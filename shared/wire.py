@@ -91,7 +91,7 @@ class CreateEpisode(_Req):
     index: int | None = None
     question: str | None = None
     answers: list[str] | None = None
-    max_turns: int | None = None  # default: the server's --max-turns; capped by it
+    max_turns: int | None = None  # default: the server's --max-turns; above it: 422
     seed: int | None = None  # recorded in the episode; the built-in tools are deterministic without it
     include_oracle: bool = False  # ask for the dataset's oracle trajectory in `metadata` (synthetic data only)
 
@@ -176,7 +176,7 @@ class EpisodeCreated(_Ans):
     episode_id: str
     snapshot_id: str  # the initial state: fork it to start several rollouts of one prompt
     prompt: str  # the user message: instructions + question
-    messages: list[Message]  # chat form of the prompt (system + user); apply your chat template to it
+    messages: list[Message]  # chat form of the prompt (one user message holding it); apply your chat template
     turn: int
     done: bool
     max_turns: int

@@ -299,3 +299,21 @@ def test_what_cannot_run_on_several_ranks_is_refused_before_anything_starts(
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert train_main(["--config", str(REPO / "configs" / "debug.toml"), "--optim.kl-coef", "0.1"]) == 2
     assert "optim.kl_coef=0.1 under FSDP" in capsys.readouterr().err
+
+
+async def test_an_env_server_that_cannot_serve_the_run_is_refused_before_the_warm_start(
+    make_env_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--env-url to a server whose turn cap is below env.max_turns (every create would answer 422), or that lacks
+    the run's split: a ValueError saying what to change, before the warm start spends minutes."""
+    server = await make_env_server(max_turns=2)
+    warm = []
+    monkeypatch.setattr(loop, "_initial_policy", lambda *a, **k: warm.append(1))  # must not be reached
+    base = ["run.eval_every=1", f'run.output_dir="{tmp_path / "run"}"', f'env.urls=["{server.url}"]']
+    with pytest.raises(ValueError, match=r"env\.max_turns 4 is past the env server.s cap of 2 turns"):
+        await train(load_train_config(REPO / "configs" / "debug.toml", [*base, "env.max_turns=4"]))
+    with pytest.raises(ValueError, match="no synthetic/nope"):
+        await train(
+            load_train_config(REPO / "configs" / "debug.toml", [*base, "env.max_turns=2", 'env.eval_split="nope"'])
+        )
+    assert warm == []

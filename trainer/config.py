@@ -110,7 +110,7 @@ class EnvConfig:
     decision that carries over to unseen questions, so RL on all of them moves dev EM (README)."""
     eval_split: str = "dev"
     max_turns: int = 4
-    """Turns per episode asked of the env server (capped by its own --max-turns)."""
+    """Turns per episode asked of the env server (at most its own --max-turns: checked against /v1/info at start)."""
     topk: int = 1
     """Passages per search when the env server is started here. The synthetic world's retrieval is precise (an
     oracle query finds its passage at rank 1), and one passage instead of Search-R1's three keeps the tiny demo's

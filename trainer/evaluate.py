@@ -179,6 +179,20 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
     return {"model": str(model), "dataset": cfg.env.dataset, "split": split, **res}
 
 
+def check_env_server(cfg: TrainConfig, info: Info) -> None:
+    """The run against the env server it talks to (/v1/info): its train split is served, and its eval split when the
+    run evaluates (run.eval_every > 0), and the episodes' env.max_turns is within the server's cap (a create past it
+    answers 422). ValueError saying what to change; a server the trainer launched itself always passes."""
+    e = cfg.env
+    for split in dict.fromkeys((e.train_split, *([e.eval_split] if cfg.run.eval_every > 0 else []))):
+        split_size(info, e.dataset, split)
+    if e.max_turns > info.limits.max_turns:
+        raise ValueError(
+            f"env.max_turns {e.max_turns} is past the env server's cap of {info.limits.max_turns} turns an episode: "
+            f"lower env.max_turns, or serve with --max-turns {e.max_turns} or more"
+        )
+
+
 def split_size(info: Info, dataset: str, split: str) -> int:
     """Questions in `dataset/split` per the env server's /v1/info; ValueError naming what it serves if absent."""
     sizes = {d.name: d.splits for d in info.datasets}

@@ -66,7 +66,7 @@ from trainer.config import TrainConfig, config_to_dict
 from trainer.dumps import config_hash, sample_rows, tree_record, write_dump
 from trainer.engines.client import EngineClient
 from trainer.engines.weight_sync import WeightSync
-from trainer.evaluate import evaluate, greedy_runner, split_size
+from trainer.evaluate import check_env_server, evaluate, greedy_runner, split_size
 from trainer.learner.compute import compute
 from trainer.learner.policy import Policy
 from trainer.plots import plot_metrics
@@ -93,6 +93,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, conf, run.wandb_project)
         stack.push_async_callback(asyncio.to_thread, track.close)
         env = await stack.enter_async_context(services.env_client(cfg, out))
+        check_env_server(cfg, await env.info())  # before the warm start: a wrong URL fails in seconds, not minutes
         policy = await _initial_policy(cfg, env, out, start)
         weights = await compute(policy.save, out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))
