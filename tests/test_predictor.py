@@ -65,6 +65,34 @@ def test_prior_decay_is_a_checked_setting_the_trainer_uses() -> None:
             load_train_config(sets=[bad])
 
 
+def test_predictor_loss_and_step_cap_are_checked_settings_the_trainer_uses() -> None:
+    """DESIGN: "Loss is MSE (or BCE)". predictor.loss and predictor.max_steps reach the predictor the trainer builds
+    (here through a checkpoint restore, the same `new_predictor` as a first fit), and a refit takes at most
+    max_steps minibatch steps whatever epochs says."""
+    from trainer.algo.predictor import new_predictor
+    from trainer.algo.step import TraceStep
+    from trainer.config import load_train_config
+
+    default = new_predictor(load_train_config().predictor, 5, 0)
+    assert (default.loss, default.max_steps) == ("bce", 300)
+    cfg = load_train_config(sets=['predictor.loss="mse"', "predictor.max_steps=3"])
+    saved = TraceStep(cfg, None, None, 64)  # type: ignore[arg-type]  # state only
+    saved.predictor = new_predictor(saved.cfg.predictor, 5, 0)
+    step = TraceStep(cfg, None, None, 64)  # type: ignore[arg-type]
+    step.load_state_dict(saved.state_dict())
+    assert step.predictor is not None and (step.predictor.loss, step.predictor.max_steps) == ("mse", 3)
+    with pytest.raises(AssertionError, match="loss"):  # a run resumed with another loss is refused
+        TraceStep(load_train_config(), None, None, 64).load_state_dict(saved.state_dict())  # type: ignore[arg-type]
+    calls = []
+    opt_step = step.predictor.opt.step
+    step.predictor.opt.step = lambda *a, **k: calls.append(1) or opt_step(*a, **k)  # type: ignore[method-assign]
+    step.predictor.fit(torch.randn(600, 5), torch.rand(600), epochs=30)
+    assert len(calls) == 3, "the refit stops at max_steps"
+    for bad, field in (('predictor.loss="hinge"', "loss"), ("predictor.max_steps=0", "max_steps")):
+        with pytest.raises(ValueError, match=field):
+            load_train_config(sets=[bad])
+
+
 def test_structural_features():
     t = RolloutTree.new("p", "Who?", ["The Eiffel Tower"], [1, 2, 3, 4], None)
     a = t.add_child(

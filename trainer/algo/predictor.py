@@ -51,7 +51,12 @@ class PredictorConfig:
     """Width of the predictor MLP."""
     lr: float = 3e-3
     epochs: int = 30
-    """Full-batch epochs per refit (every step, before the policy update)."""
+    """Epochs of minibatch steps per refit (every step, before the policy update), at most max_steps steps."""
+    max_steps: int = 300
+    """Cap on a refit's minibatch steps (256 rows each), whatever epochs says: with replay the training set grows."""
+    loss: str = "bce"
+    """The refit's loss on the [0, 1] targets: "bce" (binary cross-entropy on the logit) or "mse" (squared error of
+    the probability). DESIGN allows either; BCE is the default."""
     use_hidden_state: bool = True
     """Input = the policy's last hidden state at the prefix end + structural features (else structural only)."""
     prior_a: float = 1.0
@@ -86,6 +91,10 @@ class PredictorConfig:
             raise ValueError(f"predictor.prior_a and prior_b must be > 0, got {self.prior_a} and {self.prior_b}")
         if not 0 < self.prior_decay <= 1:
             raise ValueError(f"predictor.prior_decay must be in (0, 1], got {self.prior_decay}")
+        if self.loss not in ("bce", "mse"):
+            raise ValueError(f"predictor.loss must be 'bce' or 'mse', got {self.loss!r}")
+        if self.max_steps < 1 or self.epochs < 1:
+            raise ValueError(f"predictor.epochs ({self.epochs}) and max_steps ({self.max_steps}) must be >= 1")
 
 
 @contextlib.contextmanager
@@ -272,6 +281,11 @@ SEARCH_TAG = re.compile(r"<search>", re.IGNORECASE)  # also the tree dumps' acti
 _QUERY = re.compile(r"<search>(.*?)</search>", re.IGNORECASE | re.DOTALL)
 ANSWER_TAG = re.compile(r"<answer>", re.IGNORECASE)
 _PASSAGE = re.compile(r"Doc \d+\s*\(Title:")  # env_server.retrieval.format.format_observation
+
+
+def new_predictor(cfg: PredictorConfig, input_dim: int, seed: int) -> SuccessPredictor:
+    """The predictor a run's config describes (its width, rate, loss and step cap), on `input_dim` features."""
+    return SuccessPredictor(input_dim, hidden=cfg.hidden, lr=cfg.lr, seed=seed, loss=cfg.loss, max_steps=cfg.max_steps)
 
 
 def structural_features(node: TurnNode, tree: RolloutTree) -> list[float]:

@@ -57,6 +57,7 @@ from trainer.algo.predictor import (
     SuccessPredictor,
     calibration,
     collect_training_set,
+    new_predictor,
     split_calibration,
     structural_features,
 )
@@ -545,7 +546,7 @@ class TraceStep:
         feats, targets, weights = self.replay.add(*rows)
         if self.predictor is None and len(feats):
             p = self.cfg.predictor
-            self.predictor = SuccessPredictor(feats.shape[1], hidden=p.hidden, lr=p.lr, seed=self.cfg.run.seed)
+            self.predictor = new_predictor(p, feats.shape[1], self.cfg.run.seed)
         pred_loss = math.nan
         if self.predictor is not None and len(feats):
             pred_loss = self.predictor.fit(feats, targets, weights, epochs=self.cfg.predictor.epochs)
@@ -624,7 +625,7 @@ class TraceStep:
         self.rng.setstate(s["rng"])
         if s["predictor"] is not None:
             p = self.cfg.predictor
-            self.predictor = SuccessPredictor(s["predictor_dim"], hidden=p.hidden, lr=p.lr, seed=self.cfg.run.seed)
+            self.predictor = new_predictor(p, s["predictor_dim"], self.cfg.run.seed)
             self.predictor.load_state_dict(s["predictor"])
         self.fitted = s["fitted"]
         self.success_count = list(s["success_count"])
