@@ -442,7 +442,8 @@ def _constrain(components: dict[str, Any], cfg: ServerConfig, corpus_id: str | N
     fork = components["ForkRequest"]["properties"]
     fork["n"] = {"type": "integer", "minimum": 1, "maximum": cfg.max_fork_n, "default": 1}
     retrieve = components["RetrieveRequest"]["properties"]
-    retrieve["topk"] = {"type": "integer", "minimum": 1, "maximum": cfg.max_topk, "default": cfg.topk}
+    retrieve["topk"] = nullable({"type": "integer", "minimum": 1, "maximum": cfg.max_topk})
+    retrieve["topk"]["description"] = f"Passages per query; null or absent: the server's --topk ({cfg.topk})."
     retrieve["queries"]["description"] = "More than `limits.max_batch_ops` queries answer 429."
     components["BatchRequest"]["properties"]["ops"]["description"] = (
         "More than `limits.max_batch_ops` ops answer 429. Each op is checked as its call is: a bad op gets its own "

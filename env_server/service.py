@@ -416,14 +416,15 @@ class EnvService:
         return BatchResult(list(await asyncio.gather(*(run(op) for op in req.ops))))
 
     async def retrieve(self, req: RetrieveRequest) -> dict[str, Any]:
-        if not 1 <= req.topk <= self.cfg.max_topk:
-            raise EnvError(ErrorCode.INVALID_VALUE, f"topk must be in [1, {self.cfg.max_topk}], got {req.topk}")
+        topk = self.cfg.topk if req.topk is None else req.topk  # Search-R1's server: its own --topk when not asked
+        if not 1 <= topk <= self.cfg.max_topk:
+            raise EnvError(ErrorCode.INVALID_VALUE, f"topk must be in [1, {self.cfg.max_topk}], got {topk}")
         if len(req.queries) > self.cfg.max_batch_ops:
             raise EnvError(
                 ErrorCode.CAPACITY, f"{len(req.queries)} queries in one call; the limit is {self.cfg.max_batch_ops}"
             )
         try:
-            results = await self.search.search(req.queries, req.topk)
+            results = await self.search.search(req.queries, topk)
         except RetrieverError as e:
             raise EnvError(ErrorCode.UPSTREAM, f"search backend failed: {e}") from None
         if req.return_scores:

@@ -117,11 +117,12 @@ class ForkRequest(_Req):
 
 
 class RetrieveRequest(_Req):
-    """`POST /retrieve`, Search-R1 compatible."""
+    """`POST /retrieve`, Search-R1 compatible (`search_r1/search/retrieval_server.py`, the same defaults): topk
+    None = the server's --topk; without return_scores each hit is the bare document."""
 
     queries: list[str]
-    topk: int = 3
-    return_scores: bool = True
+    topk: int | None = None
+    return_scores: bool = False
 
 
 # Batch ops: a tagged union on "op"; each carries the fields of its call.

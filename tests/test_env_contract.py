@@ -304,6 +304,23 @@ async def test_retrieve_is_search_r1_shaped(http: RawHTTP, fmt: str) -> None:
     assert no_scores.body["result"][0] == [h["document"] for h in result[0]]
 
 
+async def test_retrieve_defaults_are_search_r1s(make_env_server: Make) -> None:
+    """Search-R1's retrieval server answers a body of queries alone with its own --topk hits a query, each the bare
+    document: so does ours (it answered 3 scored hits whatever the server's --topk)."""
+    server = await make_env_server(topk=2)
+    http = RawHTTP(server.url)
+    try:
+        bare = await http.call("POST", "/retrieve", {"queries": ["Fozan Editions"]})
+        assert bare.status == 200 and len(bare.body["result"][0]) == 2
+        assert all(set(hit) == {"id", "contents"} for hit in bare.body["result"][0]), bare.body
+        scored = await http.call(
+            "POST", "/retrieve", {"queries": ["Fozan Editions"], "topk": None, "return_scores": True}
+        )
+        assert [h["document"] for h in scored.body["result"][0]] == bare.body["result"][0]
+    finally:
+        await http.aclose()
+
+
 async def test_metrics_prometheus_text(http: RawHTTP) -> None:
     before = await http.call("GET", "/metrics")
     assert before.status == 200 and before.content_type == "text/plain"
