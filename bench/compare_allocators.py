@@ -440,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
             arms[name] = (alloc, extra)
         missing = [a for a in allocators if a not in arms]
         assert not missing, f"--allocators names {missing} that are neither allocators nor --arm names"
+        if not args.sweep_lrs:
+            print(
+                "note: no --sweep-lrs, so every arm runs at the config's one optim.lr: not the equal-care protocol "
+                "(each arm at its own tuned rate); fine for a smoke run, not for a published comparison"
+            )
         rates = tune_rates(args, allocators, arms, work) if args.sweep_lrs else {}
         runs = []
         for seed in range(args.seeds):
