@@ -131,7 +131,7 @@ def test_kl_reference_is_the_starting_weights_on_resume(tiny_model: Path, tmp_pa
 
 def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train_main(["--set", "allocation.type=nope"]) == 2
-    assert "allocation type 'nope'" in capsys.readouterr().err
+    assert "unknown allocator 'nope'" in capsys.readouterr().err
     assert train_main(["--set", "run.nosuchfield=1"]) == 2
     assert "no field 'nosuchfield'" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
