@@ -48,6 +48,7 @@ from shared.wire import (
     ErrorCode,
     ForkResult,
     Info,
+    SnapshotBlob,
     SnapshotCreated,
     StepResult,
     ToolCall,
@@ -258,11 +259,21 @@ class EnvClient:
         op = {"op": "spawn", "snapshot_id": snapshot_id, "n": n}
         return await self._op(op, ForkResult)
 
-    async def export_snapshot(self, snapshot_id: str) -> bytes:
-        return await self._call("GET", f"/v1/snapshots/{snapshot_id}", None, safe=True)
+    async def export_snapshot(self, snapshot_id: str, turns: int | None = None) -> bytes:
+        """The state's portable blob (MessagePack); with `turns`, the state after its first `turns` turns."""
+        query = "" if turns is None else f"?turns={int(turns)}"
+        return await self._call("GET", f"/v1/snapshots/{snapshot_id}{query}", None, safe=True)
 
-    async def import_snapshot(self, blob: bytes) -> SnapshotCreated:
-        return await self._call("POST", "/v1/snapshots", SnapshotCreated, raw=blob, safe=False)
+    async def read_snapshot(self, snapshot_id: str, turns: int | None = None) -> SnapshotBlob:
+        """The state as a struct (its task and turns: what the agent did and saw), decoded from its blob; edit it
+        (`msgspec.structs.replace`) and `import_snapshot` it to make a state by hand."""
+        return codec.decode(await self.export_snapshot(snapshot_id, turns), SnapshotBlob, codec.MSGPACK)
+
+    async def import_snapshot(self, blob: bytes | SnapshotBlob) -> SnapshotCreated:
+        """A blob (from `export_snapshot`, any server with the same corpus) or a `SnapshotBlob` struct, imported
+        through the server's checks; its snapshot id."""
+        raw = blob if isinstance(blob, bytes) else codec.encode(blob, codec.MSGPACK)
+        return await self._call("POST", "/v1/snapshots", SnapshotCreated, raw=raw, safe=False)
 
     # Deletes are not re-sent after a dropped connection: one that already succeeded would answer 404.
     async def delete(self, episode_id: str) -> Deleted:

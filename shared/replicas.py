@@ -50,6 +50,7 @@ from shared.wire import (
     ErrorCode,
     ForkResult,
     Info,
+    SnapshotBlob,
     SnapshotCreated,
     StepResult,
     ToolCall,
@@ -350,11 +351,15 @@ class EnvPool:
         r, sid = self._route(snapshot_id)
         return ForkResult(self._own(r, (await self._call(r, r.client.episodes_from_snapshot(sid, n))).episode_ids))
 
-    async def export_snapshot(self, snapshot_id: str) -> bytes:
+    async def export_snapshot(self, snapshot_id: str, turns: int | None = None) -> bytes:
         r, sid = self._route(snapshot_id)
-        return await self._call(r, r.client.export_snapshot(sid))
+        return await self._call(r, r.client.export_snapshot(sid, turns))
 
-    async def import_snapshot(self, blob: bytes) -> SnapshotCreated:
+    async def read_snapshot(self, snapshot_id: str, turns: int | None = None) -> SnapshotBlob:
+        r, sid = self._route(snapshot_id)
+        return await self._call(r, r.client.read_snapshot(sid, turns))
+
+    async def import_snapshot(self, blob: bytes | SnapshotBlob) -> SnapshotCreated:
         """Import a blob (from any replica, or another server on the same corpus) on the least-loaded replica."""
         r = await self._pick()
         return SnapshotCreated(r.prefix() + (await self._call(r, r.client.import_snapshot(blob))).snapshot_id)

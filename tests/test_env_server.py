@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import LiveServer, RawHTTP, SlowRetriever, metric_value
 
@@ -23,7 +24,7 @@ from env_server.datasets import read_questions
 from env_server.retrieval import Hit, format_observation
 from env_server.tools import INVALID_ACTION
 from shared.client import EnvClient, SyncEnvClient
-from shared.wire import EnvError, StepResult
+from shared.wire import EnvError, SnapshotBlob, StepResult
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -194,6 +195,33 @@ async def test_fork_branches_are_independent(env_client: EnvClient, env_server: 
     assert same_result(await env_client.step(again[0], action="<search> Fozan Editions </search>"), ra)
     # and a's branch still finishes with the oracle's answer
     assert (await env_client.step(a, action=oracle_action(oracle[-1]))).reward == 1.0
+
+
+async def test_client_reads_a_state_as_a_struct_and_imports_an_edited_one(env_client: EnvClient) -> None:
+    """`read_snapshot`: a state's task and turns as a `SnapshotBlob` (its blob, decoded), or an earlier state of it
+    (`turns=k`); `import_snapshot` takes the struct back, edited: the first turn of a two-turn state continues
+    exactly as the state after turn 1 does."""
+    ep = await env_client.create(dataset="synthetic", split="dev", index=0)
+    r1 = await env_client.step(ep.episode_id, action="<search> Fozan Editions </search>")
+    r2 = await env_client.step(ep.episode_id, action="<search> Kelmar </search>")
+    state = await env_client.read_snapshot(r2.snapshot_id)
+    assert isinstance(state, SnapshotBlob) and [t.action for t in state.turns] == [
+        "<search> Fozan Editions </search>",
+        "<search> Kelmar </search>",
+    ]
+    assert state.turns[1].observation == r2.observation and state.task.dataset == "synthetic"
+    assert (await env_client.read_snapshot(r2.snapshot_id, turns=1)) == msgspec.structs.replace(
+        state, turns=state.turns[:1]
+    )
+    assert (await env_client.export_snapshot(r2.snapshot_id, turns=1)) == await env_client.export_snapshot(
+        r1.snapshot_id
+    )
+    made = await env_client.import_snapshot(msgspec.structs.replace(state, turns=state.turns[:1]))
+    (mine,) = (await env_client.episodes_from_snapshot(made.snapshot_id)).episode_ids
+    assert (await env_client.step(mine, action="<search> Kelmar </search>")).observation == r2.observation
+    with pytest.raises(EnvError) as e:  # an edit the server could not have made is refused, as a blob's would be
+        await env_client.import_snapshot(msgspec.structs.replace(state, corpus_id="tantivy:0"))
+    assert e.value.status == 422
 
 
 async def test_fork_after_many_turns_shares_the_node(make_env_server: Make) -> None:

@@ -57,6 +57,10 @@ async def test_least_loaded_create_and_a_fork_tree_stays_on_its_replica(make_env
         imported = await env.import_snapshot(blob)
         again = (await env.episodes_from_snapshot(imported.snapshot_id, 1)).episode_ids[0]
         assert (await env.step(again, action=SEARCH)).turn == 2
+        state = await env.read_snapshot(res.snapshot_id)  # routed to its replica; a struct imports anywhere
+        assert [t.action for t in state.turns] == [SEARCH] and (await env.read_snapshot(res.snapshot_id, 0)).turns == []
+        from_struct = (await env.episodes_from_snapshot((await env.import_snapshot(state)).snapshot_id)).episode_ids
+        assert (await env.step(from_struct[0], action=SEARCH)).turn == 2
         await env.delete(forks[1])
         assert forks[1].split(":", 1)[1] not in server.episodes
 
