@@ -322,22 +322,25 @@ def tune_rates(args: argparse.Namespace, names: list[str], arms: dict[str, tuple
                 ems.append(r[key])
             scores.setdefault(a, {})[str(lr)] = _mean(ems)
             print(f"tuning {a} lr {lr:g}: {args.tune_on} dev EM {scores[a][str(lr)]:.3f}")
-    best = {a: max(lrs, key=lambda lr, a=a: scores[a][str(lr)]) for a in names}
+    best = {a: max(sorted(lrs), key=lambda lr, a=a: scores[a][str(lr)]) for a in names}  # a tie: the lower rate
     sweep = {"tuned_on": args.tune_on, "scores": scores, "rates": best}
     (work / "sweep.json").write_text(json.dumps(sweep, indent=2))
     return best
 
 
-def tuning_sensitivity(tune_dir: Path, arms: list[str]) -> dict[str, dict[str, Any]]:
-    """What the tuning runs under `tune_dir` (`{arm}-lr{lr}-s{seed}/result.json`, finished ones) say under either
-    --tune-on figure: per arm, each rate's mean dev EM over the run and final dev EM averaged over its tuning seeds,
-    and the rate each figure picks (a tie goes to the lower rate). Says whether the comparison's rates hang on the
-    protocol's choice of figure; {} when there are no tuning runs."""
+def tuning_sensitivity(tune_dir: Path, arms: list[str], lrs: list[float] | None = None) -> dict[str, dict[str, Any]]:
+    """What the tuning runs under `tune_dir` (`{arm}-lr{lr}-s{seed}/result.json`, finished ones; a run kept aside as
+    `.failed-N` is not one) say under either --tune-on figure: per arm, each rate's mean dev EM over the run and final
+    dev EM averaged over its tuning seeds, and the rate each figure picks (a tie goes to the lower rate). `lrs`: the
+    comparison's sweep (its sweep.json), so that runs another sweep left in the folder at other rates are not read.
+    Says whether the comparison's rates hang on the protocol's choice of figure; {} when there are no tuning runs."""
     per: dict[str, dict[float, list[dict[str, Any]]]] = {}
     for f in sorted(tune_dir.glob("*/result.json")):
+        if ".failed-" in f.parent.name:
+            continue
         r = json.loads(f.read_text())["result"]
         arm = str(r["allocator"]).rsplit("-lr", 1)[0]
-        if arm in arms:
+        if arm in arms and (lrs is None or float(r["lr"]) in lrs):
             per.setdefault(arm, {}).setdefault(float(r["lr"]), []).append(r)
     out: dict[str, dict[str, Any]] = {}
     for arm in (a for a in arms if a in per):
@@ -359,8 +362,8 @@ def print_sensitivity(sens: dict[str, dict[str, Any]]) -> None:
 def progress(work: Path, names: list[str], lrs: list[float], tune_seeds: int, seeds: int) -> dict[str, Any]:
     """How far a comparison with these arms, rates and seeds has got: its planned runs (tuning runs, then reported
     ones) that have a result.json under `work`, and a time left from the finished ones' median wall time (a run slowed
-    by other work on the cores does not move it much). A finished run
-    whose settings differ from the command's is run again on resume, so this counts at most what will be kept."""
+    by other work on the cores does not move it much). A result.json whose settings differ from the command's counts
+    here but is run again on resume: the count is an upper bound of what will be kept."""
     tune = [work / "tune" / f"{a}-lr{lr:g}-s{TUNE_SEED0 + k}" for a in names for lr in lrs for k in range(tune_seeds)]
     reported = [work / f"{a}-s{seed}" for seed in range(seeds) for a in names]
     done = [d for d in tune + reported if (d / "result.json").exists()]
@@ -459,8 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out.write_text(json.dumps(summary, indent=2))
     # The tuning runs in the comparison's work folder: the rate either --tune-on figure picks (FILE.tuning.json).
-    work = Path(args.from_runs).with_suffix("").with_suffix("") if args.from_runs else out.with_suffix("")
-    if sens := tuning_sensitivity(work / "tune", allocators):
+    work = Path(args.from_runs.removesuffix(".runs.json")) if args.from_runs else out.with_suffix("")
+    swept = work / "sweep.json"
+    lrs = None
+    if swept.exists():
+        lrs = sorted({float(lr) for sc in json.loads(swept.read_text())["scores"].values() for lr in sc})
+    if sens := tuning_sensitivity(work / "tune", allocators, lrs):
         print_sensitivity(sens)
         out.with_suffix(".tuning.json").write_text(json.dumps(sens, indent=2))
     out.with_suffix(".runs.json").write_text(

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 
 from shared.client import EnvClient
@@ -302,7 +303,9 @@ class EnvPool:
 
     async def info(self) -> Info:
         """The first replica's /v1/info, after checking that every replica up serves the same corpus, reward and
-        datasets (replicas must be interchangeable: a tree may be redone on another one)."""
+        datasets (replicas must be interchangeable: a tree may be redone on another one), with the per-call limits
+        (turns, topk, fork n, action length, batch ops, body size) the smallest of the replicas': what every one
+        accepts, since any call may land on any of them."""
         ups = [r for r in self.replicas if r.up] or [await self._pick()]
         infos = await asyncio.gather(*(self._call(r, r.client.info()) for r in ups))
         first = infos[0]
@@ -321,7 +324,9 @@ class EnvPool:
         self._corpus_id = first.corpus_id
         for r, inf in zip(ups, infos, strict=True):  # coalesced batches stay within each server's own limit
             r.client.max_batch_ops = min(r.client.max_batch_ops, inf.limits.max_batch_ops)
-        return first
+        per_call = ("max_turns", "max_topk", "max_fork_n", "max_action_chars", "max_batch_ops", "max_body_bytes")
+        least = {k: min(getattr(inf.limits, k) for inf in infos) for k in per_call}
+        return msgspec.structs.replace(first, limits=msgspec.structs.replace(first.limits, **least))
 
     async def create(self, **fields: Any) -> EpisodeCreated:
         r = await self._pick()

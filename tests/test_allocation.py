@@ -248,7 +248,8 @@ def test_make_allocator_per_stage_and_registry():
     assert s2.name == "uniform-active" and s2.expands and not s2.selects and not s2.needs_entropy
     assert make_allocator("active+uniform").name == a.name
     assert make_allocator("skip+entropy").needs_entropy and make_allocator("greso+none").stage1 == "greso"
-    for bad, msg in (("uniform+nope", "stage 2 'nope'"), ("a+b+c", "unknown allocator"), ("+", "stage 1 ''")):
+    bad_pairs = (("uniform+nope", "stage 2 'nope'"), ("a+b+c", "unknown allocator"), ("+", "stage 1 ''"))
+    for bad, msg in (*bad_pairs, ("greso+active", "'greso' goes with stage 2 'none' only")):
         with pytest.raises(ValueError, match=msg):
             make_allocator(bad)
     assert AllocationConfig(type="uniform+active").type == "uniform+active"

@@ -176,7 +176,13 @@ def test_tuning_on_either_figure_and_what_each_would_pick(tmp_path: Path, monkey
             run_dir = work / "tune" / f"{arm}-lr{lr:g}-s{seed}"
             run_dir.mkdir(parents=True)
             (run_dir / "result.json").write_text(json.dumps({"key": {}, "result": _tuning_run(arm, lr, seed)}))
-    sens = cmp.tuning_sensitivity(work / "tune", ["uniform", "trace"])
+    # Left in the folder: another sweep's rate, and a failed attempt kept aside; neither is this comparison's.
+    for stray in ("uniform-lr0.001-s10000", "uniform-lr5e-05-s10000.failed-1"):
+        (work / "tune" / stray).mkdir()
+        best = {**_tuning_run("uniform", 5e-5, 10_000), "lr": 1e-3 if "0.001" in stray else 5e-5, "dev_em_mean": 0.9}
+        (work / "tune" / stray / "result.json").write_text(json.dumps({"key": {}, "result": {**best, "dev_em": 0.9}}))
+    (work / "sweep.json").write_text(json.dumps({"scores": {"uniform": {"5e-05": 0, "0.0001": 0, "0.0002": 0}}}))
+    sens = cmp.tuning_sensitivity(work / "tune", ["uniform", "trace"], [5e-5, 1e-4, 2e-4])
     assert {a: (s["rate_by_mean"], s["rate_by_final"]) for a, s in sens.items()} == {
         "uniform": (2e-4, 5e-5),
         "trace": (1e-4, 5e-5),

@@ -81,7 +81,7 @@ def test_predictor_loss_and_step_cap_are_checked_settings_the_trainer_uses() -> 
     step = TraceStep(cfg, None, None, 64)  # type: ignore[arg-type]
     step.load_state_dict(saved.state_dict())
     assert step.predictor is not None and (step.predictor.loss, step.predictor.max_steps) == ("mse", 3)
-    with pytest.raises(AssertionError, match="loss"):  # a run resumed with another loss is refused
+    with pytest.raises(ValueError, match=r"predictor\.loss 'mse'"):  # a run resumed with another loss is refused
         TraceStep(load_train_config(), None, None, 64).load_state_dict(saved.state_dict())  # type: ignore[arg-type]
     calls = []
     opt_step = step.predictor.opt.step
@@ -177,7 +177,7 @@ def test_state_dict_round_trip():
     a.fit(x, p, epochs=1)
     b.fit(x, p, epochs=1)  # same optimiser state and sampling generator: same trajectory
     assert torch.allclose(a.predict(x), b.predict(x))
-    with pytest.raises(AssertionError, match="checkpoint predictor"):
+    with pytest.raises(ValueError, match=r"is not this run's"):
         SuccessPredictor(5, hidden=8).load_state_dict(a.state_dict())
 
 

@@ -110,6 +110,15 @@ async def test_replicas_that_differ_are_refused(make_env_server: Make) -> None:
         EnvPool([a.url, a.url + "/"])
 
 
+async def test_the_pool_reports_the_limits_every_replica_accepts(make_env_server: Make) -> None:
+    """Replicas of one corpus may be started with different caps; any call may land on any of them, so the pool's
+    /v1/info gives the smallest per-call limits (a trainer checks its env.max_turns against it before it starts)."""
+    a, b = await make_env_server(max_turns=8, max_topk=20), await make_env_server(max_turns=3, max_topk=5)
+    async with EnvPool([a.url, b.url]) as env:
+        limits = (await env.info()).limits
+    assert (limits.max_turns, limits.max_topk) == (3, 5)
+
+
 async def test_killing_one_replica_loses_only_its_episodes_and_says_which() -> None:
     """Two real `trace-env serve` processes; one is SIGKILLed with trees live on both."""
     procs = [start_server_process([]) for _ in range(2)]

@@ -142,7 +142,8 @@ def test_every_pair_of_stages_spends_exactly_the_leaf_budget() -> None:
     (greso's filter gets history), exactly the leaf budget a step."""
     from trainer.algo.allocation import STAGE1, STAGE2
 
-    for stage1, stage2 in itertools.product(STAGE1, [x for x in STAGE2 if x != "entropy"]):
+    pairs = [(a, b) for a, b in itertools.product(STAGE1, STAGE2) if b != "entropy" and (a != "greso" or b == "none")]
+    for stage1, stage2 in pairs:
         cfg = sim.SimConfig(allocator=f"{stage1}+{stage2}", seed=5, lr=5.0, n_prompts=24, steps=3)
         s = sim.Simulation(cfg)
         for _ in range(3):

@@ -182,7 +182,8 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
 def check_env_server(cfg: TrainConfig, info: Info) -> None:
     """The run against the env server it talks to (/v1/info): its train split is served, and its eval split when the
     run evaluates (run.eval_every > 0), and the episodes' env.max_turns is within the server's cap (a create past it
-    answers 422). ValueError saying what to change; a server the trainer launched itself always passes."""
+    answers 422). ValueError saying what to change. A server the trainer launches itself gets env.max_turns as its
+    cap; its data (the synthetic world unless env.dataset names another) must still hold the splits."""
     e = cfg.env
     for split in dict.fromkeys((e.train_split, *([e.eval_split] if cfg.run.eval_every > 0 else []))):
         split_size(info, e.dataset, split)

@@ -536,9 +536,9 @@ class AllocationConfig:
     variant: GRESO-style stage 1, TRACE's stage 2), "greso" (GRPO behind GRESO's filter of prompts whose latest
     visits were all-0 or all-1, no tree), "entropy" (GRPO's stage 1, continuations where the policy's entropy
     after a tool result is highest: ARPO's signal, AT2PO's selection). Or any pair of stages, the paper's per-stage
-    ablation, as "STAGE1+STAGE2": stage 1 "active" (TRACE's), "uniform" (GRPO's), "skip" or "greso"; stage 2
-    "active" (TRACE's), "uniform", "random", "entropy" or "none" (e.g. "uniform+active": TRACE's stage 2 alone;
-    "trace" is "active+active", "uniform" is "uniform+none")."""
+    ablation, as "STAGE1+STAGE2": stage 1 "active" (TRACE's), "uniform" (GRPO's), "skip" or "greso" (with stage 2
+    "none" only); stage 2 "active" (TRACE's), "uniform", "random", "entropy" or "none" (e.g. "uniform+active":
+    TRACE's stage 2 alone; "trace" is "active+active", "uniform" is "uniform+none")."""
     leaf_budget: int = 128
     """Rollouts (leaves) per step, exactly, for every allocator (equal sampling cost; the module docstring has
     the rules). Allocators that do not expand spend it all on prompt roots."""
@@ -835,5 +835,10 @@ def make_allocator(name: str | None = None, *, stage1: str | None = None, stage2
         stage1, stage2 = name.split("+")
     if stage1 not in STAGE1 or stage2 not in STAGE2:
         raise ValueError(f"stage 1 {stage1!r} must be in {STAGE1}, stage 2 {stage2!r} in {STAGE2}")
+    if stage1 == "greso" and stage2 != "none":  # its filter would be bypassed by the roots a round re-spends
+        raise ValueError(
+            f"stage 1 'greso' goes with stage 2 'none' only (got {stage2!r}): continuations no anchor can take are "
+            "re-spent as new roots taken from the stream unfiltered, which GRESO's filter would have skipped"
+        )
     cls = type(f"Allocator_{stage1}_{stage2}", (StagedAllocator,), {"stage1": stage1, "stage2": stage2})
     return cls()

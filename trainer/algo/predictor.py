@@ -252,9 +252,12 @@ class SuccessPredictor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         cfg = state["config"]
-        assert (cfg["input_dim"], cfg["hidden"], cfg["loss"]) == (self.input_dim, self.hidden, self.loss), (
-            f"checkpoint predictor {cfg} != this one {self.input_dim=} {self.hidden=} {self.loss=}"
-        )
+        if (cfg["input_dim"], cfg["hidden"], cfg["loss"]) != (self.input_dim, self.hidden, self.loss):
+            raise ValueError(
+                f"the checkpoint's predictor (input_dim {cfg['input_dim']}, predictor.hidden {cfg['hidden']}, "
+                f"predictor.loss {cfg['loss']!r}) is not this run's ({self.input_dim}, {self.hidden}, {self.loss!r}): "
+                "resume with the settings it was trained with"
+            )
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         self.count = float(state["stats"]["count"])
