@@ -37,3 +37,33 @@ def test_the_wait_policy_is_set_before_torch_loads_unless_the_user_set_one(
     ).stdout.split()
     # the package sets it (or keeps the user's) with torch not yet loaded; its entrypoint module then loads torch
     assert out == [preset or "PASSIVE", "False", "True"]
+
+
+UPDATE = """
+import hashlib, torch
+torch.manual_seed(0)
+torch.set_num_threads(2)
+m = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+x = torch.randn(64, 256)
+for _ in range(5):
+    loss = (m(x) ** 2).mean(); opt.zero_grad(); loss.backward(); opt.step()
+print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest())
+"""
+
+
+def test_the_wait_policy_leaves_the_numbers_alone() -> None:
+    """Why a comparison may switch policies mid-way (bench/run_peers.sh exports PASSIVE for a frozen tree from
+    before shared/cpu_threads.py): how idle OpenMP threads wait changes no result, bit for bit, on 2 threads."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    digests = {
+        policy: subprocess.run(
+            [sys.executable, "-c", UPDATE],
+            env={**env, "OMP_WAIT_POLICY": policy},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for policy in ("ACTIVE", "PASSIVE")
+    }
+    assert len(set(digests.values())) == 1 and len(digests["ACTIVE"]) == 64, digests
