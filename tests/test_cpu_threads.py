@@ -54,16 +54,20 @@ print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.parameters
 
 def test_the_wait_policy_leaves_the_numbers_alone() -> None:
     """Why a comparison may switch policies mid-way (bench/run_peers.sh exports PASSIVE for a frozen tree from
-    before shared/cpu_threads.py): how idle OpenMP threads wait changes no result, bit for bit, on 2 threads."""
+    before shared/cpu_threads.py): how idle OpenMP threads wait changes no result, bit for bit, on 2 threads. On a
+    machine whose BLAS is not bit-reproducible from one process to the next (MKL can vary with memory alignment) two
+    runs under the same policy already differ, and there is nothing to compare: skipped, saying so."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    digests = {
-        policy: subprocess.run(
-            [sys.executable, "-c", UPDATE],
-            env={**env, "OMP_WAIT_POLICY": policy},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for policy in ("ACTIVE", "PASSIVE")
-    }
-    assert len(set(digests.values())) == 1 and len(digests["ACTIVE"]) == 64, digests
+
+    def digest(policy: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", UPDATE], env={**env, "OMP_WAIT_POLICY": policy}, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.strip()
+
+    active, again, passive = digest("ACTIVE"), digest("ACTIVE"), digest("PASSIVE")
+    assert len(active) == 64, active
+    if active != again:
+        pytest.skip("this machine's BLAS gives different bits from one process to the next under one policy")
+    assert passive == active
