@@ -23,7 +23,8 @@ No language model. The task (DESIGN §1's multi-hop search, reduced to its decis
 What runs is the project's own code: real `RolloutTree`s (dummy token ids: the kind at the root, the action at
 a turn), `backup()`, `anchors_from_tree`, the allocators (`make_allocator`, stage 1, `plan_round`, `share`,
 `split_rounds`, `Allocator.spill_roots`), `PromptSampler`, `BetaPrior`, `GresoFilter` (greso's history, fed as
-`TraceStep.collect` feeds it), `SuccessPredictor` fitted every step on
+`TraceStep.collect` feeds it), `entropy_prefixes` (the "entropy" allocator: a simulated turn is one action, so its
+entropy is exactly the policy's action entropy where it was taken), `SuccessPredictor` fitted every step on
 `collect_training_set` from state features, `split_calibration`, `build_training_samples(..., process=
 allocator.expands)`, `effective_ratio`, `mixed_per_100_leaves` and `trainer.learner.loss.policy_loss` for the policy-
 gradient step (on-policy, one optimizer step a training step: the trainer's AdamW with its gradient norm clipped at
@@ -287,6 +288,13 @@ class _AsRollouts:
         self.sim.expand(tree, node_id, k)
 
 
+def action_entropy(p: np.ndarray) -> float:
+    """The entropy (nats) of the policy's action distribution at a state: a simulated turn's entropy (a turn is one
+    action, so this is exactly what the LM testbed estimates from a turn's first tokens' top logprobs), which the
+    "entropy" allocator ranks anchors by."""
+    return float(-(p * np.log(np.maximum(p, 1e-300))).sum())
+
+
 class Simulation:
     """One (allocator, seed) run. Prompts, eval prompts and the initial policy depend on the seed only, so every
     allocator of a seed trains on the same stream from the same start."""
@@ -295,12 +303,6 @@ class Simulation:
         self.cfg = cfg
         self.acfg = cfg.allocation()
         self.alloc = make_allocator(cfg.allocator)
-        if self.alloc.needs_entropy:
-            raise ValueError(
-                f"allocator {cfg.allocator!r} ranks anchors by the policy's token entropy, which this simulator's "
-                "policy (a success probability per decision) does not have: compare it on the LM testbed "
-                "(bench/compare_allocators.py)"
-            )
         task_rng = np.random.default_rng(cfg.seed)
         self.task = make_task(cfg.n_prompts, task_rng, cfg.kinds, cfg.hint_noise)
         self.eval_task = make_task(cfg.n_eval, task_rng, cfg.kinds, cfg.hint_noise)
@@ -357,7 +359,7 @@ class Simulation:
         out = [float(depth), float(self.cfg.max_turns - depth), *kind, *state, *self.task.hint[idx], float(ended)]
         if self.cfg.predictor_policy_signals:
             p = self._pi[idx, f]
-            out += [float(p[ANSWER]), float(-(p * np.log(np.maximum(p, 1e-300))).sum())]
+            out += [float(p[ANSWER]), action_entropy(p)]
         return out
 
     def new_tree(self, idx: int) -> RolloutTree:
@@ -378,6 +380,7 @@ class Simulation:
                 a = int(self.rng.choice(N_ACTIONS, p=pi[f]))
                 lp = min(math.log(pi[f, a]), 0.0)
                 node = tree.add_child(cur.node_id, [a], [1], [lp], info={"f_in": f})
+                node.entropy = action_entropy(pi[f])  # the turn's one "token": the LM's turn entropy, exactly
                 if a == ANSWER:
                     node.status, node.reward = FinishStatus.ANSWERED, float(f >= h and self.rng.random() < pc)
                 elif a == SEARCH_RIGHT and f < h and self.rng.random() < ps:

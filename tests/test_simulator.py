@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainer.algo.allocation import Anchor, entropy_prefixes
 from trainer.algo.tree import RolloutTree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,11 +139,11 @@ def test_every_allocator_spends_exactly_the_leaf_budget(overrides: dict) -> None
 
 def test_every_pair_of_stages_spends_exactly_the_leaf_budget() -> None:
     """The per-stage ablation (allocation.type "STAGE1+STAGE2") through the trainer's planning code: every stage 1
-    with every stage 2 the simulator can run (entropy needs token entropies), 3 steps each over a stream that wraps
-    (greso's filter gets history), exactly the leaf budget a step."""
+    with every stage 2 (greso with none only), 3 steps each over a stream that wraps (greso's filter gets history),
+    exactly the leaf budget a step."""
     from trainer.algo.allocation import STAGE1, STAGE2
 
-    pairs = [(a, b) for a, b in itertools.product(STAGE1, STAGE2) if b != "entropy" and (a != "greso" or b == "none")]
+    pairs = [(a, b) for a, b in itertools.product(STAGE1, STAGE2) if a != "greso" or b == "none"]
     for stage1, stage2 in pairs:
         cfg = sim.SimConfig(allocator=f"{stage1}+{stage2}", seed=5, lr=5.0, n_prompts=24, steps=3)
         s = sim.Simulation(cfg)
@@ -153,10 +154,25 @@ def test_every_pair_of_stages_spends_exactly_the_leaf_budget() -> None:
             s.update(trees)
 
 
-def test_the_entropy_allocator_is_refused_with_where_to_run_it() -> None:
-    """The simulated policy has no token distribution: an allocator that ranks anchors by entropy would rank ties."""
-    with pytest.raises(ValueError, match="compare_allocators"):
-        sim.Simulation(sim.SimConfig(allocator="entropy", seed=0))
+def test_the_entropy_allocator_ranks_anchors_by_the_policys_exact_action_entropy() -> None:
+    """A simulated turn is one action, so its entropy is the policy's action entropy at the state it was taken in
+    (what the LM testbed estimates from a turn's first tokens): every turn node carries it, the "entropy" allocator
+    reads it off the turn after each anchor, gives its first continuations to the highest, and spends exactly the
+    leaf budget."""
+    s = sim.Simulation(sim.SimConfig(allocator="entropy", seed=3, warm_early=0.7, lr=0.0))
+    for _ in range(3):
+        s._pi = s.probs(s.task)
+        trees, count = s.collect()
+        assert sum(len(t.scored_leaves()) for t in trees) == s.cfg.leaf_budget, count
+        assert count["continuations"] > 0, count
+        for t in trees:
+            pi = s._pi[t.meta["index"]]
+            for n in t.nodes[1:]:
+                assert n.entropy == pytest.approx(sim.action_entropy(pi[n.info["f_in"]]), abs=1e-12)
+        s.update(trees)
+    h = [0.3, 1.1, 0.7, 0.0]
+    anchors = [Anchor(i, 0.0, 0.5, x) for i, x in enumerate(h)]
+    assert entropy_prefixes(anchors, 2, 2) == [0, 1, 1, 0]  # the two most uncertain first
 
 
 def test_greso_is_grpo_until_a_prompt_comes_back_then_skips_by_its_history() -> None:
