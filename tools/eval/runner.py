@@ -42,7 +42,6 @@ import structlog
 import tyro
 from tqdm import tqdm
 
-from shared import codec
 from shared.replicas import EnvPool, ReplicaLost, ReplicasDiffer
 from shared.wire import EnvError, Info, SnapshotBlob
 from tools.eval.agents import Agent, AgentConfig, AgentConfigError, AgentError, build_agent
@@ -426,7 +425,7 @@ class _Run:
         return row
 
     async def _export(self, snapshot_id: str) -> SnapshotBlob:
-        return codec.decode(await self.env.export_snapshot(snapshot_id), SnapshotBlob, codec.MSGPACK)
+        return await self.env.read_snapshot(snapshot_id)
 
     async def _read_back(self, row: ResultRow, episode_id: str, snapshots: list[str]) -> None:
         """Fill turns, searches, prediction and scores from the server's record; release the episode."""
