@@ -345,7 +345,10 @@ def _check_free_form(value: Any, name: str) -> None:
                 )
             if isinstance(v, dict) and not all(isinstance(k, str) for k in v):
                 bad = next(k for k in v if not isinstance(k, str))
-                raise EnvError(ErrorCode.INVALID_VALUE, f"snapshot {name} has a key {bad!r}; keys are strings")
+                raise EnvError(
+                    ErrorCode.INVALID_VALUE,
+                    f"snapshot {name} has a key of type {type(bad).__name__} ({repr(bad)[:40]}); keys are strings",
+                )
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
         elif isinstance(v, bool) or v is None or isinstance(v, str):
             continue
