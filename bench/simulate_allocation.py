@@ -23,8 +23,8 @@ No language model. The task (DESIGN §1's multi-hop search, reduced to its decis
 What runs is the project's own code: real `RolloutTree`s (dummy token ids: the kind at the root, the action at
 a turn), `backup()`, `anchors_from_tree`, the allocators (`make_allocator`, stage 1, `plan_round`, `share`,
 `split_rounds`, `Allocator.spill_roots`), `PromptSampler`, `BetaPrior`, `GresoFilter` (greso's history, fed as
-`TraceStep.collect` feeds it), `entropy_prefixes` (the "entropy" allocator: a simulated turn is one action, so its
-entropy is exactly the policy's action entropy where it was taken), `SuccessPredictor` fitted every step on
+`TraceStep.collect` feeds it), `entropy_prefixes` (the "entropy" allocator: a simulated turn is one action, and its
+entropy is the policy's action entropy where it was taken), `SuccessPredictor` fitted every step on
 `collect_training_set` from state features, `split_calibration`, `build_training_samples(..., process=
 allocator.expands)`, `effective_ratio`, `mixed_per_100_leaves` and `trainer.learner.loss.policy_loss` for the policy-
 gradient step (on-policy, one optimizer step a training step: the trainer's AdamW with its gradient norm clipped at
@@ -290,7 +290,7 @@ class _AsRollouts:
 
 def action_entropy(p: np.ndarray) -> float:
     """The entropy (nats) of the policy's action distribution at a state: a simulated turn's entropy (a turn is one
-    action, so this is exactly what the LM testbed estimates from a turn's first tokens' top logprobs), which the
+    action; the simulator's analogue of the LM testbed's top-k estimate over a turn's first tokens), which the
     "entropy" allocator ranks anchors by."""
     return float(-(p * np.log(np.maximum(p, 1e-300))).sum())
 
@@ -380,7 +380,7 @@ class Simulation:
                 a = int(self.rng.choice(N_ACTIONS, p=pi[f]))
                 lp = min(math.log(pi[f, a]), 0.0)
                 node = tree.add_child(cur.node_id, [a], [1], [lp], info={"f_in": f})
-                node.entropy = action_entropy(pi[f])  # the turn's one "token": the LM's turn entropy, exactly
+                node.entropy = action_entropy(pi[f])  # the distribution this turn's one "token" was drawn from
                 if a == ANSWER:
                     node.status, node.reward = FinishStatus.ANSWERED, float(f >= h and self.rng.random() < pc)
                 elif a == SEARCH_RIGHT and f < h and self.rng.random() < ps:

@@ -305,8 +305,9 @@ class EnvPool:
         """The first replica's /v1/info, after checking that every replica up serves the same corpus, reward and
         datasets (replicas must be interchangeable: a tree may be redone on another one), with the per-call limits
         (turns, topk, fork n, action length, batch ops, body size) the smallest of the replicas' (what every one
-        accepts, since any call may land on any of them) and the live-episode and snapshot caps the sum over the
-        replicas up (new episodes go to the least loaded)."""
+        accepts, since any call may land on any of them) and the live-episode and snapshot caps the smallest times the
+        replicas up: new episodes go to the least loaded replica whatever its cap, so an even split is what the pool
+        can be sure to hold."""
         ups = [r for r in self.replicas if r.up] or [await self._pick()]
         infos = await asyncio.gather(*(self._call(r, r.client.info()) for r in ups))
         first = infos[0]
@@ -327,7 +328,9 @@ class EnvPool:
             r.client.max_batch_ops = min(r.client.max_batch_ops, inf.limits.max_batch_ops)
         per_call = ("max_turns", "max_topk", "max_fork_n", "max_action_chars", "max_batch_ops", "max_body_bytes")
         least = {k: min(getattr(inf.limits, k) for inf in infos) for k in per_call}
-        total = {k: sum(getattr(inf.limits, k) for inf in infos) for k in ("max_episodes", "max_snapshots")}
+        total = {
+            k: len(infos) * min(getattr(inf.limits, k) for inf in infos) for k in ("max_episodes", "max_snapshots")
+        }
         return msgspec.structs.replace(first, limits=msgspec.structs.replace(first.limits, **least, **total))
 
     async def create(self, **fields: Any) -> EpisodeCreated:

@@ -155,8 +155,8 @@ def test_every_pair_of_stages_spends_exactly_the_leaf_budget() -> None:
 
 
 def test_the_entropy_allocator_ranks_anchors_by_the_policys_exact_action_entropy() -> None:
-    """A simulated turn is one action, so its entropy is the policy's action entropy at the state it was taken in
-    (what the LM testbed estimates from a turn's first tokens): every turn node carries it, the "entropy" allocator
+    """A simulated turn is one action, and its entropy is the policy's action entropy at the state it was taken in
+    (the simulator's analogue of the LM testbed's estimate from a turn's first tokens): every turn node carries it, the "entropy" allocator
     reads it off the turn after each anchor, gives its first continuations to the highest, and spends exactly the
     leaf budget."""
     s = sim.Simulation(sim.SimConfig(allocator="entropy", seed=3, warm_early=0.7, lr=0.0))
