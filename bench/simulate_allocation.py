@@ -309,9 +309,7 @@ class Simulation:
         self.rng = np.random.default_rng(cfg.seed + 1_000_003)  # outcomes
         self.alloc_rng = random.Random(cfg.seed)  # trace.py's self.rng (random-node's anchors)
         self.sampler = PromptSampler(cfg.n_prompts, cfg.seed)
-        if not 0 < cfg.prior_decay <= 1:
-            raise ValueError(f"prior_decay must be in (0, 1], got {cfg.prior_decay}")
-        self.prior = BetaPrior(cfg.prior_a, cfg.prior_b, cfg.prior_decay)
+        self.prior = BetaPrior(cfg.prior_a, cfg.prior_b, cfg.prior_decay)  # a value out of range: its ValueError
         self.greso = GresoFilter(self.acfg.greso_p, self.acfg.greso_target, self.acfg.greso_step)  # as TraceStep's
         self.success_count = [1.0, 2.0]  # trace.py's unseen-root fallback
         self.predictor = SuccessPredictor(

@@ -93,7 +93,8 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, conf, run.wandb_project)
         stack.push_async_callback(asyncio.to_thread, track.close)
         env = await stack.enter_async_context(services.env_client(cfg, out))
-        check_env_server(cfg, await env.info())  # before the warm start: a wrong URL fails in seconds, not minutes
+        info = await env.info()
+        check_env_server(cfg, info)  # before the warm start: a wrong URL fails in seconds, not minutes
         policy = await _initial_policy(cfg, env, out, start)
         weights = await compute(policy.save, out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))
@@ -109,7 +110,7 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         runner = RolloutRunner(
             env, engine, policy.tokenizer, cfg.rollout, top_logprobs=top, entropy_tokens=a.entropy_tokens
         )
-        n_train = split_size(await env.info(), cfg.env.dataset, cfg.env.train_split)
+        n_train = split_size(info, cfg.env.dataset, cfg.env.train_split)
         if cfg.env.train_limit:
             n_train = min(n_train, cfg.env.train_limit)
         if cfg.model.path is not None:

@@ -324,7 +324,8 @@ class BetaPrior:
     """
 
     def __init__(self, a0: float = 1.0, b0: float = 1.0, decay: float = 1.0) -> None:
-        assert a0 > 0 and b0 > 0 and 0 < decay <= 1, f"a0={a0} b0={b0} decay={decay}"
+        if not (a0 > 0 and b0 > 0 and 0 < decay <= 1):
+            raise ValueError(f"the prior needs a0 > 0, b0 > 0 and prior_decay in (0, 1]; got {a0}, {b0}, {decay}")
         self.a0, self.b0, self.decay = a0, b0, decay
         self.counts: dict[str, tuple[float, float]] = {}
 
