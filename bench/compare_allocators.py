@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import statistics
 import time
@@ -92,10 +95,14 @@ def run_one(
     eval_every: int | None = None,
     *,
     arm: str | None = None,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
-    """One `trace-train` run of `allocator` (named `arm`, default the allocator) at `seed`; its figures."""
+    """One `trace-train` run of `allocator` (named `arm`, default the allocator) at `seed`; its figures. `keep`: a
+    folder mirroring `out` (`--keep`) that a finished run's result.json is copied to, and restored from when the run's
+    own folder has none (a new checkout of a comparison that ran in an earlier one)."""
     arm = arm or allocator
     run_dir = out / f"{arm}-s{seed}"
+    kept = keep / run_dir.name / "result.json" if keep is not None else None
     overrides = [
         *sets,
         f'allocation.type="{allocator}"',
@@ -109,6 +116,9 @@ def run_one(
     cfg = load_train_config(config, overrides)
     done = run_dir / "result.json"
     key = {"config": config, "overrides": overrides}
+    if kept is not None and kept.exists() and not done.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, done)
     if done.exists():  # a comparison stopped part way resumes: a finished run with the same settings is kept
         saved = json.loads(done.read_text())
         if saved.get("key") == key:
@@ -148,7 +158,44 @@ def run_one(
     res["wall_s"] = time.perf_counter() - t0
     res["allocator"], res["seed"], res["base_allocator"] = arm, seed, allocator
     done.write_text(json.dumps({"key": key, "result": res}, indent=2))
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(done, kept)
     return res
+
+
+def _worker_threads(threads: int) -> None:
+    """A --jobs worker's share of the cores: torch's threads here, and $OMP_NUM_THREADS for the run's children (the
+    CPU engine takes at most that many; the env server's torch, if any, reads it)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def run_many(specs: list[tuple[tuple, dict[str, Any]]], jobs: int = 1, fn: Any = None) -> list[dict[str, Any]]:
+    """fn(*args, **kwargs) (default run_one) for each spec, `jobs` at a time; the results in the specs' order.
+    jobs > 1: each call in a worker process of its own (spawned: a run starts its own engine and env server
+    children, and no asyncio or torch state may be inherited), with cores // jobs threads. The first call that
+    raises (run_one raises once a run failed twice) stops the rest: calls not yet started are cancelled, calls under
+    way finish (their runs are kept for the resume), then its error is raised."""
+    fn = fn or run_one
+    if jobs <= 1:
+        return [fn(*a, **kw) for a, kw in specs]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ctx = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_worker_threads, initargs=(max(1, cores // jobs),)
+    )
+    with pool:
+        futures = [pool.submit(fn, *a, **kw) for a, kw in specs]
+        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            for f in futures:
+                f.cancel()
+            raise failed.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
 
 
 def dev_em_curve(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -310,16 +357,18 @@ def tune_rates(args: argparse.Namespace, names: list[str], arms: dict[str, tuple
     run's evaluations), averaged over the tuning seeds. Writes the scores to work/sweep.json."""
     lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
     key = TUNE_ON[args.tune_on]
+    keep = Path(args.keep) / "tune" if getattr(args, "keep", None) else None
+    plan = [(a, lr, k) for a in names for lr in lrs for k in range(args.tune_seeds)]
+    specs = [
+        ((args.config, [*args.set, *arms[a][1], f"optim.lr={lr}"], arms[a][0], TUNE_SEED0 + k, args.steps,
+          work / "tune", args.eval_every), {"arm": f"{a}-lr{lr:g}", "keep": keep})
+        for a, lr, k in plan
+    ]  # fmt: skip
+    results = run_many(specs, getattr(args, "jobs", 1))
     scores: dict[str, dict[str, float]] = {}
     for a in names:
-        alloc, extra = arms[a]
         for lr in lrs:
-            ems = []
-            for k in range(args.tune_seeds):
-                sets = [*args.set, *extra, f"optim.lr={lr}"]
-                r = run_one(args.config, sets, alloc, TUNE_SEED0 + k, args.steps, work / "tune", args.eval_every,
-                            arm=f"{a}-lr{lr:g}")  # fmt: skip
-                ems.append(r[key])
+            ems = [r[key] for (a2, lr2, _), r in zip(plan, results, strict=True) if (a2, lr2) == (a, lr)]
             scores.setdefault(a, {})[str(lr)] = _mean(ems)
             print(f"tuning {a} lr {lr:g}: {args.tune_on} dev EM {scores[a][str(lr)]:.3f}")
     best = {a: max(sorted(lrs), key=lambda lr, a=a: scores[a][str(lr)]) for a in names}  # a tie: the lower rate
@@ -359,10 +408,12 @@ def print_sensitivity(sens: dict[str, dict[str, Any]]) -> None:
         print(f"tuning {arm}: by mean {s['rate_by_mean']:g}, by final {s['rate_by_final']:g} (mean / final: {cells})")
 
 
-def progress(work: Path, names: list[str], lrs: list[float], tune_seeds: int, seeds: int) -> dict[str, Any]:
+def progress(
+    work: Path, names: list[str], lrs: list[float], tune_seeds: int, seeds: int, jobs: int = 1
+) -> dict[str, Any]:
     """How far a comparison with these arms, rates and seeds has got: its planned runs (tuning runs, then reported
-    ones) that have a result.json under `work`, and a time left from the finished ones' median wall time (a run slowed
-    by other work on the cores does not move it much). A result.json whose settings differ from the command's counts
+    ones) that have a result.json under `work`, and a time left from the finished ones' median wall time, `jobs` at a
+    time (a run slowed by other work on the cores does not move it much). A result.json whose settings differ from the command's counts
     here but is run again on resume: the count is an upper bound of what will be kept."""
     tune = [work / "tune" / f"{a}-lr{lr:g}-s{TUNE_SEED0 + k}" for a in names for lr in lrs for k in range(tune_seeds)]
     reported = [work / f"{a}-s{seed}" for seed in range(seeds) for a in names]
@@ -377,7 +428,7 @@ def progress(work: Path, names: list[str], lrs: list[float], tune_seeds: int, se
         "reported_done": sum(d in done for d in reported),
         "reported_planned": len(reported),
         "median_run_s": wall,
-        "hours_left": None if wall is None else left * wall / 3600,
+        "hours_left": None if wall is None else left * wall / max(1, jobs) / 3600,
         "next": next((d.name for d in tune + reported if d not in done), None),
     }
 
@@ -406,6 +457,19 @@ def main(argv: list[str] | None = None) -> int:
         help="the tuning runs' figure a rate is chosen by: mean dev EM over the run (the protocol's) or the final",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process with cores // jobs threads (a run is a trainer, its engine and "
+        "env server; on 2 cores see the README's figure before raising it)",
+    )
+    p.add_argument(
+        "--keep",
+        default=None,
+        help="a folder (in a git checkout, say) that each finished run's result.json is copied to, mirroring the work "
+        "folder, and restored from on resume: a comparison that outlives its machine's scratch space",
+    )
+    p.add_argument(
         "--from-runs", default=None, help="summarise FILE.runs.json of a finished comparison again, run nothing"
     )
     p.add_argument(
@@ -426,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         allocators = present if args.allocators is None else allocators
     elif args.progress:
         lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
-        st = progress(out.with_suffix(""), allocators, lrs, args.tune_seeds if lrs else 0, args.seeds)
+        st = progress(out.with_suffix(""), allocators, lrs, args.tune_seeds if lrs else 0, args.seeds, args.jobs)
         left = "n/a" if st["hours_left"] is None else f"{st['hours_left']:.1f} h"
         print(
             f"tuning runs {st['tuning_done']}/{st['tuning_planned']}, reported runs {st['reported_done']}/"
@@ -449,14 +513,16 @@ def main(argv: list[str] | None = None) -> int:
                 "(each arm at its own tuned rate); fine for a smoke run, not for a published comparison"
             )
         rates = tune_rates(args, allocators, arms, work) if args.sweep_lrs else {}
-        runs = []
-        for seed in range(args.seeds):
-            for a in allocators:
-                alloc, extra = arms[a]
-                sets = [*args.set, *extra, *([f"optim.lr={rates[a]}"] if a in rates else [])]
-                r = run_one(args.config, sets, alloc, seed, args.steps, work, args.eval_every, arm=a)
-                print(f"{a:12s} seed {seed}: " + ", ".join(f"{k}={r[k]:.3f}" for k in ("effective_ratio", "dev_em")))
-                runs.append(r)
+        keep = Path(args.keep) if args.keep else None
+        plan = [(seed, a) for seed in range(args.seeds) for a in allocators]
+        specs = [
+            ((args.config, [*args.set, *arms[a][1], *([f"optim.lr={rates[a]}"] if a in rates else [])], arms[a][0],
+              seed, args.steps, work, args.eval_every), {"arm": a, "keep": keep})
+            for seed, a in plan
+        ]  # fmt: skip
+        runs = run_many(specs, args.jobs)
+        for (seed, a), r in zip(plan, runs, strict=True):
+            print(f"{a:12s} seed {seed}: " + ", ".join(f"{k}={r[k]:.3f}" for k in ("effective_ratio", "dev_em")))
     summary = summarise(runs, allocators)
     md = table(summary)
     print(md)

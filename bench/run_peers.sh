@@ -8,6 +8,10 @@
 #
 # $TRACE_CMP_TREE: the worktree's path (default runs/worktree-COMMIT); resume with the tree path it started with.
 # How far it has got: a regime's compare_allocators.py command below with --progress appended (runs nothing).
+# Each finished run's result.json is also copied into bench/results/ (--keep), which is tracked: runs/ is scratch that
+# a new checkout does not have (a session's lost 23 finished runs so), so commit bench/results/ as runs finish
+# (bench/commit_kept.sh does it on a timer) and a later checkout resumes from there.
+# $PEERS_JOBS: runs at once (--jobs; default 1).
 #
 # Arms, every one at exactly allocation.leaf_budget leaves a step, each at its own rate from a sweep on 2 tuning
 # seeds (never reported), 8 reported seeds paired by seed against GRPO:
@@ -49,13 +53,17 @@ GRESO='greso=greso|allocation.group_size=4'
 # issue 22's regime 1 found every arm best at 1e-4, the top of 2e-5..1e-4: centred on it here.
 LRS=5e-5,1e-4,2e-4
 REGIMES="${PEERS_REGIMES:-single epochs}"
+JOBS="${PEERS_JOBS:-1}"
+KEEP="$REPO/bench/results"
 if [[ " $REGIMES " == *" single "* ]]; then
 "$PY" bench/compare_allocators.py --steps 20 --seeds 8 --eval-every 2 --out "$REPO/runs/compare_peers_single.json" \
+    --keep "$KEEP/compare_peers_single" --jobs "$JOBS" \
     --allocators uniform,trace,trace-fixed,entropy --arm "$FIXED" --sweep-lrs "$LRS" --tune-seeds 2
 echo "regime single done $(date)"
 fi
 if [[ " $REGIMES " == *" epochs "* ]]; then
 "$PY" bench/compare_allocators.py --steps 94 --seeds 8 --eval-every 10 --out "$REPO/runs/compare_peers_epochs.json" \
+    --keep "$KEEP/compare_peers_epochs" --jobs "$JOBS" \
     --allocators "$ARMS" --arm "$FIXED" --arm "$GRESO" --set env.train_limit=300 --sweep-lrs "$LRS" --tune-seeds 2
 echo "regime epochs done $(date)"
 fi

@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))  # the script imports its sibling simulate_allocation, as when run from bench/
 _spec = importlib.util.spec_from_file_location("compare_allocators", BENCH / "compare_allocators.py")
 cmp = importlib.util.module_from_spec(_spec)
+sys.modules["compare_allocators"] = cmp  # --jobs' workers find its functions by name, as when the script runs
 _spec.loader.exec_module(cmp)  # type: ignore[union-attr]
 
 
@@ -156,7 +157,7 @@ def test_tuning_on_either_figure_and_what_each_would_pick(tmp_path: Path, monkey
     the tuning runs in the comparison's work folder (FILE.tuning.json)."""
     import argparse
 
-    def fake_run_one(config, sets, alloc, seed, steps, out, eval_every, arm):  # the runs are a benchmark
+    def fake_run_one(config, sets, alloc, seed, steps, out, eval_every, arm, keep=None):  # runs: a benchmark
         name, lr = arm.rsplit("-lr", 1)
         return _tuning_run(name, float(lr), seed)
 
@@ -229,6 +230,8 @@ def test_progress_counts_the_finished_runs_of_the_command(tmp_path: Path, capsys
     assert (st["tuning_done"], st["tuning_planned"], st["reported_done"], st["reported_planned"]) == (3, 8, 1, 6)
     assert st["median_run_s"] == 650 and st["hours_left"] == pytest.approx(10 * 650 / 3600)
     assert st["next"] == "uniform-lr0.0001-s10000"
+    two = cmp.progress(work, ["uniform", "trace"], [5e-5, 1e-4], 2, 3, jobs=2)
+    assert two["hours_left"] == pytest.approx(st["hours_left"] / 2), "--jobs 2: two runs at a time"
     argv = ["--out", str(tmp_path / "cmp.json"), "--allocators", "uniform,trace", "--seeds", "3"]
     assert cmp.main([*argv, "--sweep-lrs", "5e-5,1e-4", "--progress"]) == 0
     assert "tuning runs 3/8, reported runs 1/6; next uniform-lr0.0001-s10000; ~1.8 h left" in capsys.readouterr().out
@@ -322,3 +325,76 @@ def test_the_long_comparisons_name_real_arms_and_settings(script: str) -> None:
             assert allocator in ALLOCATORS, (script, name)
             cfg = load_train_config(config, [*sets, f'allocation.type="{allocator}"', *extra])
             assert cfg.allocation.type == allocator
+
+
+def _meet(folder: str, me: str, other: str) -> dict:
+    """A --jobs worker's call: leaves its mark, then waits (up to 60 s) for `other`'s: both return only when two
+    calls run at once."""
+    import os
+    import time
+
+    (Path(folder) / me).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not (Path(folder) / other).exists():
+        assert time.monotonic() < deadline, f"{me}: {other} never ran beside it"
+        time.sleep(0.05)
+    return {"me": me, "pid": os.getpid(), "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _mark_or_fail(folder: str, i: int, delay: float) -> dict:
+    import time
+
+    if i == 0:
+        raise ValueError("run 0 failed twice")
+    time.sleep(delay)
+    (Path(folder) / f"ran-{i}").write_text("")
+    return {"i": i}
+
+
+def test_jobs_run_at_once_in_their_own_processes_and_a_failure_stops_the_rest(tmp_path: Path) -> None:
+    """--jobs 2: two calls run at the same time (each waits for the other's mark: one at a time would time out),
+    in two worker processes with cores // 2 threads each ($OMP_NUM_THREADS, which the CPU engine caps its threads
+    at), and the results come back in the specs' order; a call that raises cancels the calls not yet started."""
+    import os
+
+    specs = [((str(tmp_path), "a", "b"), {}), ((str(tmp_path), "b", "a"), {})]
+    got = cmp.run_many(specs, jobs=2, fn=_meet)
+    assert [g["me"] for g in got] == ["a", "b"]
+    assert len({g["pid"] for g in got} | {os.getpid()}) == 3, "each call in a worker process of its own"
+    assert {g["threads"] for g in got} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
+    assert cmp.run_many([((str(tmp_path), "c", "a"), {})], jobs=1, fn=_meet)[0]["pid"] == os.getpid()
+
+    specs = [((str(tmp_path), i, 1.0), {}) for i in range(12)]
+    with pytest.raises(ValueError, match="run 0 failed twice"):
+        cmp.run_many(specs, jobs=2, fn=_mark_or_fail)
+    assert len(list(tmp_path.glob("ran-*"))) < 11, "the calls not yet started when run 0 failed were cancelled"
+
+
+def test_keep_copies_each_finished_run_and_a_new_checkout_resumes_from_it(tmp_path, monkeypatch) -> None:
+    """--keep: a finished run's result.json is copied into the keep folder (under the run's name); a comparison
+    whose work folder is gone (a new checkout) restores it from there and keeps it when its settings are the same,
+    and reruns it when they differ."""
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "debug.toml")
+    trained = []
+
+    def write_one_step(out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "leaves": 12, "eval_em": 0.5, "eval_em_before": 0.1}))
+
+    async def one_step(cfg):
+        trained.append(cfg.optim.lr)
+        write_one_step(Path(cfg.run.output_dir))
+
+    monkeypatch.setattr(cmp, "train", one_step)
+    work, keep = tmp_path / "runs" / "cmp" / "tune", tmp_path / "repo" / "kept" / "tune"
+    first = json.dumps(cmp.run_one(config, ["optim.lr=0.001"], "uniform", 3, 1, work, keep=keep))  # NaN figures
+    assert json.dumps(json.loads((keep / "uniform-s3" / "result.json").read_text())["result"]) == first
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a new checkout: the work folder is gone, the keep folder (committed) is not
+    assert json.dumps(cmp.run_one(config, ["optim.lr=0.001"], "uniform", 3, 1, work, keep=keep)) == first
+    assert trained == [0.001], "restored and kept, not run again"
+    assert (work / "uniform-s3" / "result.json").exists()
+    cmp.run_one(config, ["optim.lr=0.002"], "uniform", 3, 1, work, keep=keep)
+    assert trained == [0.001, 0.002], "a kept run of other settings is run again"
+    assert json.loads((keep / "uniform-s3" / "result.json").read_text())["result"]["lr"] == 0.002

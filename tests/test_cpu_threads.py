@@ -71,3 +71,16 @@ def test_the_wait_policy_leaves_the_numbers_alone() -> None:
     if active != again:
         pytest.skip("this machine's BLAS gives different bits from one process to the next under one policy")
     assert passive == active
+
+
+def test_the_engine_takes_at_most_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU engine's default threads: half the cores, capped at $OMP_NUM_THREADS when a process given a share of
+    the cores (compare_allocators --jobs) sets it; a value that is not a positive count is ignored."""
+    from engine.cli import default_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads() == 8
+    for value, want in (("4", 4), ("12", 8), ("1", 1), ("0", 8), ("two", 8)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert default_threads() == want, value
