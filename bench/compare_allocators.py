@@ -53,7 +53,9 @@ from typing import Any
 from simulate_allocation import mean_ci  # bench/ is the script's own folder, first on sys.path
 
 from trainer.config import load_train_config
+from trainer.learner.config import uses_cpu
 from trainer.loop import train
+from trainer.services import launches_cuda_engines
 
 ALL = ("trace", "uniform", "root-only", "random-node")
 FIGURES = (
@@ -162,6 +164,13 @@ def run_one(
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(done, kept)
     return res
+
+
+def uses_gpus(config: str | None, sets: list[str]) -> bool:
+    """Whether a run of this config trains on a GPU or launches an engine that takes one (--jobs runs only CPU runs
+    side by side: they split the cores, and nothing here splits GPUs)."""
+    cfg = load_train_config(config, sets)
+    return not uses_cpu(cfg.model) or launches_cuda_engines(cfg)
 
 
 def _worker_threads(threads: int) -> None:
@@ -460,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs",
         type=int,
         default=1,
-        help="runs at once, each in its own process with cores // jobs threads (a run is a trainer, its engine and "
-        "env server; on 2 cores see the README's figure before raising it)",
+        help="CPU runs at once, each in its own process with cores // jobs threads (a run is a trainer, its engine and "
+        "env server; docs/trainer.md has the throughput measured on 2 cores); arms on GPUs are refused",
     )
     p.add_argument(
         "--keep",
@@ -507,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
             arms[name] = (alloc, extra)
         missing = [a for a in allocators if a not in arms]
         assert not missing, f"--allocators names {missing} that are neither allocators nor --arm names"
+        if args.jobs < 1:
+            p.error(f"--jobs {args.jobs}: at least 1")
+        if args.jobs > 1 and (gpu := [a for a in allocators if uses_gpus(args.config, [*args.set, *arms[a][1]])]):
+            p.error(
+                f"--jobs {args.jobs}: arms {gpu} run on GPUs, and concurrent runs would share them (every run gets "
+                "the same devices and engine.gpus); run them one at a time (--jobs 1) or on separate machines"
+            )
         if not args.sweep_lrs:
             print(
                 "note: no --sweep-lrs, so every arm runs at the config's one optim.lr: not the equal-care protocol "

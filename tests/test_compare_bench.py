@@ -398,3 +398,23 @@ def test_keep_copies_each_finished_run_and_a_new_checkout_resumes_from_it(tmp_pa
     cmp.run_one(config, ["optim.lr=0.002"], "uniform", 3, 1, work, keep=keep)
     assert trained == [0.001, 0.002], "a kept run of other settings is run again"
     assert json.loads((keep / "uniform-s3" / "result.json").read_text())["result"]["lr"] == 0.002
+
+
+def test_jobs_refuse_runs_on_gpus_before_running_any(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--jobs N > 1 splits the cores; runs that train on a GPU or launch a CUDA engine would all get the same devices,
+    so such a comparison is refused at the start, naming the arms (an arm's own overrides count), as is --jobs 0."""
+    out = str(tmp_path / "cmp.json")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "debug.toml")
+    argv = ["--config", config, "--out", out, "--steps", "1", "--seeds", "1", "--allocators", "uniform,gpu"]
+    gpu_arm = 'gpu=uniform|model.device="cuda"'
+    with pytest.raises(SystemExit):
+        cmp.main([*argv, "--arm", gpu_arm, "--jobs", "2"])
+    assert "arms ['gpu'] run on GPUs" in capsys.readouterr().err
+    cuda_engine = 'gpu=uniform|engine.extra_args=["--device", "cuda:1"]'
+    with pytest.raises(SystemExit):
+        cmp.main([*argv, "--arm", cuda_engine, "--jobs", "2"])
+    assert "arms ['gpu'] run on GPUs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cmp.main([*argv, "--arm", "gpu=uniform", "--jobs", "0"])
+    assert "--jobs 0: at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.glob("cmp/*")), "nothing ran"
