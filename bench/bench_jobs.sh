@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs at once on this machine's cores: two short trace-train runs of the epochs regime's testbed (8 steps, dev EM at
-# the end), one after the other and then both at once, the second pair with $OMP_NUM_THREADS=1 as
-# `bench/compare_allocators.py --jobs 2` gives each run on 2 cores. Prints each run's wall time and the throughput
+# the end), one after the other and then both at once, the second pair with $OMP_NUM_THREADS=1 and $TRACE_CPU_SHARE=1
+# as `bench/compare_allocators.py --jobs 2` gives each run on 2 cores. Prints each run's wall time and the throughput
 # ratio (the pair's sequential time over its concurrent time), and writes runs/bench_jobs/bench_jobs.json.
 # Run it on an otherwise idle machine (a comparison running beside it makes both figures meaningless).
 #   bench/bench_jobs.sh            # ~5 min on 2 cores, after a first run has built the SFT warm start (~8 min)
@@ -18,8 +18,13 @@ one() {  # NAME ALLOCATOR SEED: one run, logged to $OUT/NAME.log
 }
 one warm uniform 5  # the caches (world, tiny model, SFT warm start), not timed
 a=$(now); one seq-u uniform 0; one seq-t trace 0
-b=$(now); one par-u uniform 0 & one par-t trace 0 & wait
-c=$(now); (export OMP_NUM_THREADS=1; one par1-u uniform 0 & one par1-t trace 0 & wait)
+both() {  # PREFIX: the two runs side by side; fails if either does (a bare `wait` would not say)
+    one "$1-u" uniform 0 & local u=$!
+    one "$1-t" trace 0 & local t=$!
+    wait "$u" && wait "$t"
+}
+b=$(now); both par
+c=$(now); (export OMP_NUM_THREADS=1 TRACE_CPU_SHARE=1; both par1)  # what --jobs 2 gives each run on 2 cores
 d=$(now)
 python3 - "$OUT" "$a" "$b" "$c" "$d" <<'PY'
 import json, sys

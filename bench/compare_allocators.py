@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,14 +119,15 @@ def run_one(
     cfg = load_train_config(config, overrides)
     done = run_dir / "result.json"
     key = {"config": config, "overrides": overrides}
-    if kept is not None and kept.exists() and not done.exists():
+    if kept is not None and _readable(kept) is not None and _readable(done) is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(kept, done)
-    if done.exists():  # a comparison stopped part way resumes: a finished run with the same settings is kept
-        saved = json.loads(done.read_text())
-        if saved.get("key") == key:
-            print(f"{arm} seed {seed}: kept from {done}")
-            return saved["result"]
+        _copy_atomic(kept, done)
+    if (saved := _readable(done)) is not None and saved.get("key") == key:
+        # a comparison stopped part way resumes: a finished run with the same settings is kept
+        if kept is not None and _readable(kept) != saved:
+            _copy_atomic(done, kept)  # finished before --keep was given, or in another keep folder
+        print(f"{arm} seed {seed}: kept from {done}")
+        return saved["result"]
     t0 = time.perf_counter()
     for attempt in (1, 2):  # one failed run (an engine stalled past its timeout, say) must not end hours of others
         try:
@@ -158,47 +160,96 @@ def run_one(
         [r["continuations_to_mixed"] / r["continuations"] for r in rows if r.get("continuations")]
     )
     res["wall_s"] = time.perf_counter() - t0
+    res["torch_threads"] = _torch_threads()  # the trainer's (--jobs gives each run cores // jobs)
     res["allocator"], res["seed"], res["base_allocator"] = arm, seed, allocator
-    done.write_text(json.dumps({"key": key, "result": res}, indent=2))
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "result": res}, indent=2))
+    tmp.replace(done)
     if kept is not None:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(done, kept)
+        _copy_atomic(done, kept)
     return res
 
 
-def uses_gpus(config: str | None, sets: list[str]) -> bool:
-    """Whether a run of this config trains on a GPU or launches an engine that takes one (--jobs runs only CPU runs
-    side by side: they split the cores, and nothing here splits GPUs)."""
+def _readable(path: Path) -> dict[str, Any] | None:
+    """A result.json's content, or None when there is none or it cannot be read (cut off mid-write: run again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        if path.exists():
+            print(f"{path}: unreadable, so the run counts as not finished")
+        return None
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    """src copied to dest by a rename, so that a reader (bench/commit_kept.sh's commit) never sees half a file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest)
+
+
+def cannot_run_beside(config: str | None, sets: list[str]) -> str | None:
+    """Why runs of this config cannot run side by side (--jobs splits the cores, nothing else), or None: they train
+    on a GPU or launch an engine that takes one (every run would get the same devices and engine.gpus), or they
+    attach to engines at engine.urls (each run would push its weights into the same engines)."""
     cfg = load_train_config(config, sets)
-    return not uses_cpu(cfg.model) or launches_cuda_engines(cfg)
+    if not uses_cpu(cfg.model) or launches_cuda_engines(cfg):
+        return "run on GPUs"
+    if cfg.engine.urls:
+        return "attach to the same engines (engine.urls)"
+    return None
 
 
-def _worker_threads(threads: int) -> None:
-    """A --jobs worker's share of the cores: torch's threads here, and $OMP_NUM_THREADS for the run's children (the
-    CPU engine takes at most that many; the env server's torch, if any, reads it)."""
+def _torch_threads() -> int:
+    import torch  # loaded by the trainer's import already, after its OpenMP wait policy (shared/cpu_threads.py)
+
+    return torch.get_num_threads()
+
+
+def _worker_init(threads: int, parent: int) -> None:
+    """A --jobs worker: dies with the comparison's process `parent` (Linux's parent-death signal: a comparison killed
+    leaves no worker training on, whose run a resume would start a second time in the same folder; the run's engine
+    and env server die with the worker in turn), and takes its share of the cores: torch's threads here,
+    $OMP_NUM_THREADS for the run's children, and $TRACE_CPU_SHARE, the CPU engine's cap on its default threads."""
     import torch
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the comparison died before the signal was armed
+            os._exit(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["TRACE_CPU_SHARE"] = str(threads)
     torch.set_num_threads(threads)
 
 
 def run_many(specs: list[tuple[tuple, dict[str, Any]]], jobs: int = 1, fn: Any = None) -> list[dict[str, Any]]:
     """fn(*args, **kwargs) (default run_one) for each spec, `jobs` at a time; the results in the specs' order.
     jobs > 1: each call in a worker process of its own (spawned: a run starts its own engine and env server
-    children, and no asyncio or torch state may be inherited), with cores // jobs threads. The first call that
-    raises (run_one raises once a run failed twice) stops the rest: calls not yet started are cancelled, calls under
-    way finish (their runs are kept for the resume), then its error is raised."""
+    children, and no asyncio or torch state may be inherited), with cores // jobs threads (`_worker_init`). The first
+    call that raises (run_one raises once a run failed twice) stops the rest: calls not yet handed to a worker are
+    cancelled (the pool hands out up to jobs + 1 ahead, so one more may start), calls under way finish (their runs are
+    kept for the resume), then its error is raised. Interrupted (Ctrl-C), it returns at once and the workers, with
+    their runs, die with this process. A worker that dies breaks the pool: every call under way fails with it."""
     fn = fn or run_one
     if jobs <= 1:
         return [fn(*a, **kw) for a, kw in specs]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ctx = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_worker_threads, initargs=(max(1, cores // jobs),)
+        jobs, mp_context=ctx, initializer=_worker_init, initargs=(max(1, cores // jobs), os.getpid())
     )
-    with pool:
+    try:
         futures = [pool.submit(fn, *a, **kw) for a, kw in specs]
         done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+    except BaseException:  # Ctrl-C: the pool's own shutdown would wait for the calls under way (a run is minutes)
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # no public way to stop a running call
+        pool.shutdown(wait=False, cancel_futures=True)
+        for w in workers:
+            w.terminate()
+        raise
+    with pool:
         failed = next((f for f in futures if f in done and f.exception() is not None), None)
         if failed is not None:
             for f in futures:
@@ -226,6 +277,8 @@ def summarise(runs: list[dict[str, Any]], allocators: list[str]) -> dict[str, di
     out: dict[str, dict[str, Any]] = {}
     per_step = {r["leaves_per_step"] for r in runs}
     assert len(per_step) == 1, f"allocators ran at different leaves per step {sorted(per_step)}: not equal cost"
+    if len(threads := sorted({r["torch_threads"] for r in runs if r.get("torch_threads")})) > 1:
+        print(f"note: the runs trained with different torch thread counts {threads} (resumed with another --jobs?)")
     for a in allocators:
         mine = [r for r in runs if r["allocator"] == a]
         # .get: a runs.json written before a figure existed (--from-runs) summarises with that figure n/a
@@ -418,16 +471,29 @@ def print_sensitivity(sens: dict[str, dict[str, Any]]) -> None:
 
 
 def progress(
-    work: Path, names: list[str], lrs: list[float], tune_seeds: int, seeds: int, jobs: int = 1
+    work: Path,
+    names: list[str],
+    lrs: list[float],
+    tune_seeds: int,
+    seeds: int,
+    jobs: int = 1,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """How far a comparison with these arms, rates and seeds has got: its planned runs (tuning runs, then reported
-    ones) that have a result.json under `work`, and a time left from the finished ones' median wall time, `jobs` at a
-    time (a run slowed by other work on the cores does not move it much). A result.json whose settings differ from the command's counts
+    ones) that have a result.json under `work` or in the --keep folder `keep`, and a time left from the finished
+    ones' median wall time, `jobs` at a time (a run slowed by other work on the cores does not move it much; the
+    estimate ignores the wait for the last tuning runs before the reported ones start). A result.json whose settings differ from the command's counts
     here but is run again on resume: the count is an upper bound of what will be kept."""
     tune = [work / "tune" / f"{a}-lr{lr:g}-s{TUNE_SEED0 + k}" for a in names for lr in lrs for k in range(tune_seeds)]
     reported = [work / f"{a}-s{seed}" for seed in range(seeds) for a in names]
-    done = [d for d in tune + reported if (d / "result.json").exists()]
-    walls = [json.loads((d / "result.json").read_text())["result"].get("wall_s") for d in done]
+    found = {}
+    for d in tune + reported:
+        for f in (d / "result.json", *([keep / d.relative_to(work) / "result.json"] if keep is not None else [])):
+            if f.exists():
+                found[d] = f
+                break
+    done = list(found)
+    walls = [json.loads(found[d].read_text())["result"].get("wall_s") for d in done]
     known = [float(w) for w in walls if w is not None]
     wall = statistics.median(known) if known else None
     left = len(tune) + len(reported) - len(done)
@@ -499,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         allocators = present if args.allocators is None else allocators
     elif args.progress:
         lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
-        st = progress(out.with_suffix(""), allocators, lrs, args.tune_seeds if lrs else 0, args.seeds, args.jobs)
+        keep = Path(args.keep) if args.keep else None
+        st = progress(out.with_suffix(""), allocators, lrs, args.tune_seeds if lrs else 0, args.seeds, args.jobs, keep)
         left = "n/a" if st["hours_left"] is None else f"{st['hours_left']:.1f} h"
         print(
             f"tuning runs {st['tuning_done']}/{st['tuning_planned']}, reported runs {st['reported_done']}/"
@@ -516,13 +583,20 @@ def main(argv: list[str] | None = None) -> int:
             arms[name] = (alloc, extra)
         missing = [a for a in allocators if a not in arms]
         assert not missing, f"--allocators names {missing} that are neither allocators nor --arm names"
+        lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
         if args.jobs < 1:
             p.error(f"--jobs {args.jobs}: at least 1")
-        if args.jobs > 1 and (gpu := [a for a in allocators if uses_gpus(args.config, [*args.set, *arms[a][1]])]):
-            p.error(
-                f"--jobs {args.jobs}: arms {gpu} run on GPUs, and concurrent runs would share them (every run gets "
-                "the same devices and engine.gpus); run them one at a time (--jobs 1) or on separate machines"
-            )
+        if dup := sorted({a for a in allocators if allocators.count(a) > 1}):
+            p.error(f"--allocators names {dup} twice: their runs would share a folder")
+        if args.sweep_lrs and len({f"{float(x):g}" for x in lrs}) < len(lrs):
+            p.error(f"--sweep-lrs {args.sweep_lrs}: two rates name the same tuning runs ({[f'{x:g}' for x in lrs]})")
+        if args.jobs > 1:
+            why = {a: r for a in allocators if (r := cannot_run_beside(args.config, [*args.set, *arms[a][1]]))}
+            if why:
+                p.error(
+                    f"--jobs {args.jobs}: arms {sorted(why)} cannot run side by side: they {'; '.join(set(why.values()))}. "
+                    "Run them one at a time (--jobs 1) or on separate machines"
+                )
         if not args.sweep_lrs:
             print(
                 "note: no --sweep-lrs, so every arm runs at the config's one optim.lr: not the equal-care protocol "

@@ -24,12 +24,13 @@ from shared.logging import setup_logging
 
 
 def default_threads() -> int:
-    """Half the cores, at least one, and at most $OMP_NUM_THREADS when that is set (a process given a share of the
-    cores, as `bench/compare_allocators.py --jobs` gives each run, passes it on to its engine). The engine shares its
-    machine with the trainer and the env server; with more OpenMP threads than free cores torch's threads spin-wait,
-    and decode was measured 5-10x slower on the 2-core dev machines under load with 2 threads than with 1."""
+    """Half the cores, at least one, and at most $TRACE_CPU_SHARE when that is set (a process given a share of the
+    cores, as `bench/compare_allocators.py --jobs` gives each run, passes it on to its engine; not $OMP_NUM_THREADS,
+    which torchrun sets to 1 for every rank). The engine shares its machine with the trainer and the env server; with
+    more OpenMP threads than free cores torch's threads spin-wait, and decode was measured 5-10x slower on the 2-core
+    dev machines under load with 2 threads than with 1."""
     half = max(1, (os.cpu_count() or 2) // 2)
-    share = os.environ.get("OMP_NUM_THREADS", "")
+    share = os.environ.get("TRACE_CPU_SHARE", "")
     return min(half, int(share)) if share.isdigit() and int(share) >= 1 else half
 
 

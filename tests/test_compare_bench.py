@@ -232,6 +232,11 @@ def test_progress_counts_the_finished_runs_of_the_command(tmp_path: Path, capsys
     assert st["next"] == "uniform-lr0.0001-s10000"
     two = cmp.progress(work, ["uniform", "trace"], [5e-5, 1e-4], 2, 3, jobs=2)
     assert two["hours_left"] == pytest.approx(st["hours_left"] / 2), "--jobs 2: two runs at a time"
+    kept = tmp_path / "kept" / "tune" / "uniform-lr0.0001-s10000"  # finished in another checkout, kept (--keep)
+    kept.mkdir(parents=True)
+    (kept / "result.json").write_text(json.dumps({"key": {}, "result": {"wall_s": 650}}))
+    again = cmp.progress(work, ["uniform", "trace"], [5e-5, 1e-4], 2, 3, keep=tmp_path / "kept")
+    assert again["tuning_done"] == 4 and again["next"] == "uniform-lr0.0001-s10001"
     argv = ["--out", str(tmp_path / "cmp.json"), "--allocators", "uniform,trace", "--seeds", "3"]
     assert cmp.main([*argv, "--sweep-lrs", "5e-5,1e-4", "--progress"]) == 0
     assert "tuning runs 3/8, reported runs 1/6; next uniform-lr0.0001-s10000; ~1.8 h left" in capsys.readouterr().out
@@ -328,17 +333,18 @@ def test_the_long_comparisons_name_real_arms_and_settings(script: str) -> None:
 
 
 def _meet(folder: str, me: str, other: str) -> dict:
-    """A --jobs worker's call: leaves its mark, then waits (up to 60 s) for `other`'s: both return only when two
+    """A --jobs worker's call: leaves its mark, then waits (up to 300 s) for `other`'s: both return only when two
     calls run at once."""
     import os
     import time
 
     (Path(folder) / me).write_text(str(os.getpid()))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # the other worker may still be importing torch on busy cores
     while not (Path(folder) / other).exists():
         assert time.monotonic() < deadline, f"{me}: {other} never ran beside it"
         time.sleep(0.05)
-    return {"me": me, "pid": os.getpid(), "threads": os.environ.get("OMP_NUM_THREADS")}
+    return {"me": me, "pid": os.getpid(), "threads": os.environ.get("OMP_NUM_THREADS"),
+            "share": os.environ.get("TRACE_CPU_SHARE")}  # fmt: skip
 
 
 def _mark_or_fail(folder: str, i: int, delay: float) -> dict:
@@ -361,7 +367,8 @@ def test_jobs_run_at_once_in_their_own_processes_and_a_failure_stops_the_rest(tm
     got = cmp.run_many(specs, jobs=2, fn=_meet)
     assert [g["me"] for g in got] == ["a", "b"]
     assert len({g["pid"] for g in got} | {os.getpid()}) == 3, "each call in a worker process of its own"
-    assert {g["threads"] for g in got} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert {g["threads"] for g in got} == {g["share"] for g in got} == {share}
     assert cmp.run_many([((str(tmp_path), "c", "a"), {})], jobs=1, fn=_meet)[0]["pid"] == os.getpid()
 
     specs = [((str(tmp_path), i, 1.0), {}) for i in range(12)]
@@ -398,6 +405,19 @@ def test_keep_copies_each_finished_run_and_a_new_checkout_resumes_from_it(tmp_pa
     cmp.run_one(config, ["optim.lr=0.002"], "uniform", 3, 1, work, keep=keep)
     assert trained == [0.001, 0.002], "a kept run of other settings is run again"
     assert json.loads((keep / "uniform-s3" / "result.json").read_text())["result"]["lr"] == 0.002
+    assert json.loads((keep / "uniform-s3" / "result.json").read_text())["result"]["torch_threads"] >= 1
+
+    # A run finished before --keep was given reaches the keep folder when the comparison resumes with it.
+    cmp.run_one(config, ["optim.lr=0.003"], "uniform", 4, 1, work)
+    assert not (keep / "uniform-s4").exists()
+    cmp.run_one(config, ["optim.lr=0.003"], "uniform", 4, 1, work, keep=keep)
+    assert trained[-1] == 0.003 and len(trained) == 3, "kept, not run again"
+    assert (keep / "uniform-s4" / "result.json").read_text() == (work / "uniform-s4" / "result.json").read_text()
+    # A result.json cut off mid-write (here: a kept copy) counts as no result: the run is run again, not a crash.
+    (work / "uniform-s4" / "result.json").unlink()
+    (keep / "uniform-s4" / "result.json").write_text('{"key": {"con')
+    cmp.run_one(config, ["optim.lr=0.003"], "uniform", 4, 1, work, keep=keep)
+    assert len(trained) == 4 and json.loads((keep / "uniform-s4" / "result.json").read_text())["result"]["lr"] == 0.003
 
 
 def test_jobs_refuse_runs_on_gpus_before_running_any(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -409,12 +429,104 @@ def test_jobs_refuse_runs_on_gpus_before_running_any(tmp_path: Path, capsys: pyt
     gpu_arm = 'gpu=uniform|model.device="cuda"'
     with pytest.raises(SystemExit):
         cmp.main([*argv, "--arm", gpu_arm, "--jobs", "2"])
-    assert "arms ['gpu'] run on GPUs" in capsys.readouterr().err
+    assert "arms ['gpu'] cannot run side by side: they run on GPUs" in capsys.readouterr().err
     cuda_engine = 'gpu=uniform|engine.extra_args=["--device", "cuda:1"]'
     with pytest.raises(SystemExit):
         cmp.main([*argv, "--arm", cuda_engine, "--jobs", "2"])
-    assert "arms ['gpu'] run on GPUs" in capsys.readouterr().err
+    assert "arms ['gpu'] cannot run side by side: they run on GPUs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cmp.main([*argv, "--arm", "gpu=uniform", "--jobs", "0"])
     assert "--jobs 0: at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.glob("cmp/*")), "nothing ran"
+
+
+def _pid_then_sleep(folder: str, i: int) -> dict:
+    import os
+    import time
+
+    (Path(folder) / f"pid-{i}").write_text(str(os.getpid()))
+    time.sleep(600)
+    return {"i": i}
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as gone)."""
+    try:
+        state = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("State:"))
+    except FileNotFoundError:
+        return True
+    return "Z" in state.split()[1]
+
+
+def _wait_for(cond, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_jobs_stop_with_the_comparison_interrupted_or_killed(tmp_path: Path) -> None:
+    """Ctrl-C in a --jobs comparison returns at once and ends the workers (a run is minutes; the pool's own shutdown
+    would wait for it), and a comparison killed outright (SIGKILL: nothing of it runs) takes its workers with it, so
+    that no run goes on training into a folder a resumed comparison would train into again."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    def interrupt_once_both_run() -> None:  # a real SIGINT, as Ctrl-C sends: it wakes a blocked wait
+        if _wait_for(lambda: len(list(tmp_path.glob("pid-*"))) == 2, 120):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cmp.run_many([((str(tmp_path), i), {}) for i in range(4)], jobs=2, fn=_pid_then_sleep)
+    assert time.monotonic() - t0 < 150, "returned at the interrupt, not after the calls under way (600 s each)"
+    pids = [int(f.read_text()) for f in tmp_path.glob("pid-*")]
+    assert len(pids) == 2 and _wait_for(lambda: all(map(_gone, pids)), 30), "the workers ended with the interrupt"
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    script = (
+        f"import sys; sys.path[:0] = [{str(BENCH)!r}, {str(Path(__file__).parent)!r}]\n"
+        "import test_compare_bench as t\n"  # registers compare_allocators as the module the workers unpickle from
+        f"t.cmp.run_many([(({str(killed)!r}, i), {{}}) for i in range(4)], jobs=2, fn=t._pid_then_sleep)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert _wait_for(lambda: len(list(killed.glob("pid-*"))) == 2, 120), "the workers never started"
+        pids = [int(f.read_text()) for f in killed.glob("pid-*")]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _wait_for(lambda: all(map(_gone, pids)), 30), "a worker outlived its comparison"
+    finally:
+        proc.kill()
+        for f in killed.glob("pid-*"):
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(int(f.read_text()), signal.SIGKILL)
+
+
+def test_a_comparison_with_clashing_runs_is_refused_before_running_any(tmp_path: Path, capsys) -> None:
+    """Runs that would share a folder (an arm named twice; two rates that print alike) or, with --jobs, engines
+    attached by URL (each run would push its weights into them) are refused at the start with the reason."""
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "debug.toml")
+    argv = ["--config", config, "--out", str(tmp_path / "cmp.json"), "--steps", "1", "--seeds", "1"]
+    for extra, msg in (
+        (["--allocators", "uniform,trace,uniform"], "--allocators names ['uniform'] twice"),
+        (["--allocators", "uniform", "--sweep-lrs", "1e-4,0.0001"], "two rates name the same tuning runs"),
+        (
+            ["--allocators", "uniform,url", "--arm", 'url=uniform|engine.urls=["http://127.0.0.1:9"]', "--jobs", "2"],
+            "arms ['url'] cannot run side by side: they attach to the same engines (engine.urls)",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            cmp.main([*argv, *extra])
+        assert msg in capsys.readouterr().err, extra
     assert not list(tmp_path.glob("cmp/*")), "nothing ran"

@@ -74,13 +74,15 @@ def test_the_wait_policy_leaves_the_numbers_alone() -> None:
 
 
 def test_the_engine_takes_at_most_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU engine's default threads: half the cores, capped at $OMP_NUM_THREADS when a process given a share of
-    the cores (compare_allocators --jobs) sets it; a value that is not a positive count is ignored."""
+    """The CPU engine's default threads: half the cores, capped at $TRACE_CPU_SHARE when a process given a share of
+    the cores (compare_allocators --jobs) sets it; a value that is not a positive count is ignored, and so is
+    $OMP_NUM_THREADS (torchrun sets it to 1 for every rank)."""
     from engine.cli import default_threads
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TRACE_CPU_SHARE", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert default_threads() == 8
     for value, want in (("4", 4), ("12", 8), ("1", 1), ("0", 8), ("two", 8)):
-        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        monkeypatch.setenv("TRACE_CPU_SHARE", value)
         assert default_threads() == want, value

@@ -3,7 +3,9 @@
 Every engine is the project's CPU engine in-process on loopback (`engine.app`, the tiny model in float32); the
 trainer's rank 0 and the engines' ranks are real torch gloo groups on 127.0.0.1. "New weights" are the tiny model
 plus seeded noise, saved with `save_pretrained` so a fresh engine can load the same weights from disk: that fresh
-engine's greedy logprobs are the reference a push must reproduce exactly (same bits in float32, same ops).
+engine's greedy generation is the reference a push must reproduce: the same tokens, and logprobs to within 1e-3 of
+how far the push moved them (`assert_generates`: not to the bit, as float32 kernels may sum in another order when a
+tensor's memory differs, on some x86 machines).
 Checked: a push equals the disk load and reports its weight version with the cache flushed; small buckets (many
 calls) give the same; two engines in one group (world size 3); generations in flight come back aborted and
 generation resumes after the push; SGLang's bracket rule (400 outside begin/end); a bad bucket (wrong shape,
@@ -75,6 +77,20 @@ async def greedy(client: EngineClient, route_key: str = "tree") -> tuple[list[in
     return g.output_ids, g.logprobs, g.weight_version, g.cached_tokens
 
 
+def assert_generates(
+    got: tuple[list[int], list[float]], want: tuple[list[int], list[float]], old: tuple[list[int], list[float]]
+) -> None:
+    """`got` is `want`'s greedy generation: the same tokens, and logprobs within 1e-3 of how far the new weights moved
+    them from `old`'s (the old weights' generation). Not to the bit: the float32 kernels may sum in another order when
+    a tensor's memory differs (loaded from disk, or written in place by a push): a few ulps, ~1e-6 of logprobs ~5 on
+    one x86 machine here, while a missing or wrong tensor moves them as far as a push does."""
+    assert got[0] == want[0], "the same greedy tokens"
+    moved = max(abs(a - b) for a, b in zip(old[1], want[1], strict=True))
+    assert moved > 1e-2, f"the new weights move the logprobs by only {moved}: this check could not tell"
+    off = max(abs(a - b) for a, b in zip(got[1], want[1], strict=True))
+    assert off <= 1e-3 * moved, f"logprobs {off} from the reference's, the push moved them {moved}"
+
+
 async def reference(make_engine: MakeEngine, model_dir: Path) -> tuple[list[int], list[float]]:
     """Greedy ids and logprobs of a fresh engine that loaded `model_dir` from disk."""
     async with EngineClient([await make_engine(model_dir)], **FAST) as client:
@@ -101,7 +117,7 @@ async def test_push_equals_a_fresh_engine_loading_the_same_weights_from_disk(
             t.numel() * t.element_size() for k, t in state.items() if k != "lm_head.weight"
         )
         ids, lps, version, cached = await greedy(client)
-        assert (ids, lps) == want  # exactly: same bits, same ops
+        assert_generates((ids, lps), want, before[:2])
         assert version == "7" and cached == 0  # the prompt cached before the push was flushed
         assert (await client.server_info())[url]["weight_version"] == "7"
         # close() destroyed the group on the engine
@@ -116,10 +132,12 @@ async def test_small_buckets_send_the_same_weights_in_many_calls(
     url = await make_engine(tiny_model)
     want = await reference(make_engine, new_dir)
     async with EngineClient([url], **FAST) as client, WeightSync.open(client, bucket_bytes=256 << 10) as sync:
+        old = await greedy(client)
         timings = await sync.push(state, version="small")
         assert timings.buckets >= 10, timings
         ids, lps, version, _ = await greedy(client)
-    assert (ids, lps) == want and version == "small"
+    assert_generates((ids, lps), want, old[:2])
+    assert version == "small"
 
 
 async def test_two_engines_in_one_group(
@@ -128,13 +146,15 @@ async def test_two_engines_in_one_group(
     state, new_dir = new_weights
     urls = [await make_engine(tiny_model), await make_engine(tiny_model)]
     want = await reference(make_engine, new_dir)
+    old = await reference(make_engine, tiny_model)
     async with EngineClient(urls, **FAST) as client:
         async with WeightSync.open(client, bucket_bytes=2 << 20) as sync:
             assert sync.world_size == 3 and sync.ranks == {urls[0]: 1, urls[1]: 2}
             await sync.push(state, version="3")
         for key, url in (("a", urls[0]), ("b", urls[1])):  # new keys go to the least-loaded server, then list order
             g = await client.generate(PROMPT, GREEDY, route_key=key)
-            assert g.server == url and (g.output_ids, g.logprobs) == want and g.weight_version == "3"
+            assert g.server == url and g.weight_version == "3"
+            assert_generates((g.output_ids, g.logprobs), want, old)
 
 
 async def test_a_push_aborts_generations_in_flight_and_resumes_generation(
@@ -145,6 +165,7 @@ async def test_a_push_aborts_generations_in_flight_and_resumes_generation(
     want = await reference(make_engine, new_dir)
     long = SamplingParams(max_new_tokens=3000, temperature=1.0, ignore_eos=True)  # ~10 s of decoding
     async with EngineClient([url], **FAST) as client, WeightSync.open(client) as sync:
+        old = await greedy(client)
         task = asyncio.create_task(client.generate(PROMPT, long, route_key="long"))
         for _ in range(500):
             if (await client.server_info())[url]["running"]:
@@ -156,7 +177,8 @@ async def test_a_push_aborts_generations_in_flight_and_resumes_generation(
         g = await task
         assert g.aborted and len(g.output_ids) < long.max_new_tokens and g.weight_version != "9"
         ids, lps, version, _ = await greedy(client)  # generation resumed, on the new weights
-        assert (ids, lps) == want and version == "9"
+        assert_generates((ids, lps), want, old[:2])
+        assert version == "9"
 
 
 async def test_update_outside_the_bracket_answers_400_as_sglang(tiny_model: Path, make_engine: MakeEngine) -> None:
@@ -211,7 +233,8 @@ async def test_a_bad_bucket_is_a_clear_error_and_the_old_weights_keep_serving(
         # the group is still in step: the next push goes through
         await sync.push(state, version="good")
         ids, lps, version, _ = await greedy(client)
-        assert (ids, lps) == want and version == "good"
+        assert_generates((ids, lps), want, before[:2])
+        assert version == "good"
 
 
 async def test_an_engine_that_cannot_join_fails_the_group_with_its_url() -> None:
@@ -264,7 +287,7 @@ async def test_the_loop_streams_a_policy_s_weights_bucket_by_bucket(
     new_weights: tuple[State, Path], make_engine: MakeEngine, tiny_model: Path
 ) -> None:
     """Issue 23: the loop's group push (`trainer.loop._push_group`) sends `Policy.weight_stream`'s buckets as they
-    are gathered, with no whole-model dict: the engine then generates exactly as a fresh engine that loaded the
+    are gathered, with no whole-model dict: the engine then generates as a fresh engine that loaded the
     policy's own `save` of the same weights, over several buckets (1 MB each)."""
     from trainer.learner.config import ModelConfig, OptimConfig
     from trainer.learner.policy import Policy
@@ -276,9 +299,10 @@ async def test_the_loop_streams_a_policy_s_weights_bucket_by_bucket(
     want = await reference(make_engine, saved)
     url = await make_engine(tiny_model)
     async with EngineClient([url], **FAST) as client, WeightSync.open(client, bucket_bytes=1 << 20) as sync:
-        assert (await greedy(client))[:2] != want
+        old = await greedy(client)
         await _push_group(sync, policy, 3)
         ids, lps, version, _ = await greedy(client)
         pushed = sync.pushes
-    assert (ids, lps) == want and version == "3" and pushed == 1
+    assert_generates((ids, lps), want, old[:2])
+    assert version == "3" and pushed == 1
     assert len(policy.weight_plan(bucket_bytes=1 << 20)) > 2

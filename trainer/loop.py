@@ -201,8 +201,9 @@ async def _initial_policy(cfg: TrainConfig, env: EnvClient | EnvPool, out: Path,
     path = await compute(services.tiny_model_dir, cfg)
     if cfg.sft.enabled:
         sft = services.sft_dir(cfg, path)
-        if not (sft / "config.json").exists():
-            await run_sft(cfg, env, path, sft)
+        async with services.acache_lock(sft.name):  # a run started beside this one waits, then takes this one's
+            if not (sft / "config.json").exists():
+                await run_sft(cfg, env, path, sft)
         path = sft
     return await compute(_policy, path, cfg)
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import structlog
@@ -159,6 +160,33 @@ def dtype_args(model_dir: Path, extra_args: list[str]) -> list[str]:
     return ["--dtype", str(stored)] if stored else []
 
 
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Exclusive across processes (flock on cache_dir()/.NAME.lock) while a process checks for a cache entry and
+    builds it, so that runs started at once (`compare_allocators --jobs`, two trace-train) build it once and none
+    reads one half written: the tiny model is written in place, the SFT warm start through one temporary folder.
+    Blocking: call it off the event loop (`acache_lock` on it)."""
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f".{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.asynccontextmanager
+async def acache_lock(name: str) -> AsyncIterator[None]:
+    """`cache_lock` for a coroutine: the wait for the lock runs on a thread, never on the event loop."""
+    lock = cache_lock(name)
+    await asyncio.to_thread(lock.__enter__)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def world_dir(cfg: TrainConfig) -> Path:
     """The synthetic world a launched env server serves (seed 0, `env.synthetic_size`, `env.heldout_frac`), written
     once by `trace-world` into the cache. The held-out split keeps the corpus, so the tiny model's tokenizer (trained
@@ -180,11 +208,12 @@ def tiny_model_dir(cfg: TrainConfig) -> Path:
     held = f"-h{cfg.env.heldout_frac:g}" if cfg.env.heldout_frac else ""
     name = "tiny-model-s0" if (seed, size, held) == (0, 300, "") else f"tiny-model-s{seed}-world-n{size}{held}"
     d = Path(cfg.model.tiny_dir) if cfg.model.tiny_dir else cache_dir() / name
-    if not (d / "config.json").exists():
-        log.info("building the tiny model", dir=str(d))
-        _run_tool(
-            "tools.tiny_model", "--out", str(d), "--seed", str(cfg.model.tiny_seed), "--world", str(world_dir(cfg))
-        )
+    with cache_lock(d.name):  # written in place: a second run waits, then finds it whole
+        if not (d / "config.json").exists():
+            log.info("building the tiny model", dir=str(d))
+            _run_tool(
+                "tools.tiny_model", "--out", str(d), "--seed", str(cfg.model.tiny_seed), "--world", str(world_dir(cfg))
+            )
     return d
 
 
