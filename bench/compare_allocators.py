@@ -4,6 +4,7 @@
         [--eval-every E] [--allocators trace,uniform,root-only,random-node] [--set section.field=value ...]
     python bench/compare_allocators.py --from-runs FILE.runs.json --out FILE.json   # summarise again, run nothing
     python bench/compare_allocators.py [the comparison's own arguments] --progress  # runs finished, time left
+    python bench/compare_allocators.py ... --jobs 2 --keep bench/results/NAME  # 2 runs at once; results kept in git
     python bench/compare_allocators.py --steps 20 --seeds 8 --eval-every 2 --out FILE.json \
         --allocators uniform,trace,trace-fixed \
         --arm 'trace-fixed=trace|allocation.stage2_share="unmixed"|advantage.process_baseline="fresh"' \
@@ -31,8 +32,10 @@ leaves at which the allocator's mean dev-EM curve first reaches GRPO's final dev
 length); per-seed rows go to FILE.runs.json. A markdown table is
 printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png). Each finished run leaves
 result.json in its folder; the same command run again keeps a finished run whose settings are the same (so a
-comparison stopped part way resumes where it stopped) and reruns any other. A run that fails is run once more (its
-folder kept as NAME.failed-1); a second failure stops the comparison with both folders named.
+comparison stopped part way resumes where it stopped) and reruns any other; --keep DIR also copies it into DIR and
+restores it from there (a new checkout, whose runs/ is empty). --jobs N runs N CPU runs at once (`run_many`). A run
+that fails is run once more (its folder kept as NAME.failed-1); a second failure stops the comparison with both
+folders named.
 """
 
 from __future__ import annotations
@@ -482,8 +485,9 @@ def progress(
     """How far a comparison with these arms, rates and seeds has got: its planned runs (tuning runs, then reported
     ones) that have a result.json under `work` or in the --keep folder `keep`, and a time left from the finished
     ones' median wall time, `jobs` at a time (a run slowed by other work on the cores does not move it much; the
-    estimate ignores the wait for the last tuning runs before the reported ones start). A result.json whose settings differ from the command's counts
-    here but is run again on resume: the count is an upper bound of what will be kept."""
+    estimate ignores the wait for the last tuning runs before the reported ones start). A result.json whose settings
+    differ from the command's counts here but is run again on resume: the count is an upper bound of what will be
+    kept."""
     tune = [work / "tune" / f"{a}-lr{lr:g}-s{TUNE_SEED0 + k}" for a in names for lr in lrs for k in range(tune_seeds)]
     reported = [work / f"{a}-s{seed}" for seed in range(seeds) for a in names]
     found = {}
@@ -593,9 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs > 1:
             why = {a: r for a in allocators if (r := cannot_run_beside(args.config, [*args.set, *arms[a][1]]))}
             if why:
+                reasons = "; ".join(sorted(set(why.values())))
                 p.error(
-                    f"--jobs {args.jobs}: arms {sorted(why)} cannot run side by side: they {'; '.join(set(why.values()))}. "
-                    "Run them one at a time (--jobs 1) or on separate machines"
+                    f"--jobs {args.jobs}: arms {sorted(why)} cannot run side by side: they {reasons}. Run them one at "
+                    "a time (--jobs 1) or on separate machines"
                 )
         if not args.sweep_lrs:
             print(
