@@ -62,6 +62,12 @@ if [[ " $REGIMES " == *" single "* ]]; then
 echo "regime single done $(date)"
 fi
 if [[ " $REGIMES " == *" epochs "* ]]; then
+if [ "$JOBS" -gt 1 ]; then  # the caches (world, tiny model, SFT warm start) built once, alone: a tree from before
+    # trainer.services.cache_lock (7a069cb) builds them in two runs at once on a fresh machine. Seconds once built.
+    "$PY" -m trainer.cli --config configs/compare.toml --set env.train_limit=300 --set run.steps=0 \
+        --set run.eval_every=0 --set run.save_every=0 --set run.plot=false \
+        --set "run.output_dir=\"$REPO/runs/warm_caches\"" > "$REPO/runs/warm_caches.log" 2>&1
+fi
 "$PY" bench/compare_allocators.py --steps 94 --seeds 8 --eval-every 10 --out "$REPO/runs/compare_peers_epochs.json" \
     --keep "$KEEP/compare_peers_epochs" --jobs "$JOBS" \
     --allocators "$ARMS" --arm "$FIXED" --arm "$GRESO" --set env.train_limit=300 --sweep-lrs "$LRS" --tune-seeds 2
