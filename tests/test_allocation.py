@@ -357,3 +357,33 @@ def test_draw_kept_consumes_skipped_prompts_and_fills_in_when_too_few_pass() -> 
     got, skipped = draw_kept(s, 3, lambda i: False)
     assert got == [*tail, second[0]] and skipped == 3
     assert s.returned == second[1:3], "the tail's next-pass visits come first next step"
+
+
+def test_a_dropped_prompts_replacement_is_drawn_as_the_allocators_stage_1_draws() -> None:
+    """_recover's replacement for a dropped prompt (`draw_replacement`): the stream's next prompt not in the step,
+    in-step prompts the stream gives going back to its front; under greso, through the real filter: a prompt whose
+    history says all-0 is skipped (consumed for the pass, counted) and the next one takes the leaves; if nothing
+    passes, the first skipped fills in; every prompt in the step: none."""
+    from trainer.algo.allocation import GresoFilter
+    from trainer.algo.plan import draw_replacement
+    from trainer.algo.step import PromptSampler
+
+    order = PromptSampler(8, seed=5).take(8)
+    s = PromptSampler(8, seed=5)
+    in_step = set(order[:3])
+    assert draw_replacement(s, in_step) == (order[3], 0)
+    assert s.take(3) == order[:3], "the in-step prompts it passed over wait at the stream's front"
+    assert s.take(4) == order[4:], "nothing else was consumed"
+
+    never = GresoFilter(p=0.0, p_min=0.0, min_keep=0.0)  # a zero-variance streak: never kept
+    never.observe({order[3]: [0.0, 0.0], order[4]: [1.0, 1.0], order[5]: [0.0, 1.0]})
+    rng = random.Random(0)
+    s = PromptSampler(8, seed=5)
+    got = draw_replacement(s, in_step, lambda i: never.keep(i, rng))
+    assert got == (order[5], 2), "the all-0 and all-1 prompts skipped, the mixed one takes the leaves"
+    assert s.take(3) == order[:3] and s.take(2) == order[6:], "the skipped two were consumed for the pass"
+
+    s = PromptSampler(8, seed=5)
+    none_pass = draw_replacement(s, set(order[:6]), lambda i: False)
+    assert none_pass == (order[6], 1), "nothing passes: the first skipped fills in, the other is consumed"
+    assert draw_replacement(PromptSampler(8, seed=5), set(range(8))) == (None, 0)

@@ -87,8 +87,8 @@ def check_batch(out: Path, row: dict, budget: int) -> None:
 
 @pytest.mark.parametrize(
     ("redo_attempts", "allocator"),
-    [(2, "trace"), (0, "trace"), (0, "uniform")],
-    ids=["redone", "dropped", "dropped-uniform"],
+    [(2, "trace"), (0, "trace"), (0, "uniform"), (0, "greso")],
+    ids=["redone", "dropped", "dropped-uniform", "dropped-greso"],
 )
 def test_one_of_two_replicas_dies_mid_step(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, redo_attempts: int, allocator: str
@@ -110,7 +110,8 @@ def test_one_of_two_replicas_dies_mid_step(
                 f"env.redo_attempts={redo_attempts}",
                 f'allocation.type="{allocator}"',
                 # uniform: a split the step's draws cannot wrap, so only the fix gives the dropped prompt back
-                *(["env.train_limit=50"] if allocator == "uniform" else []),
+                # (greso: its replacement is drawn through its filter, `draw_replacement`)
+                *(["env.train_limit=50"] if allocator in ("uniform", "greso") else []),
             ],
         )
         given_back: list[int] = []  # what the stream was given back (then given back for real)
@@ -137,6 +138,8 @@ def test_one_of_two_replicas_dies_mid_step(
             dropped = [x for x in logs if x["event"].startswith("a prompt lost its env state too often")]
             assert len(dropped) == row["trees_dropped"]
             assert {x["idx"] for x in dropped} <= set(given_back), (dropped, given_back)
+            if allocator == "greso":  # no history at the first step: the filter keeps every prompt, skips none
+                assert row["prompts_skipped"] == 0
         assert "waiting for an env server to come back" not in events, "the other replica was up all along"
     finally:
         for p, _ in procs:

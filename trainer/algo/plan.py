@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -189,6 +189,37 @@ def draw_kept(sampler: PromptStream, n: int, keep: Callable[[int], bool]) -> tup
     fill = skipped[: n - len(kept)]
     sampler.give_back(list(dict.fromkeys(again)))
     return kept + fill, len(skipped) - len(fill)
+
+
+def draw_replacement(
+    sampler: PromptStream, in_step: Collection[int], keep: Callable[[int], bool] | None = None
+) -> tuple[int | None, int]:
+    """The prompt that takes a dropped prompt's leaves (`TraceStep._recover`): the stream's next prompt not in this
+    step that `keep` lets through (the "greso" allocator's filter, as its stage 1 draws; None: the next one). Prompts
+    in this step that the stream gives (it wrapped into its next pass) go back to its front; prompts `keep` skips are
+    consumed, skipped for the pass as in `draw_kept`. At most one whole pass is examined; if nothing passes, the first
+    skipped fills in. Returns (the prompt, or None when every prompt of the split is in this step; how many skipped)."""
+    again: list[int] = []
+    skipped: list[int] = []
+    seen: set[int] = set()
+    new = None
+    while len(seen) < sampler.n:
+        (i,) = sampler.take(1)
+        if i in seen:  # a whole pass examined
+            again.append(i)
+            break
+        seen.add(i)
+        if i in in_step:
+            again.append(i)
+        elif keep is None or keep(i):
+            new = i
+            break
+        else:
+            skipped.append(i)
+    if new is None and skipped:
+        new = skipped.pop(0)
+    sampler.give_back(again)
+    return new, len(skipped)
 
 
 def feed_history(plan: StepPlan, alloc: Allocator, prompt_filter: GresoFilter | None, sampler: PromptStream) -> None:

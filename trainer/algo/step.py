@@ -49,7 +49,7 @@ from trainer.algo.allocation import (
     plan_round,
     uniform_group,
 )
-from trainer.algo.plan import feed_history, mark_round, plan_rollouts
+from trainer.algo.plan import draw_replacement, feed_history, mark_round, plan_rollouts
 from trainer.algo.predictor import (
     BetaPrior,
     PredictorConfig,
@@ -469,7 +469,7 @@ class TraceStep:
                     count["trees_redone"] += 1
                     redo.append(i)
                     continue
-                j = await self._drop_target(pool, idxs, v, m, step)
+                j = await self._drop_target(pool, idxs, v, m, step, count)
                 if j is None:
                     raise RuntimeError(
                         f"step {step}: prompt {pool[i].prompt_id} lost its env state {tries[i]} times and every "
@@ -515,16 +515,19 @@ class TraceStep:
             mark_round(pool, sizes, 1)
 
     async def _drop_target(
-        self, pool: list[RolloutTree], idxs: list[int], v: list[float], m: list[int], step: int
+        self, pool: list[RolloutTree], idxs: list[int], v: list[float], m: list[int], step: int, count: dict[str, int]
     ) -> int | None:
         """The pool slot that takes a dropped prompt's leaves: the first unfunded candidate (its root is valued and
-        live), else the next prompt of the stream not in this step (appended to pool/idxs/v/m); None if none is."""
+        live), else the next prompt of the stream not in this step (appended to pool/idxs/v/m), through the "greso"
+        allocator's filter as its stage 1 draws (`draw_replacement`; its skips count in prompts_skipped); None if
+        none is."""
         spare = next((j for j in range(len(pool)) if m[j] == 0 and pool[j].lost is None), None)
         if spare is not None:
             return spare
-        taken = self.sampler.take(min(len(idxs) + 1, self.sampler.n))
-        new = next((j for j in taken if j not in idxs), None)
-        self.sampler.give_back([j for j in taken if j != new])
+        greso = self.allocator.stage1 == "greso"
+        keep = (lambda i: self.greso.keep(i, self.rng)) if greso else None
+        new, skipped = draw_replacement(self.sampler, set(idxs), keep)
+        count["prompts_skipped"] = count.get("prompts_skipped", 0) + skipped
         if new is None:
             return None
         tree = (await self.new_trees([new], step))[0]
