@@ -123,12 +123,11 @@ def run_one(
     done = run_dir / "result.json"
     key = {"config": config, "overrides": overrides}
     if kept is not None and _readable(kept) is not None and _readable(done) is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(kept, done)
+        _write_atomic(done, kept.read_text())
     if (saved := _readable(done)) is not None and saved.get("key") == key:
         # a comparison stopped part way resumes: a finished run with the same settings is kept
         if kept is not None and _readable(kept) != saved:
-            _copy_atomic(done, kept)  # finished before --keep was given, or in another keep folder
+            _write_atomic(kept, done.read_text())  # finished before --keep was given, or in another keep folder
         print(f"{arm} seed {seed}: kept from {done}")
         return saved["result"]
     t0 = time.perf_counter()
@@ -165,11 +164,9 @@ def run_one(
     res["wall_s"] = time.perf_counter() - t0
     res["torch_threads"] = _torch_threads()  # the trainer's (--jobs gives each run cores // jobs)
     res["allocator"], res["seed"], res["base_allocator"] = arm, seed, allocator
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "result": res}, indent=2))
-    tmp.replace(done)
+    _write_atomic(done, json.dumps({"key": key, "result": res}, indent=2))
     if kept is not None:
-        _copy_atomic(done, kept)
+        _write_atomic(kept, done.read_text())
     return res
 
 
@@ -183,11 +180,12 @@ def _readable(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _copy_atomic(src: Path, dest: Path) -> None:
-    """src copied to dest by a rename, so that a reader (bench/commit_kept.sh's commit) never sees half a file."""
+def _write_atomic(dest: Path, text: str) -> None:
+    """`text` written to dest by a rename, so that a reader (a resume, bench/commit_kept.sh's commit) never sees half
+    a file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
+    tmp.write_text(text)
     tmp.replace(dest)
 
 
@@ -493,11 +491,11 @@ def progress(
     found = {}
     for d in tune + reported:
         for f in (d / "result.json", *([keep / d.relative_to(work) / "result.json"] if keep is not None else [])):
-            if f.exists():
-                found[d] = f
+            if (saved := _readable(f)) is not None:  # one cut off mid-write is not finished (as on resume)
+                found[d] = saved
                 break
     done = list(found)
-    walls = [json.loads(found[d].read_text())["result"].get("wall_s") for d in done]
+    walls = [found[d]["result"].get("wall_s") for d in done]
     known = [float(w) for w in walls if w is not None]
     wall = statistics.median(known) if known else None
     left = len(tune) + len(reported) - len(done)
