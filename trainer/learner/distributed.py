@@ -113,8 +113,25 @@ class Ranks:
         return box[0]
 
     def stop(self) -> None:
-        """Rank 0: release the followers (their `follow` returns)."""
+        """Rank 0: release the followers (their `follow` returns), then close the process groups with them."""
         self.announce(STOP)
+        self.close()
+
+    def close(self) -> None:
+        """Every rank, at a clean end: wait for the others on the command group, then destroy every process group
+        (torch's own advice for a normal exit). Left to the interpreter's teardown, gloo's worker threads made a
+        rank abort after a run that had succeeded ("terminate called without an active exception", pytorch#190489;
+        7 of 15 two-rank launches here, and once in CI). Only at a clean end: after a failure the other ranks may
+        be inside a collective that would never finish, and the launcher stops them. One rank launched by torchrun
+        has a group too (accelerate makes a gloo group of one): destroyed alike."""
+        global _CURRENT
+        if self.many:
+            dist.barrier(group=self.group)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        self.group = None
+        if _CURRENT is self:
+            _CURRENT = None
 
     # ------------------------------------------------------------------ data
     def scatter(self, parts: Sequence[Any] | None) -> Any:
@@ -208,6 +225,7 @@ def follow(ranks: Ranks) -> None:
         name, kwargs = ranks.receive()
         if name == STOP:
             log.info("released by rank 0", rank=ranks.rank)
+            ranks.close()
             return
         if name == "policy":
             policy = None  # the previous one (the SFT warm start's) is freed first
