@@ -48,6 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trainer.learner.config import ModelConfig, OptimConfig, uses_cpu
 from trainer.learner.distributed import Ranks, current, fsdp_requested, launched_ranks, micro_batch_plan
 from trainer.learner.loss import HeadSignals, install_logprob_head, policy_loss, sequence_logprobs
+from trainer.learner.packing import Packed, forest_logprobs, pack_prefixes, packed_plan
 from trainer.learner.samples import TrainSample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -96,6 +97,11 @@ class Policy:
         and not towards the checkpoint. `self.reference` records it (a local folder as an absolute path).
         ranks: the training ranks (default: this process's, `trainer.learner.distributed.current()`)."""
         self.ranks = ranks or current()
+        if ocfg.share_prefixes and self.ranks.many:
+            raise ValueError(
+                f"optim.share_prefixes on {self.ranks.size} ranks: prefix-shared updates are checked on one rank only "
+                "so far; set optim.share_prefixes = false"
+            )
         kwargs = dict(seed=seed, temperature=temperature, reference=None if reference is None else str(reference))
         self.ranks.announce("policy", model_path=str(model_path), mcfg=mcfg, ocfg=ocfg, **kwargs)
         cpu = uses_cpu(mcfg)
@@ -245,7 +251,12 @@ class Policy:
             assert samples is not None
             total_w = sum(sum(s.weights) * scale(s) for s in samples)
             assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
-            plan, n_mb = self._micro_batch_plan([len(s) for s in samples])
+            if self.ocfg.share_prefixes:  # one rank (checked at start): a prompt's samples share micro-batches
+                seqs, groups = [s.input_ids for s in samples], [s.prompt_id for s in samples]
+                plan = [packed_plan(seqs, groups, self.ocfg.micro_batch_size, self.ocfg.micro_batch_tokens)]
+                n_mb = len(plan[0])
+            else:
+                plan, n_mb = self._micro_batch_plan([len(s) for s in samples])
             parts = [([[samples[i] for i in mb] for mb in batches], total_w, n_mb) for batches in plan]
         batches, total_w, n_mb = self.ranks.scatter(parts)
         # N ranks: DDP / FSDP average the ranks' gradients, so each loss is scaled by N to sum them instead.
@@ -267,11 +278,10 @@ class Policy:
                     w = _pad([s.weights for s in chunk], 0.0, self.dtype, self.device)
                     w = w * torch.tensor([scale(s) for s in chunk], dtype=self.dtype, device=self.device)[:, None]
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, self.dtype, self.device)
+                    packed = pack_prefixes([s.input_ids for s in chunk]) if self.ocfg.share_prefixes else None
                     with self._sync_unless(k == n_mb - 1):
                         with self.accelerator.autocast():
-                            logp = sequence_logprobs(
-                                self.model, ids, att, temperature=self.temperature, needed=mask, chunk=self.chunk
-                            )
+                            logp = self._logprobs(self.model, ids, att, mask, packed)
                         logp = logp.to(self.dtype)
                         if epoch == 0:
                             old[k] = logp.detach()
@@ -279,14 +289,7 @@ class Policy:
                         ref_lp = None
                         if self.ref_model is not None:
                             with torch.no_grad(), self.accelerator.autocast():
-                                ref_lp = sequence_logprobs(
-                                    self.ref_model,
-                                    ids,
-                                    att,
-                                    temperature=self.temperature,
-                                    needed=mask,
-                                    chunk=self.chunk,
-                                ).to(self.dtype)
+                                ref_lp = self._logprobs(self.ref_model, ids, att, mask, packed).to(self.dtype)
                         loss, m = policy_loss(
                             logp,
                             old_lp,
@@ -312,6 +315,15 @@ class Policy:
         agg = self.ranks.sum(agg)
         agg["grad_norm"] = float(gn) if gn is not None and math.isfinite(float(gn)) else float("nan")
         return agg
+
+    def _logprobs(
+        self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, packed: Packed | None
+    ) -> torch.Tensor:
+        """The update's token logprobs [B, T] at the loss mask's tokens: from the padded batch, or from its packed
+        row (`optim.share_prefixes`), which computes each shared prefix token once."""
+        if packed is not None:
+            return forest_logprobs(model, packed, mask, temperature=self.temperature, chunk=self.chunk)
+        return sequence_logprobs(model, ids, att, temperature=self.temperature, needed=mask, chunk=self.chunk)
 
     def own_forwards(self, seqs: Sequence[list[int]], batch: int) -> list[list[int]]:
         """One process's `hidden_at` forwards over `seqs` (indices, by length): at most `batch` sequences and

@@ -1,0 +1,190 @@
+"""Prefix-shared updates (trainer/learner/packing.py, `optim.share_prefixes`): the trie a micro-batch packs into, its
+logprobs and gradients against the padded batch's, the update against the unpacked update, the plan."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.learner.config import ModelConfig, OptimConfig
+from trainer.learner.loss import install_logprob_head, sequence_logprobs
+from trainer.learner.packing import forest_logprobs, pack_prefixes, packed_plan
+from trainer.learner.policy import Policy
+from trainer.learner.samples import TrainSample
+
+
+def _trees(seed: int, prompts: int = 3, leaves: int = 4) -> list[tuple[str, list[int]]]:
+    """(prompt id, tokens) of tree-shaped rollouts: each prompt's leaves share its prompt, some a first turn too."""
+    rng = random.Random(seed)
+    out = []
+    for p in range(prompts):
+        prompt = [1, 2] + [rng.randrange(11, 2000) for _ in range(rng.randrange(6, 12))]  # a shared "template" first
+        turn = [rng.randrange(11, 2000) for _ in range(rng.randrange(3, 7))]
+        for leaf in range(leaves):
+            head = prompt + (turn if leaf % 2 else [])  # half branch after the first turn, half at the prompt
+            out.append((f"p{p}", head + [rng.randrange(11, 2000) for _ in range(rng.randrange(2, 9))]))
+    return out
+
+
+def test_pack_prefixes_holds_each_shared_prefix_once() -> None:
+    seqs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7], [9, 2], [1, 2, 3, 4]]
+    p = pack_prefixes(seqs)
+    assert p.ids == [1, 2, 3, 4, 5, 6, 7, 9, 2], "each distinct prefix's last token once, parents first"
+    assert p.where[4] == p.where[0], "a repeated sequence is the same path"
+    for seq, path in zip(seqs, p.where, strict=True):
+        assert [p.ids[i] for i in path] == seq
+        assert [p.depth[i] for i in path] == list(range(len(seq)))
+        assert [p.parent[i] for i in path] == [-1, *path[:-1]]
+    m = p.mask()[0, 0]
+    for i in range(len(p)):  # a token sees itself and its ancestors, nothing else
+        anc, j = set(), i
+        while j >= 0:
+            anc.add(j)
+            j = p.parent[j]
+        assert set(m[i].nonzero().squeeze(-1).tolist()) == anc
+    assert pack_prefixes([]).ids == [] and len(pack_prefixes([[5]])) == 1
+
+
+def _padded(seqs: list[list[int]], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    am = torch.zeros(len(seqs), T, dtype=torch.long)
+    needed = torch.zeros(len(seqs), T, dtype=torch.float64)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        am[b, : len(s)] = 1
+        needed[b, : len(s)] = torch.tensor([float(rng.random() < 0.6) for _ in s])
+    return ids, am, needed
+
+
+def _float64_rmsnorm(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["logprob-head", "logits"])
+def test_forest_logprobs_and_gradients_equal_the_padded_batch(
+    tiny_model: Path, head: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One forward over the packed row gives every needed token's logprob of the padded batch (float64, through the
+    chunked LogprobHead or from the logits, temperature 0.7), and the same gradients: to 1e-10 relative with the
+    model's RMSNorm computed in float64; with transformers' own Qwen3RMSNorm, which computes in float32 whatever the
+    model's dtype, to float32 rounding (a shared token's gradient is summed before that step here, after it
+    unpacked)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float64)
+    if head:
+        install_logprob_head(model)
+    rng = random.Random(3)
+    seqs = [s for _, s in _trees(0)]
+    ids, am, needed = _padded(seqs, rng)
+    packed = pack_prefixes(seqs)
+    assert len(packed) < 0.6 * int(am.sum()), "the trees share most of their tokens"
+    weights = torch.randn(*ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        a = sequence_logprobs(model, ids, am, temperature=0.7, needed=needed, chunk=3)
+        b = forest_logprobs(model, packed, needed, temperature=0.7, chunk=3)
+        ga = torch.autograd.grad((a * weights).sum(), list(model.parameters()))
+        gb = torch.autograd.grad((b * weights).sum(), list(model.parameters()))
+        return a, b, ga, gb
+
+    def rel(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> float:
+        return max(float((x - y).abs().max()) for x, y in zip(ga, gb, strict=True)) / max(
+            float(y.abs().max()) for y in ga
+        )
+
+    a, b, ga, gb = both()
+    assert (a != 0).sum() > 20 and torch.equal(a != 0, needed.bool() & (torch.arange(ids.shape[1]) >= 1))
+    assert float((a - b).detach().abs().max()) <= 1e-9, "the logprobs"
+    stock = rel(ga, gb)
+    assert stock < 1e-5, stock
+    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", _float64_rmsnorm)
+    a, b, ga, gb = both()
+    assert float((a - b).detach().abs().max()) <= 1e-12
+    exact = rel(ga, gb)
+    assert exact < 1e-10, exact
+    print(f"\ngradient gap, relative: {stock:.3g} (Qwen3RMSNorm in float32), {exact:.3g} (in float64)")
+
+
+def _samples(seed: int) -> list[TrainSample]:
+    rng = random.Random(seed)
+    out = []
+    for k, (pid, ids) in enumerate(_trees(seed, prompts=3, leaves=4)):
+        n = len(ids)
+        mask = [0] * 8 + [1] * (n - 8)  # the prompt's first 8 tokens untrained; later ones trained (shared turns too)
+        adv = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 1.0)
+        out.append(
+            TrainSample(
+                ids,
+                mask,
+                [adv * m for m in mask],
+                [m * rng.choice([1.0, 0.5]) for m in mask],
+                [-rng.uniform(2.0, 6.0) * m for m in mask],
+                prompt_id=pid,
+                tree_index=k // 4,
+                leaf_id=k % 4,
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("kl", [0.0, 0.05], ids=["no-kl", "kl"])
+def test_a_prefix_shared_update_equals_the_unpacked_update(tiny_model: Path, kl: float) -> None:
+    """`optim.share_prefixes`: one RL update (3 prompts' trees, micro-batches of 6 samples, so a prompt's samples
+    are cut in runs and several micro-batches run; the KL reference's logprobs packed too) takes the gradient of the
+    unpacked update, in float64, to float32 rounding (Qwen3RMSNorm) relative to the gradient's size, read from
+    AdamW's first moment; the loss and its metrics (grad norm included) alike. (Not the parameters: AdamW's first
+    step moves each by ~lr * sign(gradient), so a gradient within rounding of 0 may step either way.)"""
+    samples = _samples(5)
+
+    def update(share: bool) -> tuple[list[torch.Tensor], dict, int]:
+        ocfg = OptimConfig(lr=1e-3, micro_batch_size=6, kl_coef=kl, share_prefixes=share)
+        policy = Policy(tiny_model, ModelConfig(device="cpu", dtype="float64"), ocfg)
+        tokens = [0]  # the tokens the policy's forwards ran
+        policy.model.register_forward_pre_hook(
+            lambda _m, _a, kw: tokens.__setitem__(0, tokens[0] + kw["input_ids"].numel()), with_kwargs=True
+        )
+        metrics = policy.rl_update(samples)
+        state = policy.optimizer_state()["state"]
+        return [state[k]["exp_avg"] for k in sorted(state)], metrics, tokens[0]
+
+    plain, m_plain, n_plain = update(False)
+    shared, m_shared, n_shared = update(True)
+    assert n_shared < 0.6 * n_plain, f"the packed update ran {n_shared} tokens against {n_plain}"
+    size = max(float(g.abs().max()) for g in plain)
+    gap = max(float((a - b).abs().max()) for a, b in zip(plain, shared, strict=True))
+    assert size > 1e-4 and gap <= 1e-5 * size, (gap, size)
+    assert m_shared.keys() == m_plain.keys()
+    for key in m_plain:
+        assert m_shared[key] == pytest.approx(m_plain[key], rel=1e-6, abs=1e-9), key
+    print(f"\nprefix-shared update vs unpacked: gradient gap {gap:.3g} of {size:.3g}; {n_shared} tokens, not {n_plain}")
+
+
+def test_packed_plan_keeps_a_prompts_samples_together_under_both_limits() -> None:
+    trees = _trees(1, prompts=4, leaves=5)
+    seqs, groups = [s for _, s in trees], [g for g, _ in trees]
+    shuffled = list(range(len(seqs)))
+    random.Random(0).shuffle(shuffled)  # samples of a prompt need not arrive together
+    seqs, groups = [seqs[i] for i in shuffled], [groups[i] for i in shuffled]
+    by_prompt = {g: [i for i in range(len(seqs)) if groups[i] == g] for g in dict.fromkeys(groups)}
+    runs = list(by_prompt.values())
+    assert packed_plan(seqs, groups, rows=8) == runs, "5 + 5 > 8: a prompt a micro-batch"
+    assert packed_plan(seqs, groups, rows=10) == [runs[0] + runs[1], runs[2] + runs[3]]
+    assert packed_plan(seqs, groups, rows=3) == [r for run in runs for r in (run[:3], run[3:])], "runs of <= 3"
+    sizes = [len(pack_prefixes([seqs[i] for i in run])) for run in runs]
+    budget = sizes[0] + sizes[1]  # the first two prompts' unique tokens: they share only the template's 2 tokens
+    assert len(pack_prefixes([seqs[i] for i in runs[0] + runs[1]])) == budget - 2
+    assert packed_plan(seqs, groups, rows=100, tokens=budget)[0] == runs[0] + runs[1], "counted unique, not padded"
+    assert packed_plan(seqs, groups, rows=100, tokens=1) == runs, "a run over the budget trains alone"
+
+
+def test_prefix_sharing_on_several_ranks_is_refused_before_any_rank_builds(tiny_model: Path) -> None:
+    from trainer.learner.distributed import Ranks
+
+    with pytest.raises(ValueError, match="share_prefixes on 2 ranks"):
+        Policy(tiny_model, ModelConfig(device="cpu"), OptimConfig(share_prefixes=True), ranks=Ranks(rank=0, size=2))
