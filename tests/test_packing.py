@@ -32,20 +32,36 @@ def _trees(seed: int, prompts: int = 3, leaves: int = 4) -> list[tuple[str, list
 def test_pack_prefixes_holds_each_shared_prefix_once() -> None:
     seqs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7], [9, 2], [1, 2, 3, 4]]
     p = pack_prefixes(seqs)
-    assert p.ids == [1, 2, 3, 4, 5, 6, 7, 9, 2], "each distinct prefix's last token once, parents first"
+    assert len(p.rows) == 1 and len(p) == 9
+    row = p.rows[0]
+    assert row.ids == [1, 2, 3, 4, 5, 6, 7, 9, 2], "each distinct prefix's last token once, parents first"
     assert p.where[4] == p.where[0], "a repeated sequence is the same path"
-    for seq, path in zip(seqs, p.where, strict=True):
-        assert [p.ids[i] for i in path] == seq
-        assert [p.depth[i] for i in path] == list(range(len(seq)))
-        assert [p.parent[i] for i in path] == [-1, *path[:-1]]
+    for seq, (r, path) in zip(seqs, p.where, strict=True):
+        assert r == 0 and [row.ids[i] for i in path] == seq
+        assert [row.depth[i] for i in path] == list(range(len(seq)))
+        assert [row.parent[i] for i in path] == [-1, *path[:-1]]
     m = p.mask()[0, 0]
-    for i in range(len(p)):  # a token sees itself and its ancestors, nothing else
+    for i in range(len(row.ids)):  # a token sees itself and its ancestors, nothing else
         anc, j = set(), i
         while j >= 0:
             anc.add(j)
-            j = p.parent[j]
+            j = row.parent[j]
         assert set(m[i].nonzero().squeeze(-1).tolist()) == anc
-    assert pack_prefixes([]).ids == [] and len(pack_prefixes([[5]])) == 1
+    assert pack_prefixes([]).rows == [] and len(pack_prefixes([[5]])) == 1
+
+
+def test_pack_prefixes_makes_one_row_a_group() -> None:
+    """Grouped (a prompt's samples): one trie a group, so a token both groups hold is in both rows; the rows are
+    padded to the longest, and a position past a row's end attends to itself only."""
+    seqs = [[1, 2, 3], [1, 2, 4, 5], [1, 7], [1, 2, 3]]
+    p = pack_prefixes(seqs, ["a", "a", "b", "a"])
+    assert [r.ids for r in p.rows] == [[1, 2, 3, 4, 5], [1, 7]]
+    assert [r for r, _ in p.where] == [0, 0, 1, 0] and p.where[2] == (1, [0, 1])
+    assert (len(p), p.width, p.padded) == (7, 5, 10)
+    m = p.mask()
+    assert m.shape == (2, 1, 5, 5)
+    assert m[1, 0, 1].tolist() == [True, True, False, False, False]
+    assert m[1, 0, 3].tolist() == [False, False, False, True, False], "padding sees itself"
 
 
 def _padded(seqs: list[list[int]], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,15 +96,20 @@ def test_forest_logprobs_and_gradients_equal_the_padded_batch(
     if head:
         install_logprob_head(model)
     rng = random.Random(3)
-    seqs = [s for _, s in _trees(0)]
+    trees = _trees(0)
+    seqs = [s for _, s in trees]
     ids, am, needed = _padded(seqs, rng)
-    packed = pack_prefixes(seqs)
-    assert len(packed) < 0.6 * int(am.sum()), "the trees share most of their tokens"
+    packed = pack_prefixes(seqs, [g for g, _ in trees])
+    assert len(packed.rows) == 3 and len(packed) < 0.6 * int(am.sum()), "a row a prompt, most tokens shared"
+    one_row = pack_prefixes(seqs)
+    assert len(one_row.rows) == 1
     weights = torch.randn(*ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def both() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         a = sequence_logprobs(model, ids, am, temperature=0.7, needed=needed, chunk=3)
         b = forest_logprobs(model, packed, needed, temperature=0.7, chunk=3)
+        one = forest_logprobs(model, one_row, needed, temperature=0.7, chunk=3)  # all prompts in one row: the same
+        assert float((one - b).detach().abs().max()) <= 1e-12
         ga = torch.autograd.grad((a * weights).sum(), list(model.parameters()))
         gb = torch.autograd.grad((b * weights).sum(), list(model.parameters()))
         return a, b, ga, gb
@@ -176,10 +197,11 @@ def test_packed_plan_keeps_a_prompts_samples_together_under_both_limits() -> Non
     assert packed_plan(seqs, groups, rows=8) == runs, "5 + 5 > 8: a prompt a micro-batch"
     assert packed_plan(seqs, groups, rows=10) == [runs[0] + runs[1], runs[2] + runs[3]]
     assert packed_plan(seqs, groups, rows=3) == [r for run in runs for r in (run[:3], run[3:])], "runs of <= 3"
-    sizes = [len(pack_prefixes([seqs[i] for i in run])) for run in runs]
-    budget = sizes[0] + sizes[1]  # the first two prompts' unique tokens: they share only the template's 2 tokens
-    assert len(pack_prefixes([seqs[i] for i in runs[0] + runs[1]])) == budget - 2
-    assert packed_plan(seqs, groups, rows=100, tokens=budget)[0] == runs[0] + runs[1], "counted unique, not padded"
+    widths = [pack_prefixes([seqs[i] for i in run]).width for run in runs]
+    budget = 2 * max(widths[:2])  # two rows, the longer one's width
+    plan = packed_plan(seqs, groups, rows=100, tokens=budget)
+    assert plan[0] == runs[0] + runs[1], "counted as packed rows (rows x the longest), not as padded samples"
+    assert sum(len(seqs[i]) for i in plan[0]) > budget, "the samples hold more tokens than the budget"
     assert packed_plan(seqs, groups, rows=100, tokens=1) == runs, "a run over the budget trains alone"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -102,6 +103,34 @@ def test_debug_config_runs_resumes_and_continues(
     # The KL reference of the resumed run is still the weights the run started from (the cached SFT model).
     state = torch.load(out / "checkpoints" / "step_00003" / "trainer.pt", weights_only=False)
     assert Path(state["reference_model"]).parent == cache_dir and "sft-" in Path(state["reference_model"]).name
+
+
+@pytest.mark.slow
+def test_the_debug_config_trains_with_prefix_shared_updates(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """optim.share_prefixes in the real loop (TRACE trees, the KL reference, rollouts overlapping the update): the
+    steps train every sample's tokens, with finite losses, and the update ran fewer tokens than the samples hold."""
+    from trainer.learner import packing
+
+    monkeypatch.setenv("TRACE_CACHE_DIR", str(cache_dir))
+    out = tmp_path / "run"
+    sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2", "run.max_staleness=1", "optim.share_prefixes=true"]
+    packed: list[tuple[int, int]] = []  # (unique tokens run, tokens the sequences hold) of each packed micro-batch
+    real = packing.pack_prefixes
+
+    def counting(seqs):  # type: ignore[no-untyped-def]
+        p = real(seqs)
+        packed.append((len(p), sum(len(s) for s in seqs)))
+        return p
+
+    monkeypatch.setattr(packing, "pack_prefixes", counting)
+    monkeypatch.setattr("trainer.learner.policy.pack_prefixes", counting)
+    asyncio.run(train(load_train_config(REPO / "configs" / "debug.toml", sets)))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["loss"]) and r["trained_tokens"] > 0 for r in rows), rows
+    assert packed and sum(u for u, _ in packed) < sum(t for _, t in packed), packed
 
 
 def test_kl_reference_is_the_starting_weights_on_resume(tiny_model: Path, tmp_path: Path) -> None:

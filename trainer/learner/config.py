@@ -74,11 +74,12 @@ class OptimConfig:
     micro_batch_size, for long multi-turn contexts (configs/qwen3-8b-hotpotqa.toml; a sequence longer than the
     budget trains alone)."""
     share_prefixes: bool = False
-    """Prefix-shared updates (trainer/learner/packing.py): each micro-batch's samples packed into one row of unique
-    tokens with a tree attention mask, so a prompt or turn its samples share is computed once, not once a sample.
-    A prompt's samples share micro-batches (at most micro_batch_size samples; micro_batch_tokens then counts
-    unique tokens). The same loss; its gradients agree with the unpacked update's to float32 rounding (Qwen3's
-    RMSNorm computes in float32). One rank only, so far (refused on several)."""
+    """Prefix-shared updates (trainer/learner/packing.py): each prompt's samples in a micro-batch packed into one
+    row of unique tokens with a tree attention mask, so a prompt or turn its samples share is computed once, not
+    once a sample. A prompt's samples share micro-batches (at most micro_batch_size samples; micro_batch_tokens
+    then counts packed tokens: rows x the longest row). The same loss; its gradients agree with the unpacked
+    update's to float32 rounding (Qwen3's RMSNorm computes in float32). One rank only, so far (refused on several).
+    Off by default: what it saves depends on how much the samples share (bench/bench_packed_update.py)."""
     clip_eps: float = 0.2
     clip_eps_high: float | None = 0.28
     """Asymmetric upper clip (DAPO's clip-higher); None = clip_eps."""

@@ -225,6 +225,10 @@ class _HeadRequest:
     pairs: Tensor  # [B, K] bool: which (row, position) to compute (the others are 0.0)
     temperature: float
     chunk: int
+    index: Tensor | None = None
+    """[B, K] positions in each row of the head's input: the (b, k) pair reads row b's hidden state at index[b, k]
+    (a position may be read more than once: a parent with several children, `trainer.learner.packing`). None: the
+    head's input is already [B, K]."""
 
 
 @dataclass
@@ -264,6 +268,8 @@ class LogprobHead(nn.Linear):
             where = req.pairs.nonzero(as_tuple=True)
             sig = next_token_signals(hidden[where], self.weight, req.token, req.temperature, req.chunk)
             return sig.new_zeros(*req.pairs.shape, 2).index_put(where, sig)
+        if req.index is not None:
+            hidden = hidden.gather(1, req.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return token_logprobs(hidden, self.weight, req.targets, req.pairs, req.temperature, req.chunk)
 
 

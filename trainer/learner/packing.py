@@ -1,28 +1,28 @@
-"""Prefix-shared updates (`optim.share_prefixes`): a micro-batch's sequences packed into one row, each shared prefix
-token computed once.
+"""Prefix-shared updates (`optim.share_prefixes`): a micro-batch's sequences packed so that each shared prefix token
+is computed once.
 
 A tree rollout's leaves share their prompt and every turn above their branch point; a GRPO group shares its prompt.
 The unpacked update runs every leaf's whole sequence, so a shared token is computed once per leaf that holds it.
-Here a micro-batch's sequences become a trie (`pack_prefixes`): one row of the unique tokens, parents before
-children, each token's position id its depth, and an attention mask that lets a token see exactly its ancestors
-and itself (a 4D boolean mask, which transformers hands to the attention kernel as it is). A token's hidden state is
-then the one it has in any of the sequences that hold it, and the logprob of token i is read from its parent's hidden
-state (`forest_logprobs`). Each sequence's [T] logprobs are gathered back from the row, so the loss, its weights and
-the PPO ratios are the unpacked update's, per sequence; the backward sums a shared token's gradient over the
-sequences that hold it, as the unpacked update sums it over their rows.
+Here each prompt's sequences in a micro-batch become a trie (`pack_prefixes`), one row of its unique tokens, parents
+before children, each token's position id its depth, with an attention mask that lets a token see exactly its
+ancestors and itself (a 4D boolean mask, which transformers hands to the attention kernel as it is). A token's
+hidden state is then the one it has in any of the sequences that hold it, and the logprob of token i is read from
+its parent's hidden state (`forest_logprobs`, inside the chunked LM head). Each sequence's [T] logprobs are gathered
+back from the rows, so the loss, its weights and the PPO ratios are the unpacked update's, per sequence; the backward
+sums a shared token's gradient over the sequences that hold it, as the unpacked update sums it over their rows.
+
+One row a prompt, not one for the micro-batch: attention is quadratic in a row's length, and prompts share little
+(a chat template's first tokens), so one row for all would cost more attention than the padded batch saves.
 
 Exactness: the logprobs equal the unpacked ones; the gradients too in exact arithmetic. In a float64 model they
 agree to ~1e-7 relative, not 1e-15: transformers' Qwen3RMSNorm computes in float32 whatever the model's dtype, and a
 shared token's gradient is summed before that float32 step here and after it unpacked (with the norm computed in
-float64 the two agree to 4e-14; tests/test_packing.py).
-
-Cost: the row is N unique tokens with an N x N mask; attention is O(N^2) as a padded batch's is O(rows x T^2), and
-with a mask the kernel cannot take its causal fast path."""
+float64 the two agree to ~1e-15; tests/test_packing.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,58 +31,86 @@ from trainer.learner.loss import LogprobHead, _head_request, _HeadRequest
 
 
 @dataclass
-class Packed:
-    """Sequences as one row of unique tokens (a trie, parents before children)."""
+class Row:
+    """One trie as a row of unique tokens, parents before children."""
 
-    ids: list[int]
+    ids: list[int] = field(default_factory=list)
     """The row's tokens."""
-    parent: list[int]
+    parent: list[int] = field(default_factory=list)
     """Each token's parent in the row (-1: the first token of some sequence)."""
-    depth: list[int]
+    depth: list[int] = field(default_factory=list)
     """Each token's position in the sequences that hold it (its position id)."""
-    where: list[list[int]]
-    """where[b][t]: the row index of sequence b's token t."""
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def mask(self, device: torch.device | str = "cpu") -> Tensor:
-        """[1, 1, N, N] bool: row i may attend to row j iff j is i or one of its ancestors."""
-        n = len(self.ids)
-        anc = torch.zeros(n, n, dtype=torch.bool)
+    def ancestors(self, width: int) -> Tensor:
+        """[width, width] bool: position i may attend to j iff j is i or one of its ancestors; a position past the
+        row's end attends to itself only (a finite softmax, never read)."""
+        anc = torch.eye(width, dtype=torch.bool)
         for i, p in enumerate(self.parent):  # parents come first: their rows are complete
             if p >= 0:
                 anc[i] = anc[p]
-            anc[i, i] = True
-        return anc[None, None].to(device)
+                anc[i, i] = True
+        return anc
 
 
-def pack_prefixes(seqs: Sequence[Sequence[int]]) -> Packed:
-    """The trie of `seqs`: one row holding each distinct prefix's last token once. Sequences that share their first
-    k tokens share those k rows; sequences with different first tokens share nothing (a forest)."""
-    ids: list[int] = []
-    parent: list[int] = []
-    depth: list[int] = []
-    children: list[dict[int, int]] = []
-    roots: dict[int, int] = {}
-    where: list[list[int]] = []
-    for seq in seqs:
+@dataclass
+class Packed:
+    """Sequences as rows of unique tokens: one trie a group (a prompt's samples)."""
+
+    rows: list[Row]
+    where: list[tuple[int, list[int]]]
+    """where[b] = (row, path): path[t] is the position of sequence b's token t in that row."""
+
+    def __len__(self) -> int:
+        """The unique tokens, all rows."""
+        return sum(len(r.ids) for r in self.rows)
+
+    @property
+    def width(self) -> int:
+        return max((len(r.ids) for r in self.rows), default=0)
+
+    @property
+    def padded(self) -> int:
+        """The tokens a forward over the rows computes: rows x the longest row."""
+        return len(self.rows) * self.width
+
+    def mask(self, device: torch.device | str = "cpu") -> Tensor:
+        """[R, 1, W, W] bool: each row's `Row.ancestors`."""
+        w = self.width
+        return torch.stack([r.ancestors(w) for r in self.rows])[:, None].to(device)
+
+
+def pack_prefixes(seqs: Sequence[Sequence[int]], groups: Sequence[str] | None = None) -> Packed:
+    """One trie a group of `seqs` (all in one without `groups`): a row holding each distinct prefix's last token
+    once. Sequences of a group that share their first k tokens share those k positions; sequences with different
+    first tokens share nothing (a forest in the row). Groups keep attention per row: one row for sequences that
+    share little would make attention quadratic in all their tokens."""
+    keys = list(groups) if groups is not None else [""] * len(seqs)
+    assert len(keys) == len(seqs), f"{len(keys)} groups for {len(seqs)} sequences"
+    rows: list[Row] = []
+    tries: dict[str, tuple[int, dict[int, int], list[dict[int, int]]]] = {}  # group -> row, roots, children
+    where: list[tuple[int, list[int]]] = []
+    for seq, key in zip(seqs, keys, strict=True):
+        if key not in tries:
+            tries[key] = (len(rows), {}, [])
+            rows.append(Row())
+        r, roots, children = tries[key]
+        row = rows[r]
         path: list[int] = []
         node = -1
         for t, tok in enumerate(seq):
             table = roots if node < 0 else children[node]
             nxt = table.get(tok)
             if nxt is None:
-                nxt = len(ids)
-                ids.append(int(tok))
-                parent.append(node)
-                depth.append(t)
+                nxt = len(row.ids)
+                row.ids.append(int(tok))
+                row.parent.append(node)
+                row.depth.append(t)
                 children.append({})
                 table[tok] = nxt
             path.append(nxt)
             node = nxt
-        where.append(path)
-    return Packed(ids, parent, depth, where)
+        where.append((r, path))
+    return Packed(rows, where)
 
 
 def forest_logprobs(
@@ -92,56 +120,65 @@ def forest_logprobs(
     temperature: float = 1.0,
     chunk: int = 1024,
 ) -> Tensor:
-    """`trainer.learner.loss.sequence_logprobs` for the sequences `packed` holds, from one forward over its row:
+    """`trainer.learner.loss.sequence_logprobs` for the sequences `packed` holds, from one forward over its rows:
     out[b, t] = log p(token t of sequence b | its tokens before t), at the (b, t) where `needed` [B, T] (right-padded,
     T >= the longest sequence) is nonzero and t >= 1; 0.0 elsewhere. Through the model's `LogprobHead` when it has
-    one (the token logprobs in chunks, inside the head's forward, as the unpacked path), else from the logits."""
+    one (the token logprobs in chunks, inside the head's forward, as the unpacked path: each needed token read at
+    its parent's position), else from the whole logits (the reference path, for tests)."""
     device = needed.device
     B, T = needed.shape
     assert B == len(packed.where), f"needed has {B} rows for {len(packed.where)} sequences"
-    n = len(packed)
-    index = torch.zeros(B, T, dtype=torch.long)
+    R, W = len(packed.rows), packed.width
+    index = torch.zeros(B, T, dtype=torch.long)  # into the rows flattened: row * W + position
     real = torch.zeros(B, T, dtype=torch.bool)
-    for b, path in enumerate(packed.where):
+    for b, (r, path) in enumerate(packed.where):
         assert len(path) <= T, f"sequence {b} has {len(path)} tokens, needed only {T} columns"
-        index[b, : len(path)] = torch.tensor(path, dtype=torch.long)
+        index[b, : len(path)] = r * W + torch.tensor(path, dtype=torch.long)
         real[b, 1 : len(path)] = True  # t = 0 has no logprob
     index, real = index.to(device), real.to(device)
     want = needed.bool() & real
-    node_needed = torch.zeros(n, dtype=torch.bool, device=device)
+    node_needed = torch.zeros(R * W, dtype=torch.bool, device=device)
     node_needed[index[want]] = True
-    nodes = node_needed.nonzero().squeeze(-1)
-    parent = torch.tensor(packed.parent, dtype=torch.long, device=device)
-    ids = torch.tensor([packed.ids], dtype=torch.long, device=device)
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": packed.mask(device),
-        "position_ids": torch.tensor([packed.depth], dtype=torch.long, device=device),
-        "use_cache": False,
-    }
-    if nodes.numel() == 0:  # nothing needed: one position, no logprob computed, so the output still has a graph
-        nodes = torch.zeros(1, dtype=torch.long, device=device)
-        keep, pairs = nodes, torch.zeros(1, 1, dtype=torch.bool, device=device)
-    else:
-        keep, pairs = parent[nodes], torch.ones(1, nodes.numel(), dtype=torch.bool, device=device)
-    targets = ids[:, nodes]
+    flat = node_needed.nonzero().squeeze(-1)  # the needed tokens, row by row
+    row_of, pos = flat // W, flat % W
+    count = torch.bincount(row_of, minlength=R)
+    K = max(1, int(count.max()) if flat.numel() else 1)
+    slot = torch.arange(flat.numel(), device=device) - (torch.cumsum(count, 0) - count)[row_of]  # k within its row
+    parent = torch.full((R, W), 0, dtype=torch.long)
+    ids = torch.zeros(R, W, dtype=torch.long)
+    depth = torch.zeros(R, W, dtype=torch.long)
+    for r, row in enumerate(packed.rows):
+        n = len(row.ids)
+        ids[r, :n] = torch.tensor(row.ids, dtype=torch.long)
+        depth[r, :n] = torch.tensor(row.depth, dtype=torch.long)
+        parent[r, :n] = torch.tensor(row.parent, dtype=torch.long).clamp(min=0)
+    ids, depth, parent = ids.to(device), depth.to(device), parent.to(device)
+    at = torch.zeros(R, K, dtype=torch.long, device=device)  # (row, k): the parent position it reads
+    targets = torch.zeros(R, K, dtype=torch.long, device=device)
+    pairs = torch.zeros(R, K, dtype=torch.bool, device=device)
+    at[row_of, slot] = parent[row_of, pos]
+    targets[row_of, slot] = ids[row_of, pos]
+    pairs[row_of, slot] = True
+    inputs = {"input_ids": ids, "attention_mask": packed.mask(device), "position_ids": depth, "use_cache": False}
     base = getattr(model, "module", model)
     if isinstance(base.get_output_embeddings(), LogprobHead):
-        with _head_request(_HeadRequest(targets, pairs, temperature, chunk)):
-            lp = model(**inputs, logits_to_keep=keep).logits[0]  # [K]: a parent kept once per child needed
+        with _head_request(_HeadRequest(targets, pairs, temperature, chunk, index=at)):
+            lp = model(**inputs, logits_to_keep=0).logits  # [R, K]: the head reads each pair's parent position
     else:
-        logits = model(**inputs, logits_to_keep=keep).logits[0]
-        lg = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        lp = (lg.gather(-1, targets[0].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)) * pairs[0]
-    node_lp = lp.new_zeros(n).index_copy(0, nodes, lp)
+        logits = model(**inputs).logits  # [R, W, V]
+        lg = logits.gather(1, at.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        lg = lg.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        lp = (lg.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)) * pairs
+    node_lp = lp.new_zeros(R * W).index_put((flat,), lp[row_of, slot])
     return node_lp[index] * want.to(node_lp.dtype)
 
 
 def packed_plan(seqs: Sequence[Sequence[int]], groups: Sequence[str], rows: int, tokens: int = 0) -> list[list[int]]:
     """Micro-batches (indices into `seqs`) for prefix-shared updates on one rank: the sequences of one group (a
     prompt: its samples share at least the prompt) kept together, cut into runs of at most `rows`; runs then fill
-    micro-batches in order, at most `rows` sequences and, when `tokens` > 0, at most `tokens` unique tokens each (a
-    run over the budget trains alone). Every index once."""
+    micro-batches in order, at most `rows` sequences and, when `tokens` > 0, at most `tokens` packed tokens each (its
+    rows, one a group, x the longest row: what the forward computes; a run over the budget trains alone). Every
+    index once."""
     assert rows >= 1 and tokens >= 0, (rows, tokens)
     order: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
@@ -151,10 +188,14 @@ def packed_plan(seqs: Sequence[Sequence[int]], groups: Sequence[str], rows: int,
     cur: list[int] = []
     for run in runs:
         grown = cur + run
-        if cur and (len(grown) > rows or (tokens and len(pack_prefixes([seqs[i] for i in grown])) > tokens)):
+        if cur and (len(grown) > rows or (tokens and _padded(seqs, groups, grown) > tokens)):
             out.append(cur)
             grown = list(run)
         cur = grown
     if cur:
         out.append(cur)
     return out
+
+
+def _padded(seqs: Sequence[Sequence[int]], groups: Sequence[str], members: list[int]) -> int:
+    return pack_prefixes([seqs[i] for i in members], [groups[i] for i in members]).padded

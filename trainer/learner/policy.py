@@ -278,7 +278,9 @@ class Policy:
                     w = _pad([s.weights for s in chunk], 0.0, self.dtype, self.device)
                     w = w * torch.tensor([scale(s) for s in chunk], dtype=self.dtype, device=self.device)[:, None]
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, self.dtype, self.device)
-                    packed = pack_prefixes([s.input_ids for s in chunk]) if self.ocfg.share_prefixes else None
+                    packed = None
+                    if self.ocfg.share_prefixes:  # one row a prompt
+                        packed = pack_prefixes([s.input_ids for s in chunk], [s.prompt_id for s in chunk])
                     with self._sync_unless(k == n_mb - 1):
                         with self.accelerator.autocast():
                             logp = self._logprobs(self.model, ids, att, mask, packed)
