@@ -116,12 +116,12 @@ def test_the_debug_config_trains_with_prefix_shared_updates(
     monkeypatch.setenv("TRACE_CACHE_DIR", str(cache_dir))
     out = tmp_path / "run"
     sets = [*SMALL, f'run.output_dir="{out}"', "run.steps=2", "run.max_staleness=1", "optim.share_prefixes=true"]
-    packed: list[tuple[int, int]] = []  # (unique tokens run, tokens the sequences hold) of each packed micro-batch
+    packed: list[tuple[int, int]] = []  # (tokens run, tokens the sequences hold) of each packed micro-batch
     real = packing.pack_prefixes
 
-    def counting(seqs):  # type: ignore[no-untyped-def]
-        p = real(seqs)
-        packed.append((len(p), sum(len(s) for s in seqs)))
+    def counting(seqs, groups=None):  # type: ignore[no-untyped-def]
+        p = real(seqs, groups)
+        packed.append((p.padded, sum(len(s) for s in seqs)))
         return p
 
     monkeypatch.setattr(packing, "pack_prefixes", counting)
