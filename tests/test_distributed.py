@@ -207,8 +207,10 @@ def test_fsdp_plugin_reduces_in_float32_and_followers_start_empty(
     assert all(torch.equal(a, b) for a, b in zip(empty.buffers(), full.buffers(), strict=True))
 
 
-def _launch(nproc: int, out: Path, model: Path, *, fsdp: bool = False, resume: Path | None = None) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _launch(
+    nproc: int, out: Path, model: Path, *, fsdp: bool = False, resume: Path | None = None, packed: bool = False
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRACE_TEST_PACKED": "1" if packed else ""}
     env.pop("WORLD_SIZE", None)
     if fsdp:
         from trainer.learner.distributed import FSDP2_ENV
@@ -230,6 +232,54 @@ def test_two_ranks_exit_cleanly_at_stop(tmp_path: Path) -> None:
         out.parent.mkdir()
         _launch(2, out, Path("-"))
         assert _all_closed(out, 2), k
+
+
+@pytest.fixture(scope="module")
+def packed_one_rank(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+    import torch
+
+    out = tmp_path_factory.mktemp("packed-one-rank") / "result.pt"
+    _launch(1, out, tiny_model, packed=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_prefix_shared_updates_on_two_ranks_take_the_one_rank_gradient(
+    fsdp: bool, packed_one_rank: dict, tmp_path: Path, tiny_model: Path
+) -> None:
+    """optim.share_prefixes on 2 ranks (DDP, FSDP2): a prompt's samples stay together, its runs go to the ranks
+    balanced by packed tokens, and the rank with fewer micro-batches runs a blank one (packed too); the update takes the gradient
+    (AdamW's first moment, by parameter name, float64) of the packed update on 1 rank to 1e-9 of the gradient's size,
+    and that of the unpacked one to float32 rounding (Qwen3RMSNorm); the loss and its metrics alike."""
+    import torch
+    from test_packing import _samples
+
+    from trainer.learner.packing import packed_plan
+
+    _launch(2, tmp_path / "result.pt", tiny_model, fsdp=fsdp, packed=True)
+    two = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert _all_closed(tmp_path / "result.pt", 2)
+    one = packed_one_rank
+    assert (one["world_size"], two["world_size"]) == (1, 2) and two[True]["sharded"] is fsdp
+    samples = _samples(5)
+    seqs, groups = [s.input_ids for s in samples], [s.prompt_id for s in samples]
+    plan, n_mb = packed_plan(seqs, groups, 2, 6)
+    # 3 prompts' runs of 4 (4 + 4 > 6): the longest alone on rank 0, two on rank 1; rank 0 then runs a blank one
+    assert [len(p) for p in plan] == [1, 2] and n_mb == 2, plan
+    assert two[True]["blanks"] == [False, True], "rank 0: its run, then a blank micro-batch to join the sync"
+    assert one[True]["blanks"] == [False, False, False]
+
+    def gap(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys() and len(a) > 10
+        return max(float((a[k] - b[k]).abs().max()) for k in a) / max(float(v.abs().max()) for v in a.values())
+
+    plain, packed1, packed2 = one[False]["grad"], one[True]["grad"], two[True]["grad"]
+    # The same rows on either side (each micro-batch holds one run): equal to float64 rounding; against the unpacked
+    # update to float32 rounding (test_packing.py says why).
+    assert gap(packed1, packed2) <= 1e-9 and gap(plain, packed2) <= 1e-5, (gap(packed1, packed2), gap(plain, packed2))
+    for key, v in one[True]["metrics"].items():
+        assert two[True]["metrics"][key] == pytest.approx(v, rel=1e-6, abs=1e-9), key
+    print(f"\n[{'fsdp2' if fsdp else 'ddp'}] packed on 2 ranks vs 1: {gap(packed1, packed2):.3g} of the gradient")
 
 
 @pytest.fixture(scope="module")
@@ -487,6 +537,55 @@ def _watch_forwards(policy: Any, pad_id: int) -> dict[str, list[dict]]:
     return seen
 
 
+def _first_moments(policy: Any) -> dict[str, Any]:
+    """AdamW's first moment of every parameter after one step (the step's gradient x 0.1), float64, by name."""
+    state = policy.optimizer_state()
+    inner = policy.accelerator.unwrap_model(policy.model)
+    names = [n for n, _ in inner.named_parameters()]
+    out = {}
+    for key, st in state["state"].items():
+        name = names[key] if isinstance(key, int) else key.removeprefix("module.")
+        out[name] = st["exp_avg"].double().cpu()
+    return out
+
+
+def _packed_worker(out: str, model: str) -> None:
+    """Prefix-shared updates (TRACE_TEST_PACKED): on tree-shaped samples (tests/test_packing.py's), one RL update
+    unpacked and one packed on 1 rank, one packed on 2; the gradient each took, the metrics, which micro-batches
+    rank 0 ran blank."""
+    import torch
+
+    from trainer.learner.config import ModelConfig, OptimConfig
+    from trainer.learner.distributed import Ranks, follow
+    from trainer.learner.policy import Policy
+
+    ranks = Ranks.start(cpu=True)
+    if not ranks.leader:
+        follow(ranks)
+        _closed(out, ranks.rank)
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_packing import _samples
+
+    res: dict[Any, Any] = {"world_size": ranks.size}
+    for share in (False, True) if ranks.size == 1 else (True,):
+        ocfg = OptimConfig(lr=1e-3, micro_batch_size=6, kl_coef=0.0, share_prefixes=share)
+        policy = Policy(model, ModelConfig(device="cpu", dtype="float64"), ocfg, seed=0)
+        forwards = _watch_forwards(policy, policy.pad_id)
+        forwards["_stage"] = "rl"
+        metrics = policy.rl_update(_samples(5))
+        forwards["_stage"] = None
+        res[share] = {
+            "metrics": metrics,
+            "grad": _first_moments(policy),
+            "blanks": [c["blank"] for c in forwards["rl"]],
+            "sharded": policy.sharded,
+        }
+    ranks.stop()
+    _closed(out, ranks.rank)
+    torch.save(res, out)
+
+
 def _worker(out: str, model: str, resume: str | None = None) -> None:
     import torch
     from safetensors.torch import load_file
@@ -582,4 +681,7 @@ def _all_closed(out: Path, nproc: int) -> bool:
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:4])
+    if os.environ.get("TRACE_TEST_PACKED"):
+        _packed_worker(*sys.argv[1:3])
+    else:
+        _worker(*sys.argv[1:4])

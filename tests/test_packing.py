@@ -194,19 +194,23 @@ def test_packed_plan_keeps_a_prompts_samples_together_under_both_limits() -> Non
     seqs, groups = [seqs[i] for i in shuffled], [groups[i] for i in shuffled]
     by_prompt = {g: [i for i in range(len(seqs)) if groups[i] == g] for g in dict.fromkeys(groups)}
     runs = list(by_prompt.values())
-    assert packed_plan(seqs, groups, rows=8) == runs, "5 + 5 > 8: a prompt a micro-batch"
-    assert packed_plan(seqs, groups, rows=10) == [runs[0] + runs[1], runs[2] + runs[3]]
-    assert packed_plan(seqs, groups, rows=3) == [r for run in runs for r in (run[:3], run[3:])], "runs of <= 3"
+
+    def one_rank(rows: int, tokens: int = 0) -> list[list[int]]:
+        plan, n_mb = packed_plan(seqs, groups, 1, rows, tokens)
+        assert len(plan) == 1 and n_mb == len(plan[0])
+        return plan[0]
+
+    assert one_rank(8) == runs, "5 + 5 > 8: a prompt a micro-batch"
+    assert one_rank(10) == [runs[0] + runs[1], runs[2] + runs[3]]
+    assert one_rank(3) == [r for run in runs for r in (run[:3], run[3:])], "runs of <= 3"
     widths = [pack_prefixes([seqs[i] for i in run]).width for run in runs]
     budget = 2 * max(widths[:2])  # two rows, the longer one's width
-    plan = packed_plan(seqs, groups, rows=100, tokens=budget)
+    plan = one_rank(100, budget)
     assert plan[0] == runs[0] + runs[1], "counted as packed rows (rows x the longest), not as padded samples"
     assert sum(len(seqs[i]) for i in plan[0]) > budget, "the samples hold more tokens than the budget"
-    assert packed_plan(seqs, groups, rows=100, tokens=1) == runs, "a run over the budget trains alone"
-
-
-def test_prefix_sharing_on_several_ranks_is_refused_before_any_rank_builds(tiny_model: Path) -> None:
-    from trainer.learner.distributed import Ranks
-
-    with pytest.raises(ValueError, match="share_prefixes on 2 ranks"):
-        Policy(tiny_model, ModelConfig(device="cpu"), OptimConfig(share_prefixes=True), ranks=Ranks(rank=0, size=2))
+    assert one_rank(100, 1) == runs, "a run over the budget trains alone"
+    # Several ranks: whole runs to each, balanced by packed tokens; every rank runs the count the busiest needs.
+    plan, n_mb = packed_plan(seqs, groups, 3, 8)
+    assert sorted(i for p in plan for mb in p for i in mb) == list(range(len(seqs)))
+    assert sorted(sorted(mb) for p in plan for mb in p) == sorted(sorted(r) for r in runs)
+    assert [len(p) for p in plan] == [1, 1, 2] and n_mb == 2, plan

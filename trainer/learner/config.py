@@ -78,7 +78,8 @@ class OptimConfig:
     row of unique tokens with a tree attention mask, so a prompt or turn its samples share is computed once, not
     once a sample. A prompt's samples share micro-batches (at most micro_batch_size samples; micro_batch_tokens
     then counts packed tokens: rows x the longest row). The same loss; its gradients agree with the unpacked
-    update's to float32 rounding (Qwen3's RMSNorm computes in float32). One rank only, so far (refused on several).
+    update's to float32 rounding (Qwen3's RMSNorm computes in float32). On several ranks a prompt's runs go whole
+    to a rank, balanced by packed tokens.
     Off by default: what it saves depends on how much the samples share (bench/bench_packed_update.py)."""
     clip_eps: float = 0.2
     clip_eps_high: float | None = 0.28

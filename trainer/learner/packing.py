@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from trainer.learner.distributed import token_shares
 from trainer.learner.loss import LogprobHead, _head_request, _HeadRequest
 
 
@@ -173,28 +174,36 @@ def forest_logprobs(
     return node_lp[index] * want.to(node_lp.dtype)
 
 
-def packed_plan(seqs: Sequence[Sequence[int]], groups: Sequence[str], rows: int, tokens: int = 0) -> list[list[int]]:
-    """Micro-batches (indices into `seqs`) for prefix-shared updates on one rank: the sequences of one group (a
-    prompt: its samples share at least the prompt) kept together, cut into runs of at most `rows`; runs then fill
-    micro-batches in order, at most `rows` sequences and, when `tokens` > 0, at most `tokens` packed tokens each (its
-    rows, one a group, x the longest row: what the forward computes; a run over the budget trains alone). Every
-    index once."""
-    assert rows >= 1 and tokens >= 0, (rows, tokens)
+def packed_plan(
+    seqs: Sequence[Sequence[int]], groups: Sequence[str], size: int, rows: int, tokens: int = 0
+) -> tuple[list[list[list[int]]], int]:
+    """For each of `size` ranks, its micro-batches (indices into `seqs`) for prefix-shared updates, and the number
+    every rank runs (the most any rank has; the others pad with blank ones), as `micro_batch_plan` gives them
+    unpacked. The sequences of one group (a prompt: its samples share at least the prompt) stay together, cut into
+    runs of at most `rows`; runs go to the ranks balanced by their packed tokens (`token_shares`), and fill each
+    rank's micro-batches in order: at most `rows` sequences and, when `tokens` > 0, at most `tokens` packed tokens
+    each (its rows, one a group, x the longest row: what the forward computes; a run over the budget trains
+    alone). Every index once."""
+    assert rows >= 1 and tokens >= 0 and size >= 1, (rows, tokens, size)
     order: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         order.setdefault(g, []).append(i)
     runs = [members[k : k + rows] for members in order.values() for k in range(0, len(members), rows)]
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for run in runs:
-        grown = cur + run
-        if cur and (len(grown) > rows or (tokens and _padded(seqs, groups, grown) > tokens)):
+    cost = [_padded(seqs, groups, run) for run in runs]
+    plan: list[list[list[int]]] = []
+    for share in token_shares(cost, size):
+        out: list[list[int]] = []
+        cur: list[int] = []
+        for run in (runs[j] for j in sorted(share)):  # a rank's runs in the order their groups came
+            grown = cur + run
+            if cur and (len(grown) > rows or (tokens and _padded(seqs, groups, grown) > tokens)):
+                out.append(cur)
+                grown = list(run)
+            cur = grown
+        if cur:
             out.append(cur)
-            grown = list(run)
-        cur = grown
-    if cur:
-        out.append(cur)
-    return out
+        plan.append(out)
+    return plan, max((len(p) for p in plan), default=0)
 
 
 def _padded(seqs: Sequence[Sequence[int]], groups: Sequence[str], members: list[int]) -> int:

@@ -97,11 +97,6 @@ class Policy:
         and not towards the checkpoint. `self.reference` records it (a local folder as an absolute path).
         ranks: the training ranks (default: this process's, `trainer.learner.distributed.current()`)."""
         self.ranks = ranks or current()
-        if ocfg.share_prefixes and self.ranks.many:
-            raise ValueError(
-                f"optim.share_prefixes on {self.ranks.size} ranks: prefix-shared updates are checked on one rank only "
-                "so far; set optim.share_prefixes = false"
-            )
         kwargs = dict(seed=seed, temperature=temperature, reference=None if reference is None else str(reference))
         self.ranks.announce("policy", model_path=str(model_path), mcfg=mcfg, ocfg=ocfg, **kwargs)
         cpu = uses_cpu(mcfg)
@@ -251,10 +246,10 @@ class Policy:
             assert samples is not None
             total_w = sum(sum(s.weights) * scale(s) for s in samples)
             assert total_w > 0, f"{len(samples)} samples carry no weighted tokens"
-            if self.ocfg.share_prefixes:  # one rank (checked at start): a prompt's samples share micro-batches
+            if self.ocfg.share_prefixes:  # a prompt's samples share micro-batches
                 seqs, groups = [s.input_ids for s in samples], [s.prompt_id for s in samples]
-                plan = [packed_plan(seqs, groups, self.ocfg.micro_batch_size, self.ocfg.micro_batch_tokens)]
-                n_mb = len(plan[0])
+                mbs, budget = self.ocfg.micro_batch_size, self.ocfg.micro_batch_tokens
+                plan, n_mb = packed_plan(seqs, groups, self.ranks.size, mbs, budget)
             else:
                 plan, n_mb = self._micro_batch_plan([len(s) for s in samples])
             parts = [([[samples[i] for i in mb] for mb in batches], total_w, n_mb) for batches in plan]
