@@ -222,6 +222,16 @@ def _launch(
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def test_closing_the_ranks_twice_or_stopping_after_is_a_no_op() -> None:
+    from trainer.learner.distributed import Ranks
+
+    ranks = Ranks()
+    ranks.close()
+    ranks.close()
+    ranks.stop()
+    assert ranks.closed and ranks.group is None
+
+
 def test_two_ranks_exit_cleanly_at_stop(tmp_path: Path) -> None:
     """Ranks.stop (rank 0) and follow (the others) destroy the process groups before the process exits. Left to the
     interpreter's teardown, gloo's threads made a rank abort after a clean run ("terminate called without an active

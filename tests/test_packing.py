@@ -132,10 +132,10 @@ def test_forest_logprobs_and_gradients_equal_the_padded_batch(
     print(f"\ngradient gap, relative: {stock:.3g} (Qwen3RMSNorm in float32), {exact:.3g} (in float64)")
 
 
-def _samples(seed: int) -> list[TrainSample]:
+def _samples(seed: int, leaves: int = 4) -> list[TrainSample]:
     rng = random.Random(seed)
     out = []
-    for k, (pid, ids) in enumerate(_trees(seed, prompts=3, leaves=4)):
+    for k, (pid, ids) in enumerate(_trees(seed, prompts=3, leaves=leaves)):
         n = len(ids)
         mask = [0] * 8 + [1] * (n - 8)  # the prompt's first 8 tokens untrained; later ones trained (shared turns too)
         adv = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 1.0)
@@ -154,17 +154,24 @@ def _samples(seed: int) -> list[TrainSample]:
     return out
 
 
-@pytest.mark.parametrize("kl", [0.0, 0.05], ids=["no-kl", "kl"])
-def test_a_prefix_shared_update_equals_the_unpacked_update(tiny_model: Path, kl: float) -> None:
-    """`optim.share_prefixes`: one RL update (3 prompts' trees, micro-batches of 6 samples, so a prompt's samples
-    are cut in runs and several micro-batches run; the KL reference's logprobs packed too) takes the gradient of the
+@pytest.mark.parametrize(("kl", "rows"), [(0.0, 3), (0.05, 10)], ids=["no-kl-3", "kl-10"])
+def test_a_prefix_shared_update_equals_the_unpacked_update(tiny_model: Path, kl: float, rows: int) -> None:
+    """`optim.share_prefixes`: one RL update (3 prompts' trees of 5 leaves; micro-batches of 3 samples, so a
+    prompt's samples are cut in runs, or of 10, so two prompts' rows share a micro-batch; the KL reference's
+    logprobs packed too) takes the gradient of the
     unpacked update, in float64, to float32 rounding (Qwen3RMSNorm) relative to the gradient's size, read from
     AdamW's first moment; the loss and its metrics (grad norm included) alike. (Not the parameters: AdamW's first
     step moves each by ~lr * sign(gradient), so a gradient within rounding of 0 may step either way.)"""
-    samples = _samples(5)
+    samples = _samples(5, leaves=5)
+    plan = packed_plan([s.input_ids for s in samples], [s.prompt_id for s in samples], 1, rows)[0][0]
+    packs = [pack_prefixes([samples[i].input_ids for i in mb], [samples[i].prompt_id for i in mb]) for mb in plan]
+    if rows == 3:
+        assert len(plan) == 6, "each prompt's 5 samples in runs of 3 and 2"
+    else:
+        assert any(len(p.rows) == 2 for p in packs), "two prompts' rows in one micro-batch"
 
     def update(share: bool) -> tuple[list[torch.Tensor], dict, int]:
-        ocfg = OptimConfig(lr=1e-3, micro_batch_size=6, kl_coef=kl, share_prefixes=share)
+        ocfg = OptimConfig(lr=1e-3, micro_batch_size=rows, kl_coef=kl, share_prefixes=share)
         policy = Policy(tiny_model, ModelConfig(device="cpu", dtype="float64"), ocfg)
         tokens = [0]  # the tokens the policy's forwards ran
         policy.model.register_forward_pre_hook(
@@ -208,9 +215,22 @@ def test_packed_plan_keeps_a_prompts_samples_together_under_both_limits() -> Non
     plan = one_rank(100, budget)
     assert plan[0] == runs[0] + runs[1], "counted as packed rows (rows x the longest), not as padded samples"
     assert sum(len(seqs[i]) for i in plan[0]) > budget, "the samples hold more tokens than the budget"
-    assert one_rank(100, 1) == runs, "a run over the budget trains alone"
+    assert one_rank(100, 1) == [[i] for run in runs for i in run], "a sequence over the budget alone"
+    cut = one_rank(100, widths[0] - 1)  # the first prompt's samples no longer fit one row: cut into runs
+    assert cut[0] != runs[0] and sorted(i for mb in cut[: len(runs[0])] for i in mb)[:1] == runs[0][:1]
+    assert all(pack_prefixes([seqs[i] for i in mb], [groups[i] for i in mb]).padded <= widths[0] - 1 for mb in cut)
     # Several ranks: whole runs to each, balanced by packed tokens; every rank runs the count the busiest needs.
     plan, n_mb = packed_plan(seqs, groups, 3, 8)
     assert sorted(i for p in plan for mb in p for i in mb) == list(range(len(seqs)))
     assert sorted(sorted(mb) for p in plan for mb in p) == sorted(sorted(r) for r in runs)
     assert [len(p) for p in plan] == [1, 1, 2] and n_mb == 2, plan
+
+
+def test_eager_attention_is_refused(tiny_model: Path) -> None:
+    """Eager attention adds a 4D mask to the scores: a boolean tree mask would not mask there. Refused, not wrong."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation="eager")
+    packed = pack_prefixes([[1, 2, 3], [1, 2, 4]])
+    with pytest.raises(ValueError, match="sdpa attention, not 'eager'"):
+        forest_logprobs(model, packed, torch.ones(2, 3))

@@ -178,10 +178,8 @@ def stage_fsdp1(medium: Path, device: str, out: Path) -> None:
     mcfg = ModelConfig(device=device, mixed_precision="bf16" if cuda else "no", gradient_checkpointing=True)
     ocfg = OptimConfig(lr=1e-6, micro_batch_size=4, micro_batch_tokens=4096, kl_coef=0.0)
     policy = pol.Policy(medium, mcfg, ocfg)
-    try:
-        _fsdp1(policy, cuda, out)
-    finally:
-        ranks.stop()
+    _fsdp1(policy, cuda, out)
+    ranks.stop()  # only after a clean run (it waits for the followers): a failed rank 0 exits and the launcher stops them
 
 
 def _fsdp1(policy: Any, cuda: bool, out: Path) -> None:

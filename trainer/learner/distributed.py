@@ -75,6 +75,7 @@ class Ranks:
     rank: int = 0
     size: int = 1
     group: Any = field(default=None, repr=False)
+    closed: bool = field(default=False, repr=False)
 
     @property
     def leader(self) -> bool:
@@ -104,6 +105,7 @@ class Ranks:
     def announce(self, name: str, **kwargs: Any) -> None:
         """Rank 0: tell the followers to make call `name` with `kwargs` (no-op on one rank or a follower)."""
         if self.many and self.leader:
+            assert not self.closed, f"announce({name!r}) after the ranks were closed"
             dist.broadcast_object_list([(name, kwargs)], src=0, group=self.group)
 
     def receive(self) -> tuple[str, dict[str, Any]]:
@@ -113,7 +115,9 @@ class Ranks:
         return box[0]
 
     def stop(self) -> None:
-        """Rank 0: release the followers (their `follow` returns), then close the process groups with them."""
+        """Rank 0: release the followers (their `follow` returns), then close the process groups with them. Once."""
+        if self.closed:
+            return
         self.announce(STOP)
         self.close()
 
@@ -123,8 +127,11 @@ class Ranks:
         rank abort after a run that had succeeded ("terminate called without an active exception", pytorch#190489;
         7 of 15 two-rank launches here, and once in CI). Only at a clean end: after a failure the other ranks may
         be inside a collective that would never finish, and the launcher stops them. One rank launched by torchrun
-        has a group too (accelerate makes a gloo group of one): destroyed alike."""
+        has a group too (accelerate makes a gloo group of one): destroyed alike. Idempotent."""
         global _CURRENT
+        if self.closed:
+            return
+        self.closed = True
         if self.many:
             dist.barrier(group=self.group)
         if dist.is_available() and dist.is_initialized():

@@ -12,9 +12,12 @@ back from the rows, so the loss, its weights and the PPO ratios are the unpacked
 sums a shared token's gradient over the sequences that hold it, as the unpacked update sums it over their rows.
 
 One row a prompt, not one for the micro-batch: attention is quadratic in a row's length, and prompts share little
-(a chat template's first tokens), so one row for all would cost more attention than the padded batch saves.
+(a chat template's first tokens), so one row for all would cost more attention than the padded batch saves. The
+mask is W x W a row (bool), and with it the attention cannot take the flash kernel: memory the token budget does not
+count (it counts rows x W tokens). Needs the model's sdpa attention (eager adds a 4D mask to the scores).
 
-Exactness: the logprobs equal the unpacked ones; the gradients too in exact arithmetic. In a float64 model they
+Exactness: the logprobs equal the unpacked ones (in float64; in bf16 the masked kernel may round differently from
+the causal one); the gradients too in exact arithmetic. In a float64 model they
 agree to ~1e-7 relative, not 1e-15: transformers' Qwen3RMSNorm computes in float32 whatever the model's dtype, and a
 shared token's gradient is summed before that float32 step here and after it unpacked (with the norm computed in
 float64 the two agree to ~1e-15; tests/test_packing.py)."""
@@ -60,6 +63,7 @@ class Packed:
     rows: list[Row]
     where: list[tuple[int, list[int]]]
     """where[b] = (row, path): path[t] is the position of sequence b's token t in that row."""
+    _mask: Tensor | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         """The unique tokens, all rows."""
@@ -75,9 +79,11 @@ class Packed:
         return len(self.rows) * self.width
 
     def mask(self, device: torch.device | str = "cpu") -> Tensor:
-        """[R, 1, W, W] bool: each row's `Row.ancestors`."""
-        w = self.width
-        return torch.stack([r.ancestors(w) for r in self.rows])[:, None].to(device)
+        """[R, 1, W, W] bool: each row's `Row.ancestors` (built once: the KL reference's forward reuses it)."""
+        if self._mask is None:
+            w = self.width
+            self._mask = torch.stack([r.ancestors(w) for r in self.rows])[:, None]
+        return self._mask.to(device)
 
 
 def pack_prefixes(seqs: Sequence[Sequence[int]], groups: Sequence[str] | None = None) -> Packed:
@@ -127,6 +133,10 @@ def forest_logprobs(
     one (the token logprobs in chunks, inside the head's forward, as the unpacked path: each needed token read at
     its parent's position), else from the whole logits (the reference path, for tests)."""
     device = needed.device
+    base = getattr(model, "module", model)
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", "sdpa")
+    if impl != "sdpa":  # eager adds a 4D mask to the scores: a boolean one would not mask
+        raise ValueError(f"prefix-shared updates need the model's sdpa attention, not {impl!r}")
     B, T = needed.shape
     assert B == len(packed.where), f"needed has {B} rows for {len(packed.where)} sequences"
     R, W = len(packed.rows), packed.width
@@ -161,7 +171,6 @@ def forest_logprobs(
     targets[row_of, slot] = ids[row_of, pos]
     pairs[row_of, slot] = True
     inputs = {"input_ids": ids, "attention_mask": packed.mask(device), "position_ids": depth, "use_cache": False}
-    base = getattr(model, "module", model)
     if isinstance(base.get_output_embeddings(), LogprobHead):
         with _head_request(_HeadRequest(targets, pairs, temperature, chunk, index=at)):
             lp = model(**inputs, logits_to_keep=0).logits  # [R, K]: the head reads each pair's parent position
@@ -180,15 +189,23 @@ def packed_plan(
     """For each of `size` ranks, its micro-batches (indices into `seqs`) for prefix-shared updates, and the number
     every rank runs (the most any rank has; the others pad with blank ones), as `micro_batch_plan` gives them
     unpacked. The sequences of one group (a prompt: its samples share at least the prompt) stay together, cut into
-    runs of at most `rows`; runs go to the ranks balanced by their packed tokens (`token_shares`), and fill each
-    rank's micro-batches in order: at most `rows` sequences and, when `tokens` > 0, at most `tokens` packed tokens
-    each (its rows, one a group, x the longest row: what the forward computes; a run over the budget trains
-    alone). Every index once."""
+    runs under both limits: at most `rows` sequences and, when `tokens` > 0, at most `tokens` packed tokens (rows,
+    one a group, x the longest row: what the forward computes; a sequence over the budget alone). Runs go to the
+    ranks balanced by their packed tokens (`token_shares`) and fill each rank's micro-batches in order under the
+    same limits. Every index once."""
     assert rows >= 1 and tokens >= 0 and size >= 1, (rows, tokens, size)
     order: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         order.setdefault(g, []).append(i)
-    runs = [members[k : k + rows] for members in order.values() for k in range(0, len(members), rows)]
+    runs: list[list[int]] = []
+    for members in order.values():  # a group's runs: at most `rows` sequences and `tokens` packed tokens each
+        run: list[int] = []
+        for i in members:
+            if run and (len(run) >= rows or (tokens and _padded(seqs, groups, [*run, i]) > tokens)):
+                runs.append(run)
+                run = []
+            run.append(i)
+        runs.append(run)
     cost = [_padded(seqs, groups, run) for run in runs]
     plan: list[list[list[int]]] = []
     for share in token_shares(cost, size):
