@@ -164,9 +164,10 @@ def run_one(
     res["wall_s"] = time.perf_counter() - t0
     res["torch_threads"] = _torch_threads()  # the trainer's (--jobs gives each run cores // jobs)
     res["allocator"], res["seed"], res["base_allocator"] = arm, seed, allocator
-    _write_atomic(done, json.dumps({"key": key, "result": res}, indent=2))
+    text = json.dumps({"key": key, "result": res}, indent=2)
+    _write_atomic(done, text)
     if kept is not None:
-        _write_atomic(kept, done.read_text())
+        _write_atomic(kept, text)
     return res
 
 

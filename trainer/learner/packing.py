@@ -86,6 +86,45 @@ class Packed:
         return self._mask.to(device)
 
 
+class _Trie:
+    """One group's trie, grown a sequence at a time: its row, and how many tokens a sequence would add to it."""
+
+    def __init__(self) -> None:
+        self.row = Row()
+        self.roots: dict[int, int] = {}
+        self.children: list[dict[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.row.ids)
+
+    def novel(self, seq: Sequence[int]) -> int:
+        """The tokens `add(seq)` would add: those after the longest prefix of `seq` already in the row."""
+        node, table = -1, self.roots
+        for t, tok in enumerate(seq):
+            node = table.get(tok, -1)
+            if node < 0:
+                return len(seq) - t
+            table = self.children[node]
+        return 0
+
+    def add(self, seq: Sequence[int]) -> list[int]:
+        """Insert `seq`; its tokens' positions in the row."""
+        row, path, node = self.row, [], -1
+        for t, tok in enumerate(seq):
+            table = self.roots if node < 0 else self.children[node]
+            nxt = table.get(tok)
+            if nxt is None:
+                nxt = len(row.ids)
+                row.ids.append(int(tok))
+                row.parent.append(node)
+                row.depth.append(t)
+                self.children.append({})
+                table[tok] = nxt
+            path.append(nxt)
+            node = nxt
+        return path
+
+
 def pack_prefixes(seqs: Sequence[Sequence[int]], groups: Sequence[str] | None = None) -> Packed:
     """One trie a group of `seqs` (all in one without `groups`): a row holding each distinct prefix's last token
     once. Sequences of a group that share their first k tokens share those k positions; sequences with different
@@ -93,31 +132,14 @@ def pack_prefixes(seqs: Sequence[Sequence[int]], groups: Sequence[str] | None = 
     share little would make attention quadratic in all their tokens."""
     keys = list(groups) if groups is not None else [""] * len(seqs)
     assert len(keys) == len(seqs), f"{len(keys)} groups for {len(seqs)} sequences"
-    rows: list[Row] = []
-    tries: dict[str, tuple[int, dict[int, int], list[dict[int, int]]]] = {}  # group -> row, roots, children
+    tries: dict[str, tuple[int, _Trie]] = {}  # group -> its row's index, its trie
     where: list[tuple[int, list[int]]] = []
     for seq, key in zip(seqs, keys, strict=True):
         if key not in tries:
-            tries[key] = (len(rows), {}, [])
-            rows.append(Row())
-        r, roots, children = tries[key]
-        row = rows[r]
-        path: list[int] = []
-        node = -1
-        for t, tok in enumerate(seq):
-            table = roots if node < 0 else children[node]
-            nxt = table.get(tok)
-            if nxt is None:
-                nxt = len(row.ids)
-                row.ids.append(int(tok))
-                row.parent.append(node)
-                row.depth.append(t)
-                children.append({})
-                table[tok] = nxt
-            path.append(nxt)
-            node = nxt
-        where.append((r, path))
-    return Packed(rows, where)
+            tries[key] = (len(tries), _Trie())
+        r, trie = tries[key]
+        where.append((r, trie.add(seq)))
+    return Packed([trie.row for _, trie in tries.values()], where)
 
 
 def forest_logprobs(
@@ -198,30 +220,31 @@ def packed_plan(
     for i, g in enumerate(groups):
         order.setdefault(g, []).append(i)
     runs: list[list[int]] = []
+    width: list[int] = []  # each run's row: its unique tokens (a run is one group: one row)
     for members in order.values():  # a group's runs: at most `rows` sequences and `tokens` packed tokens each
         run: list[int] = []
+        trie = _Trie()
         for i in members:
-            if run and (len(run) >= rows or (tokens and _padded(seqs, groups, [*run, i]) > tokens)):
+            if run and (len(run) >= rows or (tokens and len(trie) + trie.novel(seqs[i]) > tokens)):
                 runs.append(run)
-                run = []
+                width.append(len(trie))
+                run, trie = [], _Trie()
+            trie.add(seqs[i])
             run.append(i)
         runs.append(run)
-    cost = [_padded(seqs, groups, run) for run in runs]
+        width.append(len(trie))
     plan: list[list[list[int]]] = []
-    for share in token_shares(cost, size):
+    for share in token_shares(width, size):
         out: list[list[int]] = []
-        cur: list[int] = []
-        for run in (runs[j] for j in sorted(share)):  # a rank's runs in the order their groups came
-            grown = cur + run
-            if cur and (len(grown) > rows or (tokens and _padded(seqs, groups, grown) > tokens)):
-                out.append(cur)
-                grown = list(run)
+        cur: list[int] = []  # the runs of the micro-batch being filled: distinct groups, so one row each
+        for j in sorted(share):  # a rank's runs in the order their groups came
+            grown = [*cur, j]
+            samples = sum(len(runs[k]) for k in grown)
+            if cur and (samples > rows or (tokens and len(grown) * max(width[k] for k in grown) > tokens)):
+                out.append([i for k in cur for i in runs[k]])
+                grown = [j]
             cur = grown
         if cur:
-            out.append(cur)
+            out.append([i for k in cur for i in runs[k]])
         plan.append(out)
     return plan, max((len(p) for p in plan), default=0)
-
-
-def _padded(seqs: Sequence[Sequence[int]], groups: Sequence[str], members: list[int]) -> int:
-    return pack_prefixes([seqs[i] for i in members], [groups[i] for i in members]).padded

@@ -260,6 +260,7 @@ class Policy:
         with self.lock:
             self.model.train()
             old: dict[int, torch.Tensor] = {}  # micro-batch -> its logprobs at the first epoch (PPO's pi_old)
+            packs: dict[int, Packed] = {}  # micro-batch -> its packed rows and mask (optim.share_prefixes), built once
             for epoch in range(self.ocfg.ppo_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
                 for k in range(n_mb):
@@ -273,9 +274,9 @@ class Policy:
                     w = _pad([s.weights for s in chunk], 0.0, self.dtype, self.device)
                     w = w * torch.tensor([scale(s) for s in chunk], dtype=self.dtype, device=self.device)[:, None]
                     eng = _pad([s.engine_logprobs for s in chunk], 0.0, self.dtype, self.device)
-                    packed = None
-                    if self.ocfg.share_prefixes:  # one row a prompt
-                        packed = pack_prefixes([s.input_ids for s in chunk], [s.prompt_id for s in chunk])
+                    if self.ocfg.share_prefixes and k not in packs:  # one row a prompt
+                        packs[k] = pack_prefixes([s.input_ids for s in chunk], [s.prompt_id for s in chunk])
+                    packed = packs.get(k)
                     with self._sync_unless(k == n_mb - 1):
                         with self.accelerator.autocast():
                             logp = self._logprobs(self.model, ids, att, mask, packed)
