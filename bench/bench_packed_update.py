@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -32,41 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def samples_from_dump(path: Path, seed: int = 0) -> list:
-    """One TrainSample per trained leaf of the dump's trees, with the trees' shapes and random token ids."""
-    from trainer.dumps import read_dump
-    from trainer.learner.samples import TrainSample
-
-    rng = random.Random(seed)
-    _, records = read_dump(path)
-    out = []
-    for t, rec in enumerate(records):
-        nodes = {n["node_id"]: n for n in rec["nodes"]}
-        toks = {i: [rng.randrange(11, 2000) for _ in range(n["tokens"])] for i, n in nodes.items()}
-        for leaf in (n for n in nodes.values() if not n["children"] and n["trained"]):
-            path_ids, i = [], leaf["node_id"]
-            while i is not None:
-                path_ids.append(i)
-                i = nodes[i]["parent"]
-            ids: list[int] = []
-            mask: list[int] = []
-            for i in reversed(path_ids):
-                ids += toks[i]
-                gen = nodes[i]["generated"] if nodes[i]["parent"] is not None else 0
-                mask += [1] * gen + [0] * (nodes[i]["tokens"] - gen)
-            adv = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 1.0)
-            out.append(
-                TrainSample(
-                    ids, mask, [adv * m for m in mask], [float(m) for m in mask], [-2.0 * m for m in mask],
-                    prompt_id=rec["prompt_id"], tree_index=t, leaf_id=leaf["node_id"],
-                )
-            )  # fmt: skip
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dumps", nargs="*", type=Path, default=sorted((REPO / "bench/data/trees").glob("*.jsonl.gz")))
+    ap.add_argument("--dumps", nargs="*", type=Path, default=None, help="tree dumps (default: bench/data/trees/*)")
     ap.add_argument("--repeats", type=int, default=3, help="updates timed a side, per dump (after one warm-up each)")
     ap.add_argument("--micro-batch-size", type=int, default=8, help="optim.micro_batch_size (the configs' 8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time measures the work)")
@@ -77,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tools.tiny_model import build_tiny_model
+    from tools.tree_samples import TREES, samples_from_dump
     from trainer.learner.config import ModelConfig, OptimConfig
     from trainer.learner.packing import pack_prefixes, packed_plan
     from trainer.learner.policy import Policy
@@ -100,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for share in (False, True)
     }  # fmt: skip
     rows = []
-    for dump in args.dumps:
+    for dump in args.dumps or sorted(TREES.glob("*.jsonl.gz")):
         samples = samples_from_dump(dump)[: args.samples or None]
         mbs = args.micro_batch_size
         plain_plan = policies[False]._micro_batch_plan([len(s) for s in samples])[0][0]

@@ -234,3 +234,30 @@ def test_eager_attention_is_refused(tiny_model: Path) -> None:
     packed = pack_prefixes([[1, 2, 3], [1, 2, 4]])
     with pytest.raises(ValueError, match="sdpa attention, not 'eager'"):
         forest_logprobs(model, packed, torch.ones(2, 3))
+
+
+def test_samples_rebuilt_from_a_tree_dump_share_exactly_the_dumps_nodes() -> None:
+    """tools.tree_samples (the packed-update bench's and gpu-check's input): one sample per trained leaf, each node's
+    tokens drawn once, so a prompt's samples pack into exactly the tokens of the nodes its trained leaves pass
+    through, and each sample trains exactly its path's generated tokens."""
+    from tools.tree_samples import TREES, samples_from_dump
+    from trainer.dumps import read_dump
+
+    dump = TREES / "epochs-trace-step50.jsonl.gz"
+    samples = samples_from_dump(dump)
+    _, records = read_dump(dump)
+    assert len(samples) == sum(1 for r in records for n in r["nodes"] if not n["children"] and n["trained"])
+    for t, rec in enumerate(records):
+        nodes = {n["node_id"]: n for n in rec["nodes"]}
+        mine = [s for s in samples if s.tree_index == t]
+        on_paths: set[int] = set()
+        for s in mine:
+            i, tokens, generated = s.leaf_id, 0, 0
+            while i is not None:
+                on_paths.add(i)
+                tokens += nodes[i]["tokens"]
+                generated += nodes[i]["generated"] if nodes[i]["parent"] is not None else 0
+                i = nodes[i]["parent"]
+            assert (len(s.input_ids), sum(s.loss_mask)) == (tokens, generated)
+        if mine:
+            assert len(pack_prefixes([s.input_ids for s in mine])) == sum(nodes[i]["tokens"] for i in on_paths)

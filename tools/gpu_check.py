@@ -13,6 +13,10 @@ them):
   update at a token budget (peak device memory), the streamed hand-off (`Policy.save`: seconds, GB/s, rank 0's
   extra host memory), the feature copy (`FeatureModel`) against `Policy.hidden_at` on the same weights, and the
   chunked LM-head logprobs (`LogprobHead`) against the whole-logits computation on the device.
+- `packed`: prefix-shared updates (`optim.share_prefixes`, off by default): the masked attention's logprobs against the
+  causal batch's on the device, then an RL update's seconds and peak memory, unpacked and prefix-shared, on the
+  shipped trees' shapes of GRPO and TRACE (bench/data/trees/, `tools.tree_samples`): whether the option should be on
+  by default on a GPU, where the masked attention cannot take the flash kernel.
 - `fsdp1`: `configs/accelerate/fsdp2.yaml` through `accelerate launch --num_processes 1`. With one process the trainer
   does not shard (`_accelerator` asks for FSDP only when several ranks are launched), so this stage takes the
   launched ranks as 2 for that question alone and the trainer's own FSDP2 preparation then runs on one GPU (the CPU
@@ -216,6 +220,82 @@ def _fsdp1(policy: Any, cuda: bool, out: Path) -> None:
     check(back == 0.0 and again <= 1e-3 * moved, "a sharded checkpoint round trip under FSDP2: the same next update")
 
 
+def stage_packed(medium: Path, device: str, out: Path) -> None:
+    """Prefix-shared updates (`optim.share_prefixes`) on the device: the masked attention's logprobs against the
+    causal batch's, then an update's seconds and peak memory, unpacked and prefix-shared, on two shipped trees'
+    shapes (GRPO's groups and TRACE's trees, bench/data/trees/). What decides whether the option should be on by
+    default: on the CPU it wins on trees and loses on the tiny model's groups (bench/bench_packed_update.py), and on a
+    GPU the masked attention cannot take the flash kernel."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    from tools.tree_samples import TREES, samples_from_dump
+    from trainer.learner.config import ModelConfig, OptimConfig
+    from trainer.learner.loss import sequence_logprobs
+    from trainer.learner.packing import forest_logprobs, pack_prefixes
+    from trainer.learner.policy import Policy
+
+    cuda = device == "cuda"
+    mcfg = ModelConfig(device=device, mixed_precision="bf16" if cuda else "no", gradient_checkpointing=True)
+    ocfg = OptimConfig(lr=1e-6, micro_batch_size=8, micro_batch_tokens=16384, kl_coef=0.0)
+    policy = Policy(medium, mcfg, ocfg)
+    vocab = (11, policy.model.config.vocab_size)
+    keep = None if cuda else 12  # the CPU dry run: each dump's first samples only
+    dumps = {name: samples_from_dump(TREES / f"epochs-{name}-step50.jsonl.gz", vocab=vocab)[:keep]
+             for name in ("uniform", "trace")}  # fmt: skip
+
+    model = policy.accelerator.unwrap_model(policy.model)
+    batch = dumps["trace"][:8]
+    T = max(len(s) for s in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    needed = torch.zeros(len(batch), T, dtype=torch.long)
+    for b, smp in enumerate(batch):
+        ids[b, : len(smp)] = torch.tensor(smp.input_ids)
+        needed[b, : len(smp)] = torch.tensor(smp.loss_mask)
+    att = (torch.arange(T)[None] < torch.tensor([len(s) for s in batch])[:, None]).long()
+    packed = pack_prefixes([s.input_ids for s in batch], [s.prompt_id for s in batch])
+    ids, att, needed = ids.to(policy.device), att.to(policy.device), needed.to(policy.device)
+    with torch.no_grad(), policy.accelerator.autocast():
+        causal = sequence_logprobs(model, ids, att, needed=needed)
+        forest = forest_logprobs(model, packed, needed)
+    where = needed.bool()
+    where[:, 0] = False
+    gap = float((causal - forest)[where].abs().max() / causal[where].abs().max())
+    measure("packed_logprobs_rel_gap", gap)
+    measure("packed_logprobs_mean_abs_gap", float((causal - forest)[where].abs().mean()))
+    check(gap < 2e-2 if cuda else gap < 1e-5, "prefix-shared logprobs (masked attention) equal the causal batch's")
+
+    repeats = 2 if cuda else 1
+    for name, smp in dumps.items():
+        secs: dict[bool, list[float]] = {False: [], True: []}
+        peak: dict[bool, float] = {False: 0.0, True: 0.0}
+        finite = True
+        for rep in range(repeats + 1):  # one warm-up a side, then alternating
+            for share in (False, True) if rep % 2 == 0 else (True, False):
+                policy.ocfg = dataclasses.replace(ocfg, share_prefixes=share)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                m = policy.rl_update(smp)
+                if cuda:
+                    torch.cuda.synchronize()
+                    peak[share] = max(peak[share], torch.cuda.max_memory_allocated() / 1e9)
+                if rep > 0:
+                    secs[share].append(time.perf_counter() - t0)
+                finite = finite and m["loss"] == m["loss"]
+        check(finite, f"{name}'s trees: unpacked and prefix-shared updates ran (finite losses)")
+        plain, shared = statistics.median(secs[False]), statistics.median(secs[True])
+        measure(f"packed_{name}_update_s_unpacked", plain, "s")
+        measure(f"packed_{name}_update_s_shared", shared, "s")
+        measure(f"packed_{name}_speedup", plain / shared, "x")
+        if cuda:
+            measure(f"packed_{name}_peak_gb_unpacked", peak[False], "GB")
+            measure(f"packed_{name}_peak_gb_shared", peak[True], "GB")
+
+
 CANNOT = [
     "FSDP2's all-gather / reduce-scatter across 2+ NCCL ranks (one device cannot hold two ranks of a communicator)",
     "the NCCL weight group between the trainer and SGLang's workers (engine.weight_sync = group on GPUs)",
@@ -239,7 +319,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/gpu_check")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--small", action="store_true", help="a 4-layer medium model (a dry run of the script)")
-    ap.add_argument("--stage", default="all", choices=["all", "rank0", "fsdp1"])
+    ap.add_argument("--stage", default="all", choices=["all", "rank0", "packed", "fsdp1"])
     ap.add_argument("--models", default=None, help="(internal) the built models' folder")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -247,7 +327,7 @@ def main() -> int:
     if args.stage != "all":  # one stage, in this process (fsdp1 runs under accelerate launch)
         medium = Path(args.models) / "medium"
         try:
-            (stage_rank0 if args.stage == "rank0" else stage_fsdp1)(medium, args.device, out)
+            {"rank0": stage_rank0, "packed": stage_packed, "fsdp1": stage_fsdp1}[args.stage](medium, args.device, out)
         finally:
             (out / f"{args.stage}.json").write_text(json.dumps(RESULTS, indent=2, default=str))
         return 0 if all(c["ok"] for c in RESULTS.get("checks", [])) else 1
@@ -258,7 +338,7 @@ def main() -> int:
     base = [sys.executable, __file__, "--out", str(out), "--device", args.device, "--models", str(work)]
     base += ["--small"] if args.small else []
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    rcs = {"rank0": subprocess.run([*base, "--stage", "rank0"], env=env).returncode}
+    rcs = {name: subprocess.run([*base, "--stage", name], env=env).returncode for name in ("rank0", "packed")}
     if args.device == "cuda":
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", "1"]  # fmt: skip
