@@ -10,7 +10,9 @@ on the machine, where wall time moves with it. Prints, per dump, the tokens each
 wall time of an update, and the ratios; writes JSON.
 
     python bench/bench_packed_update.py --repeats 3 --out runs/bench_packed_update.json
-    python bench/bench_packed_update.py --repeats 3 --shape 1024,3072,2 --samples 24 --out runs/bench_packed_wide.json
+    python bench/bench_packed_update.py --repeats 2 --shape 1024,3072,2 --samples 24 \
+        --dumps bench/data/trees/epochs-uniform-step50.jsonl.gz bench/data/trees/epochs-trace-step50.jsonl.gz \
+        --out runs/bench_packed_wide.json
 
 --shape HIDDEN,INTERMEDIATE,LAYERS times a wider Qwen3 (random weights, 8 heads of 128, 4 KV heads, the tiny
 vocabulary) instead of the tiny model (hidden 256: its attention is a large share of its cost, where a Qwen3-8B's

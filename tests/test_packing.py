@@ -147,8 +147,8 @@ def _samples(seed: int, leaves: int = 4) -> list[TrainSample]:
                 [m * rng.choice([1.0, 0.5]) for m in mask],
                 [-rng.uniform(2.0, 6.0) * m for m in mask],
                 prompt_id=pid,
-                tree_index=k // 4,
-                leaf_id=k % 4,
+                tree_index=k // leaves,
+                leaf_id=k % leaves,
             )
         )
     return out
@@ -217,7 +217,7 @@ def test_packed_plan_keeps_a_prompts_samples_together_under_both_limits() -> Non
     assert sum(len(seqs[i]) for i in plan[0]) > budget, "the samples hold more tokens than the budget"
     assert one_rank(100, 1) == [[i] for run in runs for i in run], "a sequence over the budget alone"
     cut = one_rank(100, widths[0] - 1)  # the first prompt's samples no longer fit one row: cut into runs
-    assert cut[0] != runs[0] and sorted(i for mb in cut[: len(runs[0])] for i in mb)[:1] == runs[0][:1]
+    assert cut[0] != runs[0] and all(groups[i] == groups[runs[0][0]] for i in cut[0]), "the first prompt, cut"
     assert all(pack_prefixes([seqs[i] for i in mb], [groups[i] for i in mb]).padded <= widths[0] - 1 for mb in cut)
     # Several ranks: whole runs to each, balanced by packed tokens; every rank runs the count the busiest needs.
     plan, n_mb = packed_plan(seqs, groups, 3, 8)
@@ -261,3 +261,30 @@ def test_samples_rebuilt_from_a_tree_dump_share_exactly_the_dumps_nodes() -> Non
             assert (len(s.input_ids), sum(s.loss_mask)) == (tokens, generated)
         if mine:
             assert len(pack_prefixes([s.input_ids for s in mine])) == sum(nodes[i]["tokens"] for i in on_paths)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_every_packed_micro_batch_keeps_the_token_budget_on_any_number_of_ranks(size: int) -> None:
+    """The budget holds for what is packed, not for what the plan counted: a prompt cut into runs whose runs the
+    ranks' shares split (its first and third on one rank) must not meet in one micro-batch, where they would pack
+    into one row wider than counted. The smallest such case first (a prompt of three sequences sharing nothing,
+    10, 25 and 10 tokens, and a prompt of one, 2 ranks, a budget of 30: the first and third runs met in one
+    micro-batch of 2 rows x 20 = 40 packed tokens), then random trees at several budgets."""
+    cases = [([list(range(100, 110)), list(range(200, 225)), list(range(300, 310)), list(range(400, 410))],
+              ["a", "a", "a", "c"], [30])]  # fmt: skip
+    for seed in range(4):
+        trees = _trees(seed, prompts=5, leaves=6)
+        seqs = [s for _, s in trees]
+        order = list(range(len(seqs)))
+        random.Random(seed).shuffle(order)
+        widest = max(len(s) for s in seqs)
+        cases.append(([seqs[i] for i in order], [trees[i][0] for i in order], [widest, 2 * widest, 3 * widest]))
+    for seqs, groups, budgets in cases:
+        for tokens in budgets:
+            for rows in (3, 8):
+                plan, n_mb = packed_plan(seqs, groups, size, rows, tokens)
+                assert sorted(i for p in plan for mb in p for i in mb) == list(range(len(seqs)))
+                assert n_mb == max(len(p) for p in plan)
+                for mb in (mb for p in plan for mb in p):
+                    cost = pack_prefixes([seqs[i] for i in mb], [groups[i] for i in mb]).padded
+                    assert len(mb) <= rows and (cost <= tokens or len(mb) == 1), (size, tokens, rows, mb, cost)

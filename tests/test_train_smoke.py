@@ -109,8 +109,9 @@ def test_debug_config_runs_resumes_and_continues(
 def test_the_debug_config_trains_with_prefix_shared_updates(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """optim.share_prefixes in the real loop (TRACE trees, the KL reference, rollouts overlapping the update): the
-    steps train every sample's tokens, with finite losses, and the update ran fewer tokens than the samples hold."""
+    """optim.share_prefixes in the real loop (TRACE trees, the KL reference, rollouts overlapping the update): both
+    steps train (tokens trained, finite losses), and the packed micro-batches ran fewer tokens than their
+    sequences hold."""
     from trainer.learner import packing
 
     monkeypatch.setenv("TRACE_CACHE_DIR", str(cache_dir))

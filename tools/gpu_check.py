@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -282,10 +283,11 @@ def stage_packed(medium: Path, device: str, out: Path) -> None:
                 m = policy.rl_update(smp)
                 if cuda:
                     torch.cuda.synchronize()
-                    peak[share] = max(peak[share], torch.cuda.max_memory_allocated() / 1e9)
-                if rep > 0:
+                if rep > 0:  # the warm-up's one-off allocations and times left out
                     secs[share].append(time.perf_counter() - t0)
-                finite = finite and m["loss"] == m["loss"]
+                    if cuda:
+                        peak[share] = max(peak[share], torch.cuda.max_memory_allocated() / 1e9)
+                finite = finite and math.isfinite(m["loss"])
         check(finite, f"{name}'s trees: unpacked and prefix-shared updates ran (finite losses)")
         plain, shared = statistics.median(secs[False]), statistics.median(secs[True])
         measure(f"packed_{name}_update_s_unpacked", plain, "s")

@@ -2,8 +2,9 @@
 
 A tree dump (`trainer.dumps`, `run.save_trees`) keeps each node's token count and how many of them the policy
 generated, not the token ids. `samples_from_dump` rebuilds one `TrainSample` per trained leaf: the leaf's path from
-the root, each node's tokens drawn at random (one draw a node, so leaves below a node share its tokens exactly as the
-real samples shared them), each node's generated tokens trained, a random advantage a leaf. The shipped dumps
+the root, each node's tokens drawn at random (one draw a node, so leaves below a node share its tokens as the real
+samples shared them; siblings draw independently, so two may begin with the same token, ~1 in 2,000, and share
+one token more than the real ones did), each node's generated tokens trained, a random advantage a leaf. The shipped dumps
 (bench/data/trees/) are one step of each allocator's tuning run in the epochs comparison.
 """
 

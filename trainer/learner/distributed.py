@@ -127,7 +127,9 @@ class Ranks:
         rank abort after a run that had succeeded ("terminate called without an active exception", pytorch#190489;
         7 of 15 two-rank launches here, and once in CI). Only at a clean end: after a failure the other ranks may
         be inside a collective that would never finish, and the launcher stops them. One rank launched by torchrun
-        has a group too (accelerate makes a gloo group of one): destroyed alike. Idempotent."""
+        has a group too (accelerate makes a gloo group of one): destroyed alike. Idempotent. Called by `stop`
+        (rank 0, after STOP released the followers) and by `follow` (at STOP): rank 0 calling it without `stop`
+        would wait in the barrier for followers still waiting for a command."""
         global _CURRENT
         if self.closed:
             return
