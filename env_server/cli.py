@@ -34,6 +34,14 @@ USAGE = """usage: trace-env {serve,index,demo} ...
 
 
 @dataclass
+class DemoConfig:
+    """`trace-env demo`'s config: the server the scripted episode runs against."""
+
+    port: int = 0
+    """Port of the demo's own server on 127.0.0.1 (0: a free one)."""
+
+
+@dataclass
 class IndexConfig:
     """`trace-env index`'s config: which corpus to index where."""
 
@@ -90,6 +98,12 @@ async def serve(cfg: ServerConfig, ready: asyncio.Future[str] | None = None, *, 
     url = f"http://{cfg.host}:{runner.addresses[0][1]}"
     log.info("listening", url=url)
     print(f"TRACE env server listening on {url}", flush=True)
+    if not cfg.data and not cfg.uses_synthetic:
+        print(
+            "no question sets (--data): episodes must bring their own question and answers "
+            "(POST /v1/episodes {question, answers}); `--data NAME=FILE` serves a dataset",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -148,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "demo":
         from env_server.demo import run_demo
 
-        return asyncio.run(run_demo())
+        desc = (
+            "Start the env server on the synthetic world and play one scripted episode through HTTP, forked at turn 1."
+        )
+        demo = parse_config(DemoConfig, argv[1:], prog="trace-env demo", description=desc)
+        return asyncio.run(run_demo(demo.port))
     raise AssertionError(cmd)
 
 

@@ -34,7 +34,9 @@ class ServerConfig:
     data: Annotated[dict[str, str], tyro.conf.arg(metavar="NAME[:SPLIT] FILE")] = field(default_factory=dict)
     """Question sets: name -> jsonl file or folder of `<split>.jsonl` (FlashRAG `{id, question, golden_answers}`).
     A key `name:split` names the split of a single file; a bare `name` takes the split from the file
-    stem (train/dev/test/...) or else calls it `test`. Empty + no corpus = the built-in synthetic world."""
+    stem (train/dev/test/...) or else calls it `test`. Empty with nothing to search = the built-in synthetic world;
+    empty with --corpus, --index-dir or --retriever-url = no question sets (episodes bring their own question and
+    answers; the server says so at start-up)."""
     corpus: str | None = None
     """Corpus jsonl (`{id, contents: "\\"Title\\"\\ntext"}`) to search; indexed into `index_dir` if needed."""
     index_dir: str | None = None

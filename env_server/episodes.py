@@ -37,6 +37,8 @@ from typing import Any
 
 import msgspec
 
+from env_server.judge import judge
+from shared.codec import JSON, MSGPACK, format_hint
 from shared.version import SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSION, __version__
 from shared.wire import EnvError, ErrorCode, SnapshotBlob, TaskRecord, TurnRecord
 
@@ -226,8 +228,15 @@ def import_blob(data: bytes, *, corpus_id: str, reward_metric: str, max_turns: i
     try:
         blob = (_blob_json_decoder if as_json else _blob_decoder).decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        hint = format_hint(data, JSON if as_json else MSGPACK)  # the other view, sent with this one's type
+        if hint:
+            hint = (
+                "; the body looks like a blob (MessagePack): send it with Content-Type: application/octet-stream"
+                if as_json
+                else "; the body looks like the blob's JSON view: send it with Content-Type: application/json"
+            )
         raise EnvError(
-            ErrorCode.INVALID_VALUE, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}"
+            ErrorCode.INVALID_VALUE, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}{hint}"
         ) from None
     except RecursionError:  # nesting past the interpreter's limit, which msgspec's decoder shares
         raise EnvError(
@@ -267,10 +276,36 @@ def import_blob(data: bytes, *, corpus_id: str, reward_metric: str, max_turns: i
             raise EnvError(ErrorCode.INVALID_VALUE, f"snapshot turn {i} is truncated but not done")
         if not math.isfinite(t.reward):
             raise EnvError(ErrorCode.INVALID_VALUE, f"snapshot turn {i} has reward {t.reward}; rewards are finite")
+        _check_reward(i, t, blob.task.golden_answers, reward_metric)
     node = StateNode(parent=None, task=blob.task, turn=0, record=None)
     for i, rec in enumerate(blob.turns, start=1):
         node = StateNode(parent=node, task=blob.task, turn=i, record=rec)
     return node
+
+
+def _check_reward(i: int, t: TurnRecord, golden: list[str], reward_metric: str) -> None:
+    """A turn's reward is one this server would have given it (`service.step_reward`): 0.0 unless the turn answered
+    (done, not cut off at max turns), and then the judge's `reward_metric` score of its prediction against the
+    task's golden answers, judged again here, with the judge's scores in its info as the judge gives them."""
+    if not t.done or t.truncated:
+        if t.reward != 0.0:
+            raise EnvError(
+                ErrorCode.INVALID_VALUE,
+                f"snapshot turn {i} has reward {t.reward} but did not answer: only an answer is rewarded (0.0 here)",
+            )
+        return
+    prediction = t.info.get("prediction")
+    if not isinstance(prediction, str):
+        raise EnvError(
+            ErrorCode.INVALID_VALUE, f"snapshot turn {i} ends the episode but its info has no answer (`prediction`)"
+        )
+    scores = judge(prediction, golden)
+    if t.reward != scores[reward_metric] or any(t.info.get(k) != v for k, v in scores.items()):
+        raise EnvError(
+            ErrorCode.INVALID_VALUE,
+            f"snapshot turn {i}'s reward {t.reward} and scores "
+            f"{ {k: t.info.get(k) for k in scores} } are not the judge's for its answer {prediction!r}: {scores}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- task checks

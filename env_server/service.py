@@ -276,7 +276,10 @@ class EnvService:
             node = h.node
             if node.done:
                 raise EnvError(
-                    ErrorCode.EPISODE_DONE, f"episode {episode_id} is done (turn {node.turn}); fork a snapshot"
+                    ErrorCode.EPISODE_DONE,
+                    f"episode {episode_id} is done (turn {node.turn}): it takes no more steps (a fork of it is done "
+                    "too); to continue from an earlier turn, fork the episode before its last step or spawn from a "
+                    "snapshot taken then (POST /v1/snapshots/{id}/episodes)",
                 )
             task = node.task
             text_mode = req.action is not None

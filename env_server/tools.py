@@ -70,6 +70,22 @@ def wrap_information(text: str) -> str:
     return f"\n\n<information>{text.strip()}</information>\n\n"
 
 
+def json_kind(value: Any) -> str:
+    """What a tool argument is, in JSON's words (the model and a chat API's caller wrote JSON, not Python)."""
+    if value is None:
+        return "null"
+    for typ, word in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string")):
+        if isinstance(value, typ):
+            return word
+    return "an array" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def json_value(value: Any, limit: int = 40) -> str:
+    """A tool argument as JSON, shortened to `limit` characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 async def search(ctx: ToolContext, query: str, topk: int | None = None) -> ToolResult:
     """Search the corpus with BM25 and return the top passages, each as "Doc i(Title: T) text".
 
@@ -79,9 +95,9 @@ async def search(ctx: ToolContext, query: str, topk: int | None = None) -> ToolR
     """
     k = ctx.topk if topk is None else topk
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= ctx.max_topk:
-        raise ToolError(f"topk must be an integer from 1 to {ctx.max_topk}, got {k!r}")
+        raise ToolError(f"topk must be an integer from 1 to {ctx.max_topk}, got {json_value(k)}")
     if not isinstance(query, str):
-        raise ToolError(f"query must be a string, got {type(query).__name__}")
+        raise ToolError(f"query must be a string, got {json_kind(query)}")
     if not query.strip():
         raise ToolError("The search query was empty. Write a query between <search> and </search>.")
     hits = (await ctx.retriever.search([query], k))[0]
@@ -100,7 +116,7 @@ async def answer(ctx: ToolContext, answer: str) -> ToolResult:
         answer: The answer alone, as short as possible (a name, a year, a place).
     """
     if not isinstance(answer, str):
-        raise ToolError(f"answer must be a string, got {type(answer).__name__}")
+        raise ToolError(f"answer must be a string, got {json_kind(answer)}")
     scores = judge(answer, ctx.golden_answers)
     return ToolResult("", done=True, info={"prediction": answer, **scores}, judged=scores)
 
@@ -155,7 +171,7 @@ def coerce_arguments(name: str, arguments: dict[str, Any] | str) -> dict[str, An
         except json.JSONDecodeError as e:
             raise ToolError(f"arguments of {name} are not valid JSON: {e.msg}") from None
     if not isinstance(arguments, dict):
-        raise ToolError(f"arguments of {name} must be a JSON object, got {type(arguments).__name__}")
+        raise ToolError(f"arguments of {name} must be a JSON object, got {json_kind(arguments)}")
     return arguments
 
 

@@ -243,7 +243,9 @@ class EnvClient:
     ) -> StepResult:
         if isinstance(tool_call, ToolCall):
             tool_call = msgspec.to_builtins(tool_call)
-        body: dict[str, Any] = {"action": action} if action is not None else {"tool_call": tool_call}
+        # both or neither go as given: the server answers 422 "give exactly one", as it does over HTTP (a client that
+        # picked one would spend the episode's turn on what the caller did not mean)
+        body = {k: v for k, v in (("action", action), ("tool_call", tool_call)) if v is not None}
         op = {"op": "step", "episode_id": episode_id, **body}
         return await self._op(op, StepResult)
 

@@ -53,6 +53,17 @@ def encode(obj: Any, fmt: str = JSON) -> bytes:
     return _mp_enc.encode(obj) if fmt == MSGPACK else _json_enc.encode(obj)
 
 
+def format_hint(data: bytes, fmt: str) -> str:
+    """When a body that failed to decode as `fmt` looks like the other format, a hint that names the Content-Type to
+    send (a JSON body sent as MessagePack reads as the integer 123, which says nothing of the mistake); else ""."""
+    head = data.lstrip(b" \t\r\n\xef\xbb\xbf")[:1]  # past spaces and a UTF-8 BOM
+    if fmt == MSGPACK and head in (b"{", b"["):
+        return f"; the body looks like JSON: send it with Content-Type: {JSON}"
+    if fmt == JSON and data[:1] and (0x80 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF)):
+        return f"; the body looks like MessagePack: send it with Content-Type: {MSGPACK}"
+    return ""
+
+
 def decode(data: bytes, typ: type[T], fmt: str = JSON) -> T:
     """Decode and validate `data` as `typ`; a bad body raises EnvError(400) naming what is wrong."""
     key = (typ, fmt)
@@ -65,9 +76,9 @@ def decode(data: bytes, typ: type[T], fmt: str = JSON) -> T:
     try:
         return dec.decode(data)
     except msgspec.ValidationError as e:
-        raise EnvError(ErrorCode.MALFORMED, f"invalid {typ.__name__} body: {e}") from None
+        raise EnvError(ErrorCode.MALFORMED, f"invalid {typ.__name__} body: {e}{format_hint(data, fmt)}") from None
     except msgspec.DecodeError as e:
         kind = "MessagePack" if fmt == MSGPACK else "JSON"
-        raise EnvError(ErrorCode.MALFORMED, f"body is not valid {kind}: {e}") from None
+        raise EnvError(ErrorCode.MALFORMED, f"body is not valid {kind}: {e}{format_hint(data, fmt)}") from None
     except RecursionError:  # e.g. 50k nested arrays inside tool_call.arguments
         raise EnvError(ErrorCode.MALFORMED, "body is nested too deeply") from None

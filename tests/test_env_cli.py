@@ -120,6 +120,7 @@ def test_bad_flags_exit_2_with_a_clear_message(
         (["serve", "--data", "no-equals-sign"], "Missing value for argument '--data'"),
         (["serve", "--reward-metric", "bleu"], "reward_metric must be one of"),
         (["serve", "--bogus"], "Unrecognized options: --bogus"),
+        (["demo", "--bogus"], "Unrecognized options: --bogus"),
         (["serve", "--data", f"tiny={questions}"], "--data needs something to search"),
         (["serve", "--data", f"tiny={tmp_path / 'nope.jsonl'}", "--corpus", str(corpus)], "no such file"),
         (["serve", "--corpus", str(tmp_path / "missing.jsonl")], "no such file"),
@@ -173,6 +174,15 @@ def test_bad_input_through_the_real_entry_point_exits_2(tmp_path: Path) -> None:
         assert "Traceback" not in done.stderr
     busy.close()
     assert not (tmp_path / "i").exists()
+
+
+def test_demo_help_prints_its_options_and_runs_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    """`trace-env demo --help` ran the demo (its arguments were not parsed)."""
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: trace-env demo" in out and "--port" in out
+    assert "listening" not in out
 
 
 def test_demo_runs(env_cache_dir: Path) -> None:

@@ -174,6 +174,59 @@ async def test_imported_turns_must_be_consistent(http: RawHTTP) -> None:
     assert (await http.call("POST", "/v1/snapshots", raw=msgpack.packb(good), headers=OCTET)).status == 200
 
 
+async def test_imported_rewards_must_be_the_judges(http: RawHTTP) -> None:
+    """An imported turn's reward is one the server would have given: 0.0 for a turn that did not answer, and for an
+    answer the judge's score of its prediction against the task's golden answers, its info's scores the judge's
+    (an outside tester imported a search turn rewarded 5, and an answer rewarded 0 whose info said em 1: both were
+    accepted)."""
+    searched = await a_blob(http)
+    turn = searched["turns"][0]
+    ep = await create(http, question="Who?", answers=["Nobody"])
+    r = await http.call("POST", f"/v1/episodes/{ep['episode_id']}/step", {"action": "<answer> Nobody </answer>"})
+    assert r.status == 200 and r.body["reward"] == 1.0, r.body
+    answered = msgpack.unpackb((await http.call("GET", f"/v1/snapshots/{r.body['snapshot_id']}")).body)
+    last = answered["turns"][-1]
+    info = last[5]
+    assert info["prediction"] == "Nobody" and info["em"] == 1.0
+    cases = {
+        "a search turn rewarded": {**searched, "turns": [[*turn[:2], 5.0, *turn[3:]]]},
+        "an answer's reward not the judge's": {**answered, "turns": [[*last[:2], 0.0, *last[3:]]]},
+        "its info's score not the judge's": {**answered, "turns": [[*last[:5], {**info, "em": 0.0}]]},
+        "another prediction, the same reward": {**answered, "turns": [[*last[:5], {**info, "prediction": "Somebody"}]]},
+        "an answer without its prediction": {
+            **answered,
+            "turns": [[*last[:5], {k: v for k, v in info.items() if k != "prediction"}]],
+        },
+    }
+    for name, blob in cases.items():
+        r = await http.call("POST", "/v1/snapshots", raw=msgpack.packb(blob), headers=OCTET)
+        assert r.status == 422 and r.error_code() == "invalid_value", (name, r.status, r.body)
+    for blob in (searched, answered):
+        assert (await http.call("POST", "/v1/snapshots", raw=msgpack.packb(blob), headers=OCTET)).status == 200
+
+
+async def test_a_body_in_the_other_format_says_which_content_type_to_send(http: RawHTTP) -> None:
+    """JSON sent as MessagePack decodes as the integer 123 ('{'); the error says the body looks like JSON and names
+    the Content-Type to send; alike for MessagePack sent as JSON, and for a snapshot's two views."""
+    body = {"question": "Who?", "answers": ["Nobody"]}
+    r = await http.call(
+        "POST", "/v1/episodes", raw=json.dumps(body).encode(), headers={"Content-Type": "application/msgpack"}
+    )
+    assert r.status == 400 and "looks like JSON" in r.body["error"]["message"], r.body
+    assert "application/json" in r.body["error"]["message"]
+    r = await http.call("POST", "/v1/episodes", raw=msgpack.packb(body), headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "looks like MessagePack" in r.body["error"]["message"], r.body
+    ep = await create(http)
+    view = (await http.call("GET", f"/v1/snapshots/{ep['snapshot_id']}?view=json")).body
+    r = await http.call("POST", "/v1/snapshots", raw=json.dumps(view).encode(), headers=OCTET)
+    assert r.status == 422 and "JSON view" in r.body["error"]["message"], r.body
+    blob = msgpack.packb(await a_blob(http, search=False))
+    r = await http.call("POST", "/v1/snapshots", raw=blob, headers={"Content-Type": "application/json"})
+    assert r.status == 422 and "application/octet-stream" in r.body["error"]["message"], r.body
+    r = await http.call("POST", "/v1/snapshots", raw=json.dumps(view).encode(), headers={"Content-Type": JSON})
+    assert r.status == 200, r.body  # the same bytes with the right type import
+
+
 async def test_batch_answers_per_op_when_one_op_hits_a_bug(make_env_server: Make) -> None:
     """Issue 14 defect 2 (batch): when one op of `/v1/batch` raised something other than an EnvError, the whole batch
     answered 500 although its other ops had been applied (two creates left live episodes whose ids never reached the

@@ -331,6 +331,7 @@ async def test_max_turns_truncates(env_client: EnvClient) -> None:
     with pytest.raises(EnvError) as e:
         await env_client.step(ep.episode_id, action="<answer> a </answer>")
     assert e.value.status == 409 and e.value.code == "episode_done"
+    assert "POST /v1/snapshots/{id}/episodes" in e.value.message  # where to go on: a fork of it is done too
     # Answering on the last allowed turn ends the episode answered, not truncated.
     ep2 = await env_client.create(question="q?", answers=["a"], max_turns=2)
     rs = await play(env_client, ep2.episode_id, ["junk", "<answer> a </answer>"])
@@ -518,3 +519,32 @@ async def test_snapshot_cap_evicts_oldest_automatic_snapshots_first(make_env_ser
         await env.delete_snapshot(pinned[0])
         r = await env.step(ep.episode_id, action="<answer> a </answer>")
         assert r.turn == third.turn + 1 and r.reward == 1.0
+
+
+async def test_the_client_sends_action_and_tool_call_as_given(env_client: EnvClient) -> None:
+    """`step` with both `action` and `tool_call` (or neither) is the server's 422, as over HTTP; the client kept the
+    action and dropped the tool call, spending the episode's turn on what the caller may not have meant."""
+    ep = await env_client.create(question="q?", answers=["a"])
+    call = {"name": "answer", "arguments": {"answer": "a"}}
+    for kwargs in ({"action": "<search> Fozan </search>", "tool_call": call}, {}):
+        with pytest.raises(EnvError) as e:
+            await env_client.step(ep.episode_id, **kwargs)
+        assert e.value.status == 422 and "exactly one" in e.value.message, e.value
+    res = await env_client.step(ep.episode_id, tool_call=call)
+    assert res.turn == 1 and res.reward == 1.0  # nothing was spent on the refused steps
+
+
+async def test_tool_argument_errors_speak_json(env_client: EnvClient) -> None:
+    """A bad tool argument's error (what the model reads next) names the value and its type as JSON does: `true`,
+    `an array`, `null`, not Python's `True`, `list`, `NoneType`; the turn is spent, not valid, and the episode goes on."""
+    cases = [
+        ({"name": "search", "arguments": {"query": "Fozan", "topk": True}}, "got true"),
+        ({"name": "search", "arguments": {"query": ["Fozan"]}}, "query must be a string, got an array"),
+        ({"name": "answer", "arguments": {"answer": None}}, "answer must be a string, got null"),
+        ({"name": "answer", "arguments": "[1]"}, "must be a JSON object, got an array"),
+    ]
+    ep = await env_client.create(question="q?", answers=["a"], max_turns=8)
+    for turn, (call, needle) in enumerate(cases, start=1):
+        res = await env_client.step(ep.episode_id, tool_call=call)
+        assert res.turn == turn and not res.done and res.info["valid"] is False, res
+        assert needle in res.observation and needle in res.info["error"], (needle, res.observation)

@@ -273,7 +273,7 @@ async def _server_info(env: EnvPool, url: str) -> Info:
     except TimeoutError:
         raise EnvUnavailable(f"the env server at {url} did not answer GET /v1/info in time") from None
     except EnvError as e:
-        hint = " (pass --env-token or set TRACE_AUTH_TOKEN)" if e.status == 401 else ""
+        hint = " (pass --env-token or set TRACE_ENV_TOKEN)" if e.status == 401 else ""
         raise EnvUnavailable(f"the env server at {url} refused GET /v1/info: {e}{hint}") from None
 
 
