@@ -558,16 +558,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     allocators = [a.strip() for a in (args.allocators or ",".join(ALL)).split(",") if a.strip()]
     out = Path(args.out)
+    try:
+        lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--sweep-lrs {args.sweep_lrs!r}: comma-separated numbers, e.g. 5e-5,1e-4,2e-4")
     if args.from_runs:
-        saved = json.loads(Path(args.from_runs).read_text())
-        runs, args.steps, args.seeds = saved["runs"], saved["steps"], saved["seeds"]
+        try:
+            saved = json.loads(Path(args.from_runs).read_text())
+            runs, args.steps, args.seeds = saved["runs"], saved["steps"], saved["seeds"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--from-runs {args.from_runs}: not a comparison's FILE.runs.json ({type(e).__name__}: {e})")
         present = list(dict.fromkeys(r["allocator"] for r in runs))  # in the order they ran (GRPO first)
         absent = [a for a in allocators if a not in present]
         if args.allocators is not None and absent:
             p.error(f"--allocators names {absent}, which {args.from_runs} has no runs of (it has {present})")
         allocators = present if args.allocators is None else allocators
     elif args.progress:
-        lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
         keep = Path(args.keep) if args.keep else None
         st = progress(out.with_suffix(""), allocators, lrs, args.tune_seeds if lrs else 0, args.seeds, args.jobs, keep)
         left = "n/a" if st["hours_left"] is None else f"{st['hours_left']:.1f} h"
@@ -578,15 +584,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     else:
-        work = out.with_suffix("")
-        work.mkdir(parents=True, exist_ok=True)
         arms = {a: (a, []) for a in allocators}
         for spec in args.arm:
-            name, alloc, extra = parse_arm(spec)
+            try:
+                name, alloc, extra = parse_arm(spec)
+            except ValueError as e:
+                p.error(str(e))
             arms[name] = (alloc, extra)
-        missing = [a for a in allocators if a not in arms]
-        assert not missing, f"--allocators names {missing} that are neither allocators nor --arm names"
-        lrs = [float(x) for x in args.sweep_lrs.split(",") if x.strip()]
+        if min(args.steps, args.seeds) < 1 or (lrs and args.tune_seeds < 1):
+            p.error(
+                f"--steps ({args.steps}), --seeds ({args.seeds}) and, with --sweep-lrs, --tune-seeds "
+                f"({args.tune_seeds}) must be >= 1"
+            )
+        for a in allocators:  # every arm's config, before any run: a typo in the last arm fails now, not hours in
+            try:
+                load_train_config(args.config, [*args.set, *arms[a][1], f'allocation.type="{arms[a][0]}"'])
+            except (ValueError, OSError) as e:
+                p.error(f"arm {a} ({'|'.join([arms[a][0], *arms[a][1]])}): {e}")
+        work = out.with_suffix("")
+        work.mkdir(parents=True, exist_ok=True)
         if args.jobs < 1:
             p.error(f"--jobs {args.jobs}: at least 1")
         if dup := sorted({a for a in allocators if allocators.count(a) > 1}):

@@ -515,7 +515,8 @@ def test_jobs_stop_with_the_comparison_interrupted_or_killed(tmp_path: Path) -> 
 
 def test_a_comparison_with_clashing_runs_is_refused_before_running_any(tmp_path: Path, capsys) -> None:
     """Runs that would share a folder (an arm named twice; two rates that print alike) or, with --jobs, engines
-    attached by URL (each run would push its weights into them) are refused at the start with the reason."""
+    attached by URL (each run would push its weights into them), an arm whose config does not load, and arguments
+    that do not parse are refused at the start (exit 2) with the reason."""
     config = str(Path(__file__).resolve().parents[1] / "configs" / "debug.toml")
     argv = ["--config", config, "--out", str(tmp_path / "cmp.json"), "--steps", "1", "--seeds", "1"]
     for extra, msg in (
@@ -525,8 +526,15 @@ def test_a_comparison_with_clashing_runs_is_refused_before_running_any(tmp_path:
             ["--allocators", "uniform,url", "--arm", 'url=uniform|engine.urls=["http://127.0.0.1:9"]', "--jobs", "2"],
             "arms ['url'] cannot run side by side: they attach to the same engines (engine.urls)",
         ),
+        # a user-side audit: a typo in a later arm was found when its run started, after the arms before it had run
+        (["--allocators", "uniform,tracee"], "arm tracee (tracee): "),
+        (["--allocators", "uniform,x", "--arm", "x=trace|optim.lrr=1"], "arm x (trace|optim.lrr=1): "),
+        (["--allocators", "uniform", "--arm", "broken"], "expected NAME=ALLOCATOR"),
+        (["--allocators", "uniform", "--sweep-lrs", "1e-4,abc"], "comma-separated numbers"),
+        (["--allocators", "uniform", "--sweep-lrs", "1e-4", "--tune-seeds", "0"], "must be >= 1"),
+        (["--from-runs", str(tmp_path / "missing.runs.json")], "not a comparison's FILE.runs.json"),
     ):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             cmp.main([*argv, *extra])
-        assert msg in capsys.readouterr().err, extra
+        assert e.value.code == 2 and msg in capsys.readouterr().err, extra
     assert not list(tmp_path.glob("cmp/*")), "nothing ran"

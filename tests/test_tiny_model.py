@@ -82,6 +82,20 @@ def test_cli_main(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path / "cli"), "--seed", "3", "--vocab-size", "512"]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "cli")
     assert len(tok) == 512
+    weights = (tmp_path / "cli" / "model.safetensors").read_bytes()
+    # a user-side audit: an existing model was overwritten silently; sizes the model cannot have were tracebacks
+    (tmp_path / "a-file").write_text("x")
+    for argv in (
+        ["--out", str(tmp_path / "cli"), "--seed", "4"],
+        ["--out", str(tmp_path / "a-file")],
+        ["--out", str(tmp_path / "z"), "--hidden-size", "0"],
+        ["--out", str(tmp_path / "z"), "--hidden-size", "30"],
+        ["--out", str(tmp_path / "z"), "--layers", "0"],
+    ):
+        assert main(argv) == 2, argv
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == weights and not (tmp_path / "z").exists()
+    assert main(["--out", str(tmp_path / "cli"), "--seed", "4", "--vocab-size", "512", "--overwrite"]) == 0
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() != weights
 
 
 def test_cli_trains_the_tokenizer_on_a_world_folder(tmp_path: Path, capsys) -> None:

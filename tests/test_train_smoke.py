@@ -318,13 +318,62 @@ def test_a_fresh_run_sets_an_earlier_runs_metrics_and_checkpoints_aside(tmp_path
     assert (first / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 
+def test_bad_input_is_exit_2_with_what_to_fix_and_a_failed_start_moves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From a user-side audit: an env URL that answers nothing ended in three chained tracebacks (exit 1), after the
+    earlier run's metrics and checkpoints had been moved aside, so the `--resume` that followed found nothing and
+    did not say where they were; a model folder that is not one failed after the env server started; a URL without
+    its scheme, an unknown log level, a file as the output folder were tracebacks. Now each is exit 2 and one line
+    naming what to fix, found before anything starts where the config can tell, and nothing moves until the run's
+    services are up."""
+    import socket
+
+    debug = ["--config", str(REPO / "configs" / "debug.toml")]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00010").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    t0 = time.perf_counter()
+    assert train_main([*debug, "--output-dir", str(out), "--env-url", nowhere]) == 2
+    err = capsys.readouterr().err
+    assert f"the env server at {nowhere} answered nothing" in err and "Traceback" not in err, err
+    assert time.perf_counter() - t0 < 60
+    assert (out / "metrics.jsonl").exists() and (out / "checkpoints" / "step_00010").is_dir()
+    assert not (out / "previous-1").exists() and not (out / "config.json").exists(), "a failed start moved nothing"
+    (out / "previous-1").mkdir()
+    (out / "checkpoints").rename(out / "previous-1" / "checkpoints")  # as a fresh run's start would have
+    assert train_main([*debug, "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint under" in err and "previous-1" in err, err
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (["--model", str(tmp_path / "missing")], "no such folder"),
+        (["--model", str(tmp_path / "not-a-model")], "holds no config.json"),
+        (["eval", "--model", str(tmp_path / "missing")], "no such folder"),
+        (["--engine-url", "localhost:30000"], "must start with http:// or https://"),
+        (["--env-url", "localhost:8000"], "must start with http:// or https://"),
+        (["--log-level", "verbose"], "run.log_level must be one of"),
+        (["--output-dir", str(tmp_path / "a-file")], "is a file"),
+        (["--allocation.m-min", "40"], "allocation.m_min (40) and m_max"),
+        (["--allocation.rounds", "0"], "allocation.rounds (0) must be >= 1"),
+    ]
+    for argv, needle in cases:
+        assert train_main(argv[:1] + debug + argv[1:] if argv[0] == "eval" else [*debug, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)
+
+
 def test_what_cannot_run_on_several_ranks_is_refused_before_anything_starts(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_model: Path
 ) -> None:
     """Several ranks train (tests/test_distributed.py); what cannot is refused up front with what to change, before
     any process group or service starts: `trace-train eval` (one process), and a KL reference under FSDP."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train_main(["eval", "--model", str(REPO)]) == 2
+    assert train_main(["eval", "--model", str(tiny_model)]) == 2
     assert "runs in one process" in capsys.readouterr().err
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert train_main(["--config", str(REPO / "configs" / "debug.toml"), "--optim.kl-coef", "0.1"]) == 2

@@ -79,3 +79,35 @@ def test_non_finite_numbers_and_older_dumps(tmp_path: Path, capsys) -> None:
     (old / "step_00000.jsonl").write_text("{}\n")
     assert view_main([str(tmp_path / "old")]) == 2
     assert "an older, uncompressed dump" in capsys.readouterr().err
+
+
+def test_an_unreadable_step_is_shown_as_one_and_the_others_still_render(tmp_path: Path, capsys) -> None:
+    """From a user-side audit: one truncated dump (a run killed mid-write) made the whole run unviewable, a tree
+    line without `nodes` was a KeyError, a renamed dump (step_final.jsonl.gz) a ValueError, a second run without
+    dumps showed every step as missing; --out a file and a bad --port were tracebacks."""
+    run = tmp_path / "run"
+    _dump(run, 0)
+    _dump(run, 1)
+    _dump(run, 2)
+    cut = run / "trees" / "step_00001.jsonl.gz"
+    cut.write_bytes(cut.read_bytes()[:40])
+    write_dump(run / "trees" / "step_00002.jsonl.gz", {"step": 2, "trees": 1}, [{"prompt_id": "p"}])
+    (run / "trees" / "step_final.jsonl.gz").write_bytes((run / "trees" / "step_00000.jsonl.gz").read_bytes())
+    assert view_main([str(run), "--out", str(tmp_path / "view")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("trace-view: skipped") == 2 and "step_00001" in err and "step_00002" in err, err
+    assert _data(tmp_path / "view" / "step_00000.html")["panels"][0]["summary"]["leaves"] == 2
+    for step in (1, 2):
+        panel = _data(tmp_path / "view" / f"step_{step:05d}.html")["panels"][0]
+        assert panel["missing"] and panel["error"], panel
+    assert [r["step"] for r in _data(tmp_path / "view" / "index.html")["rows"]] == [0, 1, 2], "step_final is no step"
+    (tmp_path / "empty" / "trees").mkdir(parents=True)
+    assert view_main([str(run), str(tmp_path / "empty"), "--out", str(tmp_path / "v2")]) == 2
+    assert "no tree dumps" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    for argv in (["--out", str(tmp_path / "a-file")], ["--port", "99999"]):
+        try:
+            rc = view_main([str(run), *argv])
+        except SystemExit as e:
+            rc = e.code
+        assert rc == 2, argv

@@ -193,10 +193,21 @@ class TinyModelConfig:
     hidden_size: int = 256
     layers: int = 4
     max_position: int = 4096
+    overwrite: bool = False
+    """Replace a model already in --out (without it, a folder that holds one is refused)."""
 
     def validate(self) -> TinyModelConfig:
         if self.out is None:
             raise ValueError("--out DIR is required")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file: give a folder")
+        if (self.out / "config.json").exists() and not self.overwrite:
+            raise ValueError(f"--out {self.out} already holds a model: give another folder, or --overwrite")
+        if self.hidden_size < 4 or self.hidden_size % 4 or min(self.layers, self.vocab_size, self.max_position) < 1:
+            raise ValueError(
+                f"--hidden-size ({self.hidden_size}) must be a positive multiple of the 4 heads, --layers "
+                f"({self.layers}), --vocab-size ({self.vocab_size}) and --max-position ({self.max_position}) >= 1"
+            )
         return self
 
 

@@ -28,6 +28,7 @@ import functools
 import http.server
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,26 +94,46 @@ def step_summary(trees: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build(runs: list[Path], out: Path) -> list[int]:
     """Write the site for `runs` (one, or two side by side) into `out`; returns the steps written."""
-    # .jsonl too: an older, uncompressed dump gets read_dump's error saying so, not "no dumps"
-    dumps = [{int(p.name[5:10]): p for p in sorted((r / "trees").glob("step_*.jsonl*"))} for r in runs]
-    if not dumps[0]:
-        raise DumpError(f"{runs[0] / 'trees'}: no tree dumps; run trace-train with run.save_trees = true")
+    # .jsonl too: an older, uncompressed dump gets read_dump's error saying so, not "no dumps"; a file named
+    # otherwise (step_final.jsonl.gz, a .tmp being written) is not a step's dump
+    named = re.compile(r"step_(\d{5})\.jsonl(\.gz)?")
+    dumps = [
+        {int(m.group(1)): p for p in sorted((r / "trees").glob("step_*")) if (m := named.fullmatch(p.name))}
+        for r in runs
+    ]
+    for run, files in zip(runs, dumps, strict=True):
+        if not files:
+            raise DumpError(f"{run / 'trees'}: no tree dumps; run trace-train with run.save_trees = true")
     steps = sorted(set(dumps[0]).union(*dumps[1:]))
     out.mkdir(parents=True, exist_ok=True)
     index = []
+    errors: list[str] = []
     for step in steps:
         panels = []
         for run, files in zip(runs, dumps, strict=True):
             if step not in files:
                 panels.append({"run": run.name, "missing": True, "trees": [], "summary": None})
                 continue
-            header, trees = read_dump(files[step])  # one step of one run in memory at a time
-            for t in trees:
-                t["counts"] = tree_counts(t)
-            panels.append({"run": run.name, "header": header, "trees": trees, "summary": step_summary(trees)})
+            try:  # one step of one run in memory at a time
+                header, trees = read_dump(files[step])
+                for t in trees:
+                    t["counts"] = tree_counts(t)
+                summary = step_summary(trees)
+            except (DumpError, KeyError, TypeError, ValueError) as e:  # a run killed mid-dump: the other steps show
+                why = (
+                    str(e) if isinstance(e, DumpError) else f"{files[step]}: not a tree dump ({type(e).__name__}: {e})"
+                )
+                errors.append(why)
+                panels.append({"run": run.name, "missing": True, "error": why, "trees": [], "summary": None})
+                continue
+            panels.append({"run": run.name, "header": header, "trees": trees, "summary": summary})
         (out / f"step_{step:05d}.html").write_text(_page(step, steps, panels))
         index.append({"step": step, "panels": [{"run": p["run"], "summary": p["summary"]} for p in panels]})
         del panels
+    if len(errors) == sum(len(f) for f in dumps):  # nothing readable: the reason, not an empty site
+        raise DumpError(errors[0])
+    for why in errors:
+        print(f"trace-view: skipped {why}", file=sys.stderr)
     (out / "index.html").write_text(_index(runs, index))
     return steps
 
@@ -234,7 +255,7 @@ function drawTree(tree, panelIndex, treeIndex) {
 }
 DATA.panels.forEach((p, pi) => {
   const panel = el('div', {class: 'panel'});
-  panel.appendChild(el('h3', {}, p.run + (p.missing ? ': no dump for this step' : '')));
+  panel.appendChild(el('h3', {}, p.run + (p.error ? ': unreadable dump (' + p.error + ')' : p.missing ? ': no dump for this step' : '')));
   if (p.summary) {
     const s = p.summary;
     panel.appendChild(el('div', {class: 'summary'}, `${s.prompts} prompts, ${s.leaves} leaves, ${s.mixed} mixed, ${s.bare} bare rollouts, ${s.continuations} continuations, predictor Brier ${fmt(s.brier)}`));
@@ -258,10 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if len(args.runs) > 2:
         ap.error("one run, or two side by side")
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port must be in [0, 65535], got {args.port}")
     for r in args.runs:
         if not r.is_dir():
             ap.error(f"{r}: not a run folder")
     out = args.out or args.runs[0] / "view"
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {out} is a file: give a folder for the pages")
     try:
         steps = build(args.runs, out)
     except DumpError as e:
@@ -270,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trace-view: {len(steps)} steps -> {out / 'index.html'}")
     if args.serve:
         handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
-        with http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler) as srv:
+        try:
+            srv = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+        except OSError as e:  # the port in use, say
+            print(f"trace-view: cannot serve on 127.0.0.1:{args.port}: {e}; the pages are in {out}", file=sys.stderr)
+            return 2
+        with srv:
             print(f"serving http://127.0.0.1:{srv.server_address[1]}/ (Ctrl-C stops)")
             try:
                 srv.serve_forever()

@@ -30,7 +30,7 @@ import structlog
 import torch
 
 from trainer.algo.step import TraceStep
-from trainer.config import TrainConfig
+from trainer.config import RunFileError, TrainConfig
 from trainer.learner.policy import Policy
 
 log = structlog.get_logger("trainer")
@@ -85,7 +85,14 @@ def set_aside_previous_run(out: Path) -> Path | None:
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
     if not ckpts:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        earlier = sorted(p.name for p in out.glob("previous-*") if (p / "checkpoints").is_dir())
+        hint = (
+            f"; an earlier run's are in {', '.join(earlier)} (set aside when a run started here without --resume): "
+            f"move {out / earlier[-1] / 'checkpoints'} back to resume it"
+            if earlier
+            else ""
+        )
+        raise RunFileError(f"--resume: no checkpoint under {out / 'checkpoints'}{hint}")
     return ckpts[-1]
 
 
@@ -113,7 +120,7 @@ def reference_of(ckpt: Path, cfg: TrainConfig) -> str | None:
     ref = torch.load(ckpt / "trainer.pt", weights_only=False).get("reference_model")
     gone = ref is None or (Path(ref).is_absolute() and not (Path(ref) / "config.json").exists())  # else a hub id
     if cfg.optim.kl_coef > 0 and gone:
-        raise FileNotFoundError(
+        raise RunFileError(
             f"--resume with optim.kl_coef={cfg.optim.kl_coef}: the run's KL reference (the weights it started "
             f"from) {ref or '(not recorded in ' + str(ckpt) + ')'} is not there; restore that folder, or resume "
             "with --set optim.kl_coef=0"

@@ -24,7 +24,7 @@ import tyro
 
 from shared.config import parse_args
 from shared.logging import setup_logging
-from trainer.config import ENV_VARS, TrainConfig
+from trainer.config import ENV_VARS, RunError, TrainConfig, check_local_paths
 from trainer.learner.config import uses_cpu
 
 
@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     cfg = args.cfg
     setup_logging(cfg.run.log_level)
+    prog = "trace-train eval" if eval_mode else "trace-train"
+    try:  # before anything starts: a model folder that is not one fails here, not after the env server came up
+        check_local_paths(cfg)
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     if isinstance(args, EvalArgs):
         from trainer.evaluate import evaluate_checkpoint
         from trainer.learner.distributed import launched_ranks
@@ -101,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model.path is None:
             print("trace-train eval: --model DIR is required", file=sys.stderr)
             return 2
-        result = asyncio.run(evaluate_checkpoint(cfg, split=args.split, limit=args.limit))
+        if args.limit < 1:
+            print(f"trace-train eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+            return 2
+        try:
+            result = asyncio.run(evaluate_checkpoint(cfg, split=args.split, limit=args.limit))
+        except RunError as e:
+            print(f"trace-train eval: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(result, indent=2))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
@@ -127,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)  # clean up child processes on SIGTERM as on Ctrl-C
     try:
         out = asyncio.run(train(cfg, resume=args.resume))
+    except RunError as e:  # bad input only the run could find (a server that answers nothing, no checkpoint)
+        print(f"trace-train: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("trace-train: interrupted; child processes stopped", file=sys.stderr)
         return 130

@@ -215,8 +215,16 @@ class TrainConfig:
             )
         if not 0.0 <= self.env.heldout_frac < 1.0:
             raise ValueError(f"env.heldout_frac must be in [0, 1), got {self.env.heldout_frac}")
-        if self.model.path is not None and Path(self.model.path).exists():  # a folder; anything else is a hub id
-            self.model.path = str(Path(self.model.path).resolve())
+        if self.model.path is not None and Path(self.model.path).expanduser().exists():  # else a hub id
+            self.model.path = str(Path(self.model.path).expanduser().resolve())
+        for name, urls in (("engine.urls (--engine-url)", self.engine.urls), ("env.urls (--env-url)", self.env.urls)):
+            bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+            if bad:
+                raise ValueError(f"{name} must start with http:// or https://, got {bad}")
+        if self.engine.num_servers < 1:
+            raise ValueError(f"engine.num_servers must be >= 1, got {self.engine.num_servers}")
+        if self.run.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"run.log_level must be one of {LOG_LEVELS}, got {self.run.log_level!r}")
         if self.run.steps < 0 or self.run.prompts_per_step < 1:
             raise ValueError(f"run.steps={self.run.steps} must be >= 0 and prompts_per_step >= 1")
         self._check_leaf_budget()
@@ -284,6 +292,40 @@ class TrainConfig:
 
 ENV_VARS = {"TRACE_ENV_TOKEN": "env.token", "TRACE_AUTH_TOKEN": "env.token"}
 """Environment variables the trainer reads (the first one set wins; TRACE_AUTH_TOKEN is the older name)."""
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class RunError(ValueError):
+    """Bad input found once a run has begun, where the config alone could not tell: an env server that answers
+    nothing, a split it does not serve, no checkpoint to resume. `trace-train` prints it and exits 2, no traceback."""
+
+
+class RunFileError(RunError, FileNotFoundError):
+    """A file or folder the run needs is not there (a checkpoint to resume, the KL reference it recorded)."""
+
+
+def check_local_paths(cfg: TrainConfig) -> None:
+    """What a run needs on this machine, checked before it starts anything (the CLI calls it; a config stays loadable
+    on a machine without the model): a model folder that is one, an output folder that is not a file. Raises
+    ValueError saying what to fix."""
+    path = cfg.model.path
+    if path is not None and Path(path).expanduser().exists():
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise ValueError(
+                f"model.path {path} holds no config.json: give a Hugging Face model folder (or a checkpoint's "
+                "model/, e.g. runs/NAME/checkpoints/step_00030/model)"
+            )
+    elif path is not None and _looks_local(path):
+        raise ValueError(f"model.path {path}: no such folder (a hub id is written org/name)")
+    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
+        raise ValueError(f"the output folder {cfg.output_dir} is a file: give run.output_dir a folder")
+
+
+def _looks_local(path: str) -> bool:
+    """A model path written as a local one (absolute, ./ ../ ~/, or more than one '/'), not a hub id `org/name`."""
+    return path.startswith(("/", "./", "../", "~", ".")) or path.count("/") > 1
 
 
 def load_train_config(path: str | Path | None = None, sets: list[str] | None = None) -> TrainConfig:

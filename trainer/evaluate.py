@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from transformers import AutoTokenizer
 
 from shared.client import EnvClient
@@ -40,7 +41,7 @@ from shared.wire import EnvError, EpisodeCreated, Info, StepResult
 from trainer import services
 from trainer.algo.rollout import RolloutConfig, RolloutRunner, again_on_env_loss
 from trainer.algo.tree import FinishStatus, RolloutTree
-from trainer.config import TrainConfig
+from trainer.config import RunError, TrainConfig
 from trainer.engines.client import EngineClient
 
 
@@ -171,12 +172,25 @@ async def evaluate_checkpoint(cfg: TrainConfig, *, split: str | None = None, lim
     out.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         env = await stack.enter_async_context(services.env_client(cfg, out))
+        split_size(await server_info(env, cfg), cfg.env.dataset, split)  # before the engine: a wrong split in seconds
         urls = await stack.enter_async_context(services.engines(cfg, model, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         tok = AutoTokenizer.from_pretrained(str(model))
         greedy = greedy_runner(env, engine, tok, cfg.rollout)
         res = await evaluate(greedy, cfg.env.dataset, split, limit=limit, max_turns=cfg.env.max_turns)
     return {"model": str(model), "dataset": cfg.env.dataset, "split": split, **res}
+
+
+async def server_info(env: Any, cfg: TrainConfig) -> Info:
+    """The env server's /v1/info; a server that cannot be reached is a RunError naming the URL and what to do."""
+    try:
+        return await env.info()
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:  # ReplicaLost is a ConnectionError
+        where = ", ".join(cfg.env.urls) or "the env server this run launched"
+        raise RunError(
+            f"the env server at {where} answered nothing ({type(e).__name__}: {e}); start one (`trace-env serve`) "
+            "or fix --env-url"
+        ) from None
 
 
 def check_env_server(cfg: TrainConfig, info: Info) -> None:
@@ -188,7 +202,7 @@ def check_env_server(cfg: TrainConfig, info: Info) -> None:
     for split in dict.fromkeys((e.train_split, *([e.eval_split] if cfg.run.eval_every > 0 else []))):
         split_size(info, e.dataset, split)
     if e.max_turns > info.limits.max_turns:
-        raise ValueError(
+        raise RunError(
             f"env.max_turns {e.max_turns} is past the env server's cap of {info.limits.max_turns} turns an episode: "
             f"lower env.max_turns, or serve with --max-turns {e.max_turns} or more"
         )
@@ -198,5 +212,5 @@ def split_size(info: Info, dataset: str, split: str) -> int:
     """Questions in `dataset/split` per the env server's /v1/info; ValueError naming what it serves if absent."""
     sizes = {d.name: d.splits for d in info.datasets}
     if dataset not in sizes or split not in sizes[dataset]:
-        raise ValueError(f"the env server has no {dataset}/{split}; it serves {sizes}")
+        raise RunError(f"the env server has no {dataset}/{split}; it serves {sizes}")
     return sizes[dataset][split]

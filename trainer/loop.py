@@ -66,7 +66,7 @@ from trainer.config import TrainConfig, config_to_dict
 from trainer.dumps import config_hash, sample_rows, tree_record, write_dump
 from trainer.engines.client import EngineClient
 from trainer.engines.weight_sync import WeightSync
-from trainer.evaluate import check_env_server, evaluate, greedy_runner, split_size
+from trainer.evaluate import check_env_server, evaluate, greedy_runner, server_info, split_size
 from trainer.learner.compute import compute
 from trainer.learner.policy import Policy
 from trainer.plots import plot_metrics
@@ -80,26 +80,28 @@ async def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     start = latest_checkpoint(out) if resume else None
-    if not resume and (moved := set_aside_previous_run(out)) is not None:
-        log.warning(
-            "a fresh run in the folder of an earlier one: its metrics and checkpoints were moved", to=str(moved)
-        )
     conf = config_to_dict(cfg)
     conf_hash = config_hash(conf)  # in every tree dump's header
-    (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
     t_run = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
         run = cfg.run
         track = await asyncio.to_thread(Trackers, run.report_to, out, run.name, conf, run.wandb_project)
         stack.push_async_callback(asyncio.to_thread, track.close)
         env = await stack.enter_async_context(services.env_client(cfg, out))
-        info = await env.info()
+        info = await server_info(env, cfg)
         check_env_server(cfg, info)  # before the warm start: a wrong URL fails in seconds, not minutes
         policy = await _initial_policy(cfg, env, out, start)
         weights = await compute(policy.save, out / "weights" / "v0")
         urls = await stack.enter_async_context(services.engines(cfg, weights, out))
         engine = await stack.enter_async_context(EngineClient(urls, max_concurrency=cfg.rollout.max_concurrency))
         await engine.wait_ready(cfg.engine.startup_timeout_s)  # attached engines may still be loading
+        # Only now, with the env server, the model and the engines up: an earlier run's rows and checkpoints moved
+        # aside (a start that fails before this leaves them where --resume finds them), and this run's config.
+        if not resume and (moved := set_aside_previous_run(out)) is not None:
+            log.warning(
+                "a fresh run in the folder of an earlier one: its metrics and checkpoints were moved", to=str(moved)
+            )
+        (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
         sync = None
         if cfg.engine.weight_sync == "group":  # weights go over a process group with the engines, not through disk
             e = cfg.engine

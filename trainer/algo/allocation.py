@@ -585,19 +585,30 @@ class AllocationConfig:
         make_allocator(self.type)  # an unknown name: the ValueError naming the choices, at load time
         if self.stage2_share not in STAGE2_SHARE:
             raise ValueError(f"allocation.stage2_share must be one of {STAGE2_SHARE}, got {self.stage2_share!r}")
-        assert self.leaf_budget >= 1 and self.root_budget >= 1, (
-            f"leaf_budget={self.leaf_budget} root_budget={self.root_budget}"
-        )
-        assert 0 <= self.m_min <= self.m_max and self.m_max >= 1, f"m_min={self.m_min} m_max={self.m_max}"
-        assert self.group_size >= 0, f"group_size={self.group_size}"
+        if self.leaf_budget < 1 or self.root_budget < 1:
+            raise ValueError(
+                f"allocation.leaf_budget ({self.leaf_budget}) and allocation.root_budget ({self.root_budget}) must be "
+                ">= 1: the rollouts a step spends, and of them the bare ones"
+            )
+        if not (0 <= self.m_min <= self.m_max and self.m_max >= 1):
+            raise ValueError(
+                f"allocation.m_min ({self.m_min}) and m_max ({self.m_max}), a funded prompt's fewest and most bare "
+                "rollouts, need 0 <= m_min <= m_max and m_max >= 1"
+            )
+        if self.group_size < 0:
+            raise ValueError(
+                f"allocation.group_size must be >= 0 (0: leaf_budget / prompts_per_step), got {self.group_size}"
+            )
         GresoFilter(self.greso_p, self.greso_target, self.greso_step)  # the clear error, at load time
         if self.entropy_top_k < 1 or self.entropy_tokens < 1:
             raise ValueError(
                 f"allocation.entropy_top_k ({self.entropy_top_k}) and entropy_tokens ({self.entropy_tokens}) must be >= 1"
             )
-        assert self.rounds >= 1 and self.max_per_anchor >= 0, (
-            f"rounds={self.rounds} max_per_anchor={self.max_per_anchor}"
-        )
+        if self.rounds < 1 or self.max_per_anchor < 0:
+            raise ValueError(
+                f"allocation.rounds ({self.rounds}) must be >= 1 and allocation.max_per_anchor ({self.max_per_anchor}) "
+                ">= 0"
+            )
 
 
 STAGE2_SHARE = ("roots", "unmixed")

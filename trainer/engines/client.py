@@ -91,6 +91,8 @@ PAUSE_MODES = ("abort", "retract", "in_place")
 # (SGLang: 400 with a text body; 409/503 accepted from other implementations).
 _FLUSH_BUSY = (400, 409, 503)
 _MAX_BACKOFF_S = 30.0
+WAIT_SAY_S = 15.0
+"""`wait_ready` logs the servers it still waits for this often."""
 _BODY_IN_ERRORS = 500  # characters of an answer quoted in an error message
 
 # sglang-router (SGLang's gateway) hashes this header to pick a worker (its consistent_hashing and manual
@@ -469,9 +471,12 @@ class EngineClient:
         return dict(zip(self.urls, results, strict=True))
 
     async def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.5) -> None:
-        """Wait until every server passes `/health_generate`; raise `EngineUnavailable` naming the others."""
-        deadline = time.monotonic() + timeout_s
+        """Wait until every server passes `/health_generate`; raise `EngineUnavailable` naming the others. Says every
+        ~15 s which servers it still waits for (an attached engine at a wrong URL is otherwise a silent wait)."""
+        start = time.monotonic()
+        deadline = start + timeout_s
         polls = 0
+        said = start
         while True:
             polls += 1
             remaining = deadline - time.monotonic()
@@ -479,6 +484,10 @@ class EngineClient:
             down = [u for u, ok in status.items() if not ok]
             if not down:
                 return
+            if time.monotonic() - said >= WAIT_SAY_S:
+                said = time.monotonic()
+                waited = said - start
+                log.warning("engine_not_ready", waiting_for=down, waited_s=round(waited), timeout_s=timeout_s)
             if time.monotonic() + poll_s > deadline:
                 raise EngineUnavailable(", ".join(down), polls, f"/health_generate not OK within {timeout_s:g}s")
             await asyncio.sleep(poll_s)
