@@ -490,6 +490,28 @@ async def test_health_and_wait_ready(fake: ScriptedEngine) -> None:
             await engine.wait_ready(timeout_s=0.3, poll_s=0.05)
 
 
+async def test_wait_ready_says_which_engines_it_still_waits_for(
+    fake: ScriptedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong --engine-url was a silent wait of engine.startup_timeout_s (10 minutes); now a warning every
+    WAIT_SAY_S names the servers not ready, and none while they answer."""
+    from structlog.testing import capture_logs
+
+    from trainer.engines import client as client_mod
+
+    monkeypatch.setattr(client_mod, "WAIT_SAY_S", 0.1)
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with EngineClient([fake.url, dead], **FAST) as engine:
+        with capture_logs() as logs, pytest.raises(EngineUnavailable):
+            await engine.wait_ready(timeout_s=0.5, poll_s=0.05)
+    said = [e for e in logs if e["event"] == "engine_not_ready"]
+    assert said and all(e["waiting_for"] == [dead] for e in said), logs
+    async with EngineClient([fake.url], **FAST) as engine:
+        with capture_logs() as logs:
+            await engine.wait_ready(timeout_s=2)
+    assert not [e for e in logs if e["event"] == "engine_not_ready"]
+
+
 async def test_closed_client_refuses_work(fake: ScriptedEngine) -> None:
     engine = EngineClient([fake.url], **FAST)
     await engine.aclose()

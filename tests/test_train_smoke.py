@@ -349,11 +349,14 @@ def test_bad_input_is_exit_2_with_what_to_fix_and_a_failed_start_moves_nothing(
     err = capsys.readouterr().err
     assert "no checkpoint under" in err and "previous-1" in err, err
     (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "a-model").mkdir()
+    (tmp_path / "a-model" / "config.json").write_text("{}")
     (tmp_path / "a-file").write_text("x")
     cases = [
         (["--model", str(tmp_path / "missing")], "no such folder"),
         (["--model", str(tmp_path / "not-a-model")], "holds no config.json"),
         (["eval", "--model", str(tmp_path / "missing")], "no such folder"),
+        (["eval", "--model", str(tmp_path / "a-model"), "--limit", "0"], "--limit must be >= 1"),
         (["--engine-url", "localhost:30000"], "must start with http:// or https://"),
         (["--env-url", "localhost:8000"], "must start with http:// or https://"),
         (["--log-level", "verbose"], "run.log_level must be one of"),
