@@ -315,6 +315,10 @@ def test_trace_world_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "h" / "manifest.json").read_text())["heldout_frac"] == 0.3
     assert main(["--out", str(tmp_path / "bad"), "--size", "60", "--heldout-frac", "1"]) == 2
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "a-file").write_text("x")  # a user-side audit: an AssertionError about a path that did not exist
+    capsys.readouterr()
+    assert main(["--cache-dir", str(tmp_path / "a-file"), "--size", "60"]) == 2
+    assert "is a file: give a folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

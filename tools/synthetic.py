@@ -1013,6 +1013,8 @@ class WorldConfig:
             raise ValueError(f"--size must be >= {MIN_SIZE}, got {self.size}")
         if not 0 <= self.heldout_frac < 1:
             raise ValueError(f"--heldout-frac must be in [0, 1), got {self.heldout_frac}")
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise ValueError(f"--cache-dir {self.cache_dir} is a file: give a folder")
         return self
 
 
