@@ -278,12 +278,13 @@ async def get_snapshot(request: web.Request) -> web.Response:
 
 async def import_snapshot(request: web.Request) -> web.Response:
     ct = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if ct not in _BLOB_TYPES and ct != codec.JSON:
+    as_json = ct in (codec.JSON, "text/plain")  # text/plain is JSON here as on every JSON route (codec.media_type)
+    if ct not in _BLOB_TYPES and not as_json:
         raise EnvError(
             ErrorCode.UNSUPPORTED_MEDIA,
             f"send the blob as application/octet-stream (or its JSON view as application/json), got {ct!r}",
         )
-    return _answer(request, _svc(request).import_snapshot(await _read(request), as_json=ct == codec.JSON))
+    return _answer(request, _svc(request).import_snapshot(await _read(request), as_json=as_json))
 
 
 async def snapshot_episodes(request: web.Request) -> web.Response:

@@ -225,6 +225,8 @@ async def test_a_body_in_the_other_format_says_which_content_type_to_send(http: 
     assert r.status == 422 and "application/octet-stream" in r.body["error"]["message"], r.body
     r = await http.call("POST", "/v1/snapshots", raw=json.dumps(view).encode(), headers={"Content-Type": JSON})
     assert r.status == 200, r.body  # the same bytes with the right type import
+    plain = {"Content-Type": "text/plain"}  # JSON, as on every JSON route (it was 415 here alone)
+    assert (await http.call("POST", "/v1/snapshots", raw=json.dumps(view).encode(), headers=plain)).status == 200
 
 
 async def test_batch_answers_per_op_when_one_op_hits_a_bug(make_env_server: Make) -> None:
