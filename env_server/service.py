@@ -278,8 +278,8 @@ class EnvService:
                 raise EnvError(
                     ErrorCode.EPISODE_DONE,
                     f"episode {episode_id} is done (turn {node.turn}): it takes no more steps (a fork of it is done "
-                    "too); to continue from an earlier turn, fork the episode before its last step or spawn from a "
-                    "snapshot taken then (POST /v1/snapshots/{id}/episodes)",
+                    "too); to continue from an earlier turn, spawn from the snapshot that turn's answer carried "
+                    "(POST /v1/snapshots/{id}/episodes)",
                 )
             task = node.task
             text_mode = req.action is not None

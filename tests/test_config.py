@@ -46,7 +46,6 @@ def test_the_old_short_flags_still_work(tmp_path: Path) -> None:
         "--engine-url",
         "http://b:1",
     ]
-    (tmp_path / "config.json").write_text("{}")  # a model folder, as far as the config can tell
     args = parse([*short, "--model", str(tmp_path), *urls])
     cfg = args.cfg
     assert args.resume and cfg.run.steps == 3 and cfg.run.output_dir == str(tmp_path) and cfg.run.name == "x"

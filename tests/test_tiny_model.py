@@ -90,6 +90,7 @@ def test_cli_main(tmp_path: Path) -> None:
         ["--out", str(tmp_path / "a-file")],
         ["--out", str(tmp_path / "z"), "--hidden-size", "0"],
         ["--out", str(tmp_path / "z"), "--hidden-size", "30"],
+        ["--out", str(tmp_path / "z"), "--hidden-size", "12"],  # heads of 3: rotary embeddings need an even size
         ["--out", str(tmp_path / "z"), "--layers", "0"],
     ):
         assert main(argv) == 2, argv

@@ -360,6 +360,7 @@ def test_bad_input_is_exit_2_with_what_to_fix_and_a_failed_start_moves_nothing(
         (["--engine-url", "localhost:30000"], "must start with http:// or https://"),
         (["--env-url", "localhost:8000"], "must start with http:// or https://"),
         (["--log-level", "verbose"], "run.log_level must be one of"),
+        (["--log-level", "warn", "--model", str(tmp_path / "missing")], "no such folder"),  # warn is a level
         (["--output-dir", str(tmp_path / "a-file")], "is a file"),
         (["--allocation.m-min", "40"], "allocation.m_min (40) and m_max"),
         (["--allocation.rounds", "0"], "allocation.rounds (0) must be >= 1"),

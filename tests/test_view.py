@@ -101,6 +101,10 @@ def test_an_unreadable_step_is_shown_as_one_and_the_others_still_render(tmp_path
         panel = _data(tmp_path / "view" / f"step_{step:05d}.html")["panels"][0]
         assert panel["missing"] and panel["error"], panel
     assert [r["step"] for r in _data(tmp_path / "view" / "index.html")["rows"]] == [0, 1, 2], "step_final is no step"
+    _dump(run, 100_000)  # step_{step:05d} has six digits from here
+    assert view_main([str(run), "--out", str(tmp_path / "view")]) == 0
+    assert _data(tmp_path / "view" / "index.html")["rows"][-1]["step"] == 100_000
+    capsys.readouterr()
     (tmp_path / "empty" / "trees").mkdir(parents=True)
     assert view_main([str(run), str(tmp_path / "empty"), "--out", str(tmp_path / "v2")]) == 2
     assert "no tree dumps" in capsys.readouterr().err

@@ -203,9 +203,10 @@ class TinyModelConfig:
             raise ValueError(f"--out {self.out} is a file: give a folder")
         if (self.out / "config.json").exists() and not self.overwrite:
             raise ValueError(f"--out {self.out} already holds a model: give another folder, or --overwrite")
-        if self.hidden_size < 4 or self.hidden_size % 4 or min(self.layers, self.vocab_size, self.max_position) < 1:
+        if self.hidden_size < 8 or self.hidden_size % 8 or min(self.layers, self.vocab_size, self.max_position) < 1:
             raise ValueError(
-                f"--hidden-size ({self.hidden_size}) must be a positive multiple of the 4 heads, --layers "
+                f"--hidden-size ({self.hidden_size}) must be a positive multiple of 8 (4 heads of an even size: "
+                "rotary embeddings pair a head's dimensions), --layers "
                 f"({self.layers}), --vocab-size ({self.vocab_size}) and --max-position ({self.max_position}) >= 1"
             )
         return self

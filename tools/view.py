@@ -96,7 +96,7 @@ def build(runs: list[Path], out: Path) -> list[int]:
     """Write the site for `runs` (one, or two side by side) into `out`; returns the steps written."""
     # .jsonl too: an older, uncompressed dump gets read_dump's error saying so, not "no dumps"; a file named
     # otherwise (step_final.jsonl.gz, a .tmp being written) is not a step's dump
-    named = re.compile(r"step_(\d{5})\.jsonl(\.gz)?")
+    named = re.compile(r"step_(\d{5,})\.jsonl(\.gz)?")  # step_{step:05d}: six digits from step 100,000
     dumps = [
         {int(m.group(1)): p for p in sorted((r / "trees").glob("step_*")) if (m := named.fullmatch(p.name))}
         for r in runs

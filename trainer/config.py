@@ -12,6 +12,7 @@ as `--section.field VALUE`, and the short aliases `--steps`, `--name`, `--output
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -223,8 +224,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must start with http:// or https://, got {bad}")
         if self.engine.num_servers < 1:
             raise ValueError(f"engine.num_servers must be >= 1, got {self.engine.num_servers}")
-        if self.run.log_level.lower() not in LOG_LEVELS:
-            raise ValueError(f"run.log_level must be one of {LOG_LEVELS}, got {self.run.log_level!r}")
+        if not isinstance(getattr(logging, self.run.log_level.upper(), None), int):  # what setup_logging takes
+            raise ValueError(f"run.log_level must be one of {LOG_LEVELS} (or another logging level name), got "
+                             f"{self.run.log_level!r}")  # fmt: skip
         if self.run.steps < 0 or self.run.prompts_per_step < 1:
             raise ValueError(f"run.steps={self.run.steps} must be >= 0 and prompts_per_step >= 1")
         self._check_leaf_budget()

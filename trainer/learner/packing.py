@@ -79,13 +79,13 @@ class Packed:
         return len(self.rows) * self.width
 
     def mask(self, device: torch.device | str = "cpu") -> Tensor:
-        """[R, 1, W, W] bool: each row's `Row.ancestors`, built once and kept on the device last asked for (the KL
-        reference's forward and later PPO epochs reuse it without a copy)."""
+        """[R, 1, W, W] bool: each row's `Row.ancestors`, built once (the KL reference's forward and later PPO epochs
+        reuse it) and kept on the host: each forward takes its own device copy, freed after it, since an update
+        keeps every micro-batch's pack until it ends (a device copy kept would hold every mask on the GPU at once)."""
         if self._mask is None:
             w = self.width
             self._mask = torch.stack([r.ancestors(w) for r in self.rows])[:, None]
-        self._mask = self._mask.to(device)  # a no-op on the device it is on
-        return self._mask
+        return self._mask.to(device)
 
 
 class _Trie:
