@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 
 from env_server.judge import judge
-from shared.codec import JSON, MSGPACK, format_hint
+from shared.codec import JSON, MSGPACK, sniff_format
 from shared.version import SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSION, __version__
 from shared.wire import EnvError, ErrorCode, SnapshotBlob, TaskRecord, TurnRecord
 
@@ -228,13 +228,12 @@ def import_blob(data: bytes, *, corpus_id: str, reward_metric: str, max_turns: i
     try:
         blob = (_blob_json_decoder if as_json else _blob_decoder).decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        hint = format_hint(data, JSON if as_json else MSGPACK)  # the other view, sent with this one's type
-        if hint:
-            hint = (
-                "; the body looks like a blob (MessagePack): send it with Content-Type: application/octet-stream"
-                if as_json
-                else "; the body looks like the blob's JSON view: send it with Content-Type: application/json"
-            )
+        other = sniff_format(data)  # the other view, sent with this one's type
+        hint = ""
+        if other == MSGPACK and as_json:
+            hint = "; the body looks like a blob (MessagePack): send it with Content-Type: application/octet-stream"
+        elif other == JSON and not as_json:
+            hint = "; the body looks like the blob's JSON view: send it with Content-Type: application/json"
         raise EnvError(
             ErrorCode.INVALID_VALUE, f"not a TRACE snapshot blob (GET /v1/snapshots/{{id}} makes one): {e}{hint}"
         ) from None

@@ -53,15 +53,25 @@ def encode(obj: Any, fmt: str = JSON) -> bytes:
     return _mp_enc.encode(obj) if fmt == MSGPACK else _json_enc.encode(obj)
 
 
+def sniff_format(data: bytes) -> str | None:
+    """JSON or MSGPACK when a body looks like one (a JSON object or array past spaces and a UTF-8 BOM; a MessagePack
+    map), else None: what a body that failed to decode was probably meant to be."""
+    if data.lstrip(b" \t\r\n\xef\xbb\xbf")[:1] in (b"{", b"["):
+        return JSON
+    if data[:1] and (0x80 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF)):
+        return MSGPACK
+    return None
+
+
 def format_hint(data: bytes, fmt: str) -> str:
     """When a body that failed to decode as `fmt` looks like the other format, a hint that names the Content-Type to
     send (a JSON body sent as MessagePack reads as the integer 123, which says nothing of the mistake); else ""."""
-    head = data.lstrip(b" \t\r\n\xef\xbb\xbf")[:1]  # past spaces and a UTF-8 BOM
-    if fmt == MSGPACK and head in (b"{", b"["):
-        return f"; the body looks like JSON: send it with Content-Type: {JSON}"
-    if fmt == JSON and data[:1] and (0x80 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF)):
-        return f"; the body looks like MessagePack: send it with Content-Type: {MSGPACK}"
-    return ""
+    other = sniff_format(data)
+    return (
+        f"; the body looks like {'JSON' if other == JSON else 'MessagePack'}: send it with Content-Type: {other}"
+        if other not in (None, fmt)
+        else ""
+    )
 
 
 def decode(data: bytes, typ: type[T], fmt: str = JSON) -> T:

@@ -9,12 +9,18 @@ import sys
 import structlog
 
 
+def level_number(level: str) -> int | None:
+    """The logging level named `level` (any case: debug, info, warning, warn, error, ...), or None for no level."""
+    lvl = getattr(logging, level.upper(), None)
+    return lvl if isinstance(lvl, int) else None
+
+
 def setup_logging(level: str = "info", json: bool | None = None) -> None:
     """Configure structlog (and the stdlib root logger, so aiohttp's logs share the format)."""
     if json is None:
         json = not sys.stderr.isatty()
-    lvl = getattr(logging, level.upper(), None)
-    if not isinstance(lvl, int):
+    lvl = level_number(level)
+    if lvl is None:
         raise ValueError(f"unknown log level {level!r}: use debug, info, warning or error")
     processors: list = [
         structlog.contextvars.merge_contextvars,

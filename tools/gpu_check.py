@@ -236,7 +236,7 @@ def stage_packed(medium: Path, device: str, out: Path) -> None:
     from trainer.learner.config import ModelConfig, OptimConfig
     from trainer.learner.loss import sequence_logprobs
     from trainer.learner.packing import forest_logprobs, pack_prefixes
-    from trainer.learner.policy import Policy
+    from trainer.learner.policy import Policy, _pad
 
     cuda = device == "cuda"
     mcfg = ModelConfig(device=device, mixed_precision="bf16" if cuda else "no", gradient_checkpointing=True)
@@ -249,15 +249,11 @@ def stage_packed(medium: Path, device: str, out: Path) -> None:
 
     model = policy.accelerator.unwrap_model(policy.model)
     batch = dumps["trace"][:8]
-    T = max(len(s) for s in batch)
-    ids = torch.zeros(len(batch), T, dtype=torch.long)
-    needed = torch.zeros(len(batch), T, dtype=torch.long)
-    for b, smp in enumerate(batch):
-        ids[b, : len(smp)] = torch.tensor(smp.input_ids)
-        needed[b, : len(smp)] = torch.tensor(smp.loss_mask)
-    att = (torch.arange(T)[None] < torch.tensor([len(s) for s in batch])[:, None]).long()
+    ids, needed, att = (
+        _pad(rows, 0, torch.long, policy.device)
+        for rows in ([s.input_ids for s in batch], [s.loss_mask for s in batch], [[1] * len(s) for s in batch])
+    )
     packed = pack_prefixes([s.input_ids for s in batch], [s.prompt_id for s in batch])
-    ids, att, needed = ids.to(policy.device), att.to(policy.device), needed.to(policy.device)
     with torch.no_grad(), policy.accelerator.autocast():
         causal = sequence_logprobs(model, ids, att, needed=needed)
         forest = forest_logprobs(model, packed, needed)

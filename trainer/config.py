@@ -12,7 +12,6 @@ as `--section.field VALUE`, and the short aliases `--steps`, `--name`, `--output
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +19,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from shared import config as shared_config
+from shared.logging import level_number
 from trainer.algo.advantages import AdvantageConfig
 from trainer.algo.allocation import AllocationConfig, make_allocator, uniform_group
 from trainer.algo.predictor import PredictorConfig
@@ -224,7 +224,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must start with http:// or https://, got {bad}")
         if self.engine.num_servers < 1:
             raise ValueError(f"engine.num_servers must be >= 1, got {self.engine.num_servers}")
-        if not isinstance(getattr(logging, self.run.log_level.upper(), None), int):  # what setup_logging takes
+        if level_number(self.run.log_level) is None:  # what setup_logging takes
             raise ValueError(f"run.log_level must be one of {LOG_LEVELS} (or another logging level name), got "
                              f"{self.run.log_level!r}")  # fmt: skip
         if self.run.steps < 0 or self.run.prompts_per_step < 1:
@@ -313,8 +313,8 @@ def check_local_paths(cfg: TrainConfig) -> None:
     on a machine without the model): a model folder that is one, an output folder that is not a file. Raises
     ValueError saying what to fix."""
     path = cfg.model.path
-    if path is not None and Path(path).expanduser().exists():
-        if not (Path(path).expanduser() / "config.json").is_file():
+    if path is not None and (folder := Path(path).expanduser()).exists():
+        if not (folder / "config.json").is_file():
             raise ValueError(
                 f"model.path {path} holds no config.json: give a Hugging Face model folder (or a checkpoint's "
                 "model/, e.g. runs/NAME/checkpoints/step_00030/model)"
