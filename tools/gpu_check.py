@@ -236,7 +236,7 @@ def stage_packed(medium: Path, device: str, out: Path) -> None:
     from trainer.learner.config import ModelConfig, OptimConfig
     from trainer.learner.loss import sequence_logprobs
     from trainer.learner.packing import forest_logprobs, pack_prefixes
-    from trainer.learner.policy import Policy, _pad
+    from trainer.learner.policy import Policy, pad_rows
 
     cuda = device == "cuda"
     mcfg = ModelConfig(device=device, mixed_precision="bf16" if cuda else "no", gradient_checkpointing=True)
@@ -250,7 +250,7 @@ def stage_packed(medium: Path, device: str, out: Path) -> None:
     model = policy.accelerator.unwrap_model(policy.model)
     batch = dumps["trace"][:8]
     ids, needed, att = (
-        _pad(rows, 0, torch.long, policy.device)
+        pad_rows(rows, 0, torch.long, policy.device)
         for rows in ([s.input_ids for s in batch], [s.loss_mask for s in batch], [[1] * len(s) for s in batch])
     )
     packed = pack_prefixes([s.input_ids for s in batch], [s.prompt_id for s in batch])

@@ -66,7 +66,8 @@ def save_dtype(name: str, model_path: str | Path) -> torch.dtype:
     return DTYPES[name]
 
 
-def _pad(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def pad_rows(seqs: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Right-pad `seqs` with `value` to the longest one's length: a (len(seqs), width) tensor on `device`."""
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=dtype)
     for i, s in enumerate(seqs):
@@ -266,14 +267,14 @@ class Policy:
                 for k in range(n_mb):
                     blank = k >= len(batches)
                     chunk = [self._blank_sample()] if blank else batches[k]  # blank: zero weight, joins the sync
-                    ids = _pad([s.input_ids for s in chunk], self.pad_id, torch.long, self.device)
-                    att = _pad([[1] * len(s) for s in chunk], 0, torch.long, self.device)
+                    ids = pad_rows([s.input_ids for s in chunk], self.pad_id, torch.long, self.device)
+                    att = pad_rows([[1] * len(s) for s in chunk], 0, torch.long, self.device)
                     # sequence_logprobs()[b, t] is the logprob of token t, so per-token tensors align as they are.
-                    mask = _pad([s.loss_mask for s in chunk], 0, self.dtype, self.device)
-                    adv = _pad([s.advantages for s in chunk], 0.0, self.dtype, self.device)
-                    w = _pad([s.weights for s in chunk], 0.0, self.dtype, self.device)
+                    mask = pad_rows([s.loss_mask for s in chunk], 0, self.dtype, self.device)
+                    adv = pad_rows([s.advantages for s in chunk], 0.0, self.dtype, self.device)
+                    w = pad_rows([s.weights for s in chunk], 0.0, self.dtype, self.device)
                     w = w * torch.tensor([scale(s) for s in chunk], dtype=self.dtype, device=self.device)[:, None]
-                    eng = _pad([s.engine_logprobs for s in chunk], 0.0, self.dtype, self.device)
+                    eng = pad_rows([s.engine_logprobs for s in chunk], 0.0, self.dtype, self.device)
                     if self.ocfg.share_prefixes and k not in packs:  # one row a prompt
                         packs[k] = pack_prefixes([s.input_ids for s in chunk], [s.prompt_id for s in chunk])
                     packed = packs.get(k)
@@ -395,9 +396,9 @@ class Policy:
                 blank = k >= len(my_ids)
                 rows = [[self.pad_id] * 2] if blank else my_ids[k]  # a blank row: only joins the sync
                 masks = [[0.0, 0.0]] if blank else my_mask[k]
-                ids = _pad(rows, self.pad_id, torch.long, self.device)
-                att = _pad([[1] * len(x) for x in rows], 0, torch.long, self.device)
-                mask = _pad(masks, 0, self.dtype, self.device)
+                ids = pad_rows(rows, self.pad_id, torch.long, self.device)
+                att = pad_rows([[1] * len(x) for x in rows], 0, torch.long, self.device)
+                mask = pad_rows(masks, 0, self.dtype, self.device)
                 with self._sync_unless(k == n_mb - 1):
                     with self.accelerator.autocast():
                         logp = sequence_logprobs(self.model, ids, att, needed=mask, chunk=self.chunk)
@@ -771,8 +772,8 @@ def _hidden_states(
     device = accelerator.device
     for fw in forwards:
         rows = [seqs[i] for i in fw]
-        ids = _pad(rows, pad_id, torch.long, device)
-        att = _pad([[1] * len(s) for s in rows], 0, torch.long, device)
+        ids = pad_rows(rows, pad_id, torch.long, device)
+        att = pad_rows([[1] * len(s) for s in rows], 0, torch.long, device)
         head = None if signals is None else HeadSignals([list(positions[i]) for i in fw], *signals, chunk, device)
         with accelerator.autocast(), head.active() if head is not None else contextlib.nullcontext():
             # logits_to_keep=1: the LM head runs on one position per row, not the whole batch's full-vocabulary
