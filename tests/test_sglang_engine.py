@@ -374,7 +374,7 @@ async def test_pause_and_continue(served: Served) -> None:
         long = SamplingParams(max_new_tokens=STILL_RUNNING_TOKENS, ignore_eos=True)
         running = asyncio.create_task(engine.generate(prompt, long, route_key="p"))
         await asyncio.sleep(1.5)
-        assert not running.done(), "finished before the pause: raise STILL_RUNNING_TOKENS"
+        assert not running.done(), f"finished before the pause (raise STILL_RUNNING_TOKENS?): {_outcome(running)}"
         await engine.pause_generation(url, "retract")
         try:
             await asyncio.sleep(2.0)
@@ -384,6 +384,13 @@ async def test_pause_and_continue(served: Served) -> None:
         done: Generation = await asyncio.wait_for(running, 120)
         assert done.finish_type == "length" and len(done.output_ids) == STILL_RUNNING_TOKENS, done
         assert engine.stats.aborts == 1
+
+
+def _outcome(task: asyncio.Task) -> str:
+    """What a finished task came back with, for an assertion's message."""
+    if task.cancelled():
+        return "cancelled"
+    return repr(task.exception() or task.result())
 
 
 def _perturbed_copy(src: Path, dst: Path) -> Path:
