@@ -163,7 +163,7 @@ def parse_action(text: str) -> tuple[str, dict[str, Any]] | None:
     return (tag, {"query": body}) if tag == "search" else (tag, {"answer": body})
 
 
-def coerce_arguments(name: str, arguments: dict[str, Any] | str) -> dict[str, Any]:
+def coerce_arguments(name: str, arguments: Any) -> dict[str, Any]:
     """A tool call's arguments as a dict; a JSON string (as chat APIs send it) is parsed. Raises ToolError."""
     if isinstance(arguments, str):
         try:

@@ -97,10 +97,12 @@ class CreateEpisode(_Req):
 
 
 class ToolCall(_Req):
-    """An OpenAI-style tool call. `arguments` may be an object or a JSON string (as chat APIs return it)."""
+    """An OpenAI-style tool call. `arguments` is an object or a JSON string of one (as chat APIs return it); any other
+    value (null, an array, a number) is the agent's mistake, not the request's: the step spends the turn and its
+    observation says what the arguments should be, as it does for a JSON string that holds no object."""
 
     name: str
-    arguments: dict[str, Any] | str = msgspec.field(default_factory=dict)
+    arguments: Any = msgspec.field(default_factory=dict)
 
 
 class StepRequest(_Req):

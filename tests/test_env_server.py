@@ -542,6 +542,10 @@ async def test_tool_argument_errors_speak_json(env_client: EnvClient) -> None:
         ({"name": "search", "arguments": {"query": ["Fozan"]}}, "query must be a string, got an array"),
         ({"name": "answer", "arguments": {"answer": None}}, "answer must be a string, got null"),
         ({"name": "answer", "arguments": "[1]"}, "must be a JSON object, got an array"),
+        # the same values as the arguments themselves, not in a string: the model's mistake too, not a 400
+        ({"name": "answer", "arguments": None}, "must be a JSON object, got null"),
+        ({"name": "search", "arguments": ["Fozan"]}, "must be a JSON object, got an array"),
+        ({"name": "search", "arguments": 3}, "must be a JSON object, got an integer"),
     ]
     ep = await env_client.create(question="q?", answers=["a"], max_turns=8)
     for turn, (call, needle) in enumerate(cases, start=1):
