@@ -351,6 +351,50 @@ def sglang_skip_reason() -> str | None:
     return None
 
 
+# The sglang tier's server flags. On CUDA: a small memory share each (two servers on one GPU), no CUDA graphs (a
+# fast start). 0.5.23's own argument parser accepts all of these.
+GPU_SERVER_ARGS = [
+    "--dtype",
+    "float32",
+    "--mem-fraction-static",
+    "0.15",
+    "--context-length",
+    "4096",
+    "--attention-backend",
+    "triton",
+    "--sampling-backend",
+    "pytorch",
+    "--disable-prefill-cuda-graph",  # 0.5.23 deprecates --disable-cuda-graph
+    "--disable-decode-cuda-graph",
+    "--random-seed",
+    "0",
+]
+# SGLang's CPU engine (../shared/SGLANG_CPU.md): torch attention, a bounded KV pool (else it is sized from RAM).
+CPU_SERVER_ARGS = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--attention-backend",
+    "torch_native",
+    "--max-total-tokens",
+    "65536",
+    "--context-length",
+    "4096",
+    "--disable-overlap-schedule",
+    "--sampling-backend",
+    "pytorch",
+    "--random-seed",
+    "0",
+]
+ON_SGLANG_CPU = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
+
+
+def server_args() -> list[str]:
+    """The flags every sglang-tier server starts with, for this machine (SGLang's CPU engine or CUDA)."""
+    return list(CPU_SERVER_ARGS if ON_SGLANG_CPU else GPU_SERVER_ARGS)
+
+
 # ---------------------------------------------------------------------------------------------- top logprobs
 def assert_top_logprobs(row: list[tuple[float, int]], ref: Any, tol: float) -> None:
     """An engine's top logprobs for one token, (logprob, token_id) largest first, against `ref`, the reference's

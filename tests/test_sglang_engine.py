@@ -27,7 +27,6 @@ and the weight update restores the served weights before it returns. Checked:
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from conftest import assert_top_logprobs, sglang_skip_reason
+from conftest import ON_SGLANG_CPU, assert_top_logprobs, server_args, sglang_skip_reason
 
 from shared.engine_protocol import SamplingParams
 from trainer.engines.client import EngineClient, Generation
@@ -58,53 +57,10 @@ pytestmark = [
 LOGPROB_ATOL = 1e-3
 CLIENT = {"max_concurrency": 32, "timeout_s": 300, "retries": 2, "backoff_s": 0.5}
 FOUR = SamplingParams(max_new_tokens=4, ignore_eos=True)
-# On CUDA: a small memory share each (two servers on one GPU), no CUDA graphs (a fast start). 0.5.23's own
-# argument parser accepts all of these.
-GPU_SERVER_ARGS = [
-    "--dtype",
-    "float32",
-    "--mem-fraction-static",
-    "0.15",
-    "--context-length",
-    "4096",
-    "--attention-backend",
-    "triton",
-    "--sampling-backend",
-    "pytorch",
-    "--disable-prefill-cuda-graph",  # 0.5.23 deprecates --disable-cuda-graph
-    "--disable-decode-cuda-graph",
-    "--random-seed",
-    "0",
-]
-# SGLang's CPU engine (../shared/SGLANG_CPU.md): torch attention, a bounded KV pool (else it is sized from RAM).
-CPU_SERVER_ARGS = [
-    "--device",
-    "cpu",
-    "--dtype",
-    "float32",
-    "--attention-backend",
-    "torch_native",
-    "--max-total-tokens",
-    "65536",
-    "--context-length",
-    "4096",
-    "--disable-overlap-schedule",
-    "--sampling-backend",
-    "pytorch",
-    "--random-seed",
-    "0",
-]
-
-
-ON_CPU = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
 # Tokens a request needs to still be decoding ~4 s after it was sent: ~0.1 s a decode step on 2 loaded CPU cores
 # (../shared/SGLANG_CPU.md), a few ms on a GPU. 40 was too few on an idle machine: the request finished before the
 # pause it was meant to be caught by (2026-12-06).
-STILL_RUNNING_TOKENS = 300 if ON_CPU else 1500
-
-
-def server_args() -> list[str]:
-    return CPU_SERVER_ARGS if ON_CPU else GPU_SERVER_ARGS
+STILL_RUNNING_TOKENS = 300 if ON_SGLANG_CPU else 1500
 
 
 @dataclass
