@@ -31,9 +31,10 @@ EM after K steps, and against GRPO (uniform): effective_ratio_vs_grpo and leaves
 leaves at which the allocator's mean dev-EM curve first reaches GRPO's final dev EM; _frac: over GRPO's own run
 length); per-seed rows go to FILE.runs.json. A markdown table is
 printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png). Each finished run leaves
-result.json in its folder; the same command run again keeps a finished run whose settings are the same (so a
-comparison stopped part way resumes where it stopped) and reruns any other; --keep DIR also copies it into DIR and
-restores it from there (a new checkout, whose runs/ is empty). --jobs N runs N CPU runs at once (`run_many`). A run
+result.json in its folder; the same command run again keeps a finished run whose settings are the same (the
+config's text and the overrides, wherever the checkout is: `same_settings`), so a comparison stopped part way resumes
+where it stopped, and reruns any other; --keep DIR also copies it into DIR and restores it from there (a new
+checkout, whose runs/ is empty, at this path or another). --jobs N runs N CPU runs at once (`run_many`). A run
 that fails is run once more (its folder kept as NAME.failed-1); a second failure stops the comparison with both
 folders named.
 """
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import math
 import multiprocessing
@@ -121,10 +123,10 @@ def run_one(
     ]
     cfg = load_train_config(config, overrides)
     done = run_dir / "result.json"
-    key = {"config": config, "overrides": overrides}
+    key = run_key(config, overrides)
     if kept is not None and _readable(kept) is not None and _readable(done) is None:
         _write_atomic(done, kept.read_text())
-    if (saved := _readable(done)) is not None and saved.get("key") == key:
+    if (saved := _readable(done)) is not None and same_settings(saved.get("key"), key):
         # a comparison stopped part way resumes: a finished run with the same settings is kept
         if kept is not None and _readable(kept) != saved:
             _write_atomic(kept, done.read_text())  # finished before --keep was given, or in another keep folder
@@ -169,6 +171,39 @@ def run_one(
     if kept is not None:
         _write_atomic(kept, text)
     return res
+
+
+def run_key(config: str | None, overrides: list[str]) -> dict[str, Any]:
+    """What a finished run's result.json records of its settings: the config's path and the sha256 of its text, and
+    the overrides (`same_settings` compares two)."""
+    sha = hashlib.sha256(Path(config).read_bytes()).hexdigest() if config else None
+    return {"config": config, "config_sha256": sha, "overrides": overrides}
+
+
+def _portable(key: dict[str, Any]) -> dict[str, Any]:
+    """`key` without where its checkout was: the config by its file name (its text is in config_sha256), the output
+    folder by its last two parts (the comparison's folder of this run, e.g. `tune/uniform-lr0.0001-s10000`)."""
+
+    def rel(o: str) -> str:
+        name, sep, value = o.partition("=")
+        if name.strip() != "run.output_dir" or not sep:
+            return o
+        parts = Path(value.strip().strip('"')).parts[-2:]
+        return f'run.output_dir=".../{"/".join(parts)}"'
+
+    config = key.get("config")
+    return {**key, "config": Path(config).name if config else None, "overrides": [rel(o) for o in key["overrides"]]}
+
+
+def same_settings(saved: Any, key: dict[str, Any]) -> bool:
+    """Whether a finished run's recorded key (`saved`) names the settings of `key` (`run_key`'s): the same config text
+    and overrides, wherever the checkout was, so that a comparison resumes in a checkout at another path. A key
+    written before keys held the config's text matches only with the same paths."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("overrides"), list):
+        return False
+    if "config_sha256" not in saved:
+        return saved == {"config": key["config"], "overrides": key["overrides"]}
+    return _portable(saved) == _portable(key)
 
 
 def _readable(path: Path) -> dict[str, Any] | None:

@@ -379,8 +379,8 @@ def test_jobs_run_at_once_in_their_own_processes_and_a_failure_stops_the_rest(tm
 
 def test_keep_copies_each_finished_run_and_a_new_checkout_resumes_from_it(tmp_path, monkeypatch) -> None:
     """--keep: a finished run's result.json is copied into the keep folder (under the run's name); a comparison
-    whose work folder is gone (a new checkout) restores it from there and keeps it when its settings are the same,
-    and reruns it when they differ."""
+    whose work folder is gone (a new checkout, at the same path or another) restores it from there and keeps it when
+    its settings are the same (the config's text, not its path), and reruns it when they differ."""
     config = str(Path(__file__).resolve().parents[1] / "configs" / "debug.toml")
     trained = []
 
@@ -418,6 +418,21 @@ def test_keep_copies_each_finished_run_and_a_new_checkout_resumes_from_it(tmp_pa
     (keep / "uniform-s4" / "result.json").write_text('{"key": {"con')
     cmp.run_one(config, ["optim.lr=0.003"], "uniform", 4, 1, work, keep=keep)
     assert len(trained) == 4 and json.loads((keep / "uniform-s4" / "result.json").read_text())["result"]["lr"] == 0.003
+
+    # A checkout at another path (its config a copy of the same text): the kept runs are kept; a config whose text
+    # differs is not the same settings, whatever its name.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "repo", moved / "repo")
+    (moved / "configs").mkdir()
+    same = moved / "configs" / "debug.toml"
+    same.write_text(Path(config).read_text())
+    work2, keep2 = moved / "runs" / "cmp" / "tune", moved / "repo" / "kept" / "tune"
+    cmp.run_one(str(same), ["optim.lr=0.003"], "uniform", 4, 1, work2, keep=keep2)
+    assert len(trained) == 4, "kept in a checkout at another path"
+    assert (work2 / "uniform-s4" / "result.json").exists()
+    same.write_text(Path(config).read_text() + "\n# edited\n")
+    cmp.run_one(str(same), ["optim.lr=0.003"], "uniform", 4, 1, work2, keep=keep2)
+    assert len(trained) == 5, "a config of other text is run again"
 
 
 def test_jobs_refuse_runs_on_gpus_before_running_any(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
