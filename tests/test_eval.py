@@ -30,7 +30,13 @@ from conftest import REPO, LiveServer
 
 from env_server.config import BUILTIN_WORLD
 from env_server.service import Resources
-from tools.eval.agents import NO_TOOL_CALL_HINT, close_action, first_title
+from tools.eval.agents import (
+    NO_TOOL_CALL_HINT,
+    UNPARSED_TOOL_CALL,
+    close_action,
+    first_title,
+    looks_like_unparsed_tool_call,
+)
 from tools.eval.cli import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,7 +92,8 @@ class ScriptedLLM:
 
     mode "ok": chat plays `search(question)` then `answer(gold)` as tool calls; completions writes
     `<search> question ` then `<answer> gold ` (the stop strings stripped, as real servers do). Usage 100 + 10
-    tokens a call. "slow": the same after `delay_s`. "500": HTTP 500. "garbage": 200 with an HTML page."""
+    tokens a call. "slow": the same after `delay_s`. "500": HTTP 500. "garbage": 200 with an HTML page. "unparsed":
+    chat writes its search call as Qwen's `<tool_call>` text, as a server started without a tool-call parser does."""
 
     gold: dict[str, str]
     mode: str = "ok"
@@ -117,6 +124,9 @@ class ScriptedLLM:
             return web.json_response({"error": {"message": f"expected the env's tools, got {tools}"}}, status=400)
         msgs = body["messages"]
         question = next(m["content"] for m in msgs if m["role"] == "user")
+        if self.mode == "unparsed":  # a server without a tool-call parser: the model's call comes back as text
+            call = json.dumps({"name": "search", "arguments": {"query": question}})
+            return self._chat_answer(body, {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"})
         if self.mode == "chatty" and not any(m["role"] == "assistant" for m in msgs):
             return self._chat_answer(body, {"role": "assistant", "content": "Let me think about that first."})
         tool_msgs = [m for m in msgs if m["role"] == "tool"]
@@ -280,6 +290,42 @@ async def test_model_agents_play_a_scripted_endpoint(
         assert (r["prompt_tokens"], r["completion_tokens"], r["tokens"]) == (100 * calls, 10 * calls, 110 * calls)
     if agent == "openai-tools":
         assert all(req["temperature"] == 0.0 and req["max_tokens"] == 512 for req in llm.requests)
+
+
+@pytest.mark.parametrize(
+    ("text", "unparsed"),
+    [
+        ('<tool_call>\n{"name": "search", "arguments": {"query": "x"}}\n</tool_call>', True),  # Qwen, Hermes
+        ('{"name": "answer", "arguments": {"answer": "Paris"}}', True),
+        ("[TOOL_CALLS] [...]", True),  # Mistral
+        ("<|python_tag|>search(query='x')", True),  # Llama 3
+        ("<answer> Paris </answer>", False),
+        ("I should search for the name of the city first.", False),
+        ('The "name" of the city; no arguments here.', False),
+    ],
+)
+def test_looks_like_unparsed_tool_call(text: str, unparsed: bool) -> None:
+    assert looks_like_unparsed_tool_call(text) is unparsed
+
+
+async def test_a_tool_call_left_as_text_is_an_invalid_turn_and_says_how_to_serve_the_model(
+    env_server: LiveServer, make_llm: Callable[..., Awaitable[ScriptedLLM]], tmp_path: Path, api_key: None
+) -> None:
+    """A model server started without a tool-call parser returns the model's call as text: each such turn is an
+    invalid action (the episode goes on to its turn cap, no row fails), and the run says once what to start the
+    server with."""
+    from structlog.testing import capture_logs
+
+    llm = await make_llm("unparsed")
+    out = tmp_path / "run.jsonl"
+    args = ("--agent", "openai-tools", "--base-url", llm.url, "--model", "scripted", "--limit", "3", "--max-turns", "2")
+    with capture_logs() as logs:
+        assert await trace_eval("--env-url", env_server.url, *args, *DEV, "--out", str(out)) == 0
+    rows = read_rows(out)
+    assert len(rows) == 3 and len(llm.requests) == 3 * 2
+    assert all(r["error"] is None and r["truncated"] and (r["turns"], r["searches"]) == (2, 0) for r in rows), rows
+    said = [e for e in logs if e["event"] == UNPARSED_TOOL_CALL]
+    assert len(said) == 1 and said[0]["log_level"] == "warning" and "<tool_call>" in said[0]["reply"], logs
 
 
 async def test_dead_500_and_garbage_endpoints_are_recorded_per_question(

@@ -26,11 +26,14 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
+import structlog
 import tyro
 
 from shared.client import EnvClient
 from shared.replicas import EnvPool
 from shared.wire import EpisodeCreated, Info, StepResult
+
+log = structlog.get_logger("trace_eval")
 
 
 class AgentConfigError(ValueError):
@@ -177,6 +180,20 @@ NO_TOOL_CALL_HINT = (
 )
 
 
+UNPARSED_TOOL_CALL = (
+    "the model wrote a tool call as text and the endpoint did not parse it into tool_calls, so the turn is an invalid "
+    "action: start the model server with a tool-call parser (SGLang: --tool-call-parser qwen25 for Qwen2.5/Qwen3; "
+    "vLLM: --enable-auto-tool-choice --tool-call-parser hermes)"
+)
+_TOOL_CALL_TEXT = re.compile(r"<tool_call>|<\|python_tag\|>|\[TOOL_CALLS\]|\{\s*\"name\"\s*:[\s\S]*\"arguments\"\s*:")
+
+
+def looks_like_unparsed_tool_call(text: str) -> bool:
+    """Whether a chat reply's text holds a tool call a parser should have taken out: Qwen's and Hermes'
+    `<tool_call>`, Llama 3's `<|python_tag|>`, Mistral's `[TOOL_CALLS]`, or a bare `{"name": ..., "arguments": ...}`."""
+    return bool(_TOOL_CALL_TEXT.search(text))
+
+
 class OpenAIToolsAgent(_OpenAIAgent):
     """Chat completions with function calling, tools = the server's `/v1/info` schemas.
 
@@ -192,6 +209,7 @@ class OpenAIToolsAgent(_OpenAIAgent):
             raise AgentConfigError(f"the env server offers tools {names}; openai-tools needs an `answer` tool")
         super().__init__(cfg, info)
         self.tools = info.tools
+        self._said_unparsed = False  # UNPARSED_TOOL_CALL is logged once a run
 
     async def run(self, env: EnvClient | EnvPool, episode: EpisodeCreated, question: str) -> AgentOutcome:
         from openai.types.chat import ChatCompletion, ChatCompletionMessage
@@ -225,6 +243,9 @@ class OpenAIToolsAgent(_OpenAIAgent):
             calls = [c for c in (msg.tool_calls or []) if getattr(c, "function", None) is not None]
             if not calls:
                 text = msg.content or ""
+                if not self._said_unparsed and looks_like_unparsed_tool_call(text):
+                    self._said_unparsed = True
+                    log.warning(UNPARSED_TOOL_CALL, endpoint=self.endpoint, reply=text[:200])
                 messages.append({"role": "assistant", "content": text})
                 res = await env.step(episode.episode_id, action=text)
                 messages.append({"role": "user", "content": NO_TOOL_CALL_HINT})
