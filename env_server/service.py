@@ -92,6 +92,7 @@ from shared.wire import (
     StepRequest,
     StepResult,
     TaskRecord,
+    ToolCall,
     TurnRecord,
 )
 
@@ -150,6 +151,15 @@ def step_reward(result: ToolResult, reward_metric: str) -> float:
         return 0.0
     assert reward_metric in result.judged, f"reward_metric {reward_metric!r} is not a judge score: {result.judged}"
     return float(result.judged[reward_metric])
+
+
+def _tool_call_text(call: ToolCall | None) -> str:
+    """A tool call as the JSON text its turn records; a 400 when a value inside its arguments is one JSON cannot carry
+    (a MessagePack extension type), before the step spends anything."""
+    try:
+        return msgspec.json.encode(call).decode()
+    except TypeError as e:
+        raise EnvError(ErrorCode.MALFORMED, f"tool_call.arguments holds a value JSON cannot carry: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- batch results
@@ -269,6 +279,7 @@ class EnvService:
                 ErrorCode.INVALID_VALUE,
                 f"action is {len(req.action)} characters; the limit is {self.cfg.max_action_chars}",
             )
+        action = req.action if req.action is not None else _tool_call_text(req.tool_call)
         h = self.store.episode(episode_id)
         async with h.lock:
             if self.store.episodes.get(episode_id) is not h:  # deleted (or reaped) while this step waited
@@ -315,7 +326,6 @@ class EnvService:
             info: dict[str, Any] = {"tool": name if name in TOOLS else "invalid", "valid": valid, **result.info}
             if done:
                 info["golden_answers"] = task.golden_answers
-            action = req.action if req.action is not None else msgspec.json.encode(req.tool_call).decode()
             record = TurnRecord(action, result.observation, reward, done, truncated, info)
             new, sid = self.store.advance(h, record)
         self._steps_by_tool[info["tool"]] += 1

@@ -98,11 +98,12 @@ class CreateEpisode(_Req):
 
 class ToolCall(_Req):
     """An OpenAI-style tool call. `arguments` is an object or a JSON string of one (as chat APIs return it); any other
-    value (null, an array, a number) is the agent's mistake, not the request's: the step spends the turn and its
-    observation says what the arguments should be, as it does for a JSON string that holds no object."""
+    JSON value (null, an array, a number, a boolean) is the agent's mistake, not the request's: the step spends the
+    turn and its observation says what the arguments should be, as it does for a JSON string that holds no object.
+    What JSON cannot say (an object with non-string keys, MessagePack bytes or extension types) is a 400."""
 
     name: str
-    arguments: Any = msgspec.field(default_factory=dict)
+    arguments: dict[str, Any] | str | list[Any] | int | float | bool | None = msgspec.field(default_factory=dict)
 
 
 class StepRequest(_Req):

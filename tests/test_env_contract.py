@@ -679,6 +679,18 @@ async def test_no_client_input_yields_500(http: RawHTTP) -> None:
         for fmt in FORMATS:
             r = await http.call(method, path, body, fmt=fmt)
             assert r.status < 500, (path, body, r.body)
+    # MessagePack says what JSON cannot: non-string keys, bytes, extension types. In a tool call's arguments they
+    # are the request's fault (400, nothing spent), wherever they sit; JSON's own odd values are the agent's (a turn).
+    step = f"/v1/episodes/{(await create(http, question='q', answers=['a'], max_turns=4))['episode_id']}/step"
+    for arguments in ({1: "a", "query": "b"}, {1: "a"}, {b"query": "a"}, b"query", msgpack.ExtType(5, b"x"),
+                      {"query": msgpack.ExtType(5, b"x")}, {"query": "a", "topk": msgpack.ExtType(5, b"x")}):  # fmt: skip
+        raw = msgpack.packb({"tool_call": {"name": "search", "arguments": arguments}})
+        r = await http.call("POST", step, fmt=MSGPACK, raw=raw)
+        assert r.status == 400 and r.body["error"]["code"] == "malformed_request", (arguments, r.body)
+    for turn, fmt in enumerate(FORMATS, start=1):  # the refused steps spent nothing: this is turn 1
+        r = await http.call("POST", step, {"tool_call": {"name": "search", "arguments": None}}, fmt=fmt)
+        assert r.status == 200 and r.body["turn"] == turn and r.body["info"]["valid"] is False, r.body
+        assert "must be a JSON object, got null" in r.body["observation"], r.body
     # and the server still works
     assert (await http.call("GET", "/health")).status == 200
 

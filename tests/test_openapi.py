@@ -260,6 +260,8 @@ async def test_request_schemas_state_what_the_server_enforces(make_env_server: M
             ("/v1/episodes/{episode_id}/step", {"action": "<search> Kelmar </search>"}),
             ("/v1/episodes/{episode_id}/step", {"tool_call": call}),
             ("/v1/episodes/{episode_id}/step", {"tool_call": call, "action": None}),
+            ("/v1/episodes/{episode_id}/step", {"tool_call": {"name": "search", "arguments": None}}),  # a turn
+            ("/v1/episodes/{episode_id}/step", {"tool_call": {"name": "search", "arguments": [1, 2.5, True]}}),
             ("/v1/episodes/{episode_id}/step", {}),
             ("/v1/episodes/{episode_id}/step", {"action": None}),
             ("/v1/episodes/{episode_id}/step", {"action": "x", "tool_call": call}),
