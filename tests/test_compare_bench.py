@@ -503,15 +503,24 @@ def test_jobs_stop_with_the_comparison_interrupted_or_killed(tmp_path: Path) -> 
 
     started: list[bool] = []
     sent: list[float] = []
+    returned = threading.Event()
+    lock = threading.Lock()  # run_many's return and the signal: one or the other, so no SIGINT reaches a later test
 
     def interrupt_once_both_run() -> None:  # a real SIGINT, as Ctrl-C sends: it wakes a blocked wait
-        started.append(_wait_for(lambda: len(list(tmp_path.glob("pid-*"))) == 2, WORKERS_START_S))
-        sent.append(time.monotonic())
-        os.kill(os.getpid(), signal.SIGINT)  # also when they never started: the test fails below, it does not hang
+        both = lambda: returned.is_set() or len(list(tmp_path.glob("pid-*"))) == 2  # noqa: E731
+        started.append(_wait_for(both, WORKERS_START_S) and not returned.is_set())
+        with lock:
+            if not returned.is_set():  # also when they never started: the test fails below, it does not hang
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_once_both_run, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        cmp.run_many([((str(tmp_path), i), {}) for i in range(4)], jobs=2, fn=_pid_then_sleep)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cmp.run_many([((str(tmp_path), i), {}) for i in range(4)], jobs=2, fn=_pid_then_sleep)
+    finally:
+        with lock:
+            returned.set()
     assert started == [True], f"the workers never started (in {WORKERS_START_S} s)"
     assert time.monotonic() - sent[0] < 30, "returned at the interrupt, not after the calls under way (600 s each)"
     pids = [int(f.read_text()) for f in tmp_path.glob("pid-*")]
