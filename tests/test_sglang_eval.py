@@ -5,8 +5,9 @@ conversation, 400 to any request that breaks the protocol). Here the same agents
 OpenAI-compatible routes (`/v1/chat/completions` with tools, through `--tool-call-parser qwen25`, and
 `/v1/completions`) and its native API (`--agent policy`), against a real env server on loopback. The tiny model is
 untrained, so its turns are mostly invalid and no answer is expected to be right; what is checked is that every
-question's episode runs to its end through the real server's answers: no row with an error, every turn's usage
-counted, no more completion tokens than asked for, the turn cap kept.
+question's episode runs to its end through the real server's answers: no row with an error, the token counts the
+server reported summed on each row (null if any call lacked them), no more completion tokens than asked for, the turn
+cap kept.
 
 Run by `tools/sglang-cpu/run-tests`; skipped in the default suite unless sglang is importable and CUDA works or
 SGLang's CPU engine is switched on (as tests/test_sglang_engine.py).
@@ -68,11 +69,8 @@ async def test_trace_eval_runs_each_model_agent_against_real_sglang(
                 assert r["error"] is None, (agent, r)
                 assert r["agent"] == agent and r["model"] == name, r
                 assert 1 <= r["turns"] <= MAX_TURNS and r["em"] in (0.0, 1.0), r
-                if agent == "policy":
-                    assert r["tokens"] > 0, r
-                    continue
-                # the usage SGLang returned, summed over the turns: every turn's prompt counted, and no more
-                # completion tokens than asked for
+                # the token counts SGLang reported (OpenAI usage on every call, else the row's counts are null; the
+                # native API's per request), summed over the turns: no more completion tokens than asked for
                 assert r["prompt_tokens"] > 0 and r["tokens"] == r["prompt_tokens"] + r["completion_tokens"], r
                 assert r["turns"] <= r["completion_tokens"] <= MAX_TOKENS * r["turns"], r
     finally:
