@@ -369,12 +369,11 @@ GPU_SERVER_ARGS = [
     "--random-seed",
     "0",
 ]
-# SGLang's CPU engine (../shared/SGLANG_CPU.md): torch attention, a bounded KV pool (else it is sized from RAM).
-CPU_SERVER_ARGS = [
+# SGLang's CPU engine (../shared/SGLANG_CPU.md): torch attention, a bounded KV pool (else it is sized from RAM), no
+# overlap scheduler, torch sampling. tests/test_sglang_train.py launches it with these through the trainer.
+SGLANG_CPU_ENGINE_ARGS = [
     "--device",
     "cpu",
-    "--dtype",
-    "float32",
     "--attention-backend",
     "torch_native",
     "--max-total-tokens",
@@ -384,9 +383,9 @@ CPU_SERVER_ARGS = [
     "--disable-overlap-schedule",
     "--sampling-backend",
     "pytorch",
-    "--random-seed",
-    "0",
 ]
+# The tier's own servers: float32 (the trainer's forward is their logprobs' reference), a fixed seed.
+CPU_SERVER_ARGS = [*SGLANG_CPU_ENGINE_ARGS, "--dtype", "float32", "--random-seed", "0"]
 ON_SGLANG_CPU = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
 
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import sglang_skip_reason
+from conftest import SGLANG_CPU_ENGINE_ARGS, sglang_skip_reason
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,20 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 _REASON = sglang_skip_reason()
 pytestmark = [pytest.mark.sglang, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
-# SGLang's CPU engine: torch attention, a bounded KV pool, no overlap scheduler, torch sampling.
-CPU_ENGINE_ARGS = [
-    "--device",
-    "cpu",
-    "--attention-backend",
-    "torch_native",
-    "--max-total-tokens",
-    "65536",
-    "--context-length",
-    "4096",
-    "--disable-overlap-schedule",
-    "--sampling-backend",
-    "pytorch",
-]
 # On CUDA: the defaults, with a modest memory share and no CUDA graphs (a fast start).
 GPU_ENGINE_ARGS = ["--mem-fraction-static", "0.3", "--disable-prefill-cuda-graph", "--disable-decode-cuda-graph"]
 
@@ -56,7 +42,7 @@ ROUTES = {"disk": "/update_weights_from_disk", "group": "/update_weights_from_di
 def test_debug_config_on_sglang(weight_sync: str, tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "run"
     cpu = os.environ.get("SGLANG_USE_CPU_ENGINE") == "1"
-    extra = CPU_ENGINE_ARGS if cpu else GPU_ENGINE_ARGS
+    extra = SGLANG_CPU_ENGINE_ARGS if cpu else GPU_ENGINE_ARGS
     sets = [f'run.output_dir="{out}"', f"engine.extra_args={json.dumps(extra)}", f'engine.weight_sync="{weight_sync}"']
     if not cpu:  # one GPU: the policy and the server share it, on purpose (refused otherwise)
         sets.append("engine.colocate=true")
