@@ -462,6 +462,9 @@ async def test_bad_arguments_exit_2_and_an_unreachable_env_server_exits_3(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     await expect(2, "$OPENAI_API_KEY", "--agent", "react-text", "--model", "m", *DEV)
     await expect(2, "--max-turns must be in", "--agent", "oracle", *DEV, "--max-turns", "99")
+    with monkeypatch.context() as m:  # the openai client missing (no `eval` extra): what to install, not a traceback
+        m.setitem(sys.modules, "openai", None)
+        await expect(2, "pip install 'trace-rl[eval]'", "--agent", "openai-tools", "--model", "m", *DEV)
     assert await trace_eval("--env-url", secured.url, "--env-token", "s3cret", "--agent", "oracle", *DEV, "--limit", "2", "--out", out) == 0  # fmt: skip
     await expect(2, "already holds results of agent/model", "--agent", "first-hit", *DEV, "--limit", "2")
     with pytest.raises(SystemExit) as exc:

@@ -124,8 +124,13 @@ class _OpenAIAgent(Agent):
     """Shared set-up of the agents that talk to an OpenAI-compatible endpoint through the official client."""
 
     def __init__(self, cfg: AgentConfig, info: Info) -> None:
-        import openai
-
+        try:
+            import openai
+        except ImportError as e:
+            raise AgentUnavailable(
+                f"--agent {self.name} talks through the openai client, which is not installed: pip install "
+                f"'trace-rl[eval]' ({e})"
+            ) from e
         if not cfg.model:
             raise AgentConfigError(f"--agent {self.name} needs --model NAME (the model the endpoint serves)")
         key = os.environ.get(cfg.api_key_env)
