@@ -32,9 +32,9 @@ leaves at which the allocator's mean dev-EM curve first reaches GRPO's final dev
 length); per-seed rows go to FILE.runs.json. A markdown table is
 printed and written next to FILE.json (FILE.md), with a bar plot (FILE.png). Each finished run leaves
 result.json in its folder; the same command run again keeps a finished run whose settings are the same (the
-config's text and the overrides, wherever the checkout is: `same_settings`), so a comparison stopped part way resumes
-where it stopped, and reruns any other; --keep DIR also copies it into DIR and restores it from there (a new
-checkout, whose runs/ is empty, at this path or another). --jobs N runs N CPU runs at once (`run_many`). A run
+resolved config, the code and the overrides, wherever the checkout is: `same_settings`), so a comparison stopped
+part way resumes where it stopped, and reruns any other; --keep DIR also copies it into DIR and restores it from
+there (a new checkout, whose runs/ is empty, at this path or another). --jobs N runs N CPU runs at once (`run_many`). A run
 that fails is run once more (its folder kept as NAME.failed-1); a second failure stops the comparison with both
 folders named.
 """
@@ -44,6 +44,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -123,7 +125,7 @@ def run_one(
     ]
     cfg = load_train_config(config, overrides)
     done = run_dir / "result.json"
-    key = run_key(config, overrides)
+    key = run_key(config, overrides, cfg)
     if kept is not None and _readable(kept) is not None and _readable(done) is None:
         _write_atomic(done, kept.read_text())
     if (saved := _readable(done)) is not None and same_settings(saved.get("key"), key):
@@ -173,16 +175,36 @@ def run_one(
     return res
 
 
-def run_key(config: str | None, overrides: list[str]) -> dict[str, Any]:
-    """What a finished run's result.json records of its settings: the config's path and the sha256 of its text, and
-    the overrides (`same_settings` compares two)."""
-    sha = hashlib.sha256(Path(config).read_bytes()).hexdigest() if config else None
-    return {"config": config, "config_sha256": sha, "overrides": overrides}
+# The packages a run executes: their source is part of a run's settings, so a comparison resumed after the code
+# changed runs again (bench/run_peers.sh freezes the code in a worktree for the same reason).
+CODE_PACKAGES = ("trainer", "env_server", "shared", "engine")
+
+
+@functools.cache
+def code_sha256() -> str:
+    """sha256 over the source (*.py) of CODE_PACKAGES in this checkout, paths relative to it."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(q for pkg in CODE_PACKAGES for q in (root / pkg).rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def run_key(config: str | None, overrides: list[str], cfg: Any) -> dict[str, Any]:
+    """What a finished run's result.json records of its settings (`same_settings` compares two): the config's path
+    and overrides as given, the sha256 of the config they resolve to (`cfg`, every `extends` base and override
+    applied, its output folder left out), and of the code that runs it (`code_sha256`)."""
+    resolved = dataclasses.asdict(cfg)
+    resolved["run"]["output_dir"] = None
+    text = json.dumps(resolved, sort_keys=True, default=str)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    return {"config": config, "config_sha256": sha, "code_sha256": code_sha256(), "overrides": overrides}
 
 
 def _portable(key: dict[str, Any]) -> dict[str, Any]:
-    """`key` without where its checkout was: the config by its file name (its text is in config_sha256), the output
-    folder by its last two parts (the comparison's folder of this run, e.g. `tune/uniform-lr0.0001-s10000`)."""
+    """`key` without where its checkout was: the config by its file name (what it resolves to is in config_sha256),
+    the output folder by its last two parts (the comparison's folder of this run, e.g.
+    `tune/uniform-lr0.0001-s10000`)."""
 
     def rel(o: str) -> str:
         name, sep, value = o.partition("=")
@@ -196,14 +218,16 @@ def _portable(key: dict[str, Any]) -> dict[str, Any]:
 
 
 def same_settings(saved: Any, key: dict[str, Any]) -> bool:
-    """Whether a finished run's recorded key (`saved`) names the settings of `key` (`run_key`'s): the same config text
-    and overrides, wherever the checkout was, so that a comparison resumes in a checkout at another path. A key
-    written before keys held the config's text matches only with the same paths."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("overrides"), list):
+    """Whether a finished run's recorded key (`saved`) names the settings of `key` (`run_key`'s): the same resolved
+    config, code and overrides, wherever the checkout was, so that a comparison resumes in a checkout at another
+    path but not after its code or config changed. A key written before keys held those hashes matches only with
+    the same paths (bench/run_peers.sh's worktree path then stood for the code); a key that is not one, never."""
+    try:
+        if "config_sha256" not in saved or "code_sha256" not in saved:
+            return saved == {"config": key["config"], "overrides": key["overrides"]}
+        return _portable(saved) == _portable(key)
+    except (TypeError, AttributeError, KeyError):
         return False
-    if "config_sha256" not in saved:
-        return saved == {"config": key["config"], "overrides": key["overrides"]}
-    return _portable(saved) == _portable(key)
 
 
 def _readable(path: Path) -> dict[str, Any] | None:

@@ -12,10 +12,10 @@
 # a new checkout does not have (a session's lost 23 finished runs so), so commit bench/results/ as runs finish
 # (bench/commit_kept.sh does it on a timer) and a later checkout resumes from there.
 # $PEERS_JOBS: runs at once (--jobs; default 1).
-# A kept run is kept only where its key matches. The harness of COMMIT writes the key: from 6260873 on it holds the
-# config's text and the overrides with the paths read relative, so a checkout at another path resumes; before, it
-# held the absolute output folder, and such runs (the epochs regime's, from 37bb559: /work/main) resume only from a
-# checkout at the same path, or they all run again.
+# A kept run is kept only where its key matches. The harness of COMMIT writes the key: from the commit after
+# 6260873 on it holds hashes of the resolved config and of the code, with the paths read relative, so a checkout at
+# another path resumes and other code runs again; before, it held absolute paths (the worktree's config path stood
+# for the code), and such runs (the epochs regime's, from 37bb559: /work/main) resume only from the same path.
 #
 # Arms, every one at exactly allocation.leaf_budget leaves a step, each at its own rate from a sweep on 2 tuning
 # seeds (never reported), 8 reported seeds paired by seed against GRPO:

@@ -155,7 +155,7 @@ def step_reward(result: ToolResult, reward_metric: str) -> float:
 
 def _tool_call_text(call: ToolCall | None) -> str:
     """A tool call as the JSON text its turn records; a 400 when a value inside its arguments is one JSON cannot carry
-    (a MessagePack extension type), before the step spends anything."""
+    (a MessagePack extension type other than a timestamp), before the step spends anything."""
     try:
         return msgspec.json.encode(call).decode()
     except TypeError as e:

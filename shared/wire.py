@@ -100,7 +100,9 @@ class ToolCall(_Req):
     """An OpenAI-style tool call. `arguments` is an object or a JSON string of one (as chat APIs return it); any other
     JSON value (null, an array, a number, a boolean) is the agent's mistake, not the request's: the step spends the
     turn and its observation says what the arguments should be, as it does for a JSON string that holds no object.
-    What JSON cannot say (an object with non-string keys, MessagePack bytes or extension types) is a 400."""
+    From MessagePack, arguments with non-string keys, bytes or an extension type in their place, and an extension
+    type JSON cannot carry anywhere inside them, are a 400; values nested inside that JSON can carry otherwise
+    (bytes as base64 text, a timestamp as a date) reach the tool, whose own checks make them an invalid turn."""
 
     name: str
     arguments: dict[str, Any] | str | list[Any] | int | float | bool | None = msgspec.field(default_factory=dict)

@@ -419,20 +419,26 @@ def test_keep_copies_each_finished_run_and_a_new_checkout_resumes_from_it(tmp_pa
     cmp.run_one(config, ["optim.lr=0.003"], "uniform", 4, 1, work, keep=keep)
     assert len(trained) == 4 and json.loads((keep / "uniform-s4" / "result.json").read_text())["result"]["lr"] == 0.003
 
-    # A checkout at another path (its config a copy of the same text): the kept runs are kept; a config whose text
-    # differs is not the same settings, whatever its name.
+    # A checkout at another path, its config one that resolves to the same settings (it extends the first and
+    # changes nothing): the kept runs are kept. A config that resolves otherwise, or other code, runs again.
     moved = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "repo", moved / "repo")
     (moved / "configs").mkdir()
     same = moved / "configs" / "debug.toml"
-    same.write_text(Path(config).read_text())
+    same.write_text(f'extends = "{config}"\n')
     work2, keep2 = moved / "runs" / "cmp" / "tune", moved / "repo" / "kept" / "tune"
     cmp.run_one(str(same), ["optim.lr=0.003"], "uniform", 4, 1, work2, keep=keep2)
     assert len(trained) == 4, "kept in a checkout at another path"
     assert (work2 / "uniform-s4" / "result.json").exists()
-    same.write_text(Path(config).read_text() + "\n# edited\n")
+    same.write_text(f'extends = "{config}"\n[optim]\nweight_decay = 0.01\n')
     cmp.run_one(str(same), ["optim.lr=0.003"], "uniform", 4, 1, work2, keep=keep2)
-    assert len(trained) == 5, "a config of other text is run again"
+    assert len(trained) == 5, "a config that resolves to other settings is run again"
+    monkeypatch.setattr(cmp, "code_sha256", lambda: "other code")
+    cmp.run_one(str(same), ["optim.lr=0.003"], "uniform", 4, 1, work2, keep=keep2)
+    assert len(trained) == 6, "a run of other code is run again"
+    # A recorded key that is not one (hand-edited, another tool's) counts as other settings, not a crash.
+    for bad in ({"config": 5, "config_sha256": "x", "code_sha256": "y", "overrides": [1]}, [], None, "key"):
+        assert not cmp.same_settings(bad, cmp.run_key(config, ["optim.lr=0.003"], cmp.load_train_config(config, [])))
 
 
 def test_jobs_refuse_runs_on_gpus_before_running_any(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -522,9 +528,11 @@ def test_jobs_stop_with_the_comparison_interrupted_or_killed(tmp_path: Path) -> 
         with pytest.raises(KeyboardInterrupt):
             cmp.run_many([((str(tmp_path), i), {}) for i in range(4)], jobs=2, fn=_pid_then_sleep)
     finally:
-        with lock:
-            returned.set()
-        signal.signal(signal.SIGINT, before)
+        try:
+            with lock:
+                returned.set()
+        finally:  # restored even if the interrupt lands here (run_many failed otherwise as it was sent)
+            signal.signal(signal.SIGINT, before)
     assert started == [True], f"the workers never started (in {WORKERS_START_S} s)"
     assert time.monotonic() - sent[0] < 30, "returned at the interrupt, not after the calls under way (600 s each)"
     pids = [int(f.read_text()) for f in tmp_path.glob("pid-*")]

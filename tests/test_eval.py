@@ -299,6 +299,7 @@ async def test_model_agents_play_a_scripted_endpoint(
         ('{"name": "answer", "arguments": {"answer": "Paris"}}', True),
         ("[TOOL_CALLS] [...]", True),  # Mistral
         ("<|python_tag|>search(query='x')", True),  # Llama 3
+        ('{"name": "search", "parameters": {"query": "x"}}', True),  # Llama 3's JSON form
         ("<answer> Paris </answer>", False),
         ("I should search for the name of the city first.", False),
         ('The "name" of the city; no arguments here.', False),

@@ -190,12 +190,15 @@ UNPARSED_TOOL_CALL = (
     "action: start the model server with a tool-call parser (SGLang: --tool-call-parser qwen25 for Qwen2.5/Qwen3; "
     "vLLM: --enable-auto-tool-choice --tool-call-parser hermes)"
 )
-_TOOL_CALL_TEXT = re.compile(r"<tool_call>|<\|python_tag\|>|\[TOOL_CALLS\]|\{\s*\"name\"\s*:[\s\S]*\"arguments\"\s*:")
+_TOOL_CALL_TEXT = re.compile(
+    r"<tool_call>|<\|python_tag\|>|\[TOOL_CALLS\]|\{\s*\"name\"\s*:[\s\S]*\"(arguments|parameters)\"\s*:"
+)
 
 
 def looks_like_unparsed_tool_call(text: str) -> bool:
     """Whether a chat reply's text holds a tool call a parser should have taken out: Qwen's and Hermes'
-    `<tool_call>`, Llama 3's `<|python_tag|>`, Mistral's `[TOOL_CALLS]`, or a bare `{"name": ..., "arguments": ...}`."""
+    `<tool_call>`, Llama 3's `<|python_tag|>` or `{"name": ..., "parameters": ...}`, Mistral's `[TOOL_CALLS]`, or a bare
+    `{"name": ..., "arguments": ...}`. A false alarm costs one log line."""
     return bool(_TOOL_CALL_TEXT.search(text))
 
 
